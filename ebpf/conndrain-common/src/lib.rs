@@ -1,0 +1,221 @@
+//! Types shared by the conndrain eBPF programs and the agent, and nothing else.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that its layout is the
+//! same on both sides of a map; flags are integers, never `bool`.
+#![no_std]
+
+/// Map names, shared so the agent cannot misspell them.
+pub mod maps {
+    /// `LruHashMap<FlowKey, FlowValue>`: every flow of a registered pod.
+    pub const FLOWS: &str = "FLOWS";
+    /// `HashMap<PodIpKey, u32>`: pod IP to pod slot.
+    pub const POD_IPS: &str = "POD_IPS";
+    /// `Array<PodCounters>`: per-pod counters, indexed by pod slot.
+    pub const POD_COUNTERS: &str = "POD_COUNTERS";
+    /// `Array<Config>` with one element.
+    pub const CONFIG: &str = "CONFIG";
+    /// `PerCpuArray<u64>`: datapath statistics, indexed by `stats::*`.
+    pub const STATS: &str = "STATS";
+    /// `RingBuf` of `FlowEvent`.
+    pub const EVENTS: &str = "EVENTS";
+}
+
+/// Program names in the object.
+pub mod programs {
+    /// Sees packets entering the host from the interface (sent by the pods behind it).
+    pub const INGRESS: &str = "conndrain_ingress";
+    /// Sees packets leaving the host through the interface (to the pods behind it).
+    pub const EGRESS: &str = "conndrain_egress";
+}
+
+/// Number of pod slots; `POD_COUNTERS` has this many entries.
+pub const MAX_PODS: u32 = 4096;
+/// Default size of the flow table.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// IP protocol numbers we track.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Address families in `FlowKey::family`.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Which side opened the flow.
+pub mod direction {
+    /// A peer opened it: the pod serves it.
+    pub const INBOUND: u8 = 1;
+    /// The pod opened it: the pod is the client.
+    pub const OUTBOUND: u8 = 2;
+}
+
+/// TCP state as seen from the flags on the wire. UDP flows are `ESTABLISHED`
+/// from their first packet until the agent's idle timeout.
+pub mod tcp_state {
+    /// SYN seen, no SYN-ACK yet.
+    pub const SYN_SENT: u8 = 1;
+    /// SYN-ACK seen, the opener's ACK not yet.
+    pub const SYN_RECV: u8 = 2;
+    /// Handshake complete (or picked up mid-stream).
+    pub const ESTABLISHED: u8 = 3;
+    /// One side sent FIN.
+    pub const CLOSING: u8 = 4;
+    /// FIN both ways, or RST.
+    pub const CLOSED: u8 = 5;
+
+    /// Whether a flow in `state` holds its pod (counts as active).
+    #[must_use]
+    pub const fn is_active(state: u8) -> bool {
+        state == ESTABLISHED || state == CLOSING
+    }
+}
+
+/// Bits of `FlowValue::flags`.
+pub mod flow_flags {
+    /// The opener sent FIN.
+    pub const FIN_OPENER: u8 = 1;
+    /// The responder sent FIN.
+    pub const FIN_RESPONDER: u8 = 2;
+    /// Created from a packet in the middle of a flow (agent restart or
+    /// eviction): the direction is a guess from the ports.
+    pub const PICKED_UP: u8 = 4;
+    /// Closed by RST rather than FIN.
+    pub const RESET: u8 = 8;
+}
+
+/// Indexes into the `STATS` per-CPU array.
+pub mod stats {
+    /// Packets the programs looked at.
+    pub const PACKETS: u32 = 0;
+    /// Packets that were not IPv4/IPv6 TCP/UDP or were cut short; passed untouched.
+    pub const UNPARSED: u32 = 1;
+    /// Packets of no registered pod.
+    pub const NOT_POD: u32 = 2;
+    /// Flow entries created.
+    pub const FLOWS_CREATED: u32 = 3;
+    /// Flow-table inserts that failed.
+    pub const INSERT_FAILED: u32 = 4;
+    /// Events the ring buffer had no room for.
+    pub const EVENTS_LOST: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// A pod address: IPv4 is stored as an IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`) so one key type serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodIpKey {
+    pub addr: [u8; 16],
+}
+
+/// A flow, seen from the pod: the pod's own address and port first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub pod_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    /// Host byte order.
+    pub pod_port: u16,
+    /// Host byte order.
+    pub peer_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the datapath knows of a flow. "in" is towards the pod, "out" from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first packet.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u32,
+    pub packets_out: u32,
+    pub pod_slot: u32,
+    /// `tcp_state::*`
+    pub state: u8,
+    /// `direction::*`
+    pub direction: u8,
+    /// `flow_flags::*`
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Per-pod counters, kept by the datapath with atomic adds so they stay exact
+/// without scanning the flow table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodCounters {
+    /// Inbound TCP flows established or closing.
+    pub active_inbound: u64,
+    /// Outbound TCP flows established or closing.
+    pub active_outbound: u64,
+    /// Inbound flows ever opened (TCP SYN or new UDP flow). The agent takes a
+    /// snapshot when termination begins and reports the difference.
+    pub new_inbound_total: u64,
+    /// `bpf_ktime_get_ns` of the last new inbound flow.
+    pub last_new_inbound_ns: u64,
+}
+
+/// Datapath settings written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// A UDP flow idle longer than this is over; its next packet opens a new one.
+    pub udp_timeout_ns: u64,
+}
+
+/// Event kinds in `FlowEvent::kind`.
+pub mod event_kind {
+    /// A flow entry was created (TCP SYN, first UDP packet, or mid-stream pickup).
+    pub const NEW: u8 = 1;
+    /// A TCP flow completed its handshake (or was picked up established).
+    pub const ESTABLISHED: u8 = 2;
+    /// A TCP flow closed (FIN both ways or RST).
+    pub const CLOSED: u8 = 3;
+}
+
+/// Sent through the `EVENTS` ring buffer on every flow state change, so the
+/// agent learns of them at once instead of polling the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    pub ts_ns: u64,
+    /// Identifies this incarnation of the flow (same as `FlowValue::first_seen_ns`).
+    pub first_seen_ns: u64,
+    pub pod_slot: u32,
+    pub kind: u8,
+    pub direction: u8,
+    pub state: u8,
+    pub flags: u8,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all of these are `repr(C)`, `Copy`, made only of integers and
+    // byte arrays, with explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::PodIpKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::PodCounters {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowValue>(), 48);
+        assert_eq!(size_of::<PodCounters>(), 32);
+        assert_eq!(size_of::<FlowEvent>(), 64);
+    }
+}

@@ -1,0 +1,309 @@
+//! Flow state: one entry per flow of a registered pod, keyed from the pod's
+//! side, with the TCP state machine and the per-pod counters it keeps exact.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use conndrain_common::{
+    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, direction, event_kind, flow_flags, stats,
+    tcp_state,
+};
+
+use crate::{
+    maps::{CONFIG, EVENTS, FLOWS, POD_COUNTERS, POD_IPS, count},
+    parse::{self, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Where the packet is going relative to the pods behind the interface.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    FromPod,
+    ToPod,
+}
+
+/// BPF_NOEXIST: two CPUs racing to create one flow must not both count it.
+const BPF_NOEXIST: u64 = 1;
+
+#[inline(always)]
+pub fn track(ctx: &TcContext, side: Side) {
+    count(stats::PACKETS);
+    let Some(pkt) = parse::parse(ctx) else {
+        count(stats::UNPARSED);
+        return;
+    };
+    let (key, slot) = match flow_key(&pkt, side) {
+        Some(k) => k,
+        None => {
+            count(stats::NOT_POD);
+            return;
+        }
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let len = u64::from(ctx.len());
+    let from_pod = side == Side::FromPod;
+
+    if let Some(v) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: the pointer is into the map value; concurrent writers can
+        // only make the byte/packet statistics approximate.
+        let v = unsafe { &mut *v };
+        update(&key, v, &pkt, from_pod, now, len);
+        return;
+    }
+    create(&key, slot, &pkt, from_pod, now, len);
+}
+
+/// The flow key seen from the pod, and the pod's slot; `None` when the pod
+/// end of the packet is not a registered pod IP.
+#[inline(always)]
+fn flow_key(pkt: &Packet, side: Side) -> Option<(FlowKey, u32)> {
+    let (pod_addr, peer_addr, pod_port, peer_port) = match side {
+        Side::FromPod => (pkt.src, pkt.dst, pkt.sport, pkt.dport),
+        Side::ToPod => (pkt.dst, pkt.src, pkt.dport, pkt.sport),
+    };
+    // SAFETY: read-only lookup of a plain integer.
+    let slot = *unsafe { POD_IPS.get(&PodIpKey { addr: pod_addr }) }?;
+    Some((
+        FlowKey {
+            pod_addr,
+            peer_addr,
+            pod_port,
+            peer_port,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+        },
+        slot,
+    ))
+}
+
+#[inline(always)]
+fn udp_timeout_ns() -> u64 {
+    CONFIG.get(0).map_or(30_000_000_000, |c| c.udp_timeout_ns)
+}
+
+#[inline(always)]
+fn create(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
+    let opened_by_peer = if pkt.proto == PROTO_TCP {
+        let f = pkt.tcp_flags;
+        if f & TCP_RST != 0 || (f & TCP_SYN != 0 && f & (TCP_ACK | TCP_FIN) != 0) {
+            // RST, SYN-ACK, SYN+FIN with no flow: nothing to track.
+            return;
+        }
+        if f & TCP_SYN == 0 {
+            pickup(key, slot, pkt, from_pod, now, len);
+            return;
+        }
+        !from_pod
+    } else {
+        !from_pod
+    };
+    let state = if pkt.proto == PROTO_TCP { tcp_state::SYN_SENT } else { tcp_state::ESTABLISHED };
+    let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
+    let v = new_value(slot, state, dir, 0, from_pod, now, len);
+    if !insert(key, &v) {
+        return;
+    }
+    if opened_by_peer {
+        note_new_inbound(slot, now);
+    }
+    emit(key, &v, event_kind::NEW, now);
+}
+
+/// A TCP packet of a flow we have no entry for (agent restart, eviction):
+/// take it as established. The side with the lower port is guessed to be the
+/// server; a wrong guess only moves the flow between inbound and outbound.
+#[inline(always)]
+fn pickup(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
+    let dir = if key.pod_port <= key.peer_port { direction::INBOUND } else { direction::OUTBOUND };
+    let mut flags = flow_flags::PICKED_UP;
+    let mut state = tcp_state::ESTABLISHED;
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        flags |= fin_bit(dir, from_pod);
+        state = tcp_state::CLOSING;
+    }
+    let v = new_value(slot, state, dir, flags, from_pod, now, len);
+    if !insert(key, &v) {
+        return;
+    }
+    add_active(slot, dir, 1);
+    emit(key, &v, event_kind::ESTABLISHED, now);
+}
+
+#[inline(always)]
+fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
+    if pkt.proto != PROTO_TCP {
+        if now.saturating_sub(v.last_seen_ns) > udp_timeout_ns() {
+            // The old UDP flow timed out: this packet opens a new one.
+            let opened_by_peer = !from_pod;
+            let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
+            *v = new_value(v.pod_slot, tcp_state::ESTABLISHED, dir, 0, from_pod, now, len);
+            if opened_by_peer {
+                note_new_inbound(v.pod_slot, now);
+            }
+            emit(key, v, event_kind::NEW, now);
+            return;
+        }
+        account(v, from_pod, now, len);
+        return;
+    }
+
+    let f = pkt.tcp_flags;
+    let old = v.state;
+    let from_opener = from_pod == (v.direction == direction::OUTBOUND);
+
+    if old == tcp_state::CLOSED {
+        // Port reuse: a fresh SYN after the old flow closed starts a new flow.
+        if f & TCP_SYN != 0 && f & (TCP_ACK | TCP_RST | TCP_FIN) == 0 {
+            let opened_by_peer = !from_pod;
+            let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
+            *v = new_value(v.pod_slot, tcp_state::SYN_SENT, dir, 0, from_pod, now, len);
+            if opened_by_peer {
+                note_new_inbound(v.pod_slot, now);
+            }
+            emit(key, v, event_kind::NEW, now);
+        } else {
+            account(v, from_pod, now, len);
+        }
+        return;
+    }
+
+    account(v, from_pod, now, len);
+    let mut state = old;
+    if f & TCP_RST != 0 {
+        v.flags |= flow_flags::RESET;
+        state = tcp_state::CLOSED;
+    } else {
+        if f & TCP_SYN != 0 {
+            if f & TCP_ACK != 0 && old == tcp_state::SYN_SENT && !from_opener {
+                state = tcp_state::SYN_RECV;
+            }
+        } else if f & TCP_ACK != 0 && old == tcp_state::SYN_RECV && from_opener {
+            state = tcp_state::ESTABLISHED;
+        }
+        if f & TCP_FIN != 0 && f & TCP_SYN == 0 {
+            v.flags |= fin_bit(v.direction, from_pod);
+            if state == tcp_state::ESTABLISHED {
+                state = tcp_state::CLOSING;
+            }
+        }
+        let both = flow_flags::FIN_OPENER | flow_flags::FIN_RESPONDER;
+        if v.flags & both == both && tcp_state::is_active(state) {
+            state = tcp_state::CLOSED;
+        }
+    }
+    if state == old {
+        return;
+    }
+    v.state = state;
+    let was = tcp_state::is_active(old);
+    let is = tcp_state::is_active(state);
+    if !was && is {
+        add_active(v.pod_slot, v.direction, 1);
+        emit(key, v, event_kind::ESTABLISHED, now);
+    } else if was && !is {
+        add_active(v.pod_slot, v.direction, u64::MAX); // wrapping add of -1
+        emit(key, v, event_kind::CLOSED, now);
+    } else if state == tcp_state::CLOSED {
+        // Refused or reset during the handshake: tell the agent so it forgets it.
+        emit(key, v, event_kind::CLOSED, now);
+    }
+}
+
+#[inline(always)]
+fn fin_bit(dir: u8, from_pod: bool) -> u8 {
+    if from_pod == (dir == direction::OUTBOUND) {
+        flow_flags::FIN_OPENER
+    } else {
+        flow_flags::FIN_RESPONDER
+    }
+}
+
+#[inline(always)]
+fn new_value(slot: u32, state: u8, dir: u8, flags: u8, from_pod: bool, now: u64, len: u64) -> FlowValue {
+    let mut v = FlowValue {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        pod_slot: slot,
+        state,
+        direction: dir,
+        flags,
+        ..FlowValue::default()
+    };
+    account(&mut v, from_pod, now, len);
+    v
+}
+
+#[inline(always)]
+fn account(v: &mut FlowValue, from_pod: bool, now: u64, len: u64) {
+    v.last_seen_ns = now;
+    if from_pod {
+        v.packets_out = v.packets_out.wrapping_add(1);
+        v.bytes_out = v.bytes_out.wrapping_add(len);
+    } else {
+        v.packets_in = v.packets_in.wrapping_add(1);
+        v.bytes_in = v.bytes_in.wrapping_add(len);
+    }
+}
+
+#[inline(always)]
+fn insert(key: &FlowKey, v: &FlowValue) -> bool {
+    if FLOWS.insert(key, v, BPF_NOEXIST).is_err() {
+        count(stats::INSERT_FAILED);
+        return false;
+    }
+    count(stats::FLOWS_CREATED);
+    true
+}
+
+/// Atomic add on a per-pod counter (BPF_ATOMIC_ADD): packets of one pod are
+/// handled on several CPUs at once and the counters must stay exact.
+/// `core::sync::atomic` has no `fetch_add` on the BPF target, hence the intrinsic.
+#[inline(always)]
+fn atomic_add(p: *mut u64, delta: u64) {
+    // SAFETY: `p` points into a map value that outlives this program run.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
+}
+
+#[inline(always)]
+fn add_active(slot: u32, dir: u8, delta: u64) {
+    if let Some(p) = POD_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: field projection on a valid map value pointer.
+        let field = unsafe {
+            if dir == direction::INBOUND {
+                &raw mut (*p).active_inbound
+            } else {
+                &raw mut (*p).active_outbound
+            }
+        };
+        atomic_add(field, delta);
+    }
+}
+
+#[inline(always)]
+fn note_new_inbound(slot: u32, now: u64) {
+    if let Some(p) = POD_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: field projection on a valid map value pointer; racing
+        // writers of `last_new_inbound_ns` all store "now".
+        unsafe {
+            atomic_add(&raw mut (*p).new_inbound_total, 1);
+            (*p).last_new_inbound_ns = now;
+        }
+    }
+}
+
+#[inline(always)]
+fn emit(key: &FlowKey, v: &FlowValue, kind: u8, now: u64) {
+    let ev = FlowEvent {
+        key: *key,
+        ts_ns: now,
+        first_seen_ns: v.first_seen_ns,
+        pod_slot: v.pod_slot,
+        kind,
+        direction: v.direction,
+        state: v.state,
+        flags: v.flags,
+    };
+    if EVENTS.output::<FlowEvent>(&ev, 0).is_err() {
+        count(stats::EVENTS_LOST);
+    }
+}

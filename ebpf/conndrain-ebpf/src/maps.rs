@@ -1,0 +1,37 @@
+//! The maps the programs share with the agent (layouts in `conndrain-common`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use conndrain_common::{
+    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAX_PODS, PodCounters, PodIpKey, stats,
+};
+
+/// Resized by the agent at load time (`--max-flows`).
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static POD_IPS: HashMap<PodIpKey, u32> = HashMap::with_max_entries(MAX_PODS * 2, 0);
+
+#[map]
+pub static POD_COUNTERS: Array<PodCounters> = Array::with_max_entries(MAX_PODS, 0);
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+/// 256 KiB: room for about 4000 events between two reads of the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,154 @@
+//! Packet parsing: Ethernet, IPv4/IPv6 (with extension headers), TCP/UDP ports
+//! and flags. Anything we cannot read with confidence yields `None`, and the
+//! caller passes the packet untouched.
+
+use aya_ebpf::programs::TcContext;
+use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+// IPv6 extension headers we walk through to reach TCP/UDP.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Chains longer than this are passed untracked: the verifier needs a bound
+/// and real traffic carries one or two.
+const MAX_EXT_HEADERS: usize = 6;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+pub struct Packet {
+    pub family: u8,
+    pub proto: u8,
+    /// IPv4 as IPv4-mapped IPv6, like `PodIpKey`.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte; 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Option<Packet> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    match ethertype {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext) -> Option<Packet> {
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let total_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?);
+    if usize::from(total_len) < ihl {
+        return None;
+    }
+    // Only a first fragment carries the ports; later ones are passed untracked.
+    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+    if frag & 0x1fff != 0 {
+        return None;
+    }
+    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    let src: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
+    let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, ETH_HLEN + ihl)?;
+    Some(Packet {
+        family: FAMILY_V4,
+        proto,
+        src: mapped(src),
+        dst: mapped(dst),
+        sport,
+        dport,
+        tcp_flags,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext) -> Option<Packet> {
+    let vtc: u8 = ctx.load(ETH_HLEN).ok()?;
+    if vtc >> 4 != 6 {
+        return None;
+    }
+    let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+    let src: [u8; 16] = ctx.load(ETH_HLEN + 8).ok()?;
+    let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+    let mut off = ETH_HLEN + 40;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            PROTO_TCP | PROTO_UDP => break,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += (usize::from(hdr[1]) + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                let hdr: [u8; 4] = ctx.load(off).ok()?;
+                let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
+                if frag_off != 0 {
+                    return None;
+                }
+                next = hdr[0];
+                off += 8;
+            }
+            _ => return None,
+        }
+    }
+    let (sport, dport, tcp_flags) = parse_l4(ctx, next, off)?;
+    Some(Packet {
+        family: FAMILY_V6,
+        proto: next,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_flags,
+    })
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8)> {
+    match proto {
+        PROTO_TCP => {
+            // Ports, then the flags byte at offset 13; a header cut short fails a load.
+            let ports: [u8; 4] = ctx.load(off).ok()?;
+            let doff_flags: [u8; 2] = ctx.load(off + 12).ok()?;
+            if (doff_flags[0] >> 4) < 5 {
+                return None;
+            }
+            let (s, d) = ports_of(ports);
+            Some((s, d, doff_flags[1]))
+        }
+        PROTO_UDP => {
+            let hdr: [u8; 8] = ctx.load(off).ok()?;
+            let (s, d) = ports_of([hdr[0], hdr[1], hdr[2], hdr[3]]);
+            Some((s, d, 0))
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn ports_of(b: [u8; 4]) -> (u16, u16) {
+    (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]))
+}
+
+#[inline(always)]
+fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
