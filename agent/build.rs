@@ -14,7 +14,6 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=CONNDRAIN_REQUIRE_EBPF");
-    println!("cargo:rerun-if-env-changed=PATH");
     let required = env::var("CONNDRAIN_REQUIRE_EBPF").is_ok_and(|v| v == "1");
     let out = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
     let object = out.join("conndrain-ebpf");
