@@ -1,4 +1,17 @@
-//! conndrain: the agent and CLI as a library, so tests can reach the same code.
+//! conndrain: the agent and CLI as a library, so tests reach the same code.
+//!
+//! - `datapath`: the eBPF programs, their maps and events, as the agent sees them
+//! - `drain`: the drain rule (pure)
+//! - `node`: pod lifecycle on this node, fed by the datapath
+//! - `api`: the local API (server and client)
+//! - `cli`: the command line
+
+pub mod api;
+pub mod cli;
+pub mod datapath;
+pub mod drain;
+pub mod error;
+pub mod node;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.
 /// Empty when the binary was built without the eBPF toolchain (see build.rs).

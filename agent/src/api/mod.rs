@@ -1,0 +1,129 @@
+//! The local API: HTTP/1.1 with JSON over a unix socket, served by the agent
+//! (`server`) and used by the CLI (`client`). The types below are its wire
+//! format and what `-o json` prints.
+
+pub mod client;
+pub mod server;
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{datapath::AttachMode, datapath::Features, drain::PodState};
+
+pub const DEFAULT_SOCKET: &str = "/run/conndrain/conndrain.sock";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddPod {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Terminate {
+    pub deadline_secs: Option<f64>,
+    pub quiet_period_secs: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodView {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub state: PodState,
+    pub active_flows: u64,
+    pub idle_flows: u64,
+    pub outbound_flows: u64,
+    pub new_flows_since_termination: u64,
+    pub terminating_for_secs: Option<f64>,
+    pub deadline_in_secs: Option<f64>,
+    pub quiet_for_secs: Option<f64>,
+    pub quiet_period_secs: Option<f64>,
+    pub interfaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlowView {
+    pub pod: String,
+    pub proto: String,
+    pub direction: String,
+    pub state: String,
+    pub pod_addr: String,
+    pub peer_addr: String,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+    pub idle: bool,
+    pub active: bool,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Why {
+    pub pod: PodView,
+    /// The flows that hold the pod (active inbound).
+    pub holding: Vec<FlowView>,
+    /// Flows that exist but do not hold it (idle keep-alives, outbound).
+    pub not_holding: Vec<FlowView>,
+    pub idle_timeout_secs: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WaitOutcome {
+    pub pod: String,
+    pub state: PodState,
+    /// Active inbound flows left at the outcome (non-zero only at a deadline).
+    pub active_flows: u64,
+    pub waited_secs: f64,
+    /// True when the caller's timeout passed first.
+    pub timed_out: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceView {
+    pub name: String,
+    pub ifindex: u32,
+    pub pods: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapFill {
+    pub max: u64,
+    pub used: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapsView {
+    pub flows: MapFill,
+    pub pods: MapFill,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatsView {
+    pub packets: u64,
+    pub unparsed: u64,
+    pub not_pod: u64,
+    pub flows_created: u64,
+    pub insert_failed: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub mode: String,
+    pub kernel: Features,
+    pub attach_mode: AttachMode,
+    pub interfaces: Vec<InterfaceView>,
+    pub maps: MapsView,
+    pub stats: StatsView,
+    pub events_lost: u64,
+    pub events_received: u64,
+    pub idle_timeout_secs: f64,
+    pub udp_timeout_secs: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,41 @@
+//! `conndrain status`: what the agent found and attached.
+
+use super::{Output, print_json};
+use crate::api::{Status, client::Client};
+
+pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
+    let s: Status = client.get("/v1/status").await?;
+    if output == Output::Json {
+        return print_json(&s);
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!("conndrain {} ({} mode)", s.version, s.mode);
+    println!(
+        "kernel:      {} (BTF: {}, tcx: {}); attach mode: {:?}",
+        s.kernel.release,
+        yes(s.kernel.btf),
+        yes(s.kernel.tcx),
+        s.attach_mode
+    );
+    println!(
+        "privileges:  CAP_BPF {}, CAP_NET_ADMIN {}, CAP_PERFMON {}",
+        yes(s.kernel.cap_bpf),
+        yes(s.kernel.cap_net_admin),
+        yes(s.kernel.cap_perfmon)
+    );
+    if s.interfaces.is_empty() {
+        println!("interfaces:  none yet (attached when a pod is added)");
+    }
+    for i in &s.interfaces {
+        println!("interface:   {} (ifindex {}), {} pod(s), ingress+egress", i.name, i.ifindex, i.pods);
+    }
+    println!("flow table:  {} / {} entries", s.maps.flows.used, s.maps.flows.max);
+    println!("pods:        {} / {}", s.maps.pods.used, s.maps.pods.max);
+    println!(
+        "datapath:    {} packets, {} not parsed (passed), {} of no pod, {} flows created, {} inserts failed",
+        s.stats.packets, s.stats.unparsed, s.stats.not_pod, s.stats.flows_created, s.stats.insert_failed
+    );
+    println!("events:      {} received, {} lost", s.events_received, s.events_lost);
+    println!("timeouts:    idle keep-alive {}s, UDP {}s", s.idle_timeout_secs, s.udp_timeout_secs);
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `conndrain why NAME`: what keeps a pod from draining, in words.
+
+use super::{human_secs, seg};
+use crate::{
+    api::{Why, client::Client},
+    drain::PodState,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    pub name: String,
+}
+
+pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
+    let w: Why = client.get(&format!("/v1/pods/{}/why", seg(&args.name))).await?;
+    let p = &w.pod;
+    match p.state {
+        PodState::Serving => {
+            println!("{} is serving: it is not terminating, so nothing is draining it.", p.name);
+            println!("{} active inbound flow(s) would hold it if it were.", p.active_flows);
+        }
+        PodState::Drained => println!("{} is drained: no active inbound flow and no new one for the quiet period.", p.name),
+        PodState::Deadline => println!(
+            "{} reached its deadline with {} active inbound flow(s) still open.",
+            p.name, p.active_flows
+        ),
+        PodState::Draining => {
+            let deadline = p.deadline_in_secs.map_or_else(|| "?".into(), human_secs);
+            if w.holding.is_empty() {
+                let quiet = p.quiet_for_secs.unwrap_or(0.0);
+                let period = p.quiet_period_secs.unwrap_or(0.0);
+                println!(
+                    "{} has no active inbound flow, but its quiet period is not over: no new inbound flow for {} of {} ({} new since termination began).",
+                    p.name,
+                    human_secs(quiet),
+                    human_secs(period),
+                    p.new_flows_since_termination
+                );
+            } else {
+                println!(
+                    "{} is held by {} active inbound flow(s); deadline in {}:",
+                    p.name,
+                    w.holding.len(),
+                    deadline
+                );
+            }
+        }
+    }
+    for f in &w.holding {
+        println!(
+            "  {} from {} to {} ({}), open {}, last packet {} ago, {} B in / {} B out",
+            f.proto,
+            f.peer_addr,
+            f.pod_addr,
+            f.state,
+            human_secs(f.age_secs),
+            human_secs(f.idle_secs),
+            f.bytes_in,
+            f.bytes_out
+        );
+    }
+    if !w.not_holding.is_empty() {
+        println!("Not holding it:");
+        for f in &w.not_holding {
+            let why = if f.idle {
+                format!("idle keep-alive, quiet for {} (> {}s)", human_secs(f.idle_secs), w.idle_timeout_secs)
+            } else {
+                "outbound: the pod is the client".to_owned()
+            };
+            println!("  {} {} {} -> {}: {}", f.proto, f.direction, f.pod_addr, f.peer_addr, why);
+        }
+    }
+    Ok(())
+}

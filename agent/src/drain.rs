@@ -1,0 +1,224 @@
+//! The drain rule, as pure functions of what the datapath reports: which
+//! flows hold a pod, and when a terminating pod is drained.
+//!
+//! Times are `CLOCK_MONOTONIC` nanoseconds, the clock of `bpf_ktime_get_ns`.
+
+use conndrain_common::{FlowValue, PROTO_TCP, direction, tcp_state};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodState {
+    Serving,
+    Draining,
+    Drained,
+    Deadline,
+}
+
+impl PodState {
+    /// Drained and deadline are final: once reported, a release is under way.
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Drained | Self::Deadline)
+    }
+}
+
+/// Timeouts that decide how a flow counts.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// An established inbound TCP flow quiet this long is an idle keep-alive.
+    pub idle_ns: u64,
+    /// A UDP flow quiet this long is over.
+    pub udp_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowClass {
+    /// Inbound and live: holds the pod.
+    Active,
+    /// Inbound TCP established but idle past the idle timeout: does not hold the pod.
+    Idle,
+    /// The pod is the client: does not hold the pod.
+    Outbound,
+    /// Closed, half-open, or timed out.
+    Inactive,
+}
+
+/// How one flow counts at `now`, and when that may change on its own (without
+/// a packet): the time it turns idle or times out.
+#[must_use]
+pub fn classify(proto: u8, v: &FlowValue, now: u64, t: Timeouts) -> (FlowClass, Option<u64>) {
+    let quiet = now.saturating_sub(v.last_seen_ns);
+    let live_until = if proto == PROTO_TCP {
+        if !tcp_state::is_active(v.state) {
+            return (FlowClass::Inactive, None);
+        }
+        None
+    } else {
+        if quiet > t.udp_ns {
+            return (FlowClass::Inactive, None);
+        }
+        Some(v.last_seen_ns + t.udp_ns + 1)
+    };
+    if v.direction == direction::OUTBOUND {
+        return (FlowClass::Outbound, live_until);
+    }
+    if proto == PROTO_TCP && v.state == tcp_state::ESTABLISHED {
+        if quiet > t.idle_ns {
+            return (FlowClass::Idle, None);
+        }
+        return (FlowClass::Active, Some(v.last_seen_ns + t.idle_ns + 1));
+    }
+    (FlowClass::Active, live_until)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub active: u64,
+    pub idle: u64,
+    pub outbound: u64,
+}
+
+/// A pod's termination: when it began, its limits, and its outcome once known.
+#[derive(Clone, Debug)]
+pub struct Termination {
+    pub started_ns: u64,
+    pub deadline_ns: u64,
+    pub quiet_period_ns: u64,
+    /// `PodCounters::new_inbound_total` when termination began.
+    pub new_inbound_at_start: u64,
+    /// Set once drained or at the deadline, with the time; never changes after.
+    pub outcome: Option<(PodState, u64)>,
+}
+
+/// What the datapath says about a terminating pod right now.
+#[derive(Clone, Copy, Debug)]
+pub struct Observation {
+    pub now_ns: u64,
+    pub counts: FlowCounts,
+    pub new_inbound_total: u64,
+    pub last_new_inbound_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub state: PodState,
+    /// Since when no new inbound flow has arrived (termination start at the earliest).
+    pub quiet_since_ns: u64,
+    /// When to look again if nothing happens before (quiet period or deadline).
+    pub next_check_ns: Option<u64>,
+}
+
+impl Termination {
+    #[must_use]
+    pub fn new_since(&self, new_inbound_total: u64) -> u64 {
+        new_inbound_total.saturating_sub(self.new_inbound_at_start)
+    }
+
+    /// Applies the drain rule: drained when no inbound flow is active and none
+    /// has arrived for the quiet period; otherwise `deadline` once it passes.
+    pub fn evaluate(&mut self, obs: &Observation) -> Verdict {
+        let quiet_since_ns = if obs.new_inbound_total > self.new_inbound_at_start {
+            self.started_ns.max(obs.last_new_inbound_ns)
+        } else {
+            self.started_ns
+        };
+        if let Some((state, _)) = self.outcome {
+            return Verdict { state, quiet_since_ns, next_check_ns: None };
+        }
+        let quiet_end = quiet_since_ns + self.quiet_period_ns;
+        if obs.counts.active == 0 && obs.now_ns >= quiet_end {
+            self.outcome = Some((PodState::Drained, obs.now_ns));
+            return Verdict { state: PodState::Drained, quiet_since_ns, next_check_ns: None };
+        }
+        if obs.now_ns >= self.deadline_ns {
+            self.outcome = Some((PodState::Deadline, obs.now_ns));
+            return Verdict { state: PodState::Deadline, quiet_since_ns, next_check_ns: None };
+        }
+        let next = if obs.counts.active == 0 { quiet_end.min(self.deadline_ns) } else { self.deadline_ns };
+        Verdict { state: PodState::Draining, quiet_since_ns, next_check_ns: Some(next) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn term() -> Termination {
+        Termination {
+            started_ns: 100 * S,
+            deadline_ns: 130 * S,
+            quiet_period_ns: 3 * S,
+            new_inbound_at_start: 5,
+            outcome: None,
+        }
+    }
+
+    fn obs(now: u64, active: u64, new_total: u64, last_new: u64) -> Observation {
+        Observation {
+            now_ns: now,
+            counts: FlowCounts { active, idle: 0, outbound: 0 },
+            new_inbound_total: new_total,
+            last_new_inbound_ns: last_new,
+        }
+    }
+
+    #[test]
+    fn drains_after_quiet_period_with_no_active_flows() {
+        let mut t = term();
+        let v = t.evaluate(&obs(101 * S, 0, 5, 50 * S));
+        assert_eq!(v.state, PodState::Draining);
+        assert_eq!(v.next_check_ns, Some(103 * S));
+        assert_eq!(t.evaluate(&obs(103 * S, 0, 5, 50 * S)).state, PodState::Drained);
+    }
+
+    #[test]
+    fn active_flow_holds_until_deadline() {
+        let mut t = term();
+        let v = t.evaluate(&obs(110 * S, 1, 5, 0));
+        assert_eq!((v.state, v.next_check_ns), (PodState::Draining, Some(130 * S)));
+        assert_eq!(t.evaluate(&obs(130 * S, 1, 5, 0)).state, PodState::Deadline);
+        // Final: closing the flow afterwards does not turn it into drained.
+        assert_eq!(t.evaluate(&obs(131 * S, 0, 5, 0)).state, PodState::Deadline);
+    }
+
+    #[test]
+    fn new_inbound_flow_restarts_quiet_period() {
+        let mut t = term();
+        let v = t.evaluate(&obs(103 * S, 0, 6, 102 * S));
+        assert_eq!(v.state, PodState::Draining);
+        assert_eq!(v.quiet_since_ns, 102 * S);
+        assert_eq!(t.evaluate(&obs(105 * S, 0, 6, 102 * S)).state, PodState::Drained);
+    }
+
+    #[test]
+    fn old_new_inbound_time_is_ignored() {
+        // last_new_inbound_ns from before termination must not shorten the quiet period.
+        let mut t = term();
+        assert_eq!(t.evaluate(&obs(102 * S, 0, 5, 99 * S)).state, PodState::Draining);
+    }
+
+    fn flow(state: u8, dir: u8, last_seen: u64) -> FlowValue {
+        FlowValue { state, direction: dir, last_seen_ns: last_seen, ..FlowValue::default() }
+    }
+
+    #[test]
+    fn classification() {
+        let t = Timeouts { idle_ns: 30 * S, udp_ns: 10 * S };
+        let now = 100 * S;
+        let tcp = PROTO_TCP;
+        let udp = conndrain_common::PROTO_UDP;
+        let ib = direction::INBOUND;
+        let ob = direction::OUTBOUND;
+        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t).0, FlowClass::Active);
+        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 60 * S), now, t).0, FlowClass::Idle);
+        assert_eq!(classify(tcp, &flow(tcp_state::CLOSING, ib, 10 * S), now, t).0, FlowClass::Active);
+        assert_eq!(classify(tcp, &flow(tcp_state::SYN_SENT, ib, now), now, t).0, FlowClass::Inactive);
+        assert_eq!(classify(tcp, &flow(tcp_state::CLOSED, ib, now), now, t).0, FlowClass::Inactive);
+        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ob, now), now, t).0, FlowClass::Outbound);
+        assert_eq!(classify(udp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t), (FlowClass::Active, Some(105 * S + 1)));
+        assert_eq!(classify(udp, &flow(tcp_state::ESTABLISHED, ib, 80 * S), now, t).0, FlowClass::Inactive);
+    }
+}
