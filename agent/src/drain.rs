@@ -13,6 +13,9 @@ pub enum PodState {
     Draining,
     Drained,
     Deadline,
+    /// Known but not tracked (Kubernetes mode: a hostNetwork pod shares the
+    /// node's IPs and cannot be told apart).
+    Skipped,
 }
 
 impl PodState {

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod datapath;
 pub mod drain;
 pub mod error;
+pub mod kubernetes;
+pub mod metrics;
 pub mod node;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.

@@ -17,6 +17,7 @@ use crate::{
     api::{FlowView, InterfaceView, MapFill, MapsView, PodView, StatsView, Status, WaitOutcome, Why},
     datapath::{self, Datapath},
     drain::{self, FlowClass, FlowCounts, Observation, PodState, Termination, Timeouts},
+    metrics::{Metrics, OutcomeLabels, PodLabels},
 };
 
 /// Errors a caller of the node can fix; the API maps them to 4xx.
@@ -67,12 +68,16 @@ struct Inner {
     /// incarnation: built from events, so the drain path never scans the table.
     index: HashMap<u32, HashMap<FlowKey, u64>>,
     events_received: u64,
+    /// Pods we know of but do not track, with the reason.
+    skipped: BTreeMap<String, String>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 pub struct Node {
     inner: Mutex<Inner>,
     wake: Notify,
     pub settings: Settings,
+    pub metrics: std::sync::Arc<Metrics>,
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
@@ -108,6 +113,8 @@ fn valid_name(name: &str) -> bool {
 impl Node {
     #[must_use]
     pub fn new(datapath: Datapath, settings: Settings) -> Self {
+        let metrics = std::sync::Arc::new(Metrics::default());
+        metrics.flow_table_max.set(i64::from(datapath.max_flows));
         Self {
             inner: Mutex::new(Inner {
                 datapath,
@@ -115,9 +122,65 @@ impl Node {
                 by_slot: HashMap::new(),
                 index: HashMap::new(),
                 events_received: 0,
+                skipped: BTreeMap::new(),
+                metrics: metrics.clone(),
             }),
             wake: Notify::new(),
             settings,
+            metrics,
+        }
+    }
+
+    /// Records a pod that is known but not tracked, shown by `conndrain pods`.
+    pub async fn set_skipped(&self, name: &str, reason: Option<&str>) {
+        let mut inner = self.inner.lock().await;
+        match reason {
+            Some(r) => inner.skipped.insert(name.to_owned(), r.to_owned()),
+            None => inner.skipped.remove(name),
+        };
+    }
+
+    /// The registered pod that owns `ip`, if any: how the node API knows its caller.
+    pub async fn pod_for_ip(&self, ip: IpAddr) -> Option<String> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 @ IpAddr::V4(_) => v4,
+        };
+        let inner = self.inner.lock().await;
+        inner.pods.iter().find(|(_, p)| p.ips.contains(&ip)).map(|(n, _)| n.clone())
+    }
+
+    pub async fn names(&self) -> Vec<String> {
+        self.inner.lock().await.pods.keys().cloned().collect()
+    }
+
+    pub async fn is_terminating(&self, name: &str) -> bool {
+        self.inner.lock().await.pods.get(name).is_some_and(|p| p.termination.is_some())
+    }
+
+    /// Follows a pod's state; `None` if there is no such pod.
+    pub async fn subscribe(&self, name: &str) -> Option<watch::Receiver<PodState>> {
+        self.inner.lock().await.pods.get(name).map(|p| p.state.subscribe())
+    }
+
+    /// Refreshes the gauges from the current state, for a scrape.
+    pub async fn refresh_metrics(&self) {
+        let pods = self.pods().await;
+        let m = &self.metrics;
+        for f in [&m.active_flows, &m.idle_flows, &m.outbound_flows, &m.new_flows_after_termination] {
+            f.clear();
+        }
+        for p in pods.iter().filter(|p| p.state != PodState::Skipped) {
+            let l = PodLabels { pod: p.name.clone() };
+            let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            m.active_flows.get_or_create(&l).set(g(p.active_flows));
+            m.idle_flows.get_or_create(&l).set(g(p.idle_flows));
+            m.outbound_flows.get_or_create(&l).set(g(p.outbound_flows));
+            m.new_flows_after_termination.get_or_create(&l).set(g(p.new_flows_since_termination));
+        }
+        if let Ok(s) = self.status().await {
+            m.flow_table_used.set(i64::try_from(s.maps.flows.used).unwrap_or(i64::MAX));
+            m.events_lost.set(i64::try_from(s.events_lost).unwrap_or(i64::MAX));
         }
     }
 
@@ -264,6 +327,11 @@ impl Node {
                     "drain state"
                 );
                 pod.state.send_replace(verdict.state);
+                if verdict.state.is_final() {
+                    let outcome = if verdict.state == PodState::Drained { "drained" } else { "deadline" };
+                    self.metrics.drains.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+                    self.metrics.drain_duration.observe(secs(now - term.started_ns));
+                }
             }
             for t in [verdict.next_check_ns, if verdict.state.is_final() { None } else { flow_next }].into_iter().flatten() {
                 next = Some(next.map_or(t, |n: u64| n.min(t)));
@@ -276,7 +344,23 @@ impl Node {
         let mut inner = self.inner.lock().await;
         let now = now_ns();
         let names: Vec<String> = inner.pods.keys().cloned().collect();
-        names.iter().filter_map(|n| inner.view(n, now, self.settings.timeouts)).collect()
+        let mut out: Vec<PodView> = names.iter().filter_map(|n| inner.view(n, now, self.settings.timeouts)).collect();
+        out.extend(inner.skipped.iter().map(|(name, reason)| PodView {
+            name: name.clone(),
+            ips: Vec::new(),
+            state: PodState::Skipped,
+            active_flows: 0,
+            idle_flows: 0,
+            outbound_flows: 0,
+            new_flows_since_termination: 0,
+            terminating_for_secs: None,
+            deadline_in_secs: None,
+            quiet_for_secs: None,
+            quiet_period_secs: None,
+            interfaces: Vec::new(),
+            note: Some(reason.clone()),
+        }));
+        out
     }
 
     pub async fn pod(&self, name: &str) -> Result<PodView, PodError> {
@@ -393,6 +477,8 @@ impl Inner {
             let v = match self.datapath.flow(key) {
                 Ok(Some(v)) if v.first_seen_ns == *first_seen => v,
                 Ok(_) => {
+                    // Gone or replaced while we still counted it live: evicted.
+                    self.metrics.flows_evicted.inc();
                     gone.push(*key);
                     continue;
                 }
@@ -458,6 +544,7 @@ impl Inner {
             quiet_for_secs: quiet_since.map(|q| secs(now.saturating_sub(q))),
             quiet_period_secs: term.map(|t| secs(t.quiet_period_ns)),
             interfaces,
+            note: None,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! format and what `-o json` prints.
 
 pub mod client;
+pub mod node;
 pub mod server;
 
 use std::net::IpAddr;
@@ -12,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::{datapath::AttachMode, datapath::Features, drain::PodState};
 
 pub const DEFAULT_SOCKET: &str = "/run/conndrain/conndrain.sock";
+/// Port of the node API's `/v1/wait` on the node IP.
+pub const DEFAULT_WAIT_PORT: u16 = 9464;
+/// Port of `/metrics`, `/healthz` and `/readyz`.
+pub const DEFAULT_METRICS_PORT: u16 = 9465;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AddPod {
@@ -39,6 +44,9 @@ pub struct PodView {
     pub quiet_for_secs: Option<f64>,
     pub quiet_period_secs: Option<f64>,
     pub interfaces: Vec<String>,
+    /// Why a pod is `skipped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

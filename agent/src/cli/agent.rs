@@ -1,11 +1,18 @@
 //! `conndrain agent`: load the datapath, serve the local API, follow events.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 
 use crate::{
-    api::server,
+    api::{
+        node::{self as node_api, NodeApi},
+        server,
+    },
     datapath::{Datapath, LoadOptions},
     drain::Timeouts,
     node::{Node, Settings},
@@ -36,6 +43,30 @@ pub struct Args {
     /// Default quiet period for `pod terminate`, in seconds.
     #[arg(long, env = "CONNDRAIN_QUIET_PERIOD", default_value_t = 3.0, value_parser = positive_secs)]
     pub quiet_period: f64,
+    /// Kubeconfig to use; without it: in-cluster config, then $KUBECONFIG, then ~/.kube/config.
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// This node's name (Kubernetes mode): only pods with this spec.nodeName are tracked.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The node IP the preStop API (`/v1/wait`) listens on; all addresses if unset.
+    #[arg(long, env = "HOST_IP")]
+    pub host_ip: Option<std::net::IpAddr>,
+    /// Port of the preStop API (`/v1/wait`).
+    #[arg(long, env = "CONNDRAIN_WAIT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
+    pub wait_port: u16,
+    /// Port of /metrics, /healthz and /readyz (all addresses).
+    #[arg(long, env = "CONNDRAIN_METRICS_PORT", default_value_t = crate::api::DEFAULT_METRICS_PORT)]
+    pub metrics_port: u16,
+    /// Seconds before the kubelet's kill time (deletionTimestamp) at which a drain gives up.
+    #[arg(long, env = "CONNDRAIN_DEADLINE_MARGIN", default_value_t = 2.0, value_parser = positive_secs)]
+    pub deadline_margin: f64,
+    /// Most pods that may wait in /v1/wait at once.
+    #[arg(long, env = "CONNDRAIN_MAX_WAITERS", default_value_t = 512)]
+    pub max_waiters: usize,
+    /// Least seconds between two progress updates of a pod's condition.
+    #[arg(long, env = "CONNDRAIN_MIN_WRITE_INTERVAL", default_value_t = 1.0, value_parser = positive_secs)]
+    pub min_write_interval: f64,
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
@@ -50,12 +81,31 @@ fn ns(secs: f64) -> u64 {
 }
 
 pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
-    if !args.standalone {
-        anyhow::bail!(
-            "Kubernetes mode is not available in this build yet; run `conndrain agent --standalone` and declare pods with `conndrain pod add`"
-        );
-    }
+    // Everything that can be checked before touching the kernel is checked first.
+    let kube = if args.standalone {
+        None
+    } else {
+        let node_name = args.node_name.clone().context(
+            "Kubernetes mode needs the node name: pass --node-name or set NODE_NAME (from the downward API), or run with --standalone",
+        )?;
+        Some((crate::kubernetes::client(args.kubeconfig.as_ref()).await?, node_name))
+    };
     let listener = server::bind(socket).await?;
+    let bind_tcp = |ip: std::net::IpAddr, port: u16, what: &'static str| async move {
+        tokio::net::TcpListener::bind((ip, port))
+            .await
+            .with_context(|| format!("cannot listen on {ip}:{port} for {what}; choose another port"))
+    };
+    let any = std::net::IpAddr::from([0u8; 16]);
+    let wait_listener = bind_tcp(args.host_ip.unwrap_or(any), args.wait_port, "the preStop API (--wait-port)").await;
+    let metrics_listener = bind_tcp(any, args.metrics_port, "metrics (--metrics-port)").await;
+    let (wait_listener, metrics_listener) = match (wait_listener, metrics_listener) {
+        (Ok(w), Ok(m)) => (w, m),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = std::fs::remove_file(socket);
+            return Err(e);
+        }
+    };
     let loaded = Datapath::load(&LoadOptions {
         max_flows: args.max_flows,
         udp_timeout_ns: ns(args.udp_timeout),
@@ -68,12 +118,14 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    let mode = if args.standalone { "standalone" } else { "kubernetes" };
     tracing::info!(
         kernel = %datapath.features.release,
-        mode = ?datapath.mode,
+        attach = ?datapath.mode,
         max_flows = args.max_flows,
         socket = %socket.display(),
-        "agent ready (standalone)"
+        mode,
+        "agent started"
     );
     let node = Arc::new(Node::new(
         datapath,
@@ -81,9 +133,15 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
             timeouts: Timeouts { idle_ns: ns(args.idle_timeout), udp_ns: ns(args.udp_timeout) },
             default_deadline: Duration::from_secs_f64(args.deadline),
             default_quiet_period: Duration::from_secs_f64(args.quiet_period),
-            mode: "standalone",
+            mode,
         },
     ));
+    let ready = Arc::new(AtomicBool::new(kube.is_none()));
+    let node_api = Arc::new(NodeApi {
+        node: node.clone(),
+        waiters: tokio::sync::Semaphore::new(args.max_waiters),
+        ready: ready.clone(),
+    });
 
     let events_node = node.clone();
     let events_task = async move {
@@ -94,19 +152,35 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         #[expect(unreachable_code, reason = "gives the async block its Result type")]
         Ok::<(), anyhow::Error>(())
     };
+    let kube_task = async {
+        match kube {
+            Some((client, node_name)) => {
+                let settings = crate::kubernetes::Settings {
+                    node_name,
+                    deadline_margin: Duration::from_secs_f64(args.deadline_margin),
+                    min_write_interval: Duration::from_secs_f64(args.min_write_interval),
+                };
+                crate::kubernetes::run(client, node.clone(), settings, ready.clone()).await
+            }
+            None => std::future::pending().await,
+        }
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let result = tokio::select! {
         r = server::serve(listener, node.clone()) => r.context("local API"),
+        r = node_api::serve(wait_listener, node_api::wait_router(node_api.clone())) => r.context("preStop API"),
+        r = node_api::serve(metrics_listener, node_api::metrics_router(node_api.clone())) => r.context("metrics API"),
         r = events_task => r.context("reading datapath events"),
+        r = kube_task => r.context("Kubernetes"),
         () = node.run_evaluator() => Ok(()),
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted, shutting down"); Ok(()) }
         _ = term.recv() => { tracing::info!("terminated, shutting down"); Ok(()) }
     };
     let _ = std::fs::remove_file(socket);
     // Unregister every pod so the programs are detached before we go.
-    for pod in node.pods().await {
-        let _ = node.remove_pod(&pod.name).await;
+    for name in node.names().await {
+        let _ = node.remove_pod(&name).await;
     }
     result
 }

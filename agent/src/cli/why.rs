@@ -19,6 +19,11 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             println!("{} is serving: it is not terminating, so nothing is draining it.", p.name);
             println!("{} active inbound flow(s) would hold it if it were.", p.active_flows);
         }
+        PodState::Skipped => println!(
+            "{} is not tracked: {}.",
+            p.name,
+            p.note.as_deref().unwrap_or("skipped")
+        ),
         PodState::Drained => println!("{} is drained: no active inbound flow and no new one for the quiet period.", p.name),
         PodState::Deadline => println!(
             "{} reached its deadline with {} active inbound flow(s) still open.",

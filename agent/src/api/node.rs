@@ -1,0 +1,116 @@
+//! The node API, served on the node's IP for the pods of this node (the agent
+//! runs with hostNetwork):
+//!
+//! - `GET /v1/wait`: a pod's preStop hook blocks here until that pod is drained
+//!   or at its deadline. The caller is identified only by the connection's
+//!   source IP, and there is no parameter naming a pod, so a pod can wait for
+//!   itself and nothing else: it cannot release, inspect or delay another pod.
+//!   A caller that is not a pod on this node gets 403.
+//! - `GET /metrics`, `/healthz`, `/readyz` on a second listener, which
+//!   refuses this node's pods, because per-pod metrics would let one pod
+//!   inspect another.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+
+use super::{ErrorBody, WaitOutcome};
+use crate::node::Node;
+
+pub struct NodeApi {
+    pub node: Arc<Node>,
+    /// Bounds concurrent `/v1/wait` callers.
+    pub waiters: Semaphore,
+    /// Set when the programs are loaded and the first pod sync is done.
+    pub ready: Arc<AtomicBool>,
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+pub fn wait_router(api: Arc<NodeApi>) -> Router {
+    Router::new()
+        .route("/v1/wait", get(wait))
+        // GET only; anything with a body is refused early.
+        .layer(DefaultBodyLimit::max(1024))
+        .with_state(api)
+}
+
+pub fn metrics_router(api: Arc<NodeApi>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(1024))
+        .with_state(api)
+}
+
+pub async fn serve(listener: TcpListener, router: Router) -> anyhow::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    Ok(())
+}
+
+async fn wait(
+    State(api): State<Arc<NodeApi>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if query.is_some_and(|q| !q.is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "/v1/wait takes no parameters: the caller is identified by its source IP and can only wait for itself",
+        );
+    }
+    let Some(pod) = api.node.pod_for_ip(peer.ip()).await else {
+        tracing::info!(caller = %peer.ip(), "refused /v1/wait from an address that is no pod on this node");
+        return error(StatusCode::FORBIDDEN, format!("{} is not a pod on this node", peer.ip()));
+    };
+    let Ok(_permit) = api.waiters.try_acquire() else {
+        return error(StatusCode::TOO_MANY_REQUESTS, "too many pods waiting; retry shortly");
+    };
+    tracing::info!(%pod, "preStop wait");
+    // No timeout of our own: the pod's deadline ends every drain, and the
+    // kubelet ends the hook at the grace period anyway.
+    match api.node.wait(&pod, None).await {
+        Ok(outcome) => {
+            let o: WaitOutcome = outcome;
+            tracing::info!(%pod, state = ?o.state, waited_s = o.waited_secs, "preStop wait done");
+            Json(o).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+async fn metrics(State(api): State<Arc<NodeApi>>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+    if api.node.pod_for_ip(peer.ip()).await.is_some() {
+        return error(StatusCode::FORBIDDEN, "pods on this node may not read its metrics");
+    }
+    api.node.refresh_metrics().await;
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        api.node.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(api): State<Arc<NodeApi>>) -> Response {
+    if api.ready.load(Ordering::SeqCst) {
+        "ready".into_response()
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the first pod sync")
+    }
+}

@@ -1,0 +1,50 @@
+//! Kubernetes mode: the cluster's view of this node's pods fills the node
+//! model (`watch`), and drain outcomes go back to the API (`report`).
+
+mod report;
+mod watch;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use kube::{Client, Config, config::KubeConfigOptions};
+
+use crate::node::Node;
+
+/// Settings of the Kubernetes mode.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub node_name: String,
+    /// Deadline = the kubelet's kill time (deletionTimestamp) minus this.
+    pub deadline_margin: Duration,
+    /// At most one condition update per pod per this interval while draining.
+    pub min_write_interval: Duration,
+}
+
+pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => Config::infer().await.context(
+            "no Kubernetes configuration (not in a cluster, no $KUBECONFIG or ~/.kube/config): pass --kubeconfig, or run with --standalone",
+        )?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Runs until the watches end (they retry with backoff, so: forever).
+/// `synced` is set once the first list of pods has been applied.
+pub async fn run(
+    client: Client,
+    node: Arc<Node>,
+    settings: Settings,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    let reporter = report::Reporter::new(client.clone(), node.clone(), &settings);
+    watch::run(client, node, settings, reporter, synced).await
+}

@@ -1,0 +1,203 @@
+//! Watches this node's Pods (kube-rs watcher + reflector, with its default
+//! backoff) and reconciles the node model with them after every change:
+//! register pod IPs, start draining on deletionTimestamp, forget removed pods.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+
+use super::{Settings, report::Reporter};
+use crate::{api::Terminate, node::Node};
+
+/// What the node should know about one pod.
+#[derive(Debug, PartialEq)]
+enum Desired {
+    Track { ips: Vec<IpAddr>, deadline_in: Option<Duration> },
+    Skip(&'static str),
+    Ignore,
+}
+
+fn desired(pod: &Pod, margin: Duration) -> Desired {
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return Desired::Skip("hostNetwork pod: it shares the node's IPs, so its flows cannot be told apart");
+    }
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+        return Desired::Ignore;
+    }
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|v| v.iter().filter_map(|p| p.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if ips.is_empty() {
+        if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok()) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return Desired::Ignore;
+    }
+    let deadline_in = pod.metadata.deletion_timestamp.as_ref().map(|ts| {
+        // deletionTimestamp is when the kubelet kills the pod (deletion time + grace period).
+        let kill_in = Duration::try_from(ts.0.duration_since(jiff_now())).ok();
+        kill_in.and_then(|d| d.checked_sub(margin)).unwrap_or(Duration::from_millis(100))
+    });
+    Desired::Track { ips, deadline_in }
+}
+
+fn jiff_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}
+
+pub async fn run(
+    client: Client,
+    node: Arc<Node>,
+    settings: Settings,
+    reporter: Reporter,
+    synced: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
+    let (store, writer) = reflector::store();
+    let mut stream = watcher(pods, config).default_backoff().reflect(writer).boxed();
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut skipped: BTreeMap<String, &'static str> = BTreeMap::new();
+    // Registration can fail for a moment (the CNI has not set up the route yet): retry on a timer too.
+    let mut resync = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            ev = stream.next() => match ev {
+                Some(Ok(watcher::Event::InitDone)) => {
+                    reconcile(&store.state(), &node, &settings, &reporter, &mut known, &mut skipped).await;
+                    if !synced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        tracing::info!(node = %settings.node_name, pods = store.state().len(), "first pod sync done");
+                    }
+                }
+                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+                Some(Ok(_)) => reconcile(&store.state(), &node, &settings, &reporter, &mut known, &mut skipped).await,
+                Some(Err(e)) => tracing::warn!(error = %e, "pod watch (retrying with backoff)"),
+                None => anyhow::bail!("pod watch ended"),
+            },
+            _ = resync.tick() => {
+                if synced.load(std::sync::atomic::Ordering::SeqCst) {
+                    reconcile(&store.state(), &node, &settings, &reporter, &mut known, &mut skipped).await;
+                }
+            }
+        }
+    }
+}
+
+async fn reconcile(
+    pods: &[Arc<Pod>],
+    node: &Arc<Node>,
+    settings: &Settings,
+    reporter: &Reporter,
+    known: &mut BTreeSet<String>,
+    skipped: &mut BTreeMap<String, &'static str>,
+) {
+    let mut seen = BTreeSet::new();
+    let mut seen_skipped = BTreeSet::new();
+    for pod in pods {
+        let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+        match desired(pod, settings.deadline_margin) {
+            Desired::Ignore => {}
+            Desired::Skip(reason) => {
+                seen_skipped.insert(name.clone());
+                if skipped.insert(name.clone(), reason).is_none() {
+                    tracing::info!(pod = %name, reason, "skipping pod");
+                    node.set_skipped(&name, Some(reason)).await;
+                }
+            }
+            Desired::Track { ips, deadline_in } => {
+                seen.insert(name.clone());
+                if !known.contains(&name) {
+                    match node.add_pod(&name, &ips).await {
+                        Ok(()) => {
+                            known.insert(name.clone());
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %name, error = %e, "cannot track pod yet");
+                            continue;
+                        }
+                    }
+                }
+                if let Some(d) = deadline_in {
+                    if !node.is_terminating(&name).await {
+                        let req = Terminate { deadline_secs: Some(d.as_secs_f64().max(0.1)), quiet_period_secs: None };
+                        match node.terminate(&name, &req).await {
+                            Ok(()) => reporter.start(pod.clone(), name.clone()),
+                            Err(e) => tracing::warn!(pod = %name, error = %e, "starting drain"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for gone in known.difference(&seen).cloned().collect::<Vec<_>>() {
+        known.remove(&gone);
+        if let Err(e) = node.remove_pod(&gone).await {
+            tracing::debug!(pod = %gone, error = %e, "removing pod");
+        }
+    }
+    for gone in skipped.keys().filter(|k| !seen_skipped.contains(*k)).cloned().collect::<Vec<_>>() {
+        skipped.remove(&gone);
+        node.set_skipped(&gone, None).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("valid pod")
+    }
+
+    #[test]
+    fn host_network_pods_are_skipped() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n"},
+            "spec": {"hostNetwork": true, "containers": []},
+            "status": {"podIP": "10.0.0.1"}
+        }));
+        assert!(matches!(desired(&p, Duration::ZERO), Desired::Skip(_)));
+    }
+
+    #[test]
+    fn dual_stack_ips_and_deadline() {
+        let kill = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(30);
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n", "deletionTimestamp": kill.to_string()},
+            "spec": {"containers": []},
+            "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "phase": "Running"}
+        }));
+        let Desired::Track { ips, deadline_in } = desired(&p, Duration::from_secs(5)) else {
+            panic!("expected Track");
+        };
+        assert_eq!(ips.len(), 2);
+        let d = deadline_in.expect("deadline").as_secs_f64();
+        assert!((23.0..=25.5).contains(&d), "deadline {d}");
+    }
+
+    #[test]
+    fn pods_without_ip_or_finished_are_ignored() {
+        let p = pod(serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": []}, "status": {}}));
+        assert_eq!(desired(&p, Duration::ZERO), Desired::Ignore);
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "a"}, "spec": {"containers": []},
+            "status": {"podIP": "10.0.0.1", "phase": "Succeeded"}
+        }));
+        assert_eq!(desired(&p, Duration::ZERO), Desired::Ignore);
+    }
+}
