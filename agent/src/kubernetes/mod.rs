@@ -11,6 +11,18 @@ use kube::{Client, Config, config::KubeConfigOptions};
 
 use crate::node::Node;
 
+/// Every Kubernetes API call the agent makes, as RBAC rules: (API group,
+/// resource, verbs). deploy/'s ClusterRole must grant exactly these (a test
+/// checks it); add a line here with any new call.
+pub const API_CALLS: &[(&str, &str, &[&str])] = &[
+    // watch::run: watcher(Api::<Pod>::all) with a spec.nodeName field selector.
+    ("", "pods", &["list", "watch"]),
+    // report::condition: Api::<Pod>::patch_status (strategic merge).
+    ("", "pods/status", &["patch"]),
+    // report::event: kube::runtime::events::Recorder (create, then patch for repeats).
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+
 /// Settings of the Kubernetes mode.
 #[derive(Clone, Debug)]
 pub struct Settings {
