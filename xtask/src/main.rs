@@ -1,1 +1,151 @@
-fn main() {}
+//! `cargo xtask <command>`: set the machine up, build, test and demo conndrain.
+//!
+//! Every command that builds starts with `setup`, which is idempotent and fast
+//! once everything is installed. Builds run with the workspace's own
+//! `target/tools/bin` (bpf-linker) first on `PATH` and `CONNDRAIN_REQUIRE_EBPF=1`,
+//! so `agent/build.rs` always embeds the real eBPF object.
+
+mod cmd;
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    about = "Set up, build, test and demo conndrain",
+    bin_name = "cargo xtask"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: nightly rust-src, bpf-linker in target/tools, Debian packages.
+    Setup,
+    /// Setup, then build the workspace with the real eBPF programs embedded.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, build, then run every test (needs root). Args after `--` go to the test binaries.
+    Test {
+        /// Build and test with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Passed to every test binary, e.g. a name filter or `--nocapture`
+        /// (`--test-threads=2` unless given).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then run the demo (needs root). Args after `--` go to the demo.
+    Demo {
+        /// Build and run with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Passed to the demo.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let name = match &cli.command {
+        Cmd::Setup => "setup",
+        Cmd::Build { .. } => "build",
+        Cmd::Test { .. } => "test",
+        Cmd::Demo { .. } => "demo",
+        Cmd::Bench => "bench",
+    };
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> Result<()> {
+    let root = workspace_root();
+    match command {
+        Cmd::Setup => setup::run(&root),
+        Cmd::Build { release } => {
+            setup::run(&root)?;
+            build(&root, release)
+        }
+        Cmd::Test { release, args } => {
+            require_root("the tests create network namespaces and load BPF programs")?;
+            setup::run(&root)?;
+            build(&root, release)?;
+            test::run(&mut cargo(&root, "test", release), &args)
+        }
+        Cmd::Demo { release, args } => {
+            require_root("the demo creates network namespaces and loads BPF programs")?;
+            setup::run(&root)?;
+            build(&root, release)?;
+            let mut demo = cargo(&root, "run", release);
+            demo.args(["--package", "conndrain-tests", "--example", "demo", "--"])
+                .args(args);
+            cmd::run(&mut demo)
+        }
+        Cmd::Bench => bail!("not implemented yet: see issue 6"),
+    }
+}
+
+fn build(root: &Path, release: bool) -> Result<()> {
+    cmd::run(&mut cargo(root, "build", release))
+}
+
+/// `cargo <subcommand> [--release]` in the workspace, with bpf-linker on `PATH`
+/// and the eBPF object required.
+fn cargo(root: &Path, subcommand: &str, release: bool) -> Command {
+    let mut c = cmd::cargo();
+    c.current_dir(root).arg(subcommand);
+    if release {
+        c.arg("--release");
+    }
+    let tools_bin = setup::tools_dir(root).join("bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(tools_bin).chain(std::env::split_paths(&path)))
+        .expect("target/tools/bin contains no ':'");
+    c.env("PATH", path).env("CONNDRAIN_REQUIRE_EBPF", "1");
+    c
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in a subdirectory of the workspace")
+        .to_path_buf()
+}
+
+/// Whether the effective user is root (read from `/proc/self/status`).
+pub(crate) fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("must run as root ({why}); run it again as root");
+    }
+    Ok(())
+}
