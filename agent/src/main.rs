@@ -13,7 +13,10 @@ async fn main() {
     let code = match conndrain::cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("conndrain: {e:#}");
+            // One line per problem (e.g. each missing capability), each with our prefix.
+            for line in format!("{e:#}").lines() {
+                eprintln!("conndrain: {line}");
+            }
             1
         }
     };
