@@ -170,7 +170,8 @@ pub struct Config {
 
 /// Event kinds in `FlowEvent::kind`.
 pub mod event_kind {
-    /// A flow entry was created (TCP SYN, first UDP packet, or mid-stream pickup).
+    /// A flow entry was created (TCP SYN or first UDP packet; a mid-stream
+    /// pickup sends `ESTABLISHED` only).
     pub const NEW: u8 = 1;
     /// A TCP flow completed its handshake (or was picked up established).
     pub const ESTABLISHED: u8 = 2;

@@ -76,9 +76,18 @@ fn flow_key(pkt: &Packet, side: Side) -> Option<(FlowKey, u32)> {
     ))
 }
 
+/// The agent's default `--udp-timeout`.
+const DEFAULT_UDP_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// `CONFIG[0]` always exists (an array) and is zeroed until the agent writes
+/// it, so 0 means "not set" and takes the default; without this, every UDP
+/// packet before the agent's write would open a new flow.
 #[inline(always)]
 fn udp_timeout_ns() -> u64 {
-    CONFIG.get(0).map_or(30_000_000_000, |c| c.udp_timeout_ns)
+    match CONFIG.get(0) {
+        Some(c) if c.udp_timeout_ns != 0 => c.udp_timeout_ns,
+        _ => DEFAULT_UDP_TIMEOUT_NS,
+    }
 }
 
 #[inline(always)]
