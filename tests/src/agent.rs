@@ -55,6 +55,14 @@ impl Agent {
     /// Starts the agent in `node` with `extra` arguments after `--standalone`,
     /// and waits until `conndrain status` answers.
     pub fn start(node: &Netns, extra: &[&str]) -> Result<Self> {
+        let mut args = vec!["--standalone"];
+        args.extend_from_slice(extra);
+        Self::start_with(node, &args)
+    }
+
+    /// Starts `conndrain agent <args>` in `node` (any mode) and waits until
+    /// `conndrain status` answers.
+    pub fn start_with(node: &Netns, args: &[&str]) -> Result<Self> {
         let bin = existing_bin()?;
         let dir = TempDir::new()?;
         let socket = dir.path().join("conndrain.sock");
@@ -63,8 +71,8 @@ impl Agent {
         let mut cmd = node.command(&bin.to_string_lossy());
         cmd.arg("--socket")
             .arg(&socket)
-            .args(["agent", "--standalone"])
-            .args(extra);
+            .arg("agent")
+            .args(args);
         cmd.env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

@@ -23,6 +23,7 @@
 //! ```
 
 mod agent;
+pub mod fakeapi;
 mod netns;
 mod topology;
 mod traffic;

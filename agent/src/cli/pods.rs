@@ -29,7 +29,7 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
             p.new_flows_since_termination,
             quiet,
             opt(p.deadline_in_secs),
-            ips.join(",")
+            p.note.as_ref().map_or_else(|| ips.join(","), |n| format!("({n})"))
         );
     }
     Ok(())
