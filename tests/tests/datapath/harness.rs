@@ -3,7 +3,7 @@
 //! with `BPF_PROG_TEST_RUN`, and typed reads of every map.
 //!
 //! Every run checks the two promises the programs make for every packet: they
-//! return `TC_ACT_OK` and they hand the packet back byte for byte unchanged.
+//! return `TC_ACT_UNSPEC` and they hand the packet back byte for byte unchanged.
 
 use std::{borrow::Cow, mem::size_of, net::IpAddr};
 
@@ -16,8 +16,9 @@ use conndrain_common::{
     Config, FlowEvent, FlowKey, FlowValue, PodCounters, PodIpKey, maps, programs, stats,
 };
 
-/// `TC_ACT_OK`: the only verdict the programs may ever return.
-pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1, as the kernel reports it: u32): the only verdict the
+/// programs may ever return ("go on": the next program, or the normal path).
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 /// The slot the tests register their pod in. Deliberately not 0, so a program
 /// that counted into the wrong slot would show up in `counters(0)`.
@@ -168,8 +169,8 @@ impl Harness {
             Ok(res) => res,
         };
         assert_eq!(
-            res.return_value, TC_ACT_OK,
-            "{prog} must always return TC_ACT_OK"
+            res.return_value, TC_ACT_UNSPEC,
+            "{prog} must always return TC_ACT_UNSPEC"
         );
         let n = usize::try_from(res.data_size_out).unwrap();
         assert_eq!(n, frame.len(), "{prog} changed the packet length");
