@@ -14,6 +14,7 @@ pub mod error;
 pub mod kubernetes;
 pub mod metrics;
 pub mod node;
+pub mod steering;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.
 /// Empty when the binary was built without the eBPF toolchain (see build.rs).

@@ -14,7 +14,7 @@ use conndrain_common::{
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::{
-    api::{FlowView, InterfaceView, MapFill, MapsView, PodView, StatsView, Status, WaitOutcome, Why},
+    api::{FlowView, InterfaceView, MapFill, MapsView, PodView, StatsView, Status, SteeringView, WaitOutcome, Why},
     datapath::{self, Datapath},
     drain::{self, FlowClass, FlowCounts, Observation, PodState, Termination, Timeouts},
     metrics::{Metrics, OutcomeLabels, PodLabels},
@@ -70,6 +70,7 @@ struct Inner {
     events_received: u64,
     /// Pods we know of but do not track, with the reason.
     skipped: BTreeMap<String, String>,
+    steering: crate::steering::Steering,
     metrics: std::sync::Arc<Metrics>,
 }
 
@@ -123,6 +124,7 @@ impl Node {
                 index: HashMap::new(),
                 events_received: 0,
                 skipped: BTreeMap::new(),
+                steering: crate::steering::Steering::default(),
                 metrics: metrics.clone(),
             }),
             wake: Notify::new(),
@@ -233,15 +235,58 @@ impl Node {
             outcome: None,
         });
         pod.state.send_replace(PodState::Draining);
+        let ips = pod.ips.clone();
+        inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
         tracing::info!(pod = name, deadline_s = secs(deadline), quiet_s = secs(quiet), "drain started");
         drop(inner);
         self.wake.notify_one();
+        // Pin its established flows before we answer, so a caller may cut the
+        // rules right after.
+        self.refresh_pins().await;
         Ok(())
+    }
+
+    /// Learns the translations of terminating backends' flows from conntrack
+    /// and pins the new ones.
+    pub async fn refresh_pins(&self) {
+        if !self.inner.lock().await.steering.has_backends() {
+            return;
+        }
+        let translations = match tokio::task::spawn_blocking(crate::steering::dump_translations).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading conntrack");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading conntrack");
+                return;
+            }
+        };
+        let mut inner = self.inner.lock().await;
+        let Inner { steering, datapath, .. } = &mut *inner;
+        steering.apply(datapath, &translations, now_ns()).await;
+    }
+
+    /// Keeps pins current: learns new ones while backends terminate, releases
+    /// closed, idle, expired and orphaned ones. Runs until the node is dropped.
+    pub async fn run_steering(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.refresh_pins().await;
+            let mut inner = self.inner.lock().await;
+            let Inner { steering, datapath, .. } = &mut *inner;
+            steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
+        }
     }
 
     pub async fn remove_pod(&self, name: &str) -> Result<(), PodError> {
         let mut inner = self.inner.lock().await;
         let pod = inner.pods.remove(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        {
+            let Inner { steering, datapath, .. } = &mut *inner;
+            steering.mark_dead(datapath, &pod.ips, now_ns());
+        }
         inner.by_slot.remove(&pod.slot);
         inner.index.remove(&pod.slot);
         inner.datapath.unregister_pod(&pod.ips, &pod.ifindexes);
@@ -398,7 +443,13 @@ impl Node {
                 let name = inner.by_slot.get(&v.pod_slot)?;
                 let (class, _) = drain::classify(k.proto, &v, now, t);
                 let open = k.proto == PROTO_TCP && !matches!(v.state, tcp_state::CLOSED);
-                (class != FlowClass::Inactive || open).then(|| flow_view(name, &k, &v, class, now))
+                (class != FlowClass::Inactive || open).then(|| {
+                    let mut view = flow_view(name, &k, &v, class, now);
+                    let pod = SocketAddr::new(datapath::ip_from_bytes(k.pod_addr, k.family), k.pod_port);
+                    let peer = SocketAddr::new(datapath::ip_from_bytes(k.peer_addr, k.family), k.peer_port);
+                    view.pinned = inner.steering.for_pod_flow(pod, peer, k.proto).cloned();
+                    view
+                })
             })
             .collect();
         out.sort_by(|a, b| (&a.pod, &a.pod_addr, &a.peer_addr).cmp(&(&b.pod, &b.pod_addr, &b.peer_addr)));
@@ -433,6 +484,13 @@ impl Node {
                 insert_failed: s[stats::INSERT_FAILED as usize],
             },
             events_lost: s[stats::EVENTS_LOST as usize],
+            steering: SteeringView {
+                pinned_flows: inner.steering.pinned() as u64,
+                steered_packets: s[stats::STEERED as usize],
+                resets_sent: s[stats::RESETS_SENT as usize],
+                steer_failed: s[stats::STEER_FAILED as usize],
+                pins: inner.steering.views(),
+            },
             events_received: inner.events_received,
             idle_timeout_secs: secs(self.settings.timeouts.idle_ns),
             udp_timeout_secs: secs(self.settings.timeouts.udp_ns),
@@ -575,5 +633,6 @@ fn flow_view(pod: &str, k: &FlowKey, v: &FlowValue, class: FlowClass, now: u64) 
         packets_out: u64::from(v.packets_out),
         bytes_in: v.bytes_in,
         bytes_out: v.bytes_out,
+        pinned: None,
     }
 }

@@ -65,6 +65,9 @@ pub struct FlowView {
     pub packets_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Set when the flow is pinned to this pod (its backend is terminating).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<crate::steering::PinView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -127,8 +130,22 @@ pub struct Status {
     pub stats: StatsView,
     pub events_lost: u64,
     pub events_received: u64,
+    pub steering: SteeringView,
     pub idle_timeout_secs: f64,
     pub udp_timeout_secs: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SteeringView {
+    /// Flows currently pinned to a terminating backend.
+    pub pinned_flows: u64,
+    /// Packets the datapath rewrote and redirected for pinned flows.
+    pub steered_packets: u64,
+    /// RSTs sent for pinned flows whose pod is gone.
+    pub resets_sent: u64,
+    /// Pinned packets that could not be steered (passed on unchanged).
+    pub steer_failed: u64,
+    pub pins: Vec<crate::steering::PinView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -27,13 +27,13 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
 
 pub(crate) fn print_table(flows: &[FlowView]) {
     println!(
-        "{:<20} {:<4} {:<8} {:<11} {:<28} {:<28} {:>7} {:>7} {:>8}",
+        "{:<20} {:<4} {:<8} {:<11} {:<28} {:<28} {:>7} {:>7} {:>8}  PINNED",
         "POD", "PROTO", "DIR", "STATE", "POD ADDR", "PEER ADDR", "AGE", "IDLE", "HOLDS"
     );
     for f in flows {
         let holds = if f.active { "yes" } else if f.idle { "no(idle)" } else { "no" };
         println!(
-            "{:<20} {:<4} {:<8} {:<11} {:<28} {:<28} {:>7} {:>7} {:>8}",
+            "{:<20} {:<4} {:<8} {:<11} {:<28} {:<28} {:>7} {:>7} {:>8}  {}",
             f.pod,
             f.proto,
             f.direction,
@@ -42,7 +42,8 @@ pub(crate) fn print_table(flows: &[FlowView]) {
             f.peer_addr,
             human_secs(f.age_secs),
             human_secs(f.idle_secs),
-            holds
+            holds,
+            f.pinned.as_ref().map_or_else(|| "-".to_owned(), |p| format!("{} via {}", p.client, p.frontend))
         );
     }
 }

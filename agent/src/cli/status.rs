@@ -36,6 +36,21 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
         s.stats.packets, s.stats.unparsed, s.stats.not_pod, s.stats.flows_created, s.stats.insert_failed
     );
     println!("events:      {} received, {} lost", s.events_received, s.events_lost);
+    println!(
+        "steering:    {} pinned flows, {} packets steered, {} resets sent, {} not steerable",
+        s.steering.pinned_flows, s.steering.steered_packets, s.steering.resets_sent, s.steering.steer_failed
+    );
+    for p in &s.steering.pins {
+        println!(
+            "  pinned {} {} -> {} => {} ({}){}",
+            p.proto,
+            p.client,
+            p.frontend,
+            p.backend,
+            p.pod,
+            if p.dead { ", pod gone: answering with RST" } else { "" }
+        );
+    }
     println!("timeouts:    idle keep-alive {}s, UDP {}s", s.idle_timeout_secs, s.udp_timeout_secs);
     Ok(())
 }

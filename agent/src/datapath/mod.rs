@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use conndrain_common::{
-    Config, FlowKey, FlowValue, MAX_PODS, PodCounters, PodIpKey, maps, stats,
+    Config, FlowKey, FlowValue, MAX_PODS, Pin, PodCounters, PodIpKey, WireKey, maps, stats,
 };
 
 pub use attach::AttachMode;
@@ -53,6 +53,8 @@ pub struct Datapath {
     pub max_flows: u32,
     interfaces: StdHashMap<u32, Interface>,
     route: route::Router,
+    /// Attached to every interface (for steering).
+    everywhere: bool,
 }
 
 impl Datapath {
@@ -81,7 +83,7 @@ impl Datapath {
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
         Ok((
-            Self { ebpf, features, mode, max_flows: opts.max_flows, interfaces: StdHashMap::new(), route },
+            Self { ebpf, features, mode, max_flows: opts.max_flows, interfaces: StdHashMap::new(), route, everywhere: false },
             events,
         ))
     }
@@ -162,6 +164,62 @@ impl Datapath {
             attach::detach(&mut self.ebpf, iface.links);
             tracing::info!(interface = %iface.name, "detached");
         }
+    }
+
+    /// Attaches to every interface of this network namespace but loopback, so
+    /// that pinned flows are steered wherever their packets come in (uplinks
+    /// included). Once; the interfaces stay attached.
+    pub fn attach_everywhere(&mut self) -> Result<(), Error> {
+        if self.everywhere {
+            return Ok(());
+        }
+        // SAFETY: if_nameindex returns a list terminated by a zero entry, freed below.
+        let list = unsafe { libc::if_nameindex() };
+        if list.is_null() {
+            return Err(Error::Interface { ifindex: 0, source: std::io::Error::last_os_error() });
+        }
+        let mut indexes = Vec::new();
+        let mut p = list;
+        // SAFETY: walking the list up to its terminator.
+        unsafe {
+            while (*p).if_index != 0 {
+                let name = std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy();
+                if name != "lo" {
+                    indexes.push((*p).if_index);
+                }
+                p = p.add(1);
+            }
+            libc::if_freenameindex(list);
+        }
+        for i in indexes {
+            self.attach(i)?;
+        }
+        self.everywhere = true;
+        Ok(())
+    }
+
+    /// Route lookup: the interface and neighbour for `ip`.
+    pub async fn route(&mut self, ip: IpAddr) -> Result<(u32, IpAddr), Error> {
+        self.route.lookup(ip).await
+    }
+
+    pub fn pin_insert(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
+        self.pins_mut()?.insert(*key, *pin, 0).map_err(|source| Error::map(maps::PINS, source))
+    }
+
+    pub fn pin(&self, key: &WireKey) -> Option<Pin> {
+        let pins: HashMap<&MapData, WireKey, Pin> = HashMap::try_from(map(&self.ebpf, maps::PINS).ok()?).ok()?;
+        pins.get(key, 0).ok()
+    }
+
+    pub fn pin_remove(&mut self, key: &WireKey) {
+        if let Ok(mut pins) = self.pins_mut() {
+            let _ = pins.remove(key);
+        }
+    }
+
+    fn pins_mut(&mut self) -> Result<HashMap<&mut MapData, WireKey, Pin>, Error> {
+        HashMap::try_from(map_mut(&mut self.ebpf, maps::PINS)?).map_err(|source| Error::map(maps::PINS, source))
     }
 
     pub fn interfaces(&self) -> impl Iterator<Item = &Interface> {

@@ -30,6 +30,12 @@ impl Router {
     }
 
     pub async fn oif(&mut self, ip: IpAddr) -> Result<u32, Error> {
+        self.lookup(ip).await.map(|(oif, _)| oif)
+    }
+
+    /// The outgoing interface for `ip` and the neighbour to reach it there:
+    /// the gateway if the route has one, else `ip` itself.
+    pub async fn lookup(&mut self, ip: IpAddr) -> Result<(u32, IpAddr), Error> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
         msg.header.destination_prefix_length = if ip.is_ipv4() { 32 } else { 128 };
@@ -43,10 +49,18 @@ impl Router {
         while let Some(resp) = responses.next().await {
             match resp.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
+                    let mut oif = None;
+                    let mut nexthop = ip;
                     for attr in route.attributes {
-                        if let RouteAttribute::Oif(oif) = attr {
-                            return Ok(oif);
+                        match attr {
+                            RouteAttribute::Oif(o) => oif = Some(o),
+                            RouteAttribute::Gateway(RouteAddress::Inet(g)) => nexthop = IpAddr::V4(g),
+                            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => nexthop = IpAddr::V6(g),
+                            _ => {}
                         }
+                    }
+                    if let Some(oif) = oif {
+                        return Ok((oif, nexthop));
                     }
                 }
                 NetlinkPayload::Error(e) => {

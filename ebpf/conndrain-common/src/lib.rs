@@ -18,7 +18,12 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `RingBuf` of `FlowEvent`.
     pub const EVENTS: &str = "EVENTS";
+    /// `HashMap<WireKey, Pin>`: pinned flows, one entry per direction.
+    pub const PINS: &str = "PINS";
 }
+
+/// Size of the `PINS` map (two entries per pinned flow).
+pub const MAX_PINS: u32 = 65_536;
 
 /// Program names in the object.
 pub mod programs {
@@ -97,7 +102,13 @@ pub mod stats {
     pub const INSERT_FAILED: u32 = 4;
     /// Events the ring buffer had no room for.
     pub const EVENTS_LOST: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Packets of pinned flows rewritten and redirected to their old backend (or back to the client).
+    pub const STEERED: u32 = 6;
+    /// TCP resets sent for pinned flows whose pod is gone.
+    pub const RESETS_SENT: u32 = 7;
+    /// Pinned packets that could not be rewritten or redirected (passed on unchanged).
+    pub const STEER_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// A pod address: IPv4 is stored as an IPv4-mapped IPv6 address
@@ -195,6 +206,55 @@ pub struct FlowEvent {
     pub flags: u8,
 }
 
+/// A packet's addresses as they are on the wire (unlike `FlowKey`, not
+/// turned to the pod's side): what a pinned flow's packets are matched on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct WireKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Bits of `Pin::flags`.
+pub mod pin_flags {
+    /// The pinned pod is gone: answer TCP with a reset instead of steering.
+    pub const DEAD: u32 = 1;
+    /// A FIN went this way.
+    pub const FIN: u32 = 2;
+    /// A RST went this way (the flow is over).
+    pub const RST: u32 = 4;
+}
+
+/// One direction of a pinned flow: how to rewrite its packets and where to
+/// send them, bypassing netfilter (so kube-proxy's rules and conntrack no
+/// longer matter to it, and nothing translates it twice).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Pin {
+    pub new_src: [u8; 16],
+    pub new_dst: [u8; 16],
+    /// Host byte order.
+    pub new_sport: u16,
+    /// Host byte order.
+    pub new_dport: u16,
+    /// Interface to send the rewritten packet out of.
+    pub ifindex: u32,
+    /// Neighbour to resolve on `ifindex`: the destination itself, or the gateway to it.
+    pub nexthop: [u8; 16],
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    /// `pin_flags::*`
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all of these are `repr(C)`, `Copy`, made only of integers and
@@ -205,6 +265,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::PodCounters {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::WireKey {}
+    unsafe impl aya::Pod for super::Pin {}
 }
 
 #[cfg(test)]
@@ -218,5 +280,7 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 48);
         assert_eq!(size_of::<PodCounters>(), 32);
         assert_eq!(size_of::<FlowEvent>(), 64);
+        assert_eq!(size_of::<WireKey>(), 40);
+        assert_eq!(size_of::<Pin>(), 80);
     }
 }

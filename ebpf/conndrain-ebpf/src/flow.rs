@@ -11,7 +11,7 @@ use conndrain_common::{
 
 use crate::{
     maps::{CONFIG, EVENTS, FLOWS, POD_COUNTERS, POD_IPS, count},
-    parse::{self, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Where the packet is going relative to the pods behind the interface.
@@ -24,14 +24,11 @@ pub enum Side {
 /// BPF_NOEXIST: two CPUs racing to create one flow must not both count it.
 const BPF_NOEXIST: u64 = 1;
 
-#[inline(always)]
-pub fn track(ctx: &TcContext, side: Side) {
-    count(stats::PACKETS);
-    let Some(pkt) = parse::parse(ctx) else {
-        count(stats::UNPARSED);
-        return;
-    };
-    let (key, slot) = match flow_key(&pkt, side) {
+// Not inlined: its frame and steering's are separate BPF stack frames, each
+// well under the 512-byte limit.
+#[inline(never)]
+pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
+    let (key, slot) = match flow_key(pkt, side) {
         Some(k) => k,
         None => {
             count(stats::NOT_POD);
@@ -46,10 +43,10 @@ pub fn track(ctx: &TcContext, side: Side) {
         // SAFETY: the pointer is into the map value; concurrent writers can
         // only make the byte/packet statistics approximate.
         let v = unsafe { &mut *v };
-        update(&key, v, &pkt, from_pod, now, len);
+        update(&key, v, pkt, from_pod, now, len);
         return;
     }
-    create(&key, slot, &pkt, from_pod, now, len);
+    create(&key, slot, pkt, from_pod, now, len);
 }
 
 /// The flow key seen from the pod, and the pod's slot; `None` when the pod

@@ -15,21 +15,37 @@
 mod flow;
 mod maps;
 mod parse;
+mod steer;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use conndrain_common::stats;
 
-/// Packets entering the host from the interface: sent by a pod behind it.
+/// Packets entering the host from the interface: sent by a pod behind it,
+/// or (on uplinks) by clients. Tracked, then steered if their flow is pinned.
 #[classifier]
 pub fn conndrain_ingress(ctx: TcContext) -> i32 {
-    flow::track(&ctx, flow::Side::FromPod);
-    TC_ACT_UNSPEC
+    let Some(pkt) = parsed(&ctx) else { return TC_ACT_UNSPEC };
+    flow::track(&ctx, flow::Side::FromPod, &pkt);
+    steer::steer(&ctx, &pkt).unwrap_or(TC_ACT_UNSPEC)
 }
 
 /// Packets leaving the host through the interface: sent to a pod behind it.
 #[classifier]
 pub fn conndrain_egress(ctx: TcContext) -> i32 {
-    flow::track(&ctx, flow::Side::ToPod);
+    if let Some(pkt) = parsed(&ctx) {
+        flow::track(&ctx, flow::Side::ToPod, &pkt);
+    }
     TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn parsed(ctx: &TcContext) -> Option<parse::Packet> {
+    maps::count(stats::PACKETS);
+    let pkt = parse::parse(ctx);
+    if pkt.is_none() {
+        maps::count(stats::UNPARSED);
+    }
+    pkt
 }
 
 #[cfg(not(test))]

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use conndrain_common::{
-    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAX_PODS, PodCounters, PodIpKey, stats,
+    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAX_PINS, MAX_PODS, Pin, PodCounters, PodIpKey, WireKey,
+    stats,
 };
 
 /// Resized by the agent at load time (`--max-flows`).
@@ -23,6 +24,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+/// Written by the agent when a backend starts terminating; read and updated here.
+#[map]
+pub static PINS: HashMap<WireKey, Pin> = HashMap::with_max_entries(MAX_PINS, 0);
 
 /// 256 KiB: room for about 4000 events between two reads of the agent.
 #[map]

@@ -5,7 +5,7 @@
 use aya_ebpf::programs::TcContext;
 use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
@@ -33,9 +33,13 @@ pub struct Packet {
     pub dport: u16,
     /// TCP flags byte; 0 for UDP.
     pub tcp_flags: u8,
+    /// Offset of the TCP/UDP header.
+    pub l4_off: usize,
 }
 
-#[inline(always)]
+// Not inlined: the headers it loads get a stack frame of their own, leaving
+// room in the 512-byte budget for tracking and steering after it.
+#[inline(never)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
     match ethertype {
@@ -76,6 +80,7 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
         sport,
         dport,
         tcp_flags,
+        l4_off: ETH_HLEN + ihl,
     })
 }
 
@@ -118,6 +123,7 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
         sport,
         dport,
         tcp_flags,
+        l4_off: off,
     })
 }
 

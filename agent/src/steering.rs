@@ -1,0 +1,285 @@
+//! Pinning established flows to their old backend while kube-proxy removes
+//! its rules (design: docs/steering.md).
+//!
+//! When a backend starts terminating, the agent reads the kernel's own
+//! translation of each of its flows from conntrack (client → frontend became
+//! peer → backend, with kube-proxy's SNAT for NodePort traffic to another
+//! node) and writes it into the `PINS` map, one entry per direction. From then
+//! on the TC programs rewrite and redirect those packets themselves, ahead of
+//! netfilter, so rule rewrites, `conntrack -F` or kube-proxy's UDP cleanup no
+//! longer move them. New flows never match a pin and go wherever the rules
+//! send them.
+//!
+//! Learning is repeated every second while a backend terminates, so flows that
+//! still reach it through stale rules elsewhere are pinned too. A pin is
+//! released when its flow closes (FIN both ways or RST), when a UDP flow is
+//! idle for the UDP timeout, at the backend's deadline, or shortly after its
+//! pod is removed (then TCP segments are answered with a RST meanwhile).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Pin, WireKey, pin_flags};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{self, Datapath};
+
+/// What conntrack says one flow was translated to.
+#[derive(Clone, Debug)]
+pub struct Translation {
+    pub proto: u8,
+    pub orig_src: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub reply_src: SocketAddr,
+    pub reply_dst: SocketAddr,
+    /// TCP established (or any UDP entry that saw a reply).
+    pub live: bool,
+}
+
+/// Reads the conntrack table over netlink (both families). Blocking: run it
+/// with `spawn_blocking`. The `conntrack` crate wraps ctnetlink's dump.
+pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
+    use conntrack::model::{IpProto, TcpState};
+    let ct = conntrack::Conntrack::connect().map_err(|e| anyhow::anyhow!("opening ctnetlink: {e:?}"))?;
+    let flows = ct.dump().map_err(|e| anyhow::anyhow!("dumping conntrack: {e:?}"))?;
+    Ok(flows
+        .into_iter()
+        .filter_map(|f| {
+            let o = f.origin?;
+            let r = f.reply?;
+            let (op, rp) = (o.proto?, r.proto?);
+            let proto = match op.number? {
+                IpProto::Tcp => PROTO_TCP,
+                IpProto::Udp => PROTO_UDP,
+                _ => return None,
+            };
+            let live = if proto == PROTO_TCP {
+                matches!(f.proto_info.and_then(|p| p.tcp).and_then(|t| t.state), Some(TcpState::Established))
+            } else {
+                !f.status.unwrap_or_default().iter().any(|s| s.contains("UNREPLIED") || s.contains("Unreplied"))
+            };
+            Some(Translation {
+                proto,
+                orig_src: SocketAddr::new(o.src?, op.src_port?),
+                orig_dst: SocketAddr::new(o.dst?, op.dst_port?),
+                reply_src: SocketAddr::new(r.src?, rp.src_port?),
+                reply_dst: SocketAddr::new(r.dst?, rp.dst_port?),
+                live,
+            })
+        })
+        .collect())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PinView {
+    pub proto: String,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    /// The address the backend sees as its peer (the client, or kube-proxy's SNAT address).
+    pub backend_peer: String,
+    pub pod: String,
+    pub dead: bool,
+}
+
+struct Backend {
+    pod: String,
+    deadline_ns: u64,
+}
+
+struct Pinned {
+    rev: WireKey,
+    view: PinView,
+    backend_ip: IpAddr,
+    deadline_ns: u64,
+    pinned_ns: u64,
+    closed_ns: Option<u64>,
+    dead_ns: Option<u64>,
+}
+
+/// How long a closed or dead pin lingers: late FIN/ACKs still go the pinned
+/// way, and a dead pod's clients still get their RST.
+const LINGER_NS: u64 = 2_000_000_000;
+const DEAD_LINGER_NS: u64 = 10_000_000_000;
+
+#[derive(Default)]
+pub struct Steering {
+    backends: HashMap<IpAddr, Backend>,
+    /// By forward key.
+    pins: HashMap<WireKey, Pinned>,
+    /// Reverse key → forward key, to label flows seen from the pod's side.
+    by_rev: HashMap<WireKey, WireKey>,
+}
+
+fn wire_key(proto: u8, src: SocketAddr, dst: SocketAddr) -> WireKey {
+    WireKey {
+        src: datapath::ip_bytes(src.ip()),
+        dst: datapath::ip_bytes(dst.ip()),
+        sport: src.port(),
+        dport: dst.port(),
+        proto,
+        family: if src.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+        _pad: [0; 2],
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}
+
+impl Steering {
+    #[must_use]
+    pub fn has_backends(&self) -> bool {
+        !self.backends.is_empty()
+    }
+
+    pub fn pinned(&self) -> usize {
+        self.pins.len()
+    }
+
+    /// Starts pinning the flows of `ips` (a terminating pod) until `deadline_ns`.
+    pub fn add_backend(&mut self, pod: &str, ips: &[IpAddr], deadline_ns: u64) {
+        for ip in ips {
+            self.backends.insert(*ip, Backend { pod: pod.to_owned(), deadline_ns });
+        }
+    }
+
+    /// The pod is gone: its pinned TCP flows get a RST on their next segment.
+    pub fn mark_dead(&mut self, dp: &mut Datapath, ips: &[IpAddr], now: u64) {
+        for ip in ips {
+            self.backends.remove(ip);
+        }
+        for (fwd, p) in &mut self.pins {
+            if ips.contains(&p.backend_ip) && p.dead_ns.is_none() {
+                p.dead_ns = Some(now);
+                p.view.dead = true;
+                if let Some(mut pin) = dp.pin(fwd) {
+                    pin.flags |= pin_flags::DEAD;
+                    if let Err(e) = dp.pin_insert(fwd, &pin) {
+                        tracing::warn!(error = %e, "marking pin dead");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pins every live, translated flow of a terminating backend not pinned yet.
+    pub async fn apply(&mut self, dp: &mut Datapath, translations: &[Translation], now: u64) {
+        for t in translations {
+            let backend_ip = canonical(t.reply_src).ip();
+            let Some(b) = self.backends.get(&backend_ip) else { continue };
+            // Only flows the kernel translated (a Service), and only live ones.
+            if !t.live || canonical(t.orig_dst) == canonical(t.reply_src) || now >= b.deadline_ns {
+                continue;
+            }
+            let fwd = wire_key(t.proto, t.orig_src, t.orig_dst);
+            if self.pins.contains_key(&fwd) {
+                continue;
+            }
+            let rev = wire_key(t.proto, t.reply_src, t.reply_dst);
+            let (pod, deadline_ns) = (b.pod.clone(), b.deadline_ns);
+            if let Err(e) = self.pin(dp, t, fwd, rev).await {
+                tracing::warn!(error = %e, flow = ?t, "cannot pin flow");
+                continue;
+            }
+            let view = PinView {
+                proto: if t.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
+                client: canonical(t.orig_src).to_string(),
+                frontend: canonical(t.orig_dst).to_string(),
+                backend: canonical(t.reply_src).to_string(),
+                backend_peer: canonical(t.reply_dst).to_string(),
+                pod,
+                dead: false,
+            };
+            tracing::info!(client = %view.client, frontend = %view.frontend, backend = %view.backend, "pinned flow");
+            self.by_rev.insert(rev, fwd);
+            self.pins.insert(fwd, Pinned { rev, view, backend_ip, deadline_ns, pinned_ns: now, closed_ns: None, dead_ns: None });
+        }
+    }
+
+    async fn pin(&mut self, dp: &mut Datapath, t: &Translation, fwd: WireKey, rev: WireKey) -> Result<(), crate::error::Error> {
+        dp.attach_everywhere()?;
+        let (to_backend, backend_nh) = dp.route(t.reply_src.ip()).await?;
+        let (to_client, client_nh) = dp.route(t.orig_src.ip()).await?;
+        let forward = Pin {
+            new_src: datapath::ip_bytes(t.reply_dst.ip()),
+            new_dst: datapath::ip_bytes(t.reply_src.ip()),
+            new_sport: t.reply_dst.port(),
+            new_dport: t.reply_src.port(),
+            ifindex: to_backend,
+            nexthop: datapath::ip_bytes(backend_nh),
+            ..Pin::default()
+        };
+        let reverse = Pin {
+            new_src: datapath::ip_bytes(t.orig_dst.ip()),
+            new_dst: datapath::ip_bytes(t.orig_src.ip()),
+            new_sport: t.orig_dst.port(),
+            new_dport: t.orig_src.port(),
+            ifindex: to_client,
+            nexthop: datapath::ip_bytes(client_nh),
+            ..Pin::default()
+        };
+        // Reverse first: once the forward entry exists, replies must already be handled.
+        dp.pin_insert(&rev, &reverse)?;
+        if let Err(e) = dp.pin_insert(&fwd, &forward) {
+            dp.pin_remove(&rev);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Releases pins whose flow closed, went idle (UDP), passed its deadline,
+    /// or whose pod is gone; forgets backends past their deadline.
+    pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) {
+        self.backends.retain(|_, b| now < b.deadline_ns);
+        let mut release = Vec::new();
+        for (fwd, p) in &mut self.pins {
+            let (f, r) = (dp.pin(fwd).unwrap_or_default(), dp.pin(&p.rev).unwrap_or_default());
+            let last = f.last_seen_ns.max(r.last_seen_ns).max(p.pinned_ns);
+            let closed = (f.flags & r.flags & pin_flags::FIN != 0) || ((f.flags | r.flags) & pin_flags::RST != 0);
+            if closed && p.closed_ns.is_none() {
+                p.closed_ns = Some(now);
+            }
+            let why = if p.closed_ns.is_some_and(|c| now >= c + LINGER_NS) {
+                Some("closed")
+            } else if fwd.proto == PROTO_UDP && now.saturating_sub(last) > udp_timeout_ns {
+                Some("idle")
+            } else if now >= p.deadline_ns {
+                Some("deadline")
+            } else if p.dead_ns.is_some_and(|d| now >= d + DEAD_LINGER_NS) {
+                Some("pod gone")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                tracing::info!(client = %p.view.client, backend = %p.view.backend, why, "released pinned flow");
+                release.push(*fwd);
+            }
+        }
+        for fwd in release {
+            if let Some(p) = self.pins.remove(&fwd) {
+                self.by_rev.remove(&p.rev);
+                dp.pin_remove(&fwd);
+                dp.pin_remove(&p.rev);
+            }
+        }
+    }
+
+    /// The pin of a flow seen from its pod's side (pod → peer is the reverse direction).
+    #[must_use]
+    pub fn for_pod_flow(&self, pod: SocketAddr, peer: SocketAddr, proto: u8) -> Option<&PinView> {
+        let rev = wire_key(proto, pod, peer);
+        self.by_rev.get(&rev).and_then(|f| self.pins.get(f)).map(|p| &p.view)
+    }
+
+    pub fn views(&self) -> Vec<PinView> {
+        let mut v: Vec<PinView> = self.pins.values().map(|p| p.view.clone()).collect();
+        v.sort_by(|a, b| (&a.pod, &a.client).cmp(&(&b.pod, &b.client)));
+        v
+    }
+}

@@ -1,0 +1,262 @@
+//! Steering of pinned flows: a flow whose backend is terminating keeps that
+//! backend, whatever kube-proxy's rules and the conntrack table say now.
+//!
+//! The agent writes one `PINS` entry per direction, learned from the kernel's
+//! own translation (conntrack). A packet that matches one is rewritten here to
+//! what netfilter would have made of it (DNAT to the backend, plus SNAT for
+//! NodePort traffic to another node; and the reverse for replies) and
+//! redirected straight to the outgoing interface with `bpf_redirect_neigh`. It
+//! never reaches netfilter, so a missing or flushed conntrack entry cannot send
+//! it elsewhere, and an existing one cannot translate it a second time.
+//! Everything else is not touched.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use conndrain_common::{FAMILY_V4, PROTO_TCP, Pin, WireKey, pin_flags, stats};
+
+use crate::{
+    maps::{PINS, count},
+    parse::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+// linux/bpf.h: flags of bpf_l{3,4}_csum_replace.
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+/// `Some(verdict)` when the packet belonged to a pinned flow and was handled;
+/// `None` to let it go on untouched. Not inlined, for a stack frame of its own.
+#[inline(never)]
+pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
+    let key = WireKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    };
+    let pin = PINS.get_ptr_mut(&key)?;
+    // SAFETY: a pointer into the map value; racing updates only blur the statistics.
+    let pin = unsafe { &mut *pin };
+    pin.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    pin.packets = pin.packets.wrapping_add(1);
+    if pkt.proto == PROTO_TCP {
+        if pkt.tcp_flags & TCP_FIN != 0 {
+            pin.flags |= pin_flags::FIN;
+        }
+        if pkt.tcp_flags & TCP_RST != 0 {
+            pin.flags |= pin_flags::RST;
+        }
+    }
+    if pin.flags & pin_flags::DEAD != 0 {
+        if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_RST | TCP_ACK) == TCP_ACK && reset(ctx, pkt).is_some() {
+            count(stats::RESETS_SENT);
+            return Some(TC_ACT_REDIRECT as i32);
+        }
+        // Nothing to steer to: let the stack deal with it.
+        return None;
+    }
+    let pin = &*pin;
+    if rewrite(ctx, pkt, pin).is_none() {
+        count(stats::STEER_FAILED);
+        return None;
+    }
+    let mut nh = if pkt.family == FAMILY_V4 {
+        bpf_redir_neigh {
+            nh_family: AF_INET,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: u32::from_ne_bytes([pin.nexthop[12], pin.nexthop[13], pin.nexthop[14], pin.nexthop[15]]),
+            },
+        }
+    } else {
+        let n = pin.nexthop;
+        bpf_redir_neigh {
+            nh_family: AF_INET6,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                ipv6_nh: [
+                    u32::from_ne_bytes([n[0], n[1], n[2], n[3]]),
+                    u32::from_ne_bytes([n[4], n[5], n[6], n[7]]),
+                    u32::from_ne_bytes([n[8], n[9], n[10], n[11]]),
+                    u32::from_ne_bytes([n[12], n[13], n[14], n[15]]),
+                ],
+            },
+        }
+    };
+    count(stats::STEERED);
+    #[expect(clippy::cast_possible_truncation, reason = "helper verdicts fit in i32")]
+    let verdict = unsafe {
+        bpf_redirect_neigh(pin.ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+    } as i32;
+    Some(verdict)
+}
+
+/// Offset of the L4 checksum field.
+#[inline(always)]
+fn l4_csum_off(pkt: &Packet) -> usize {
+    pkt.l4_off + if pkt.proto == PROTO_TCP { 16 } else { 6 }
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
+    let csum = l4_csum_off(pkt);
+    let l4_flags = if pkt.proto == PROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
+    if pkt.family == FAMILY_V4 {
+        for (off, old, new) in [(ETH_HLEN + 12, &pkt.src, &pin.new_src), (ETH_HLEN + 16, &pkt.dst, &pin.new_dst)] {
+            let old = u32::from_ne_bytes([old[12], old[13], old[14], old[15]]);
+            let new = u32::from_ne_bytes([new[12], new[13], new[14], new[15]]);
+            if old == new {
+                continue;
+            }
+            ctx.store(off, &new, 0).ok()?;
+            ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 4).ok()?;
+            ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | l4_flags | 4).ok()?;
+        }
+    } else {
+        for (off, old, new) in [(ETH_HLEN + 8, pkt.src, pin.new_src), (ETH_HLEN + 24, pkt.dst, pin.new_dst)] {
+            if old == new {
+                continue;
+            }
+            let mut o = old;
+            let mut n = new;
+            // SAFETY: both buffers are 16 bytes on our stack.
+            let diff = unsafe { bpf_csum_diff(o.as_mut_ptr().cast(), 16, n.as_mut_ptr().cast(), 16, 0) };
+            if diff < 0 {
+                return None;
+            }
+            ctx.store(off, &new, 0).ok()?;
+            #[expect(clippy::cast_sign_loss, reason = "checked non-negative")]
+            ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR | l4_flags).ok()?;
+        }
+    }
+    for (off, old, new) in [(pkt.l4_off, pkt.sport, pin.new_sport), (pkt.l4_off + 2, pkt.dport, pin.new_dport)] {
+        if old == new {
+            continue;
+        }
+        let old = u16::from_ne_bytes(old.to_be_bytes());
+        let new = u16::from_ne_bytes(new.to_be_bytes());
+        ctx.store(off, &new, 0).ok()?;
+        ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), l4_flags | 2).ok()?;
+    }
+    Some(())
+}
+
+/// Turns a client's TCP segment for a pinned flow whose pod is gone into a
+/// RST back to the client (RFC 9293 3.10.7.1: seq = the segment's ACK), and
+/// sends it out where the segment came in. The client fails fast instead of
+/// retransmitting into a black hole. Not inlined: its header buffers get a
+/// stack frame of their own.
+#[inline(never)]
+fn reset(ctx: &TcContext, pkt: &Packet) -> Option<()> {
+    let ack: [u8; 4] = ctx.load(pkt.l4_off + 8).ok()?;
+    let macs: [u8; 12] = ctx.load(0).ok()?;
+    let tcp: [u8; 20] = {
+        let mut t = [0u8; 20];
+        t[0..2].copy_from_slice(&pkt.dport.to_be_bytes());
+        t[2..4].copy_from_slice(&pkt.sport.to_be_bytes());
+        t[4..8].copy_from_slice(&ack);
+        t[12] = 5 << 4;
+        t[13] = TCP_RST;
+        t
+    };
+    let ip_len;
+    if pkt.family == FAMILY_V4 {
+        if pkt.l4_off != ETH_HLEN + 20 {
+            return None; // IP options: not worth the verifier's trouble; the client times out as before.
+        }
+        ip_len = 20;
+        let first: [u8; 2] = ctx.load(ETH_HLEN).ok()?;
+        let mut ip = [0u8; 20];
+        ip[0] = first[0];
+        ip[1] = first[1];
+        ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = PROTO_TCP;
+        ip[12..16].copy_from_slice(&pkt.dst[12..16]);
+        ip[16..20].copy_from_slice(&pkt.src[12..16]);
+        let c = fold(csum(&ip)?);
+        ip[10..12].copy_from_slice(&c.to_ne_bytes());
+        let mut pseudo = [0u8; 32];
+        pseudo[0..4].copy_from_slice(&pkt.dst[12..16]);
+        pseudo[4..8].copy_from_slice(&pkt.src[12..16]);
+        pseudo[9] = PROTO_TCP;
+        pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
+        pseudo[12..32].copy_from_slice(&tcp);
+        let tc = fold(csum(&pseudo)?);
+        shrink(ctx, ETH_HLEN + ip_len + 20)?;
+        ctx.store(ETH_HLEN, &ip, 0).ok()?;
+        store_tcp(ctx, ETH_HLEN + ip_len, tcp, tc)?;
+    } else {
+        if pkt.l4_off != ETH_HLEN + 40 {
+            return None; // extension headers: as above
+        }
+        ip_len = 40;
+        let first: [u8; 4] = ctx.load(ETH_HLEN).ok()?;
+        let mut ip = [0u8; 40];
+        ip[0..4].copy_from_slice(&first);
+        ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+        ip[6] = PROTO_TCP;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&pkt.dst);
+        ip[24..40].copy_from_slice(&pkt.src);
+        let mut pseudo = [0u8; 60];
+        pseudo[0..16].copy_from_slice(&pkt.dst);
+        pseudo[16..32].copy_from_slice(&pkt.src);
+        pseudo[34..36].copy_from_slice(&20u16.to_be_bytes());
+        pseudo[39] = PROTO_TCP;
+        pseudo[40..60].copy_from_slice(&tcp);
+        let tc = fold(csum(&pseudo)?);
+        shrink(ctx, ETH_HLEN + ip_len + 20)?;
+        ctx.store(ETH_HLEN, &ip, 0).ok()?;
+        store_tcp(ctx, ETH_HLEN + ip_len, tcp, tc)?;
+    }
+    let mut swapped = [0u8; 12];
+    swapped[0..6].copy_from_slice(&macs[6..12]);
+    swapped[6..12].copy_from_slice(&macs[0..6]);
+    ctx.store(0, &swapped, 0).ok()?;
+    // SAFETY: reading the ingress interface index of our own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Out of the interface the segment came in on (egress: flags 0).
+    unsafe { bpf_redirect(ifindex, 0) };
+    Some(())
+}
+
+#[inline(always)]
+fn store_tcp(ctx: &TcContext, off: usize, mut tcp: [u8; 20], csum: u16) -> Option<()> {
+    tcp[16..18].copy_from_slice(&csum.to_ne_bytes());
+    ctx.store(off, &tcp, 0).ok()
+}
+
+#[inline(always)]
+fn shrink(ctx: &TcContext, len: usize) -> Option<()> {
+    #[expect(clippy::cast_possible_truncation, reason = "a frame length")]
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
+    (rc == 0).then_some(())
+}
+
+/// The 32-bit one's-complement sum of `buf` (a multiple of 4 bytes).
+#[inline(always)]
+fn csum<const N: usize>(buf: &[u8; N]) -> Option<u64> {
+    let mut b = *buf;
+    #[expect(clippy::cast_possible_truncation, reason = "N is a small header size")]
+    // SAFETY: b is N bytes on our stack, N a multiple of 4.
+    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, b.as_mut_ptr().cast(), N as u32, 0) };
+    #[expect(clippy::cast_sign_loss, reason = "checked non-negative")]
+    (s >= 0).then_some(s as u64)
+}
+
+/// Folds a 32-bit sum into the 16-bit checksum field value (already in
+/// network byte order as the sum was over network-order bytes).
+#[inline(always)]
+fn fold(mut s: u64) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
+    !(s as u16)
+}
