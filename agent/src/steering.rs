@@ -58,7 +58,7 @@ pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
             let live = if proto == PROTO_TCP {
                 matches!(f.proto_info.and_then(|p| p.tcp).and_then(|t| t.state), Some(TcpState::Established))
             } else {
-                !f.status.unwrap_or_default().iter().any(|s| s.contains("UNREPLIED") || s.contains("Unreplied"))
+                f.status.unwrap_or_default().iter().any(|s| s == "StatusSeenReply")
             };
             Some(Translation {
                 proto,

@@ -24,6 +24,7 @@
 
 mod agent;
 pub mod fakeapi;
+pub mod kubeproxy;
 mod netns;
 mod topology;
 mod traffic;

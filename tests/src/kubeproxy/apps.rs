@@ -370,17 +370,18 @@ impl Drop for Conversation {
 
 type Exchange = Box<dyn FnMut() -> Reply + Send>;
 
-fn open(client: &Netns, to: SocketAddr, udp_session: Option<&str>) -> Result<(SocketAddr, Exchange)> {
-    Ok(match udp_session {
-        Some(s) => {
-            let (local, x) = udp_exchange(client, to, s)?;
-            (local, Box::new(x))
-        }
-        None => {
-            let (local, x) = tcp_exchange(client, to)?;
-            (local, Box::new(x))
-        }
-    })
+fn open(
+    client: &Netns,
+    to: SocketAddr,
+    udp_session: Option<&str>,
+) -> Result<(SocketAddr, Exchange)> {
+    if let Some(s) = udp_session {
+        let (local, x) = udp_exchange(client, to, s)?;
+        Ok((local, Box::new(x)))
+    } else {
+        let (local, x) = tcp_exchange(client, to)?;
+        Ok((local, Box::new(x)))
+    }
 }
 
 /// A TCP connection from `client` to `to`, and the request/answer step on it.

@@ -122,6 +122,7 @@ impl Cluster {
     /// Builds the client, both nodes and `pods` (name, node), e.g.
     /// `[("a1", Node::A), ("a2", Node::A), ("b1", Node::B)]`. Pods get
     /// `10.244.<node>.<2, 3, ...>` and `fd00:244:<node>::<2, 3, ...>`.
+    #[allow(clippy::too_many_lines)] // the wiring, step by step
     pub fn build(pods: &[(&str, Node)]) -> Result<Self> {
         let tag = unique_tag();
         let client = Netns::new(&format!("{tag}-client"))?;
@@ -151,8 +152,18 @@ impl Cluster {
         )?;
         addr(&cluster.client, &client_if, CLIENT_V4.into(), 24)?;
         addr(&cluster.client, &client_if, CLIENT_V6.into(), 64)?;
-        addr(&cluster.node_a, &cluster.node_a_client_if, NODE_A_V4.into(), 24)?;
-        addr(&cluster.node_a, &cluster.node_a_client_if, NODE_A_V6.into(), 64)?;
+        addr(
+            &cluster.node_a,
+            &cluster.node_a_client_if,
+            NODE_A_V4.into(),
+            24,
+        )?;
+        addr(
+            &cluster.node_a,
+            &cluster.node_a_client_if,
+            NODE_A_V6.into(),
+            64,
+        )?;
         up(&cluster.client, &client_if)?;
         up(&cluster.node_a, &cluster.node_a_client_if)?;
         // In a real cluster ClusterIP traffic starts on a node or in a pod;
@@ -186,8 +197,18 @@ impl Cluster {
             &cluster.node_b,
             &node_b_if,
         )?;
-        addr(&cluster.node_a, &cluster.node_a_link_if, NODE_A_LINK_V4.into(), 24)?;
-        addr(&cluster.node_a, &cluster.node_a_link_if, NODE_A_LINK_V6.into(), 64)?;
+        addr(
+            &cluster.node_a,
+            &cluster.node_a_link_if,
+            NODE_A_LINK_V4.into(),
+            24,
+        )?;
+        addr(
+            &cluster.node_a,
+            &cluster.node_a_link_if,
+            NODE_A_LINK_V6.into(),
+            64,
+        )?;
         addr(&cluster.node_b, &node_b_if, NODE_B_V4.into(), 24)?;
         addr(&cluster.node_b, &node_b_if, NODE_B_V6.into(), 64)?;
         up(&cluster.node_a, &cluster.node_a_link_if)?;
@@ -239,14 +260,39 @@ impl Cluster {
             addr(node_ns, &host_if, "fe80::1".parse()?, 64)?;
             up(node_ns, &host_if)?;
             node_ns.ip(&["route", "add", &format!("{ipv4}/32"), "dev", &host_if])?;
-            node_ns.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_if])?;
+            node_ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{ipv6}/128"),
+                "dev",
+                &host_if,
+            ])?;
             // Pod side.
             addr(&ns, &pod_if, ipv4.into(), 32)?;
             addr(&ns, &pod_if, ipv6.into(), 128)?;
             up(&ns, &pod_if)?;
-            ns.ip(&["route", "add", &gw4.to_string(), "dev", &pod_if, "scope", "link"])?;
-            ns.ip(&["route", "add", "default", "via", &gw4.to_string(), "dev", &pod_if])?;
-            ns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", &pod_if])?;
+            ns.ip(&[
+                "route",
+                "add",
+                &gw4.to_string(),
+                "dev",
+                &pod_if,
+                "scope",
+                "link",
+            ])?;
+            ns.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw4.to_string(),
+                "dev",
+                &pod_if,
+            ])?;
+            ns.ip(&[
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", &pod_if,
+            ])?;
             cluster.pods.push(ClusterPod {
                 name: name.to_owned(),
                 node,

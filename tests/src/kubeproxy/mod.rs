@@ -27,6 +27,9 @@
 //! Everything goes away on drop: the namespaces take their rules, conntrack
 //! tables and sockets with them.
 
+// Kubernetes words (ClusterIP, NodePort, EndpointSlice) are prose here, not code.
+#![allow(clippy::doc_markdown)]
+
 mod apps;
 mod cluster;
 mod proxy;
@@ -37,4 +40,4 @@ pub use cluster::{
     NODE_A_LINK_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, SERVICE_CIDR_V4,
     SERVICE_CIDR_V6,
 };
-pub use proxy::{Backend, KubeProxy, Protocol, Service, ServicePort};
+pub use proxy::{Backend, ConntrackEvents, KubeProxy, Protocol, Service, ServicePort};

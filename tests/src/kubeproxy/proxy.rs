@@ -284,6 +284,32 @@ impl KubeProxy {
         Ok(())
     }
 
+    /// Starts `conntrack -E` (events of both families) in the node: every
+    /// NEW, UPDATE and DESTROY from now until [`ConntrackEvents::stop`].
+    pub fn watch_conntrack(&self) -> Result<ConntrackEvents> {
+        let mut cmd = self.command("conntrack");
+        cmd.args(["-E", "-o", "timestamp"]);
+        let shown = show(&cmd);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("could not run `{shown}`"))?;
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
+        // Let it subscribe before the caller makes the events it wants to see.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Ok(ConntrackEvents {
+            child,
+            reader: Some(reader),
+        })
+    }
+
     /// `conntrack -L`, both families, one entry per line.
     pub fn conntrack(&self) -> Result<String> {
         Ok(format!(
@@ -327,7 +353,11 @@ impl KubeProxy {
     }
 
     fn restore(&self, v6: bool, rules: &str) -> Result<()> {
-        let tool = if v6 { "ip6tables-restore" } else { "iptables-restore" };
+        let tool = if v6 {
+            "ip6tables-restore"
+        } else {
+            "iptables-restore"
+        };
         let mut cmd = self.command(tool);
         cmd.args(["-w", "--noflush"]);
         run_with_stdin(&mut cmd, rules)
@@ -342,6 +372,7 @@ impl KubeProxy {
     /// The `iptables-restore` input for one family: every kube-proxy chain
     /// redeclared (which flushes it) and refilled, stale endpoint chains
     /// deleted. Returns it and the endpoint chains it made.
+    #[allow(clippy::too_many_lines)] // one ruleset, easier to compare with kube-proxy's whole
     fn iptables_rules(
         &self,
         v6: bool,
@@ -350,9 +381,10 @@ impl KubeProxy {
     ) -> (String, Vec<String>) {
         let svc = &self.service;
         let host = if v6 { "/128" } else { "/32" };
-        let mut filter_chains: Vec<String> = ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD"]
-            .map(String::from)
-            .to_vec();
+        let filter_chains: Vec<String> =
+            ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD"]
+                .map(String::from)
+                .to_vec();
         let mut filter = String::new();
         let mut nat_chains: Vec<String> = [
             "KUBE-SERVICES",
@@ -372,12 +404,13 @@ impl KubeProxy {
              -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
              -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
         );
-        nat.push_str(&format!(
+        let _ = write!(
+            nat,
             "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
              -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
              -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
              -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n"
-        ));
+        );
 
         let vip = svc.cluster_ips.iter().find(|ip| ip.is_ipv6() == v6);
         let mut nodeports = String::new();
@@ -459,7 +492,6 @@ impl KubeProxy {
         for c in &gone {
             let _ = writeln!(nat, "-X {c}");
         }
-        let _ = filter_chains.dedup();
         let mut out = String::from("*filter\n");
         for c in &filter_chains {
             let _ = writeln!(out, ":{c} - [0:0]");
@@ -477,6 +509,7 @@ impl KubeProxy {
     /// The `nft -f` transaction for one family: the table, sets, maps and
     /// base chains (idempotent `add`), everything flushed, refilled, stale
     /// endpoint chains deleted. Returns it and the endpoint chains it made.
+    #[allow(clippy::too_many_lines)] // one ruleset, easier to compare with kube-proxy's whole
     fn nftables_rules(
         &self,
         v6: bool,
@@ -574,7 +607,11 @@ impl KubeProxy {
             let mut vmap = Vec::new();
             for (i, ep) in endpoints.iter().enumerate() {
                 // kube-proxy writes IPv6 endpoints with '.' for ':' in names.
-                let ep_id = format!("{id}__{}/{}", ep.to_string().replace(':', "."), port.target_port);
+                let ep_id = format!(
+                    "{id}__{}/{}",
+                    ep.to_string().replace(':', "."),
+                    port.target_port
+                );
                 let chain = format!("endpoint-{}-{ep_id}", &port_hash(&ep_id)[..8]);
                 let _ = writeln!(
                     out,
@@ -610,6 +647,43 @@ impl KubeProxy {
             let _ = writeln!(out, "delete chain {t} {c}");
         }
         (out, ep_chains)
+    }
+}
+
+/// A running `conntrack -E` (see [`KubeProxy::watch_conntrack`]); killed on
+/// drop.
+#[derive(Debug)]
+pub struct ConntrackEvents {
+    child: std::process::Child,
+    reader: Option<std::thread::JoinHandle<String>>,
+}
+
+impl ConntrackEvents {
+    /// Stops watching and returns the events seen, one per line.
+    pub fn stop(mut self) -> String {
+        self.terminate();
+        self.reader
+            .take()
+            .and_then(|r| r.join().ok())
+            .unwrap_or_default()
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SIGTERM: conntrack flushes its output and exits. (`ip netns
+            // exec` execs conntrack, so this pid is conntrack's.)
+            // SAFETY: signalling our own child, which we have not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ConntrackEvents {
+    fn drop(&mut self) {
+        if self.reader.is_some() {
+            self.terminate();
+        }
     }
 }
 
@@ -653,7 +727,8 @@ fn port_hash(s: &str) -> String {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         })
     };
-    let bits = (u128::from(fnv(0xcbf2_9ce4_8422_2325)) << 64) | u128::from(fnv(0x6c62_272e_07bb_0142));
+    let bits =
+        (u128::from(fnv(0xcbf2_9ce4_8422_2325)) << 64) | u128::from(fnv(0x6c62_272e_07bb_0142));
     (0..16)
         .map(|i| char::from(ALPHABET[usize::try_from((bits >> (5 * i)) & 31).expect("5 bits")]))
         .collect()
@@ -693,7 +768,10 @@ mod tests {
         Service {
             namespace: "default".into(),
             name: "web".into(),
-            cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00:96::10".parse().unwrap()],
+            cluster_ips: vec![
+                "10.96.0.10".parse().unwrap(),
+                "fd00:96::10".parse().unwrap(),
+            ],
             ports: vec![ServicePort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -725,7 +803,10 @@ mod tests {
         assert_eq!(chains.len(), 3);
         assert!(text.contains("--probability 0.3333333333"), "{text}");
         assert!(text.contains("--probability 0.5000000000"), "{text}");
-        assert!(text.contains("-j DNAT --to-destination 10.244.2.2:8080"), "{text}");
+        assert!(
+            text.contains("-j DNAT --to-destination 10.244.2.2:8080"),
+            "{text}"
+        );
         assert!(text.contains("--dport 30080 -j KUBE-EXT-"), "{text}");
         let (text2, chains2) = p.iptables_rules(false, &eps[1..], &chains);
         assert_eq!(chains2.len(), 2);
@@ -736,18 +817,35 @@ mod tests {
     #[test]
     fn nftables_vmap_and_ipv6_names() {
         let p = proxy(Backend::Nftables);
-        let eps: Vec<IpAddr> = vec!["fd00:244:1::2".parse().unwrap(), "fd00:244:2::2".parse().unwrap()];
+        let eps: Vec<IpAddr> = vec![
+            "fd00:244:1::2".parse().unwrap(),
+            "fd00:244:2::2".parse().unwrap(),
+        ];
         let (text, chains) = p.nftables_rules(true, &eps, &[]);
-        assert!(text.contains("numgen random mod 2 vmap { 0 : goto endpoint-"), "{text}");
+        assert!(
+            text.contains("numgen random mod 2 vmap { 0 : goto endpoint-"),
+            "{text}"
+        );
         assert!(text.contains("dnat to [fd00:244:1::2]:8080"), "{text}");
-        assert!(chains[0].ends_with("default/web/tcp/http__fd00.244.1..2/8080"), "{chains:?}");
-        assert!(text.contains("add element ip6 kube-proxy service-nodeports { tcp . 30080 : goto external-"), "{text}");
+        assert!(
+            chains[0].ends_with("default/web/tcp/http__fd00.244.1..2/8080"),
+            "{chains:?}"
+        );
+        assert!(
+            text.contains(
+                "add element ip6 kube-proxy service-nodeports { tcp . 30080 : goto external-"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
     fn hashes_are_stable_and_distinct() {
         assert_eq!(port_hash("a"), port_hash("a"));
-        assert_ne!(port_hash("default/web:httpTCP"), port_hash("default/web:httpUDP"));
+        assert_ne!(
+            port_hash("default/web:httpTCP"),
+            port_hash("default/web:httpUDP")
+        );
         assert_eq!(port_hash("x").len(), 16);
     }
 }

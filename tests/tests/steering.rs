@@ -1,0 +1,666 @@
+//! The breaks that steering (issue 3) must fix, shown without any agent on a
+//! Service implemented the way kube-proxy does it (iptables mode and nftables
+//! mode), in network namespaces: a client, node A with pods a1 and a2, node B
+//! with pod b1.
+//!
+//! Every "break" test asserts that the break HAPPENS: it proves the scenario
+//! is real. Once the agent pins flows, each gets a twin that runs the same
+//! steps with the agent and asserts no break.
+//!
+//! Each test first checks that removing the endpoint from the rules alone
+//! does not break the flow (conntrack keeps it on its pod), then removes the
+//! conntrack state the way it goes in real clusters, and watches the flow:
+//! - TCP: `conntrack -D` of the endpoint's entries (or `conntrack -F`); the
+//!   client's next segment is picked up mid-stream as a new connection
+//!   (`nf_conntrack_tcp_loose`), kube-proxy's rules DNAT it to another pod,
+//!   which answers with a RST;
+//! - UDP: kube-proxy's own cleanup of the stopped endpoint's UDP entries;
+//!   the next datagram of the same session goes to another pod.
+//!
+//! Needs root. Run with `--nocapture` to see the rules and conntrack tables.
+
+#![allow(clippy::doc_markdown)] // Kubernetes words (ClusterIP, NodePort) are prose here
+
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use conndrain_tests::{Agent, Cli, Netns, require_root, unique_tag};
+use conndrain_tests::kubeproxy::{self, 
+    Backend, CLIENT_V4, CLIENT_V6, Cluster, Conversation, KubeProxy, NODE_A_LINK_V4,
+    NODE_A_LINK_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, PodApp, Protocol, Reply,
+    Service, ServicePort,
+};
+use serde_json::Value;
+
+const TCP_PORT: u16 = 80;
+const TCP_TARGET: u16 = 8080;
+const TCP_NODE_PORT: u16 = 30080;
+const UDP_PORT: u16 = 53;
+const UDP_TARGET: u16 = 5353;
+const UDP_NODE_PORT: u16 = 30053;
+const VIP_V4: &str = "10.96.0.10";
+const VIP_V6: &str = "fd00:96::10";
+
+/// How long a flow may take to show its break. It takes one request (100 ms)
+/// plus at most the client's 3 s "no answer" timeout; this is generous.
+const BREAK_WITHIN: Duration = Duration::from_secs(15);
+
+/// A cluster with the app in every pod and kube-proxy on both nodes, all
+/// three pods serving.
+struct Bed {
+    // Drop order: proxies and apps before the namespaces.
+    proxies: Vec<KubeProxy>,
+    apps: Vec<PodApp>,
+    service: Service,
+    cluster: Cluster,
+}
+
+impl Bed {
+    fn new(backend: Backend) -> Result<Self> {
+        require_root()?;
+        let cluster = Cluster::build(&[("a1", Node::A), ("a2", Node::A), ("b1", Node::B)])?;
+        let apps = cluster
+            .pods()
+            .iter()
+            .map(|p| PodApp::start(p, TCP_TARGET, UDP_TARGET))
+            .collect::<Result<Vec<_>>>()?;
+        let service = Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            cluster_ips: vec![VIP_V4.parse()?, VIP_V6.parse()?],
+            ports: vec![
+                ServicePort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: TCP_PORT,
+                    target_port: TCP_TARGET,
+                    node_port: Some(TCP_NODE_PORT),
+                },
+                ServicePort {
+                    name: "dns".into(),
+                    protocol: Protocol::Udp,
+                    port: UDP_PORT,
+                    target_port: UDP_TARGET,
+                    node_port: Some(UDP_NODE_PORT),
+                },
+            ],
+        };
+        let proxies = vec![
+            KubeProxy::start(
+                cluster.node_a(),
+                backend,
+                &service,
+                &[NODE_A_V4.into(), NODE_A_V6.into()],
+            )?,
+            KubeProxy::start(
+                cluster.node_b(),
+                backend,
+                &service,
+                &[NODE_B_V4.into(), NODE_B_V6.into()],
+            )?,
+        ];
+        let bed = Self {
+            proxies,
+            apps,
+            service,
+            cluster,
+        };
+        bed.sync(&["a1", "a2", "b1"])?;
+        Ok(bed)
+    }
+
+    /// kube-proxy's sync on every node: the endpoints are now `pods`.
+    fn sync(&self, pods: &[&str]) -> Result<()> {
+        let ips: Vec<IpAddr> = pods
+            .iter()
+            .flat_map(|p| self.cluster.pod(p).ips())
+            .collect();
+        for proxy in &self.proxies {
+            proxy.sync(&ips)?;
+        }
+        Ok(())
+    }
+
+    fn node_a(&self) -> &KubeProxy {
+        &self.proxies[0]
+    }
+
+    fn app(&self, pod: &str) -> &PodApp {
+        self.apps
+            .iter()
+            .find(|a| a.name() == pod)
+            .expect("an app per pod")
+    }
+
+    fn client(&self) -> &Netns {
+        self.cluster.client()
+    }
+
+    /// Where the client sends to: ClusterIP or node A's NodePort.
+    fn frontend(&self, front: Front, v6: bool, proto: Protocol) -> SocketAddr {
+        let like: IpAddr = if v6 { VIP_V6 } else { VIP_V4 }.parse().expect("an IP");
+        let port = self.service.port(proto).expect("the service has the port");
+        match front {
+            Front::ClusterIp => SocketAddr::new(
+                self.service.cluster_ip(like).expect("dual stack"),
+                port.port,
+            ),
+            Front::NodePort => {
+                Cluster::node_port(like, port.node_port.expect("a NodePort service"))
+            }
+        }
+    }
+
+    /// Node A's conntrack table, printed for `--nocapture` runs.
+    fn show_conntrack(&self, when: &str) -> Result<String> {
+        let ct = self.node_a().conntrack()?;
+        eprintln!("--- node A conntrack, {when} ---\n{ct}");
+        Ok(ct)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Front {
+    ClusterIp,
+    NodePort,
+}
+
+/// How the conntrack state of the TCP flow goes away.
+#[derive(Debug, Clone, Copy)]
+enum Clear {
+    /// `conntrack -D --reply-src <endpoint>`.
+    DeleteEndpoint,
+    /// `conntrack -F`.
+    Flush,
+}
+
+/// The one conntrack line (of `conntrack -L`) of the client's flow: the one
+/// with the client's source port and the frontend's destination port.
+fn entry_of(ct: &str, client: SocketAddr, front: SocketAddr) -> Option<&str> {
+    // The original tuple is the first one: `... sport=<client> dport=<front> src=...`.
+    let orig = format!(" sport={} dport={} ", client.port(), front.port());
+    ct.lines().find(|l| l.contains(&orig))
+}
+
+/// The pod a `[NEW]` conntrack event for the client's flow maps it to (the
+/// reply source), if the events have one.
+fn remapped_to<'a>(
+    events: &str,
+    client: SocketAddr,
+    front: SocketAddr,
+    bed: &'a Bed,
+) -> Option<&'a str> {
+    let line = events
+        .lines()
+        .filter(|l| l.contains("[NEW]"))
+        .find_map(|l| entry_of(l, client, front))?;
+    let reply = reply_part(line);
+    let src = reply.strip_prefix(" src=")?.split_whitespace().next()?;
+    bed.cluster
+        .pod_by_ip(src.parse().ok()?)
+        .map(kubeproxy::ClusterPod::name)
+}
+
+/// The reply direction of a conntrack line: `src=... dst=... sport=... dport=...`.
+fn reply_part(line: &str) -> &str {
+    // The second " src=" starts the reply tuple.
+    let mut idx = line.match_indices(" src=").map(|(i, _)| i);
+    idx.next();
+    idx.next().map_or("", |i| &line[i..])
+}
+
+/// The address the pod sees as its peer for a flow through `front` from the
+/// client: the client itself, or (NodePort, masqueraded) a node A address.
+fn expected_peer(front: Front, pod_node: Node, v6: bool) -> Option<IpAddr> {
+    match (front, pod_node, v6) {
+        (Front::ClusterIp, _, false) => Some(CLIENT_V4.into()),
+        (Front::ClusterIp, _, true) => Some(CLIENT_V6.into()),
+        (Front::NodePort, Node::B, false) => Some(NODE_A_LINK_V4.into()),
+        (Front::NodePort, Node::B, true) => Some(NODE_A_LINK_V6.into()),
+        // The address of node A's end of the pod's veth: 10.244.1.1 for v4.
+        (Front::NodePort, Node::A, false) => Some("10.244.1.1".parse().expect("an IP")),
+        // IPv6 masquerade picks a source from any interface: not pinned here.
+        (Front::NodePort, Node::A, true) => None,
+    }
+}
+
+/// A long-lived TCP stream to pod `target` through `front`; the endpoint is
+/// removed from the rules, then its conntrack state is cleared: the stream
+/// must break.
+fn tcp_breaks(backend: Backend, front: Front, v6: bool, target: &str, clear: Clear) -> Result<()> {
+    let bed = Bed::new(backend)?;
+    let to = bed.frontend(front, v6, Protocol::Tcp);
+    let pod = bed.cluster.pod(target);
+    let pod_ip = pod.ip_like(to.ip());
+    let conv = Conversation::landing_on(bed.client(), to, None, target)?;
+    conv.expect_steady(5)?;
+
+    // What kube-proxy's translation left in node A's conntrack table.
+    let ct = bed.show_conntrack(&format!(
+        "{target} serving the stream {} -> {to}",
+        conv.local_addr()
+    ))?;
+    let line = entry_of(&ct, conv.local_addr(), to)
+        .with_context(|| format!("no conntrack entry for the stream on node A:\n{ct}"))?;
+    ensure!(
+        reply_part(line).contains(&format!("src={pod_ip} ")),
+        "the entry maps the stream to {target} ({pod_ip}): {line}"
+    );
+    if pod.node() == Node::B {
+        eprintln!(
+            "--- node B conntrack (forwarded, no NAT) ---\n{}",
+            bed.proxies[1].conntrack()?
+        );
+    }
+    if let Some(peer) = expected_peer(front, pod.node(), v6) {
+        ensure!(
+            bed.app(target).peers().iter().any(|p| p.ip() == peer),
+            "{target} sees the stream from {peer}: {:?}",
+            bed.app(target).peers()
+        );
+    }
+
+    // Removing the endpoint from the rules alone does not move the stream:
+    // its conntrack entry keeps it on its pod.
+    let rest: Vec<&str> = ["a1", "a2", "b1"]
+        .into_iter()
+        .filter(|p| *p != target)
+        .collect();
+    bed.sync(&rest)?;
+    eprintln!(
+        "--- node A rules after removing {target} ---\n{}",
+        bed.node_a().ruleset()?
+    );
+    conv.expect_steady(5)
+        .context("after the sync, before the conntrack entries go")?;
+
+    let events = bed.node_a().watch_conntrack()?;
+    match clear {
+        Clear::DeleteEndpoint => {
+            let n = bed.node_a().delete_conntrack_of(pod_ip)?;
+            ensure!(
+                n >= 1,
+                "conntrack -D --reply-src {pod_ip} deleted the stream's entry"
+            );
+        }
+        Clear::Flush => bed.node_a().flush_conntrack()?,
+    }
+
+    let broke = conv.wait_break(BREAK_WITHIN);
+    let events = events.stop();
+    eprintln!("--- node A conntrack events from the clearing on ---\n{events}");
+    let ct = bed.show_conntrack("after the break")?;
+    eprintln!("replies: {:?}", conv.replies());
+    match broke {
+        Some(Reply::Failed(how)) => {
+            eprintln!("{backend:?} {front:?} v6={v6}: the stream to {target} broke: {how}");
+            if let Some(line) = entry_of(&ct, conv.local_addr(), to) {
+                eprintln!("its new conntrack entry: {line}");
+            }
+            // Why: the client's next segment was picked up mid-stream as a new
+            // connection (nf_conntrack_tcp_loose) and DNATed to another pod.
+            let to_pod = remapped_to(&events, conv.local_addr(), to, &bed);
+            ensure!(
+                to_pod.is_some_and(|p| p != target),
+                "a new conntrack entry maps the stream to another pod; events:\n{events}"
+            );
+            Ok(())
+        }
+        Some(Reply::Pod(other)) => bail!("a TCP stream cannot answer from {other}"),
+        None => bail!(
+            "the stream to {target} did not break within {BREAK_WITHIN:?} after its endpoint \
+             was removed and its conntrack state cleared: the scenario does not reproduce"
+        ),
+    }
+}
+
+/// A UDP session to pod `target` through `front`; the endpoint is removed
+/// from the rules and kube-proxy's UDP conntrack cleanup runs: the session's
+/// answers must come from another pod.
+fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
+    let bed = Bed::new(backend)?;
+    let to = bed.frontend(front, v6, Protocol::Udp);
+    let pod = bed.cluster.pod(target);
+    let pod_ip = pod.ip_like(to.ip());
+    let session = format!("s{}", unique_tag());
+    let conv = Conversation::landing_on(bed.client(), to, Some(&session), target)?;
+    conv.expect_steady(5)?;
+
+    let ct = bed.show_conntrack(&format!(
+        "{target} serving session {session} {} -> {to}",
+        conv.local_addr()
+    ))?;
+    let line = entry_of(&ct, conv.local_addr(), to)
+        .with_context(|| format!("no conntrack entry for the session on node A:\n{ct}"))?;
+    ensure!(
+        reply_part(line).contains(&format!("src={pod_ip} ")),
+        "the entry maps the session to {target} ({pod_ip}): {line}"
+    );
+    if let Some(peer) = expected_peer(front, pod.node(), v6) {
+        ensure!(
+            bed.app(target).peers().iter().any(|p| p.ip() == peer),
+            "{target} sees the session from {peer}: {:?}",
+            bed.app(target).peers()
+        );
+    }
+
+    let rest: Vec<&str> = ["a1", "a2", "b1"]
+        .into_iter()
+        .filter(|p| *p != target)
+        .collect();
+    bed.sync(&rest)?;
+    conv.expect_steady(5)
+        .context("after the sync, before kube-proxy's UDP cleanup")?;
+
+    // kube-proxy's cleanup runs on every node; only node A has the entry.
+    let events = bed.node_a().watch_conntrack()?;
+    let deleted: usize = bed
+        .proxies
+        .iter()
+        .map(|p| p.cleanup_udp_conntrack(pod_ip))
+        .sum::<Result<usize>>()?;
+    ensure!(
+        deleted >= 1,
+        "kube-proxy's UDP cleanup deleted the session's entry"
+    );
+
+    let moved = conv.wait_break(BREAK_WITHIN);
+    let events = events.stop();
+    eprintln!("--- node A conntrack events from the cleanup on ---\n{events}");
+    let ct = bed.show_conntrack("after kube-proxy's UDP cleanup")?;
+    eprintln!("replies: {:?}", conv.replies());
+    match moved {
+        Some(Reply::Pod(other)) => {
+            ensure!(
+                rest.contains(&other.as_str()),
+                "answers come from a serving pod, got {other}"
+            );
+            eprintln!(
+                "{backend:?} {front:?} v6={v6}: session {session} moved from {target} to {other}"
+            );
+            if let Some(line) = entry_of(&ct, conv.local_addr(), to) {
+                eprintln!("its new conntrack entry: {line}");
+            }
+            let to_pod = remapped_to(&events, conv.local_addr(), to, &bed);
+            ensure!(
+                to_pod == Some(other.as_str()),
+                "a new conntrack entry maps the session to {other}; events:\n{events}"
+            );
+            Ok(())
+        }
+        Some(Reply::Failed(how)) => bail!("the session failed instead of moving: {how}"),
+        None => bail!(
+            "session {session} still talks to {target} {BREAK_WITHIN:?} after kube-proxy's \
+             UDP cleanup: the scenario does not reproduce"
+        ),
+    }
+}
+
+/// New flows go only to serving endpoints: kube-proxy already does this.
+fn new_flows_avoid_removed(backend: Backend) -> Result<()> {
+    let bed = Bed::new(backend)?;
+    let fronts = [
+        (Front::ClusterIp, false),
+        (Front::ClusterIp, true),
+        (Front::NodePort, false),
+        (Front::NodePort, true),
+    ];
+    let mut session = 0;
+    let mut probe = |to: SocketAddr, proto: Protocol| -> Result<String> {
+        session += 1;
+        let s = format!("n{session}");
+        Conversation::probe(
+            bed.client(),
+            to,
+            (proto == Protocol::Udp).then_some(s.as_str()),
+        )
+    };
+    // Before: every pod gets flows.
+    for (front, v6) in fronts {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let to = bed.frontend(front, v6, proto);
+            let mut seen = BTreeSet::new();
+            for _ in 0..200 {
+                seen.insert(probe(to, proto)?);
+                if seen.len() == 3 {
+                    break;
+                }
+            }
+            ensure!(
+                seen.len() == 3,
+                "{proto:?} flows to {to} reach all three pods: {seen:?}"
+            );
+        }
+    }
+    bed.sync(&["a2", "b1"])?;
+    for (front, v6) in fronts {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let to = bed.frontend(front, v6, proto);
+            let mut seen = BTreeSet::new();
+            for _ in 0..30 {
+                seen.insert(probe(to, proto)?);
+            }
+            ensure!(
+                !seen.contains("a1"),
+                "no new {proto:?} flow to {to} lands on the removed a1: {seen:?}"
+            );
+            // 30 random picks between two pods: all on one has odds 2^-29.
+            ensure!(
+                seen.len() == 2,
+                "new {proto:?} flows to {to} reach both remaining pods: {seen:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The emulation is faithful where it matters to steering: ClusterIP flows
+/// keep the client's address, NodePort flows are masqueraded to node A's
+/// address on the way to the pod (local: its veth gateway; remote: its
+/// inter-node address), as kube-proxy does for `externalTrafficPolicy:
+/// Cluster`.
+fn masquerade_as_kube_proxy(backend: Backend) -> Result<()> {
+    let bed = Bed::new(backend)?;
+    for (front, v6, target) in [
+        (Front::ClusterIp, false, "a1"),
+        (Front::ClusterIp, false, "b1"),
+        (Front::ClusterIp, true, "b1"),
+        (Front::NodePort, false, "a1"),
+        (Front::NodePort, false, "b1"),
+        (Front::NodePort, true, "b1"),
+    ] {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let to = bed.frontend(front, v6, proto);
+            let session = format!("m{}", unique_tag());
+            let udp = (proto == Protocol::Udp).then_some(session.as_str());
+            let conv = Conversation::landing_on(bed.client(), to, udp, target)?;
+            let ct = bed.node_a().conntrack()?;
+            let line = entry_of(&ct, conv.local_addr(), to)
+                .with_context(|| format!("no conntrack entry for {proto:?} to {to}:\n{ct}"))?;
+            eprintln!("{backend:?} {proto:?} {front:?} -> {target}: {line}");
+            let peer = expected_peer(front, bed.cluster.pod(target).node(), v6);
+            if let Some(peer) = peer {
+                ensure!(
+                    bed.app(target).peers().iter().any(|p| p.ip() == peer),
+                    "{target} sees {proto:?} to {to} from {peer}: {:?}",
+                    bed.app(target).peers()
+                );
+                ensure!(
+                    reply_part(line).contains(&format!("dst={peer} ")),
+                    "the reply tuple goes to {peer}: {line}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+macro_rules! both_backends {
+    ($($name:ident => |$b:ident| $body:expr;)*) => {
+        mod iptables {
+            use super::*;
+            $(#[test] fn $name() -> Result<()> { let $b = Backend::Iptables; $body })*
+        }
+        mod nftables {
+            use super::*;
+            $(#[test] fn $name() -> Result<()> { let $b = Backend::Nftables; $body })*
+        }
+    };
+}
+
+both_backends! {
+    clusterip_tcp_v4_breaks_when_conntrack_entries_go =>
+        |b| tcp_breaks(b, Front::ClusterIp, false, "a1", Clear::DeleteEndpoint);
+    clusterip_tcp_v6_breaks_when_conntrack_entries_go =>
+        |b| tcp_breaks(b, Front::ClusterIp, true, "a1", Clear::DeleteEndpoint);
+    clusterip_tcp_v4_remote_breaks_on_conntrack_flush =>
+        |b| tcp_breaks(b, Front::ClusterIp, false, "b1", Clear::Flush);
+    nodeport_remote_tcp_breaks_on_conntrack_flush =>
+        |b| tcp_breaks(b, Front::NodePort, false, "b1", Clear::Flush);
+    clusterip_udp_v4_session_moves_after_kube_proxy_cleanup =>
+        |b| udp_moves(b, Front::ClusterIp, false, "a1");
+    clusterip_udp_v6_session_moves_after_kube_proxy_cleanup =>
+        |b| udp_moves(b, Front::ClusterIp, true, "a1");
+    nodeport_remote_udp_session_moves_after_kube_proxy_cleanup =>
+        |b| udp_moves(b, Front::NodePort, false, "b1");
+    new_flows_land_only_on_remaining_pods =>
+        |b| new_flows_avoid_removed(b);
+    masquerade_as_kube_proxy_does =>
+        |b| masquerade_as_kube_proxy(b);
+
+    // With the agent: each break above, and no break.
+    with_agent_clusterip_tcp_v4_holds_when_conntrack_entries_go =>
+        |b| tcp_holds(b, Front::ClusterIp, false, "a1", Clear::DeleteEndpoint);
+    with_agent_clusterip_tcp_v6_holds_when_conntrack_entries_go =>
+        |b| tcp_holds(b, Front::ClusterIp, true, "a1", Clear::DeleteEndpoint);
+    with_agent_clusterip_tcp_v4_remote_holds_on_conntrack_flush =>
+        |b| tcp_holds(b, Front::ClusterIp, false, "b1", Clear::Flush);
+    with_agent_nodeport_remote_tcp_holds_on_conntrack_flush =>
+        |b| tcp_holds(b, Front::NodePort, false, "b1", Clear::Flush);
+    with_agent_clusterip_udp_v4_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays(b, Front::ClusterIp, false, "a1");
+    with_agent_clusterip_udp_v6_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays(b, Front::ClusterIp, true, "a1");
+    with_agent_nodeport_remote_udp_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays(b, Front::NodePort, false, "b1");
+    with_agent_pinned_pod_deleted_client_gets_rst =>
+        |b| tcp_resets_when_pinned_pod_goes(b);
+}
+
+// ---------------------------------------------------------------------------
+// With the agent: the same scenarios, and no break.
+// ---------------------------------------------------------------------------
+
+/// The agent on node A (where kube-proxy translates the client's flows), with
+/// `target` declared: a local pod, or a pod on node B reached through node A.
+fn agent_for(bed: &Bed, target: &str) -> Result<(Agent, Cli)> {
+    let agent = Agent::start(bed.cluster.node_a(), &[])?;
+    let cli = agent.cli();
+    let [v4, v6] = bed.cluster.pod(target).ips();
+    cli.ok(&["pod", "add", target, "--ip", &v4.to_string(), "--ip", &v6.to_string()])?;
+    Ok((agent, cli))
+}
+
+/// `conndrain pod terminate`, then checks the flow through `to` is pinned to
+/// `target` in `flows` and counted in `status`.
+fn terminate_and_check_pinned(cli: &Cli, target: &str, to: SocketAddr, client: SocketAddr) -> Result<()> {
+    cli.ok(&["pod", "terminate", target, "--deadline", "300", "--quiet-period", "1"])?;
+    let status = cli.status()?;
+    let pins = status["steering"]["pins"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        pins.iter().any(|p| p["client"] == client.to_string() && p["frontend"] == to.to_string()),
+        "`status` lists the flow {client} -> {to} as pinned: {status:#}"
+    );
+    ensure!(status["steering"]["pinned_flows"].as_u64() >= Some(1), "{status:#}");
+    let flows: Value = cli.json(&["flows", "--pod", target, "-o", "json"])?;
+    let pinned: Vec<&Value> = flows
+        .as_array()
+        .map(|a| a.iter().filter(|f| f["pinned"]["frontend"] == to.to_string()).collect())
+        .unwrap_or_default();
+    ensure!(!pinned.is_empty(), "`flows` shows the flow pinned through {to}: {flows:#}");
+    Ok(())
+}
+
+fn steered_packets(cli: &Cli) -> Result<u64> {
+    Ok(cli.status()?["steering"]["steered_packets"].as_u64().unwrap_or(0))
+}
+
+/// The twin of `tcp_breaks`: with the agent pinning the stream, removing the
+/// endpoint and clearing its conntrack state does not break it.
+fn tcp_holds(backend: Backend, front: Front, v6: bool, target: &str, clear: Clear) -> Result<()> {
+    let bed = Bed::new(backend)?;
+    let (_agent, cli) = agent_for(&bed, target)?;
+    let to = bed.frontend(front, v6, Protocol::Tcp);
+    let pod_ip = bed.cluster.pod(target).ip_like(to.ip());
+    let conv = Conversation::landing_on(bed.client(), to, None, target)?;
+    conv.expect_steady(5)?;
+    terminate_and_check_pinned(&cli, target, to, conv.local_addr())?;
+
+    let rest: Vec<&str> = ["a1", "a2", "b1"].into_iter().filter(|p| *p != target).collect();
+    bed.sync(&rest)?;
+    match clear {
+        Clear::DeleteEndpoint => {
+            bed.node_a().delete_conntrack_of(pod_ip)?;
+        }
+        Clear::Flush => bed.node_a().flush_conntrack()?,
+    }
+    conv.expect_steady(20)
+        .context("with the agent, the stream keeps its pod after its endpoint and conntrack state are gone")?;
+    ensure!(steered_packets(&cli)? > 0, "the datapath steered the stream's packets");
+    Ok(())
+}
+
+/// The twin of `udp_moves`: the pinned session keeps talking to its pod.
+fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
+    let bed = Bed::new(backend)?;
+    let (_agent, cli) = agent_for(&bed, target)?;
+    let to = bed.frontend(front, v6, Protocol::Udp);
+    let pod_ip = bed.cluster.pod(target).ip_like(to.ip());
+    let session = format!("s{}", unique_tag());
+    let conv = Conversation::landing_on(bed.client(), to, Some(&session), target)?;
+    conv.expect_steady(5)?;
+    terminate_and_check_pinned(&cli, target, to, conv.local_addr())?;
+
+    let rest: Vec<&str> = ["a1", "a2", "b1"].into_iter().filter(|p| *p != target).collect();
+    bed.sync(&rest)?;
+    let deleted: usize = bed.proxies.iter().map(|p| p.cleanup_udp_conntrack(pod_ip)).sum::<Result<usize>>()?;
+    ensure!(deleted >= 1, "kube-proxy's UDP cleanup deleted the session's entry");
+    conv.expect_steady(20)
+        .context("with the agent, the UDP session keeps its pod after kube-proxy's cleanup")?;
+    ensure!(steered_packets(&cli)? > 0, "the datapath steered the session's packets");
+    Ok(())
+}
+
+/// The pinned pod is deleted: the client's next segment gets a RST at once
+/// (no retransmissions into a black hole until a timeout).
+fn tcp_resets_when_pinned_pod_goes(backend: Backend) -> Result<()> {
+    let bed = Bed::new(backend)?;
+    let (_agent, cli) = agent_for(&bed, "a1")?;
+    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
+    let conv = Conversation::landing_on(bed.client(), to, None, "a1")?;
+    conv.expect_steady(5)?;
+    terminate_and_check_pinned(&cli, "a1", to, conv.local_addr())?;
+    bed.sync(&["a2", "b1"])?;
+    bed.node_a().flush_conntrack()?;
+    conv.expect_steady(5)?;
+
+    // The pod goes: its veth on the node is down (nothing answers any more)
+    // and the agent is told.
+    let host_if = bed.cluster.pod("a1").host_if().to_owned();
+    bed.cluster.node_a().ip(&["link", "set", &host_if, "down"])?;
+    cli.ok(&["pod", "remove", "a1"])?;
+    match conv.wait_break(BREAK_WITHIN) {
+        Some(Reply::Failed(how)) => {
+            ensure!(how.contains("reset"), "the client gets a RST, not a timeout: {how}");
+        }
+        other => bail!("the stream must fail fast with a RST, got {other:?}"),
+    }
+    let status = cli.status()?;
+    ensure!(status["steering"]["resets_sent"].as_u64() >= Some(1), "{status:#}");
+    Ok(())
+}
