@@ -246,6 +246,25 @@ impl Node {
         Ok(())
     }
 
+    /// A backend on another node is terminating (Kubernetes mode: its
+    /// EndpointSlice endpoint says so): pin the flows this node translated to it.
+    pub async fn pin_remote(&self, ip: IpAddr, limit: Duration) {
+        {
+            let mut inner = self.inner.lock().await;
+            let deadline = now_ns().saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
+            inner.steering.add_backend(&format!("remote {ip}"), &[ip], deadline);
+        }
+        self.refresh_pins().await;
+    }
+
+    /// A remote backend's endpoint is gone (its pod was deleted): its pinned
+    /// TCP flows get a RST on their next segment.
+    pub async fn remote_gone(&self, ip: IpAddr) {
+        let mut inner = self.inner.lock().await;
+        let Inner { steering, datapath, .. } = &mut *inner;
+        steering.mark_dead(datapath, &[ip], now_ns());
+    }
+
     /// Learns the translations of terminating backends' flows from conntrack
     /// and pins the new ones.
     pub async fn refresh_pins(&self) {

@@ -664,3 +664,62 @@ fn tcp_resets_when_pinned_pod_goes(backend: Backend) -> Result<()> {
     ensure!(status["steering"]["resets_sent"].as_u64() >= Some(1), "{status:#}");
     Ok(())
 }
+
+/// Kubernetes mode: node A's agent learns from the EndpointSlice that b1 (on
+/// node B) is terminating, and pins the flows node A's kube-proxy sent to it.
+#[test]
+fn with_agent_kubernetes_mode_pins_flows_to_a_terminating_remote_endpoint() -> Result<()> {
+    use conndrain_tests::fakeapi::{FakeApiServer, rule};
+    let bed = Bed::new(Backend::Iptables)?;
+    let listener = conndrain_tests::run_in(bed.cluster.node_a(), || std::net::TcpListener::bind("127.0.0.1:0"))??;
+    let api = FakeApiServer::start(listener);
+    api.set_rbac(
+        conndrain::kubernetes::API_CALLS
+            .iter()
+            .map(|(group, resource, verbs)| rule(&[group], &[resource], verbs))
+            .collect(),
+    );
+    let dir = conndrain_tests::TempDir::new()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
+    let kc = kubeconfig.to_string_lossy().into_owned();
+    let agent = Agent::start_with(bed.cluster.node_a(), &["--kubeconfig", &kc, "--node-name", "node-a"])?;
+    let cli = agent.cli();
+
+    let slice = |b1_terminating: bool| -> Result<k8s_openapi::api::discovery::v1::EndpointSlice> {
+        let ep = |pod: &str, node: &str, terminating: bool| {
+            serde_json::json!({
+                "addresses": [bed.cluster.pod(pod).ipv4().to_string()],
+                "nodeName": node,
+                "conditions": {"ready": !terminating, "serving": true, "terminating": terminating},
+            })
+        };
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "web-v4", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [ep("a1", "node-a", false), ep("a2", "node-a", false), ep("b1", "node-b", b1_terminating)],
+            "ports": [{"name": "http", "port": TCP_TARGET, "protocol": "TCP"}],
+        }))?)
+    };
+    api.create_endpoint_slice(slice(false)?);
+
+    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
+    let conv = Conversation::landing_on(bed.client(), to, None, "b1")?;
+    conv.expect_steady(5)?;
+
+    // The EndpointSlice controller marks b1 terminating (its pod was deleted).
+    api.update_endpoint_slice("default", "web-v4", |s| *s = slice(true).expect("slice"));
+    conndrain_tests::wait_until(
+        "the agent to pin the flow to b1",
+        conndrain_tests::TIMEOUT,
+        || cli.status(),
+        |s| s["steering"]["pinned_flows"].as_u64() >= Some(1),
+    )?;
+    bed.sync(&["a1", "a2"])?;
+    bed.node_a().flush_conntrack()?;
+    conv.expect_steady(20).context("the stream keeps b1 after its endpoint and conntrack state are gone")?;
+    ensure!(steered_packets(&cli)? > 0, "the datapath steered the stream");
+    Ok(())
+}

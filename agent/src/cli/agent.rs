@@ -64,6 +64,9 @@ pub struct Args {
     /// Most pods that may wait in /v1/wait at once.
     #[arg(long, env = "CONNDRAIN_MAX_WAITERS", default_value_t = 512)]
     pub max_waiters: usize,
+    /// Longest seconds the flows to a terminating pod on another node stay pinned.
+    #[arg(long, env = "CONNDRAIN_REMOTE_PIN_LIMIT", default_value_t = 600.0, value_parser = positive_secs)]
+    pub remote_pin_limit: f64,
     /// Least seconds between two progress updates of a pod's condition.
     #[arg(long, env = "CONNDRAIN_MIN_WRITE_INTERVAL", default_value_t = 1.0, value_parser = positive_secs)]
     pub min_write_interval: f64,
@@ -159,6 +162,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
                     node_name,
                     deadline_margin: Duration::from_secs_f64(args.deadline_margin),
                     min_write_interval: Duration::from_secs_f64(args.min_write_interval),
+                    remote_pin_limit: Duration::from_secs_f64(args.remote_pin_limit),
                 };
                 crate::kubernetes::run(client, node.clone(), settings, ready.clone()).await
             }

@@ -21,6 +21,8 @@ pub const API_CALLS: &[(&str, &str, &[&str])] = &[
     ("", "pods/status", &["patch"]),
     // report::event: kube::runtime::events::Recorder (create, then patch for repeats).
     ("events.k8s.io", "events", &["create", "patch"]),
+    // watch::endpoints: watcher(Api::<EndpointSlice>::all): terminating backends on other nodes.
+    ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
 ];
 
 /// Settings of the Kubernetes mode.
@@ -31,6 +33,9 @@ pub struct Settings {
     pub deadline_margin: Duration,
     /// At most one condition update per pod per this interval while draining.
     pub min_write_interval: Duration,
+    /// How long flows to a terminating backend on another node stay pinned
+    /// at most (EndpointSlices carry no kill time).
+    pub remote_pin_limit: Duration,
 }
 
 pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
@@ -58,5 +63,9 @@ pub async fn run(
     synced: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
     let reporter = report::Reporter::new(client.clone(), node.clone(), &settings);
-    watch::run(client, node, settings, reporter, synced).await
+    tokio::try_join!(
+        watch::run(client.clone(), node.clone(), settings.clone(), reporter, synced),
+        watch::endpoints(client, node, settings),
+    )
+    .map(drop)
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, ResourceExt as _,
     runtime::{WatchStreamExt as _, reflector, watcher},
@@ -95,6 +95,52 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Watches EndpointSlices cluster-wide for endpoints that are terminating.
+/// Those on other nodes are pinned here too, because this node's kube-proxy
+/// translated flows to them (ClusterIP from local clients, NodePort traffic it
+/// forwarded); when their endpoint disappears, their pod is gone.
+pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> anyhow::Result<()> {
+    let api: Api<EndpointSlice> = Api::all(client);
+    let (store, writer) = reflector::store();
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer).boxed();
+    let mut terminating: BTreeSet<IpAddr> = BTreeSet::new();
+    loop {
+        match stream.next().await {
+            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "endpointslice watch (retrying with backoff)");
+                continue;
+            }
+            None => anyhow::bail!("endpointslice watch ended"),
+        }
+        let mut now_terminating = BTreeSet::new();
+        let mut present = BTreeSet::new();
+        for slice in store.state() {
+            for ep in slice.endpoints.iter().flatten() {
+                let remote = ep.node_name.as_deref().is_some_and(|n| n != settings.node_name);
+                let ips = ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok());
+                for ip in ips {
+                    present.insert(ip);
+                    let term = ep.conditions.as_ref().and_then(|c| c.terminating).unwrap_or(false);
+                    if remote && term {
+                        now_terminating.insert(ip);
+                    }
+                }
+            }
+        }
+        for ip in now_terminating.difference(&terminating) {
+            tracing::info!(%ip, "remote endpoint terminating: pinning its flows");
+            node.pin_remote(*ip, settings.remote_pin_limit).await;
+        }
+        for ip in terminating.iter().filter(|ip| !present.contains(ip)) {
+            tracing::info!(%ip, "remote endpoint gone");
+            node.remote_gone(*ip).await;
+        }
+        terminating = now_terminating;
     }
 }
 
