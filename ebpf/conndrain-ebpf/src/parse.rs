@@ -71,6 +71,10 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
     let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
     let src: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
     let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+    // The L4 header must lie within the IP packet (Linux trims to total_len and drops the rest).
+    if ETH_HLEN + ihl + l4_min(proto) > ETH_HLEN + usize::from(total_len) {
+        return None;
+    }
     let (sport, dport, tcp_flags) = parse_l4(ctx, proto, ETH_HLEN + ihl)?;
     Some(Packet {
         family: FAMILY_V4,
@@ -114,6 +118,10 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
             _ => return None,
         }
     }
+    let payload_len = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).ok()?));
+    if off + l4_min(next) > ETH_HLEN + 40 + payload_len {
+        return None;
+    }
     let (sport, dport, tcp_flags) = parse_l4(ctx, next, off)?;
     Some(Packet {
         family: FAMILY_V6,
@@ -125,6 +133,12 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
         tcp_flags,
         l4_off: off,
     })
+}
+
+/// The smallest header of an L4 protocol we track.
+#[inline(always)]
+fn l4_min(proto: u8) -> usize {
+    if proto == PROTO_TCP { 20 } else { 8 }
 }
 
 #[inline(always)]

@@ -12,6 +12,7 @@
 )]
 
 mod harness;
+mod hostile;
 mod packets;
 
 use std::net::IpAddr;
