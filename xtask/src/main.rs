@@ -5,7 +5,10 @@
 //! `target/tools/bin` (bpf-linker) first on `PATH` and `CONNDRAIN_REQUIRE_EBPF=1`,
 //! so `agent/build.rs` always embeds the real eBPF object.
 
+mod bench;
 mod cmd;
+mod image;
+mod manifests;
 mod setup;
 mod test;
 
@@ -56,8 +59,22 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Setup, release build, then measure the datapath's cost and write BENCHMARKS.md
+    /// (needs root). Args after `--` go to the benchmark (`-- --help`).
+    Bench {
+        /// Passed to the benchmark, e.g. `--quick` or `--sections testrun,drain`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build a static (musl) release conndrain, and write the OCI image
+    /// tarball target/image/conndrain-<version>-oci.tar (no container engine needed).
+    Image,
+    /// Render deploy/install.yaml from the kustomize base in deploy/.
+    Manifests {
+        /// Only check that deploy/install.yaml is up to date (exit 1 if not).
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,7 +84,9 @@ fn main() -> ExitCode {
         Cmd::Build { .. } => "build",
         Cmd::Test { .. } => "test",
         Cmd::Demo { .. } => "demo",
-        Cmd::Bench => "bench",
+        Cmd::Bench { .. } => "bench",
+        Cmd::Image => "image",
+        Cmd::Manifests { .. } => "manifests",
     };
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,7 +120,17 @@ fn run(command: Cmd) -> Result<()> {
                 .args(args);
             cmd::run(&mut demo)
         }
-        Cmd::Bench => bail!("not implemented yet: see issue 6"),
+        Cmd::Bench { args } => {
+            require_root("the benchmark creates network namespaces and loads BPF programs")?;
+            setup::run(&root)?;
+            build(&root, true)?;
+            bench::run(&root, cargo(&root, "run", true), &args)
+        }
+        Cmd::Image => {
+            setup::run(&root)?;
+            image::run(&root)
+        }
+        Cmd::Manifests { check } => manifests::run(&root, check),
     }
 }
 
