@@ -38,6 +38,7 @@ pub enum Error {
 }
 
 impl Error {
+    #[must_use]
     pub fn map(name: &'static str, source: aya::maps::MapError) -> Self {
         Self::Map { name, source: Box::new(source) }
     }

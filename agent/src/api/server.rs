@@ -126,7 +126,7 @@ async fn wait(
 ) -> ApiResult<super::WaitOutcome> {
     let timeout = match q.timeout_secs {
         None => None,
-        Some(s) if s.is_finite() && s >= 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
+        Some(s) if (0.0..1e9).contains(&s) => Some(Duration::from_secs_f64(s)),
         Some(value) => return Err(PodError::BadDuration { what: "timeout", value }.into()),
     };
     Ok(Json(node.wait(&name, timeout).await?))

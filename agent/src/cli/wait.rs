@@ -46,7 +46,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<i32> {
     };
     let mut uri = format!("/v1/pods/{}/wait", seg(name));
     if let Some(t) = args.timeout {
-        uri.push_str(&format!("?timeout_secs={t}"));
+        uri = format!("{uri}?timeout_secs={t}");
     }
     let o: WaitOutcome = client.get(&uri).await?;
     Ok(report(&o))

@@ -12,7 +12,7 @@ use kube::{Client, Config, config::KubeConfigOptions};
 use crate::node::Node;
 
 /// Every Kubernetes API call the agent makes, as RBAC rules: (API group,
-/// resource, verbs). deploy/'s ClusterRole must grant exactly these (a test
+/// resource, verbs). `deploy/`'s `ClusterRole` must grant exactly these (a test
 /// checks it); add a line here with any new call.
 pub const API_CALLS: &[(&str, &str, &[&str])] = &[
     // watch::run: watcher(Api::<Pod>::all) with a spec.nodeName field selector.
@@ -34,7 +34,7 @@ pub struct Settings {
     /// At most one condition update per pod per this interval while draining.
     pub min_write_interval: Duration,
     /// How long flows to a terminating backend on another node stay pinned
-    /// at most (EndpointSlices carry no kill time).
+    /// at most (`EndpointSlices` carry no kill time).
     pub remote_pin_limit: Duration,
 }
 

@@ -40,10 +40,10 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
         .and_then(|s| s.pod_ips.as_ref())
         .map(|v| v.iter().filter_map(|p| p.ip.parse().ok()).collect())
         .unwrap_or_default();
-    if ips.is_empty() {
-        if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok()) {
-            ips.push(ip);
-        }
+    if ips.is_empty()
+        && let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
     }
     if ips.is_empty() {
         return Desired::Ignore;
@@ -98,9 +98,9 @@ pub async fn run(
     }
 }
 
-/// Watches EndpointSlices cluster-wide for endpoints that are terminating.
+/// Watches `EndpointSlices` cluster-wide for endpoints that are terminating.
 /// Those on other nodes are pinned here too, because this node's kube-proxy
-/// translated flows to them (ClusterIP from local clients, NodePort traffic it
+/// translated flows to them (`ClusterIP` from local clients, `NodePort` traffic it
 /// forwarded); when their endpoint disappears, their pod is gone.
 pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> anyhow::Result<()> {
     let api: Api<EndpointSlice> = Api::all(client);
@@ -178,13 +178,13 @@ async fn reconcile(
                         }
                     }
                 }
-                if let Some(d) = deadline_in {
-                    if !node.is_terminating(&name).await {
-                        let req = Terminate { deadline_secs: Some(d.as_secs_f64().max(0.1)), quiet_period_secs: None };
-                        match node.terminate(&name, &req).await {
-                            Ok(()) => reporter.start(pod.clone(), name.clone()),
-                            Err(e) => tracing::warn!(pod = %name, error = %e, "starting drain"),
-                        }
+                if let Some(d) = deadline_in
+                    && !node.is_terminating(&name).await
+                {
+                    let req = Terminate { deadline_secs: Some(d.as_secs_f64().max(0.1)), quiet_period_secs: None };
+                    match node.terminate(&name, &req).await {
+                        Ok(()) => reporter.start(pod.clone(), name.clone()),
+                        Err(e) => tracing::warn!(pod = %name, error = %e, "starting drain"),
                     }
                 }
             }
