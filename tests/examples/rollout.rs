@@ -1,0 +1,1449 @@
+//! The seeds' rolling-update scenario (issue 6, items 1-4), three strategies
+//! side by side on the same simulated cluster and the same loads:
+//!
+//! - `none`: no mitigation, the preStop hook returns at once;
+//! - `sleep`: `preStop: sleep N` (the seeds' workaround);
+//! - `conndrain`: the agent on node A, the pods declared, preStop =
+//!   `conndrain wait` (blocks until the pod is drained), and steering (the
+//!   terminating pod's established flows are pinned).
+//!
+//! ```sh
+//! cargo build -p conndrain
+//! cargo run -p conndrain-tests --example rollout -- --short     # ~50 s
+//! cargo run -p conndrain-tests --example rollout                # full, ~3 min
+//! ```
+//!
+//! Options: `--short`, `--propagation SECS` (default 1), `--sleep N` (default
+//! 15 short / 61 full, seed 000's `preStop: sleep 61`), `--grace SECS`
+//! (default 30 short / 120 full, seed 001's terminationGracePeriodSeconds),
+//! `--keepalive-requests N` (the app closes a keep-alive connection after N
+//! requests, as nginx's `keepalive_requests`; default 30 short / 100 full; 0:
+//! never, then a busy keep-alive connection holds a conndrain-drained pod
+//! until its deadline), `--nftables` (kube-proxy's nftables mode),
+//! `--only none,sleep,conndrain`, `--summary-out FILE` (the summary table
+//! in Markdown, for BENCHMARKS.md).
+//!
+//! The cluster is `conndrain_tests::kubeproxy`: a client, node A, node B,
+//! kube-proxy's rules on both nodes. Each strategy gets a fresh cluster. The
+//! Deployment's old pods (version 1) are on node A; b1 on node B is another
+//! version-1 replica that is not replaced. A rolling update (maxSurge 1,
+//! maxUnavailable 0) starts a new pod (version 2), adds it to the endpoints,
+//! and deletes an old pod; the simulated kubelet then runs Kubernetes' order:
+//!
+//! deletion -> { endpoints update reaching the nodes' kube-proxy after the
+//! propagation delay (rules rewritten without the pod, UDP conntrack cleanup)
+//! || preStop hook } -> SIGTERM -> the app's graceful shutdown (stop accepting,
+//! finish in-flight requests, close idle keep-alives and open streams, close
+//! the UDP socket) -> SIGKILL at the grace period.
+//!
+//! The app runs in-process: its sockets live in the pod's namespace, and
+//! "SIGTERM"/"SIGKILL" are flags its threads watch. Every answer carries the
+//! pod, its version and the request's sequence number; a "wrong version" is
+//! an answer to another request or from a pod already released.
+//!
+//! Known result (not a bug of this program): with conndrain, a UDP session
+//! that starts on the terminating pod less than a second before kube-proxy's
+//! UDP conntrack cleanup can still move to another pod, because the agent
+//! re-learns flows to pin from conntrack once a second.
+
+#![allow(
+    clippy::too_many_lines,
+    clippy::cast_precision_loss,
+    clippy::many_single_char_names,
+    clippy::similar_names,
+    clippy::needless_pass_by_value,
+    clippy::struct_field_names
+)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    fs::File,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use conndrain_tests::{
+    Agent, Cli, Running, check_interrupted, conndrain_bin,
+    kubeproxy::{
+        Backend, Cluster, ClusterPod, KubeProxy, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node,
+        Protocol, Service, ServicePort,
+    },
+    require_root, run_in, stop_on_signals,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP_V6: &str = "fd00:96::10";
+const HTTP_PORT: u16 = 80;
+const HTTP_TARGET: u16 = 8080;
+const STREAM_PORT: u16 = 9000;
+const UDP_PORT: u16 = 53;
+const UDP_TARGET: u16 = 5353;
+const WAIT_PORT: u16 = 9464;
+const METRICS_PORT: u16 = 9465;
+/// The agent's quiet period (its default): covers the propagation delay.
+const QUIET_PERIOD: f64 = 3.0;
+/// Kubernetes mode's default `--deadline-margin`: the deadline is the kill
+/// time minus this.
+const DEADLINE_MARGIN: f64 = 2.0;
+/// The clients' patience for a connect or an answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+struct Config {
+    short: bool,
+    propagation: Duration,
+    sleep_secs: u64,
+    grace: Duration,
+    slow: Duration,
+    /// How long one stream and one UDP session last (then the client closes
+    /// it and opens the next one).
+    session_life: Duration,
+    /// The app closes a keep-alive connection after this many requests
+    /// (nginx's `keepalive_requests`, lowered so connections rotate).
+    keepalive_requests: u64,
+    /// The agent's `--udp-timeout`.
+    udp_timeout: f64,
+    replacements: usize,
+    /// Between two deletions of the rolling update.
+    step_gap: Duration,
+    backend: Backend,
+    only: Vec<Strategy>,
+    /// Also write the summary table (Markdown) here, for BENCHMARKS.md.
+    summary_out: Option<String>,
+}
+
+impl Config {
+    fn parse() -> Result<Self> {
+        let mut args = std::env::args().skip(1);
+        let mut short = false;
+        let mut summary_out = None;
+        let (mut propagation, mut sleep, mut grace, mut backend, mut only, mut keepalive) =
+            (1.0_f64, None, None, Backend::Iptables, None, None);
+        while let Some(a) = args.next() {
+            let mut val = |name: &str| -> Result<String> {
+                args.next().with_context(|| format!("{name} needs a value"))
+            };
+            match a.as_str() {
+                "--short" => short = true,
+                "--propagation" => propagation = val(&a)?.parse()?,
+                "--sleep" => sleep = Some(val(&a)?.parse()?),
+                "--grace" => grace = Some(val(&a)?.parse::<f64>()?),
+                "--nftables" => backend = Backend::Nftables,
+                "--summary-out" => summary_out = Some(val(&a)?),
+                "--keepalive-requests" => keepalive = Some(val(&a)?.parse::<u64>()?),
+                "--only" => {
+                    only = Some(
+                        val(&a)?
+                            .split(',')
+                            .map(|s| match s {
+                                "none" => Ok(Strategy::None),
+                                "sleep" => Ok(Strategy::Sleep),
+                                "conndrain" => Ok(Strategy::Conndrain),
+                                _ => bail!("unknown strategy {s:?} (none, sleep, conndrain)"),
+                            })
+                            .collect::<Result<Vec<_>>>()?,
+                    );
+                }
+                "-h" | "--help" => {
+                    println!(
+                        "rollout [--short] [--propagation SECS] [--sleep N] [--grace SECS] [--keepalive-requests N (0: never)] [--nftables] [--only none,sleep,conndrain] [--summary-out FILE.md]"
+                    );
+                    std::process::exit(0);
+                }
+                _ => bail!("unknown argument {a:?} (try --help)"),
+            }
+        }
+        let grace = Duration::from_secs_f64(grace.unwrap_or(if short { 30.0 } else { 120.0 }));
+        Ok(Self {
+            short,
+            propagation: Duration::from_secs_f64(propagation),
+            sleep_secs: sleep.unwrap_or(if short { 15 } else { 61 }),
+            grace,
+            slow: Duration::from_secs(if short { 2 } else { 10 }),
+            session_life: Duration::from_secs(if short { 3 } else { 8 }),
+            keepalive_requests: match keepalive {
+                Some(0) => u64::MAX,
+                Some(n) => n,
+                None if short => 30,
+                None => 100,
+            },
+            udp_timeout: 2.0,
+            replacements: if short { 1 } else { 3 },
+            step_gap: Duration::from_secs(if short { 0 } else { 10 }),
+            backend,
+            only: only
+                .unwrap_or_else(|| vec![Strategy::None, Strategy::Sleep, Strategy::Conndrain]),
+            summary_out,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strategy {
+    None,
+    Sleep,
+    Conndrain,
+}
+
+impl Strategy {
+    fn label(self, cfg: &Config) -> String {
+        match self {
+            Strategy::None => "no mitigation".into(),
+            Strategy::Sleep => format!("preStop sleep {}", cfg.sleep_secs),
+            Strategy::Conndrain => "conndrain".into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    stop_on_signals();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rollout: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    require_root()?;
+    let cfg = Config::parse()?;
+    println!(
+        "Rolling update under load, {} mode: {} replacement(s) of a node-A pod, kube-proxy {:?} mode, \
+         endpoints propagation {:.1}s, grace period {}s, /slow {}s, streams and UDP sessions of {}s, \
+         keep-alive connections closed by the app after {} requests.",
+        if cfg.short { "short" } else { "full" },
+        cfg.replacements,
+        cfg.backend,
+        cfg.propagation.as_secs_f64(),
+        cfg.grace.as_secs(),
+        cfg.slow.as_secs(),
+        cfg.session_life.as_secs(),
+        if cfg.keepalive_requests == u64::MAX {
+            "unlimited".to_owned()
+        } else {
+            cfg.keepalive_requests.to_string()
+        },
+    );
+    let mut results = Vec::new();
+    for &s in &cfg.only {
+        println!("\n######## strategy: {}", s.label(&cfg));
+        let r = run_strategy(&cfg, s).with_context(|| format!("strategy {}", s.label(&cfg)))?;
+        r.print(&cfg);
+        results.push(r);
+    }
+    println!(
+        "\n######## summary ({} mode)\n",
+        if cfg.short { "short" } else { "full" }
+    );
+    let summary = summary(&cfg, &results);
+    print!("{summary}");
+    if let Some(path) = &cfg.summary_out {
+        std::fs::write(path, &summary).with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The app: HTTP/1.1 (`/fast`, `/slow`), a line stream, UDP; each answer says
+// `<pod> v<version> <seq>`.
+// ---------------------------------------------------------------------------
+
+struct App {
+    name: String,
+    term: Arc<AtomicBool>,
+    kill: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts a live app thread; the app has ended when none is left.
+struct Live(Arc<AtomicUsize>);
+impl Live {
+    fn new(c: &Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::SeqCst);
+        Self(c.clone())
+    }
+}
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct AppCtx {
+    name: String,
+    version: u32,
+    slow: Duration,
+    keepalive_requests: u64,
+    term: Arc<AtomicBool>,
+    kill: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+}
+
+impl App {
+    fn start(pod: &ClusterPod, version: u32, cfg: &Config) -> Result<Self> {
+        let ctx = AppCtx {
+            name: pod.name().to_owned(),
+            version,
+            slow: cfg.slow,
+            keepalive_requests: cfg.keepalive_requests,
+            term: Arc::new(AtomicBool::new(false)),
+            kill: Arc::new(AtomicBool::new(false)),
+            live: Arc::new(AtomicUsize::new(0)),
+        };
+        let ip: IpAddr = pod.ipv4().into();
+        for (port, stream) in [(HTTP_TARGET, false), (STREAM_PORT, true)] {
+            let addr = SocketAddr::new(ip, port);
+            let l = run_in(pod.ns(), || TcpListener::bind(addr))?
+                .with_context(|| format!("binding {addr} in {}", pod.name()))?;
+            l.set_nonblocking(true)?;
+            let (c, live) = (ctx.clone(), Live::new(&ctx.live));
+            thread::spawn(move || {
+                let _live = live;
+                accept_loop(l, &c, stream);
+            });
+        }
+        let addr = SocketAddr::new(ip, UDP_TARGET);
+        let u = run_in(pod.ns(), || UdpSocket::bind(addr))??;
+        u.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let (c, live) = (ctx.clone(), Live::new(&ctx.live));
+        thread::spawn(move || {
+            let _live = live;
+            let mut buf = [0u8; 1500];
+            while !c.term.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = u.recv_from(&mut buf) {
+                    let req = String::from_utf8_lossy(&buf[..n]);
+                    let _ = u.send_to(format!("{} v{} {req}", c.name, c.version).as_bytes(), from);
+                }
+            }
+        });
+        Ok(Self {
+            name: ctx.name,
+            term: ctx.term,
+            kill: ctx.kill,
+            live: ctx.live,
+        })
+    }
+
+    fn sigterm(&self) {
+        self.term.store(true, Ordering::SeqCst);
+    }
+    fn sigkill(&self) {
+        self.term.store(true, Ordering::SeqCst);
+        self.kill.store(true, Ordering::SeqCst);
+    }
+    fn ended(&self) -> bool {
+        self.live.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.sigkill();
+        let end = Instant::now() + Duration::from_secs(2);
+        while !self.ended() && Instant::now() < end {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn accept_loop(l: TcpListener, c: &AppCtx, stream: bool) {
+    // Stop accepting at SIGTERM: the listener is closed, so SYNs that still
+    // arrive get a RST (connection refused).
+    while !c.term.load(Ordering::SeqCst) {
+        match l.accept() {
+            Ok((s, _)) => {
+                let (c2, live) = (c.clone(), Live::new(&c.live));
+                thread::spawn(move || {
+                    let _live = live;
+                    if stream {
+                        serve_stream(s, &c2);
+                    } else {
+                        serve_http(s, &c2);
+                    }
+                });
+            }
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Close with a RST, as the kernel does for a killed process's sockets that
+/// have unread data; SIGKILL here.
+fn reset(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a properly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&l).cast(),
+            u32::try_from(std::mem::size_of::<libc::linger>()).expect("small"),
+        );
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn serve_http(mut s: TcpStream, c: &AppCtx) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut served = 0u64;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    loop {
+        // Read one request head.
+        let head_end = loop {
+            if c.kill.load(Ordering::SeqCst) {
+                reset(&s);
+                return;
+            }
+            if let Some(e) = find(&buf, b"\r\n\r\n") {
+                break e;
+            }
+            if c.term.load(Ordering::SeqCst) && buf.is_empty() {
+                // Graceful shutdown: an idle keep-alive connection is closed.
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            match s.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end + 4);
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let client_close = head.to_ascii_lowercase().contains("connection: close");
+        let seq = path.split("seq=").nth(1).unwrap_or("0").to_owned();
+        if path.starts_with("/slow") {
+            let end = Instant::now() + c.slow;
+            while Instant::now() < end {
+                if c.kill.load(Ordering::SeqCst) {
+                    reset(&s);
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        served += 1;
+        // In-flight requests finish during shutdown, then the connection closes.
+        let close = client_close || c.term.load(Ordering::SeqCst) || served >= c.keepalive_requests;
+        let body = format!("{} v{} {seq}\n", c.name, c.version);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        if s.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+        if close {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            // Let the client read and close first (no RST on unread data).
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = s.read(&mut chunk);
+            return;
+        }
+    }
+}
+
+/// A long-lived stream: `<seq>\n` -> `<pod> v<version> <seq>\n`. The app
+/// closes open streams at SIGTERM (as a WebSocket server sends its close).
+fn serve_stream(s: TcpStream, c: &AppCtx) {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+    let Ok(mut w) = s.try_clone() else { return };
+    let mut r = s;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        if c.kill.load(Ordering::SeqCst) {
+            reset(&r);
+            return;
+        }
+        while let Some(e) = find(&buf, b"\n") {
+            let line = String::from_utf8_lossy(&buf[..e]).into_owned();
+            buf.drain(..=e);
+            if w.write_all(format!("{} v{} {line}\n", c.name, c.version).as_bytes())
+                .is_err()
+            {
+                return;
+            }
+        }
+        if c.term.load(Ordering::SeqCst) {
+            let _ = r.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        match r.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The loads, in the client namespace, through the ClusterIP.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Refused,
+    Reset,
+    Timeout,
+    WrongVersion,
+    ClosedByServer,
+    Moved,
+    Other,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Refused => "connect refused",
+            Kind::Reset => "reset",
+            Kind::Timeout => "timeout",
+            Kind::WrongVersion => "wrong version",
+            Kind::ClosedByServer => "closed by server",
+            Kind::Moved => "moved to another pod",
+            Kind::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Fail(Kind, String);
+
+fn classify(e: &std::io::Error, what: &str) -> Fail {
+    let kind = match e.kind() {
+        ErrorKind::ConnectionRefused => Kind::Refused,
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+            Kind::Reset
+        }
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => Kind::Timeout,
+        _ => Kind::Other,
+    };
+    Fail(kind, format!("{what}: {e}"))
+}
+
+/// What one load saw.
+#[derive(Default)]
+struct Tally {
+    /// Requests sent (HTTP), or streams/sessions opened.
+    sent: u64,
+    ok: u64,
+    failed: BTreeMap<Kind, u64>,
+    samples: Vec<String>,
+}
+
+struct Load {
+    name: &'static str,
+    sessions: bool,
+    tally: Mutex<Tally>,
+}
+
+impl Load {
+    fn new(name: &'static str, sessions: bool) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            sessions,
+            tally: Mutex::new(Tally::default()),
+        })
+    }
+    fn sent(&self) {
+        self.tally.lock().expect("tally").sent += 1;
+    }
+    fn ok(&self) {
+        self.tally.lock().expect("tally").ok += 1;
+    }
+    fn fail(&self, run: &Shared, f: &Fail) {
+        let mut t = self.tally.lock().expect("tally");
+        *t.failed.entry(f.0).or_default() += 1;
+        if t.samples.len() < 4 {
+            t.samples
+                .push(format!("[{:5.2}s] {}: {}", run.since(), f.0.label(), f.1));
+        }
+    }
+}
+
+/// What the loads and the kubelet share in one strategy's run.
+struct Shared {
+    t0: Instant,
+    stop: AtomicBool,
+    /// Pods whose app has ended: an answer from one is a wrong version.
+    released: Mutex<Vec<String>>,
+    timeline: Mutex<Vec<(f64, String)>>,
+    seq: AtomicU64,
+}
+
+impl Shared {
+    fn since(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+    fn event(&self, what: String) {
+        self.timeline
+            .lock()
+            .expect("timeline")
+            .push((self.since(), what));
+    }
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || check_interrupted().is_err()
+    }
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    /// Checks an answer `<pod> v<version> <seq>`; returns the pod.
+    fn check_answer(&self, answer: &str, seq: &str) -> std::result::Result<String, Fail> {
+        let mut w = answer.split_whitespace();
+        let (pod, ver, s) = (w.next(), w.next(), w.next());
+        match (pod, ver, s) {
+            (Some(pod), Some(_), Some(s)) if s == seq => {
+                if self
+                    .released
+                    .lock()
+                    .expect("released")
+                    .iter()
+                    .any(|p| p == pod)
+                {
+                    Err(Fail(
+                        Kind::WrongVersion,
+                        format!("answer {answer:?} from {pod}, which was already released"),
+                    ))
+                } else {
+                    Ok(pod.to_owned())
+                }
+            }
+            _ => Err(Fail(
+                Kind::WrongVersion,
+                format!("answer {answer:?} to request {seq}"),
+            )),
+        }
+    }
+}
+
+/// Moves the calling thread into `ns` for good: its sockets are made there.
+fn enter(ns: &conndrain_tests::Netns) -> Result<()> {
+    let path = format!("/var/run/netns/{}", ns.name());
+    let f = File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: a valid fd to a network namespace; only this thread moves.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns into {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn connect(to: SocketAddr) -> std::result::Result<TcpStream, Fail> {
+    let s = TcpStream::connect_timeout(&to, CLIENT_TIMEOUT).map_err(|e| classify(&e, "connect"))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Sends one GET and reads the answer; returns (body, server closes).
+fn http_request(
+    s: &mut TcpStream,
+    path: &str,
+    close: bool,
+    timeout: Duration,
+) -> std::result::Result<(String, bool), Fail> {
+    s.set_read_timeout(Some(timeout)).ok();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: web\r\nConnection: {}\r\n\r\n",
+        if close { "close" } else { "keep-alive" }
+    );
+    s.write_all(req.as_bytes())
+        .map_err(|e| classify(&e, "send"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    loop {
+        if let Some(e) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..e]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= e + 4 + len {
+                let body = String::from_utf8_lossy(&buf[e + 4..e + 4 + len]).into_owned();
+                return Ok((body, head.contains("connection: close")));
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                return Err(Fail(
+                    Kind::Reset,
+                    if buf.is_empty() {
+                        "connection closed before any answer".into()
+                    } else {
+                        "connection closed mid-answer".into()
+                    },
+                ));
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(classify(&e, "read")),
+        }
+    }
+}
+
+/// Whether an idle keep-alive connection was closed by the server meanwhile
+/// (a pooled client checks this before reusing one, as Go's transport does).
+fn closed_by_peer(s: &TcpStream) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    let closed = match s.peek(&mut b) {
+        Ok(_) => true, // EOF or unexpected data: either way unusable
+        Err(e) => e.kind() != ErrorKind::WouldBlock,
+    };
+    let _ = s.set_nonblocking(false);
+    closed
+}
+
+/// HTTP keep-alive: one pooled connection, a request every `interval`.
+fn keepalive_client(run: &Shared, load: &Load, interval: Duration) {
+    let to = SocketAddr::new(VIP.into(), HTTP_PORT);
+    let mut conn: Option<TcpStream> = None;
+    while !run.stopped() {
+        if conn.as_ref().is_some_and(closed_by_peer) {
+            conn = None;
+        }
+        let s = match conn.take() {
+            Some(s) => s,
+            None => match connect(to) {
+                Ok(s) => s,
+                Err(f) => {
+                    load.sent();
+                    load.fail(run, &f);
+                    thread::sleep(interval);
+                    continue;
+                }
+            },
+        };
+        let mut s = s;
+        let seq = run.next_seq();
+        load.sent();
+        match http_request(&mut s, &format!("/fast?seq={seq}"), false, CLIENT_TIMEOUT)
+            .and_then(|(body, close)| run.check_answer(&body, &seq.to_string()).map(|_| close))
+        {
+            Ok(close) => {
+                load.ok();
+                if !close {
+                    conn = Some(s);
+                }
+            }
+            Err(f) => load.fail(run, &f),
+        }
+        thread::sleep(interval);
+    }
+}
+
+/// HTTP with `Connection: close` (seed 001's wrk), a new connection per request.
+fn close_client(run: &Shared, load: &Load, path: &str, interval: Duration, timeout: Duration) {
+    let to = SocketAddr::new(VIP.into(), HTTP_PORT);
+    while !run.stopped() {
+        let seq = run.next_seq();
+        load.sent();
+        let r = connect(to).and_then(|mut s| {
+            http_request(&mut s, &format!("{path}?seq={seq}"), true, timeout)
+                .and_then(|(body, _)| run.check_answer(&body, &seq.to_string()))
+        });
+        match r {
+            Ok(_) => load.ok(),
+            Err(f) => load.fail(run, &f),
+        }
+        thread::sleep(interval);
+    }
+}
+
+/// Long-lived streams, one after another, each `life` long, a message every
+/// 100 ms. A stream is broken if any message fails or is answered by another
+/// pod than the first.
+fn stream_client(run: &Shared, load: &Load, life: Duration) {
+    let to = SocketAddr::new(VIP.into(), STREAM_PORT);
+    while !run.stopped() {
+        load.sent();
+        let r = (|| -> std::result::Result<(), Fail> {
+            let mut s = connect(to)?;
+            s.set_read_timeout(Some(CLIENT_TIMEOUT)).ok();
+            let end = Instant::now() + life;
+            let mut first: Option<String> = None;
+            let mut answers = 0u64;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 512];
+            while Instant::now() < end && !run.stopped() {
+                let seq = run.next_seq();
+                s.write_all(format!("{seq}\n").as_bytes())
+                    .map_err(|e| classify(&e, "send"))?;
+                let line = loop {
+                    if let Some(e) = find(&buf, b"\n") {
+                        let l = String::from_utf8_lossy(&buf[..e]).into_owned();
+                        buf.drain(..=e);
+                        break l;
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) => {
+                            return Err(Fail(
+                                Kind::ClosedByServer,
+                                format!(
+                                    "stream to {} closed by the server after {answers} answers",
+                                    first.as_deref().unwrap_or("?")
+                                ),
+                            ));
+                        }
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(e) => return Err(classify(&e, "read")),
+                    }
+                };
+                let pod = run.check_answer(&line, &seq.to_string())?;
+                answers += 1;
+                match &first {
+                    None => first = Some(pod),
+                    Some(f) if *f != pod => {
+                        return Err(Fail(
+                            Kind::Moved,
+                            format!("stream from {f} answered by {pod}"),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => load.ok(),
+            Err(f) => {
+                load.fail(run, &f);
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// UDP sessions (one 5-tuple each), one after another, each `life` long, a
+/// datagram every 100 ms (two tries of 1 s). Broken if a datagram goes
+/// unanswered, is refused, or is answered by another pod than the first.
+fn udp_client(run: &Shared, load: &Load, life: Duration, id: usize) {
+    let to = SocketAddr::new(VIP.into(), UDP_PORT);
+    let mut n = 0;
+    while !run.stopped() {
+        n += 1;
+        load.sent();
+        let session = format!("u{id}-{n}");
+        let r = (|| -> std::result::Result<(), Fail> {
+            let u =
+                UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| classify(&e, "bind"))?;
+            u.connect(to).map_err(|e| classify(&e, "connect"))?;
+            u.set_read_timeout(Some(Duration::from_secs(1))).ok();
+            let end = Instant::now() + life;
+            let mut first: Option<String> = None;
+            let mut buf = [0u8; 1500];
+            while Instant::now() < end && !run.stopped() {
+                let seq = run.next_seq();
+                let tag = format!("{session}:{seq}");
+                let mut answer = None;
+                let mut last = Fail(
+                    Kind::Timeout,
+                    format!("datagram {tag}: no answer in 2 tries of 1s"),
+                );
+                'tries: for _ in 0..2 {
+                    if let Err(e) = u.send(tag.as_bytes()) {
+                        last = classify(&e, "send");
+                        continue;
+                    }
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    while Instant::now() < deadline {
+                        match u.recv(&mut buf) {
+                            Ok(k) => {
+                                let a = String::from_utf8_lossy(&buf[..k]).into_owned();
+                                if a.ends_with(&format!(" {tag}")) {
+                                    answer = Some(a);
+                                    break 'tries;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                ) =>
+                            {
+                                break;
+                            }
+                            Err(e) => {
+                                last = classify(&e, "recv (ICMP port unreachable)");
+                                break;
+                            }
+                        }
+                    }
+                }
+                let Some(a) = answer else { return Err(last) };
+                let pod = run.check_answer(&a, &tag)?;
+                match &first {
+                    None => first = Some(pod),
+                    Some(f) if *f != pod => {
+                        return Err(Fail(
+                            Kind::Moved,
+                            format!("session {session} from {f} answered by {pod}"),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => load.ok(),
+            Err(f) => {
+                load.fail(run, &f);
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One strategy's run: cluster, kube-proxy, (agent), loads, rolling update.
+// ---------------------------------------------------------------------------
+
+struct Release {
+    pod: String,
+    deleted_at: f64,
+    prestop_secs: f64,
+    prestop_note: String,
+    release_secs: f64,
+    killed: bool,
+}
+
+struct Outcome {
+    strategy: Strategy,
+    loads: Vec<Arc<Load>>,
+    releases: Vec<Release>,
+    timeline: Vec<(f64, String)>,
+}
+
+struct Bed {
+    proxies: Vec<KubeProxy>,
+    cluster: Cluster,
+}
+
+impl Bed {
+    fn sync(&self, pods: &[String]) -> Result<()> {
+        let ips: Vec<IpAddr> = pods
+            .iter()
+            .flat_map(|p| self.cluster.pod(p).ips())
+            .collect();
+        for p in &self.proxies {
+            p.sync(&ips)?;
+        }
+        Ok(())
+    }
+}
+
+fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
+    let n = cfg.replacements;
+    let old: Vec<String> = (1..=n).map(|i| format!("a{i}")).collect();
+    let new: Vec<String> = (n + 1..=2 * n).map(|i| format!("a{i}")).collect();
+    let mut layout: Vec<(&str, Node)> = old
+        .iter()
+        .chain(&new)
+        .map(|p| (p.as_str(), Node::A))
+        .collect();
+    layout.push(("b1", Node::B));
+    let cluster = Cluster::build(&layout)?;
+    let service = Service {
+        namespace: "default".into(),
+        name: "web".into(),
+        cluster_ips: vec![VIP.into(), VIP_V6.parse()?],
+        ports: vec![
+            ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: HTTP_PORT,
+                target_port: HTTP_TARGET,
+                node_port: None,
+            },
+            ServicePort {
+                name: "stream".into(),
+                protocol: Protocol::Tcp,
+                port: STREAM_PORT,
+                target_port: STREAM_PORT,
+                node_port: None,
+            },
+            ServicePort {
+                name: "dns".into(),
+                protocol: Protocol::Udp,
+                port: UDP_PORT,
+                target_port: UDP_TARGET,
+                node_port: None,
+            },
+        ],
+    };
+    let proxies = vec![
+        KubeProxy::start(
+            cluster.node_a(),
+            cfg.backend,
+            &service,
+            &[NODE_A_V4.into(), NODE_A_V6.into()],
+        )?,
+        KubeProxy::start(
+            cluster.node_b(),
+            cfg.backend,
+            &service,
+            &[NODE_B_V4.into(), NODE_B_V6.into()],
+        )?,
+    ];
+    let bed = Bed { proxies, cluster };
+
+    // The agent (conndrain only): on node A, where kube-proxy translates the
+    // client's flows and where the pods run.
+    let agent = if strategy == Strategy::Conndrain {
+        let mut agent = Agent::start(
+            bed.cluster.node_a(),
+            &[
+                "--host-ip",
+                &NODE_A_V4.to_string(),
+                "--wait-port",
+                &WAIT_PORT.to_string(),
+                "--metrics-port",
+                &METRICS_PORT.to_string(),
+                "--udp-timeout",
+                &cfg.udp_timeout.to_string(),
+            ],
+        )?;
+        agent.quiet_on_drop();
+        let cli = agent.cli();
+        for p in old.iter().chain(&new) {
+            let [v4, v6] = bed.cluster.pod(p).ips();
+            cli.ok(&[
+                "pod",
+                "add",
+                p,
+                "--ip",
+                &v4.to_string(),
+                "--ip",
+                &v6.to_string(),
+            ])?;
+        }
+        for p in old.iter().chain(&new) {
+            cli.wait_pod(p, "attached to its interface", |s| !s.interfaces.is_empty())?;
+        }
+        Some(agent)
+    } else {
+        None
+    };
+    let cli = agent.as_ref().map(Agent::cli);
+
+    let apps: Mutex<HashMap<String, Arc<App>>> = Mutex::new(HashMap::new());
+    for p in old.iter().chain(std::iter::once(&"b1".to_owned())) {
+        let app = App::start(bed.cluster.pod(p), 1, cfg)?;
+        apps.lock().expect("apps").insert(p.clone(), Arc::new(app));
+    }
+    let endpoints: Mutex<Vec<String>> =
+        Mutex::new(old.iter().cloned().chain(["b1".to_owned()]).collect());
+    bed.sync(&endpoints.lock().expect("endpoints"))?;
+
+    let shared = Shared {
+        t0: Instant::now(),
+        stop: AtomicBool::new(false),
+        released: Mutex::new(Vec::new()),
+        timeline: Mutex::new(Vec::new()),
+        seq: AtomicU64::new(0),
+    };
+    let keepalive = Load::new("HTTP keep-alive (4 conns, 20 req/s each)", false);
+    let close = Load::new("HTTP Connection: close (2 x 20 req/s)", false);
+    let slow = Load::new("HTTP /slow, Connection: close (2 back to back)", false);
+    let streams = Load::new("TCP streams (3 at a time)", true);
+    let udp = Load::new("UDP sessions (3 at a time)", true);
+    let loads = vec![
+        keepalive.clone(),
+        close.clone(),
+        slow.clone(),
+        streams.clone(),
+        udp.clone(),
+    ];
+
+    let mut releases = Vec::new();
+    thread::scope(|scope| -> Result<()> {
+        let client = bed.cluster.client();
+        macro_rules! spawn_load {
+            ($body:expr) => {
+                scope.spawn(move || {
+                    if let Err(e) = enter(client) {
+                        eprintln!("rollout: {e:#}");
+                        return;
+                    }
+                    $body;
+                })
+            };
+        }
+        let mut handles = Vec::new();
+        let sh = &shared;
+        for _ in 0..4 {
+            let l = keepalive.clone();
+            handles.push(spawn_load!(keepalive_client(
+                sh,
+                &l,
+                Duration::from_millis(50)
+            )));
+        }
+        for _ in 0..2 {
+            let l = close.clone();
+            handles.push(spawn_load!(close_client(
+                sh,
+                &l,
+                "/fast",
+                Duration::from_millis(50),
+                CLIENT_TIMEOUT
+            )));
+            let l = slow.clone();
+            let t = cfg.slow + CLIENT_TIMEOUT;
+            handles.push(spawn_load!(close_client(
+                sh,
+                &l,
+                "/slow",
+                Duration::ZERO,
+                t
+            )));
+        }
+        for i in 0..3 {
+            let l = streams.clone();
+            let life = cfg.session_life;
+            handles.push(spawn_load!({
+                thread::sleep(life / 3 * u32::try_from(i).unwrap_or(0));
+                stream_client(sh, &l, life);
+            }));
+            let l = udp.clone();
+            handles.push(spawn_load!({
+                thread::sleep(life / 3 * u32::try_from(i).unwrap_or(0));
+                udp_client(sh, &l, life, i);
+            }));
+        }
+        let result =
+            (|| -> Result<()> {
+                conndrain_tests::sleep(Duration::from_secs(3))?;
+                shared.event("loads running".into());
+                let mut kubelets = Vec::new();
+                for (i, (o, nw)) in old.iter().zip(&new).enumerate() {
+                    if i > 0 {
+                        conndrain_tests::sleep(cfg.step_gap)?;
+                    }
+                    // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
+                    let app = App::start(bed.cluster.pod(nw), 2, cfg)?;
+                    apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
+                    {
+                        let mut eps = endpoints.lock().expect("endpoints");
+                        eps.push(nw.clone());
+                        bed.sync(&eps)?;
+                    }
+                    shared.event(format!("{nw} (v2) ready and in the endpoints"));
+                    conndrain_tests::sleep(Duration::from_secs(1))?;
+                    let app = apps.lock().expect("apps")[o].clone();
+                    let (bed, eps, sh, cli) = (&bed, &endpoints, &shared, cli.clone());
+                    let o = o.clone();
+                    kubelets.push(scope.spawn(move || {
+                        kubelet(cfg, strategy, bed, eps, sh, cli.as_ref(), &o, &app)
+                    }));
+                }
+                for k in kubelets {
+                    releases.push(
+                        k.join()
+                            .map_err(|_| anyhow::anyhow!("the kubelet thread panicked"))??,
+                    );
+                }
+                conndrain_tests::sleep(Duration::from_secs(2))?;
+                Ok(())
+            })();
+        shared.stop.store(true, Ordering::SeqCst);
+        for h in handles {
+            let _ = h.join();
+        }
+        result
+    })?;
+    drop(apps);
+    drop(agent);
+    let timeline = shared.timeline.into_inner().expect("timeline");
+    Ok(Outcome {
+        strategy,
+        loads,
+        releases,
+        timeline,
+    })
+}
+
+/// The simulated kubelet (and endpoints controller) for the deletion of `pod`.
+#[allow(clippy::too_many_arguments)]
+fn kubelet(
+    cfg: &Config,
+    strategy: Strategy,
+    bed: &Bed,
+    endpoints: &Mutex<Vec<String>>,
+    sh: &Shared,
+    cli: Option<&Cli>,
+    pod: &str,
+    app: &App,
+) -> Result<Release> {
+    let t0 = Instant::now();
+    let deleted_at = sh.since();
+    sh.event(format!(
+        "kubectl delete pod {pod} (grace period {}s)",
+        cfg.grace.as_secs()
+    ));
+    thread::scope(|s| -> Result<Release> {
+        // The endpoints update, reaching kube-proxy after the propagation delay.
+        let ep = s.spawn(|| -> Result<()> {
+            conndrain_tests::sleep(cfg.propagation)?;
+            let eps = {
+                let mut eps = endpoints.lock().expect("endpoints");
+                eps.retain(|p| p != pod);
+                eps.clone()
+            };
+            bed.sync(&eps)?;
+            let ip: IpAddr = bed.cluster.pod(pod).ipv4().into();
+            let mut cleaned = 0;
+            for p in &bed.proxies {
+                cleaned += p.cleanup_udp_conntrack(ip)?;
+            }
+            sh.event(format!(
+                "kube-proxy synced without {pod}; UDP conntrack cleanup deleted {cleaned} entries"
+            ));
+            Ok(())
+        });
+        // The agent learns of the deletion (Kubernetes mode: deletionTimestamp).
+        if let Some(cli) = cli {
+            let deadline = (cfg.grace.as_secs_f64() - DEADLINE_MARGIN).to_string();
+            cli.ok(&[
+                "pod",
+                "terminate",
+                pod,
+                "--deadline",
+                &deadline,
+                "--quiet-period",
+                &QUIET_PERIOD.to_string(),
+            ])?;
+            sh.event(format!(
+                "conndrain: {pod} terminating (pins its established flows)"
+            ));
+        }
+        // preStop.
+        let pre = Instant::now();
+        let note = match strategy {
+            Strategy::None => "returns at once".to_owned(),
+            Strategy::Sleep => {
+                conndrain_tests::sleep(Duration::from_secs(cfg.sleep_secs).min(cfg.grace))?;
+                format!("slept {}s", cfg.sleep_secs)
+            }
+            Strategy::Conndrain => {
+                let mut cmd = bed
+                    .cluster
+                    .pod(pod)
+                    .ns()
+                    .command(&conndrain_bin().to_string_lossy());
+                cmd.args(["wait", "--fallback-sleep", &cfg.sleep_secs.to_string()])
+                    .env("HOST_IP", NODE_A_V4.to_string())
+                    .env("CONNDRAIN_WAIT_PORT", WAIT_PORT.to_string());
+                let out = Running::spawn(cmd)?.wait_exit(cfg.grace)?;
+                format!(
+                    "conndrain wait exit {}: {}",
+                    out.code,
+                    out.all().trim().replace('\n', " ")
+                )
+            }
+        };
+        let prestop_secs = pre.elapsed().as_secs_f64();
+        sh.event(format!(
+            "{pod} preStop done after {prestop_secs:.2}s ({note}); SIGTERM"
+        ));
+        app.sigterm();
+        let kill_at = t0 + cfg.grace;
+        let mut killed = false;
+        while !app.ended() {
+            if Instant::now() >= kill_at && !killed {
+                app.sigkill();
+                killed = true;
+                sh.event(format!("{pod}: grace period over, SIGKILL"));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let release_secs = t0.elapsed().as_secs_f64();
+        sh.released.lock().expect("released").push(app.name.clone());
+        sh.event(format!(
+            "{pod} released (app ended) {release_secs:.2}s after deletion"
+        ));
+        if let Some(cli) = cli {
+            cli.ok(&["pod", "remove", pod])?;
+        }
+        ep.join()
+            .map_err(|_| anyhow::anyhow!("the endpoints thread panicked"))??;
+        Ok(Release {
+            pod: pod.to_owned(),
+            deleted_at,
+            prestop_secs,
+            prestop_note: note,
+            release_secs,
+            killed,
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Tables.
+// ---------------------------------------------------------------------------
+
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    v[i as usize]
+}
+
+impl Outcome {
+    fn print(&self, cfg: &Config) {
+        println!("timeline (s since the loads started):");
+        for (t, e) in &self.timeline {
+            println!("  {t:6.2}  {e}");
+        }
+        println!();
+        println!(
+            "  {:<48} {:>7} {:>6} {:>8} {:>6} {:>8} {:>6} {:>6} {:>6}",
+            "load", "sent", "failed", "refused", "reset", "timeout", "wrong", "closed", "moved"
+        );
+        for l in &self.loads {
+            let t = l.tally.lock().expect("tally");
+            let k = |k: Kind| t.failed.get(&k).copied().unwrap_or(0);
+            let failed: u64 = t.failed.values().sum();
+            println!(
+                "  {:<48} {:>7} {:>6} {:>8} {:>6} {:>8} {:>6} {:>6} {:>6}{}",
+                l.name,
+                t.sent,
+                failed,
+                k(Kind::Refused),
+                k(Kind::Reset),
+                k(Kind::Timeout),
+                k(Kind::WrongVersion),
+                k(Kind::ClosedByServer),
+                k(Kind::Moved),
+                if k(Kind::Other) > 0 {
+                    format!("  (+{} other)", k(Kind::Other))
+                } else {
+                    String::new()
+                }
+            );
+        }
+        println!("  (for streams and UDP sessions: sent = opened, failed = broken)");
+        for l in &self.loads {
+            let t = l.tally.lock().expect("tally");
+            for s in &t.samples {
+                println!(
+                    "    e.g. {}: {s}",
+                    l.name.split(" (").next().unwrap_or(l.name)
+                );
+            }
+        }
+        for r in &self.releases {
+            println!(
+                "  {} deleted at {:.2}s: preStop {:.2}s ({}), released {:.2}s after deletion{}",
+                r.pod,
+                r.deleted_at,
+                r.prestop_secs,
+                r.prestop_note,
+                r.release_secs,
+                if r.killed {
+                    " (SIGKILL at the grace period)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let _ = cfg;
+    }
+
+    fn requests(&self) -> (u64, BTreeMap<Kind, u64>) {
+        let mut sent = 0;
+        let mut failed = BTreeMap::new();
+        for l in self.loads.iter().filter(|l| !l.sessions) {
+            let t = l.tally.lock().expect("tally");
+            sent += t.sent;
+            for (k, v) in &t.failed {
+                *failed.entry(*k).or_insert(0) += v;
+            }
+        }
+        (sent, failed)
+    }
+
+    fn sessions(&self, name_start: &str) -> (u64, u64) {
+        self.loads
+            .iter()
+            .filter(|l| l.name.starts_with(name_start))
+            .map(|l| {
+                let t = l.tally.lock().expect("tally");
+                (t.sent, t.failed.values().sum::<u64>())
+            })
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+}
+
+fn summary(cfg: &Config, results: &[Outcome]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| strategy | requests sent | failed | refused | reset | timeout | wrong version | streams broken | UDP sessions broken | release p50 | release max |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in results {
+        let (sent, failed) = r.requests();
+        let k = |k: Kind| failed.get(&k).copied().unwrap_or(0);
+        let total: u64 = failed.values().sum();
+        let (so, sb) = r.sessions("TCP streams");
+        let (uo, ub) = r.sessions("UDP sessions");
+        let rel: Vec<f64> = r.releases.iter().map(|x| x.release_secs).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {sent} | {total} | {} | {} | {} | {} | {sb}/{so} | {ub}/{uo} | {:.1}s | {:.1}s |",
+            r.strategy.label(cfg),
+            k(Kind::Refused),
+            k(Kind::Reset),
+            k(Kind::Timeout),
+            k(Kind::WrongVersion),
+            pct(rel.clone(), 0.5),
+            pct(rel, 1.0),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRelease: from `kubectl delete pod` to the pod's app ending (preStop + graceful shutdown), \
+         over {} pod(s) per strategy. Failed requests are HTTP requests (keep-alive, Connection: close, /slow); \
+         a stream or UDP session is broken if it could not be opened, failed, or was answered by another pod.",
+        cfg.replacements
+    );
+    out
+}
