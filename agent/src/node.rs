@@ -3,14 +3,17 @@
 //! drained or deadline as events arrive.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
 use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PROTO_UDP, direction, event_kind, stats, tcp_state,
+    FlowEvent, FlowKey, FlowValue, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, direction, event_kind, maps, stats,
+    tcp_state,
 };
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::{
@@ -58,6 +61,10 @@ struct Pod {
     ifindexes: Vec<u32>,
     termination: Option<Termination>,
     state: watch::Sender<PodState>,
+    /// No verdict before this time (`CLOCK_MONOTONIC` ns): a drain restored
+    /// with a new, empty flow table waits one quiet period, for its live
+    /// flows to be picked up again at their next packet.
+    hold_until_ns: u64,
 }
 
 struct Inner {
@@ -72,6 +79,106 @@ struct Inner {
     skipped: BTreeMap<String, String>,
     steering: crate::steering::Steering,
     metrics: std::sync::Arc<Metrics>,
+    /// Where the state is saved (`--bpffs` only), and whether it changed since.
+    persist: Option<Persist>,
+    /// Pods taken back from the saved state that nobody declared again yet:
+    /// declaring one again with the same IPs adopts it (Kubernetes mode
+    /// declares every pod it finds after a restart).
+    restored: BTreeSet<String>,
+    /// Likewise for their terminations: `is_terminating` says no until the
+    /// termination is declared again, which adopts the saved drain (so
+    /// Kubernetes mode follows it again and reports its outcome).
+    restored_drains: BTreeSet<String>,
+}
+
+struct Persist {
+    path: PathBuf,
+    boot_id: String,
+    /// Something changed since the last write (besides steering, which counts its own changes).
+    dirty: bool,
+    /// `Steering::changes` at the last write.
+    steering_changes: u64,
+}
+
+/// Version of the format of `Saved`; bump it when a change would misread
+/// an older file (new optional fields need no bump).
+const STATE_VERSION: u32 = 1;
+
+/// The agent's own state, saved as JSON on every change when the maps are
+/// pinned, and taken back at start: what the pinned maps do not hold.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    /// `STATE_VERSION`.
+    version: u32,
+    /// `LAYOUT_VERSION` of the maps this state went with. The state does not
+    /// depend on it: after a layout change the maps are new, and the pods,
+    /// drains and pins are written into them again from this state.
+    layout: u32,
+    /// `/proc/sys/kernel/random/boot_id`: the times below are
+    /// `CLOCK_MONOTONIC`, which survives a restart of the agent but not of the node.
+    boot_id: String,
+    pods: Vec<SavedPod>,
+    /// Attached to every interface (steering).
+    everywhere: bool,
+    steering: crate::steering::SavedSteering,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedPod {
+    name: String,
+    slot: u32,
+    ips: Vec<IpAddr>,
+    termination: Option<SavedTermination>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedTermination {
+    started_ns: u64,
+    deadline_ns: u64,
+    quiet_period_ns: u64,
+    new_inbound_at_start: u64,
+    outcome: Option<(PodState, u64)>,
+}
+
+/// The saved state at `path`, if there is one this agent can take back.
+fn read_saved(path: &std::path::Path, boot_id: &str) -> Option<Saved> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match serde_json::from_str::<Saved>(&text) {
+            Ok(s) if s.version != STATE_VERSION => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "ignoring a saved state of format v{}: this agent reads v{STATE_VERSION}",
+                    s.version
+                );
+                None
+            }
+            Ok(s) if s.boot_id != *boot_id => {
+                tracing::info!(path = %path.display(), "ignoring the state saved before the node rebooted");
+                None
+            }
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable saved state");
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the saved state");
+            None
+        }
+    }
+}
+
+/// Writes a file only root can read, like the socket next to it.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map_or_else(|_| String::new(), |s| s.trim().to_owned())
 }
 
 pub struct Node {
@@ -126,6 +233,9 @@ impl Node {
                 skipped: BTreeMap::new(),
                 steering: crate::steering::Steering::default(),
                 metrics: metrics.clone(),
+                persist: None,
+                restored: BTreeSet::new(),
+                restored_drains: BTreeSet::new(),
             }),
             wake: Notify::new(),
             settings,
@@ -156,8 +266,11 @@ impl Node {
         self.inner.lock().await.pods.keys().cloned().collect()
     }
 
+    /// Whether the pod's termination was declared (a drain restored from the
+    /// saved state counts once declared again: see `Inner::restored_drains`).
     pub async fn is_terminating(&self, name: &str) -> bool {
-        self.inner.lock().await.pods.get(name).is_some_and(|p| p.termination.is_some())
+        let inner = self.inner.lock().await;
+        !inner.restored_drains.contains(name) && inner.pods.get(name).is_some_and(|p| p.termination.is_some())
     }
 
     /// Follows a pod's state; `None` if there is no such pod.
@@ -194,6 +307,17 @@ impl Node {
             return Err(PodError::NoIps(name.to_owned()));
         }
         let mut inner = self.inner.lock().await;
+        if inner.restored.remove(name)
+            && let Some(pod) = inner.pods.get(name)
+        {
+            let (had, has): (BTreeSet<&IpAddr>, BTreeSet<&IpAddr>) = (pod.ips.iter().collect(), ips.iter().collect());
+            if had == has {
+                tracing::info!(pod = name, "pod declared again after a restart: keeping its saved state");
+                return Ok(());
+            }
+            tracing::info!(pod = name, "a new pod under the name of a restored one: the restored one is removed");
+            inner.remove(name)?;
+        }
         if inner.pods.contains_key(name) {
             return Err(PodError::Exists(name.to_owned()));
         }
@@ -212,7 +336,9 @@ impl Node {
         inner.by_slot.insert(slot, name.to_owned());
         inner.index.insert(slot, HashMap::new());
         let (state, _) = watch::channel(PodState::Serving);
-        inner.pods.insert(name.to_owned(), Pod { slot, ips, ifindexes, termination: None, state });
+        inner.pods.insert(name.to_owned(), Pod { slot, ips, ifindexes, termination: None, state, hold_until_ns: 0 });
+        inner.touch();
+        inner.save();
         Ok(())
     }
 
@@ -221,6 +347,10 @@ impl Node {
         let quiet = duration_ns("quiet period", req.quiet_period_secs, self.settings.default_quiet_period)?;
         let mut inner = self.inner.lock().await;
         let slot = inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?.slot;
+        if inner.restored_drains.remove(name) {
+            tracing::info!(pod = name, "termination declared again after a restart: the saved drain goes on");
+            return Ok(());
+        }
         let counters = inner.datapath.counters(slot)?;
         let pod = inner.pods.get_mut(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
         if pod.termination.is_some() {
@@ -238,6 +368,8 @@ impl Node {
         let ips = pod.ips.clone();
         inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
         tracing::info!(pod = name, deadline_s = secs(deadline), quiet_s = secs(quiet), "drain started");
+        inner.touch();
+        inner.save();
         drop(inner);
         self.wake.notify_one();
         // Pin its established flows before we answer, so a caller may cut the
@@ -253,6 +385,7 @@ impl Node {
             let mut inner = self.inner.lock().await;
             let deadline = now_ns().saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
             inner.steering.add_backend(&format!("remote {ip}"), &[ip], deadline);
+            inner.save();
         }
         self.refresh_pins().await;
     }
@@ -263,6 +396,7 @@ impl Node {
         let mut inner = self.inner.lock().await;
         let Inner { steering, datapath, .. } = &mut *inner;
         steering.mark_dead(datapath, &[ip], now_ns());
+        inner.save();
     }
 
     /// Learns the translations of terminating backends' flows from conntrack
@@ -285,6 +419,7 @@ impl Node {
         let mut inner = self.inner.lock().await;
         let Inner { steering, datapath, .. } = &mut *inner;
         steering.apply(datapath, &translations, now_ns()).await;
+        inner.save();
     }
 
     /// Keeps pins current: learns new ones while backends terminate, releases
@@ -296,20 +431,14 @@ impl Node {
             let mut inner = self.inner.lock().await;
             let Inner { steering, datapath, .. } = &mut *inner;
             steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
+            inner.save();
         }
     }
 
     pub async fn remove_pod(&self, name: &str) -> Result<(), PodError> {
         let mut inner = self.inner.lock().await;
-        let pod = inner.pods.remove(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
-        {
-            let Inner { steering, datapath, .. } = &mut *inner;
-            steering.mark_dead(datapath, &pod.ips, now_ns());
-        }
-        inner.by_slot.remove(&pod.slot);
-        inner.index.remove(&pod.slot);
-        inner.datapath.unregister_pod(&pod.ips, &pod.ifindexes);
-        tracing::info!(pod = name, "pod removed");
+        inner.remove(name)?;
+        inner.save();
         Ok(())
     }
 
@@ -364,6 +493,7 @@ impl Node {
         let now = now_ns();
         let t = self.settings.timeouts;
         let mut next: Option<u64> = None;
+        let mut changed = false;
         let names: Vec<String> = inner
             .pods
             .iter()
@@ -375,6 +505,10 @@ impl Node {
             let Ok(counters) = inner.datapath.counters(slot) else { continue };
             let (counts, flow_next, _) = inner.classify_pod(slot, now, t, false);
             let Some(pod) = inner.pods.get_mut(&name) else { continue };
+            if now < pod.hold_until_ns {
+                next = Some(next.map_or(pod.hold_until_ns, |n: u64| n.min(pod.hold_until_ns)));
+                continue;
+            }
             let Some(term) = pod.termination.as_mut() else { continue };
             let verdict = term.evaluate(&Observation {
                 now_ns: now,
@@ -391,6 +525,7 @@ impl Node {
                     "drain state"
                 );
                 pod.state.send_replace(verdict.state);
+                changed = true;
                 if verdict.state.is_final() {
                     let outcome = if verdict.state == PodState::Drained { "drained" } else { "deadline" };
                     self.metrics.drains.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
@@ -400,6 +535,10 @@ impl Node {
             for t in [verdict.next_check_ns, if verdict.state.is_final() { None } else { flow_next }].into_iter().flatten() {
                 next = Some(next.map_or(t, |n: u64| n.min(t)));
             }
+        }
+        if changed {
+            inner.touch();
+            inner.save();
         }
         next
     }
@@ -538,7 +677,228 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Takes back what an earlier agent left, before the node serves anyone.
+    /// Only with `--bpffs` (`state_file` is then where the state is saved;
+    /// without it nothing outlives the agent and nothing is saved).
+    ///
+    /// The pods, their terminations and the steering state come from the
+    /// saved file; the flows, counters and pins from the pinned maps, which
+    /// the programs kept up to date while no agent ran. The flow index is
+    /// rebuilt from one walk of `FLOWS`.
+    pub async fn restore(&self, state_file: Option<PathBuf>) {
+        let Some(path) = state_file else { return };
+        let mut inner = self.inner.lock().await;
+        let boot_id = boot_id();
+        let saved = read_saved(&path, &boot_id);
+        inner.persist = Some(Persist { path, boot_id, dirty: true, steering_changes: 0 });
+        let now = now_ns();
+        if let Some(saved) = saved {
+            inner.restore_pods(saved.pods, now).await;
+            let Inner { steering, datapath, .. } = &mut *inner;
+            *steering = crate::steering::Steering::restore(saved.steering, datapath, now).await;
+            if (saved.everywhere || steering.pinned() > 0)
+                && let Err(e) = datapath.attach_everywhere()
+            {
+                tracing::warn!(error = %e, "attaching to every interface again (steering)");
+            }
+        }
+        // IPs of pods the state does not know (it was lost, or we were killed
+        // between registering and saving) would count into slots that may be
+        // handed out again.
+        let known: HashMap<IpAddr, u32> =
+            inner.pods.values().flat_map(|p| p.ips.iter().map(|ip| (*ip, p.slot))).collect();
+        inner.datapath.retain_pod_ips(|ip, slot| known.get(&ip) == Some(&slot));
+        inner.datapath.finish_restore();
+        // The flow index, as the events built it: live UDP flows and
+        // established or closing TCP flows of our pods. This walk of FLOWS,
+        // once at start, is the only full-table walk the agent makes on its
+        // own (listings walk it when someone asks); afterwards events and
+        // point lookups keep the index, as they always do.
+        let mut indexed = 0usize;
+        match inner.datapath.all_flows() {
+            Ok(flows) => {
+                for (k, v) in flows {
+                    let live = k.proto == PROTO_UDP || tcp_state::is_active(v.state);
+                    if live && let Some(index) = inner.index.get_mut(&v.pod_slot) {
+                        index.insert(k, v.first_seen_ns);
+                        indexed += 1;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the flow table to rebuild the flow index"),
+        }
+        tracing::info!(
+            pods = inner.pods.len(),
+            terminating = inner.pods.values().filter(|p| p.termination.is_some()).count(),
+            pinned_flows = inner.steering.pinned(),
+            indexed_flows = indexed,
+            interfaces = inner.datapath.interfaces().count(),
+            "state restored"
+        );
+        inner.save();
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    /// Removes the pods restored from the saved state that nobody declared
+    /// again: Kubernetes mode calls it after its first pod sync, which
+    /// declares every pod still on the node.
+    pub async fn forget_undeclared(&self) {
+        let mut inner = self.inner.lock().await;
+        let names: Vec<String> = inner.restored.iter().cloned().collect();
+        for name in names {
+            tracing::info!(pod = %name, "a restored pod was not declared again (deleted while the agent was down): removing it");
+            let _ = inner.remove(&name);
+        }
+        inner.save();
+    }
+
+    /// Whether the programs stay attached (and the state saved) when the agent exits.
+    pub async fn keeps_attached_on_exit(&self) -> bool {
+        self.inner.lock().await.datapath.keeps_attached_on_exit()
+    }
+
+    /// `--detach-on-exit`: unregisters every pod (detaching the programs),
+    /// then removes the pinned maps and the saved state, so the next agent
+    /// starts afresh.
+    pub async fn detach_all(&self) {
+        for name in self.names().await {
+            let _ = self.remove_pod(&name).await;
+        }
+        let mut inner = self.inner.lock().await;
+        inner.datapath.remove_pins();
+        if let Some(p) = inner.persist.take()
+            && let Err(e) = std::fs::remove_file(&p.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %p.path.display(), error = %e, "removing the saved state");
+        }
+    }
+}
+
 impl Inner {
+    /// Registers the saved pods again, under their old slots, with their drains.
+    async fn restore_pods(&mut self, pods: Vec<SavedPod>, now: u64) {
+        // The counters were kept if their map was: else the snapshots
+        // taken at termination refer to counts that are gone.
+        let counters_kept = self.datapath.reused(maps::POD_COUNTERS);
+        // Likewise the flows: if the table is new (a layout change), the
+        // live flows come back only at their next packet.
+        let flows_kept = self.datapath.flows_kept();
+        for p in pods {
+            if p.slot >= datapath::MAX_POD_SLOTS || self.by_slot.contains_key(&p.slot) || self.pods.contains_key(&p.name) {
+                tracing::warn!(pod = %p.name, slot = p.slot, "ignoring a saved pod that clashes with another");
+                continue;
+            }
+            let ifindexes = self.datapath.restore_pod(p.slot, &p.ips).await;
+            let termination = p.termination.map(|t| Termination {
+                started_ns: t.started_ns,
+                deadline_ns: t.deadline_ns,
+                quiet_period_ns: t.quiet_period_ns,
+                new_inbound_at_start: if counters_kept { t.new_inbound_at_start } else { 0 },
+                outcome: t.outcome,
+            });
+            let state = match &termination {
+                None => PodState::Serving,
+                Some(t) => t.outcome.map_or(PodState::Draining, |(s, _)| s),
+            };
+            self.by_slot.insert(p.slot, p.name.clone());
+            self.index.insert(p.slot, HashMap::new());
+            self.restored.insert(p.name.clone());
+            if termination.is_some() {
+                self.restored_drains.insert(p.name.clone());
+            }
+            let (state, _) = watch::channel(state);
+            let hold_until_ns = match &termination {
+                Some(t) if !flows_kept && t.outcome.is_none() => {
+                    tracing::warn!(
+                        pod = %p.name,
+                        "the flow table is new: the drain waits one quiet period for the pod's flows to show again"
+                    );
+                    now.saturating_add(t.quiet_period_ns)
+                }
+                _ => 0,
+            };
+            self.pods.insert(p.name, Pod { slot: p.slot, ips: p.ips, ifindexes, termination, state, hold_until_ns });
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), PodError> {
+        let pod = self.pods.remove(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        self.restored.remove(name);
+        self.restored_drains.remove(name);
+        self.touch();
+        {
+            let Inner { steering, datapath, .. } = &mut *self;
+            steering.mark_dead(datapath, &pod.ips, now_ns());
+        }
+        self.by_slot.remove(&pod.slot);
+        self.index.remove(&pod.slot);
+        self.datapath.unregister_pod(&pod.ips, &pod.ifindexes);
+        tracing::info!(pod = name, "pod removed");
+        Ok(())
+    }
+
+    /// Marks the state changed, to be saved by the next `save`.
+    fn touch(&mut self) {
+        if let Some(p) = self.persist.as_mut() {
+            p.dirty = true;
+        }
+    }
+
+    /// Writes the state if it changed since the last write (`--bpffs` only).
+    /// Written to a temporary file and renamed, so a kill -9 leaves the old
+    /// state or the new one, never half of one. Not synced to disk: the
+    /// state is worth nothing after a reboot anyway (see `Saved::boot_id`).
+    fn save(&mut self) {
+        let Some(p) = &self.persist else { return };
+        if !p.dirty && p.steering_changes == self.steering.changes() {
+            return;
+        }
+        let saved = Saved {
+            version: STATE_VERSION,
+            layout: LAYOUT_VERSION,
+            boot_id: p.boot_id.clone(),
+            pods: self
+                .pods
+                .iter()
+                .map(|(name, pod)| SavedPod {
+                    name: name.clone(),
+                    slot: pod.slot,
+                    ips: pod.ips.clone(),
+                    termination: pod.termination.as_ref().map(|t| SavedTermination {
+                        started_ns: t.started_ns,
+                        deadline_ns: t.deadline_ns,
+                        quiet_period_ns: t.quiet_period_ns,
+                        new_inbound_at_start: t.new_inbound_at_start,
+                        outcome: t.outcome,
+                    }),
+                })
+                .collect(),
+            everywhere: self.datapath.everywhere(),
+            steering: self.steering.save(),
+        };
+        let text = match serde_json::to_string_pretty(&saved) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "serializing the state");
+                return;
+            }
+        };
+        let changes = self.steering.changes();
+        let Some(p) = self.persist.as_mut() else { return };
+        let tmp = p.path.with_extension("json.tmp");
+        let written = write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &p.path));
+        match written {
+            Ok(()) => {
+                p.dirty = false;
+                p.steering_changes = changes;
+            }
+            Err(e) => tracing::warn!(path = %p.path.display(), error = %e, "saving the state"),
+        }
+    }
+
     /// Counts the pod's indexed flows by point lookups (never a table walk).
     /// Drops index entries whose flow is gone or was replaced (evicted or
     /// timed out). Returns the counts, the next time a flow changes class on

@@ -15,6 +15,10 @@
 //! released when its flow closes (FIN both ways or RST), when a UDP flow is
 //! idle for the UDP timeout, at the backend's deadline, or shortly after its
 //! pod is removed (then TCP segments are answered with a RST meanwhile).
+//!
+//! With `--bpffs`, the node saves this state (`save`) on every change and a
+//! restarted agent takes it back (`restore`): the `PINS` entries themselves
+//! stayed in the pinned map and kept steering while no agent ran.
 
 use std::{
     collections::HashMap,
@@ -27,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::{self, Datapath};
 
 /// What conntrack says one flow was translated to.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Translation {
     pub proto: u8,
     pub orig_src: SocketAddr,
@@ -91,6 +95,8 @@ struct Backend {
 
 struct Pinned {
     rev: WireKey,
+    /// What the pin was made from: enough to make it again.
+    translation: Translation,
     view: PinView,
     backend_ip: IpAddr,
     deadline_ns: u64,
@@ -111,6 +117,8 @@ pub struct Steering {
     pins: HashMap<WireKey, Pinned>,
     /// Reverse key → forward key, to label flows seen from the pod's side.
     by_rev: HashMap<WireKey, WireKey>,
+    /// Counts changes to what `save` returns, so the node saves only then.
+    changes: u64,
 }
 
 fn wire_key(proto: u8, src: SocketAddr, dst: SocketAddr) -> WireKey {
@@ -142,20 +150,30 @@ impl Steering {
         self.pins.len()
     }
 
+    /// Goes up with every change to the saved state.
+    #[must_use]
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
     /// Starts pinning the flows of `ips` (a terminating pod) until `deadline_ns`.
     pub fn add_backend(&mut self, pod: &str, ips: &[IpAddr], deadline_ns: u64) {
         for ip in ips {
             self.backends.insert(*ip, Backend { pod: pod.to_owned(), deadline_ns });
         }
+        self.changes += 1;
     }
 
     /// The pod is gone: its pinned TCP flows get a RST on their next segment.
     pub fn mark_dead(&mut self, dp: &mut Datapath, ips: &[IpAddr], now: u64) {
         for ip in ips {
-            self.backends.remove(ip);
+            if self.backends.remove(ip).is_some() {
+                self.changes += 1;
+            }
         }
         for (fwd, p) in &mut self.pins {
             if ips.contains(&p.backend_ip) && p.dead_ns.is_none() {
+                self.changes += 1;
                 p.dead_ns = Some(now);
                 p.view.dead = true;
                 if let Some(mut pin) = dp.pin(fwd) {
@@ -197,8 +215,21 @@ impl Steering {
                 dead: false,
             };
             tracing::info!(client = %view.client, frontend = %view.frontend, backend = %view.backend, "pinned flow");
+            self.changes += 1;
             self.by_rev.insert(rev, fwd);
-            self.pins.insert(fwd, Pinned { rev, view, backend_ip, deadline_ns, pinned_ns: now, closed_ns: None, dead_ns: None });
+            self.pins.insert(
+                fwd,
+                Pinned {
+                    rev,
+                    translation: t.clone(),
+                    view,
+                    backend_ip,
+                    deadline_ns,
+                    pinned_ns: now,
+                    closed_ns: None,
+                    dead_ns: None,
+                },
+            );
         }
     }
 
@@ -236,7 +267,11 @@ impl Steering {
     /// Releases pins whose flow closed, went idle (UDP), passed its deadline,
     /// or whose pod is gone; forgets backends past their deadline.
     pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) {
+        let before = self.backends.len();
         self.backends.retain(|_, b| now < b.deadline_ns);
+        if self.backends.len() != before {
+            self.changes += 1;
+        }
         let mut release = Vec::new();
         for (fwd, p) in &mut self.pins {
             let (f, r) = (dp.pin(fwd).unwrap_or_default(), dp.pin(&p.rev).unwrap_or_default());
@@ -244,6 +279,7 @@ impl Steering {
             let closed = (f.flags & r.flags & pin_flags::FIN != 0) || ((f.flags | r.flags) & pin_flags::RST != 0);
             if closed && p.closed_ns.is_none() {
                 p.closed_ns = Some(now);
+                self.changes += 1;
             }
             let why = if p.closed_ns.is_some_and(|c| now >= c + LINGER_NS) {
                 Some("closed")
@@ -263,6 +299,7 @@ impl Steering {
         }
         for fwd in release {
             if let Some(p) = self.pins.remove(&fwd) {
+                self.changes += 1;
                 self.by_rev.remove(&p.rev);
                 dp.pin_remove(&fwd);
                 dp.pin_remove(&p.rev);
@@ -282,4 +319,172 @@ impl Steering {
         v.sort_by(|a, b| (&a.pod, &a.client).cmp(&(&b.pod, &b.client)));
         v
     }
+
+    /// The state to persist (times are `CLOCK_MONOTONIC` ns, valid until a reboot).
+    #[must_use]
+    pub fn save(&self) -> SavedSteering {
+        let mut backends: Vec<SavedBackend> = self
+            .backends
+            .iter()
+            .map(|(ip, b)| SavedBackend { ip: *ip, pod: b.pod.clone(), deadline_ns: b.deadline_ns })
+            .collect();
+        backends.sort_by_key(|b| b.ip);
+        let mut pins: Vec<SavedPin> = self
+            .pins
+            .values()
+            .map(|p| SavedPin {
+                translation: p.translation.clone(),
+                view: p.view.clone(),
+                deadline_ns: p.deadline_ns,
+                pinned_ns: p.pinned_ns,
+                closed_ns: p.closed_ns,
+                dead_ns: p.dead_ns,
+            })
+            .collect();
+        pins.sort_by(|a, b| (&a.view.pod, &a.view.client).cmp(&(&b.view.pod, &b.view.client)));
+        SavedSteering { backends, pins }
+    }
+
+    /// Takes back a saved state at start. The pinned `PINS` map is the truth
+    /// for which flows are pinned: a saved pin missing from it (the map is
+    /// new: first start with `--bpffs`, or a layout change) is written again;
+    /// an entry the state does not know (we were killed between writing it
+    /// and saving) is adopted when its backend is known, else removed.
+    pub async fn restore(saved: SavedSteering, dp: &mut Datapath, now: u64) -> Self {
+        let mut s = Self::default();
+        for b in saved.backends {
+            s.backends.insert(b.ip, Backend { pod: b.pod, deadline_ns: b.deadline_ns });
+        }
+        let mut rewritten = 0;
+        for p in saved.pins {
+            let t = p.translation;
+            let fwd = wire_key(t.proto, t.orig_src, t.orig_dst);
+            let rev = wire_key(t.proto, t.reply_src, t.reply_dst);
+            if dp.pin(&fwd).is_none() || dp.pin(&rev).is_none() {
+                if let Err(e) = s.pin(dp, &t, fwd, rev).await {
+                    tracing::warn!(error = %e, client = %p.view.client, "cannot pin a saved flow again; it is dropped");
+                    continue;
+                }
+                if p.dead_ns.is_some()
+                    && let Some(mut pin) = dp.pin(&fwd)
+                {
+                    pin.flags |= pin_flags::DEAD;
+                    let _ = dp.pin_insert(&fwd, &pin);
+                }
+                rewritten += 1;
+            }
+            s.by_rev.insert(rev, fwd);
+            let backend_ip = canonical(t.reply_src).ip();
+            s.pins.insert(
+                fwd,
+                Pinned {
+                    rev,
+                    translation: t,
+                    view: p.view,
+                    backend_ip,
+                    deadline_ns: p.deadline_ns,
+                    pinned_ns: p.pinned_ns,
+                    closed_ns: p.closed_ns,
+                    dead_ns: p.dead_ns,
+                },
+            );
+        }
+        let (adopted, removed) = s.adopt_unsaved(dp, now);
+        s.changes = 1;
+        if rewritten + adopted + removed > 0 {
+            tracing::info!(
+                rewritten,
+                adopted,
+                removed,
+                "pinned flows reconciled with the PINS map (rewritten: saved but missing from the map; \
+                 adopted: in the map but not saved; removed: in the map with no known backend)"
+            );
+        }
+        s
+    }
+
+    /// The `PINS` entries the saved state does not know: adopted as forward
+    /// entries when their backend is known and their reverse entry is there,
+    /// else removed (they would steer forever). Returns (adopted, removed).
+    fn adopt_unsaved(&mut self, dp: &mut Datapath, now: u64) -> (usize, usize) {
+        let (mut adopted, mut removed) = (0, 0);
+        let entries = dp.all_pins();
+        let present: std::collections::HashSet<WireKey> = entries.iter().map(|(k, _)| *k).collect();
+        for (key, pin) in &entries {
+            if self.pins.contains_key(key) || self.by_rev.contains_key(key) {
+                continue;
+            }
+            // Read as a forward entry: client → frontend, rewritten to snat-or-client → backend.
+            let ip = |b| datapath::ip_from_bytes(b, key.family);
+            let t = Translation {
+                proto: key.proto,
+                orig_src: SocketAddr::new(ip(key.src), key.sport),
+                orig_dst: SocketAddr::new(ip(key.dst), key.dport),
+                reply_src: SocketAddr::new(ip(pin.new_dst), pin.new_dport),
+                reply_dst: SocketAddr::new(ip(pin.new_src), pin.new_sport),
+                live: true,
+            };
+            let backend_ip = canonical(t.reply_src).ip();
+            let rev = wire_key(t.proto, t.reply_src, t.reply_dst);
+            let Some(b) = self.backends.get(&backend_ip) else { continue };
+            if !present.contains(&rev) {
+                continue;
+            }
+            let view = PinView {
+                proto: if t.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
+                client: canonical(t.orig_src).to_string(),
+                frontend: canonical(t.orig_dst).to_string(),
+                backend: canonical(t.reply_src).to_string(),
+                backend_peer: canonical(t.reply_dst).to_string(),
+                pod: b.pod.clone(),
+                dead: pin.flags & pin_flags::DEAD != 0,
+            };
+            let deadline_ns = b.deadline_ns;
+            self.by_rev.insert(rev, *key);
+            self.pins.insert(
+                *key,
+                Pinned {
+                    rev,
+                    translation: t,
+                    view,
+                    backend_ip,
+                    deadline_ns,
+                    pinned_ns: now,
+                    closed_ns: None,
+                    dead_ns: (pin.flags & pin_flags::DEAD != 0).then_some(now),
+                },
+            );
+            adopted += 1;
+        }
+        for (key, _) in &entries {
+            if !self.pins.contains_key(key) && !self.by_rev.contains_key(key) {
+                dp.pin_remove(key);
+                removed += 1;
+            }
+        }
+        (adopted, removed)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SavedSteering {
+    pub backends: Vec<SavedBackend>,
+    pub pins: Vec<SavedPin>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedBackend {
+    pub ip: IpAddr,
+    pub pod: String,
+    pub deadline_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedPin {
+    pub translation: Translation,
+    pub view: PinView,
+    pub deadline_ns: u64,
+    pub pinned_ns: u64,
+    pub closed_ns: Option<u64>,
+    pub dead_ns: Option<u64>,
 }

@@ -177,6 +177,77 @@ impl Agent {
             .ok_or_else(|| anyhow!("the agent is not running"))?;
         terminate(&mut child)
     }
+
+    /// Kills the agent with SIGKILL (no chance to clean up: a crash, an OOM
+    /// kill) and returns how it exited.
+    pub fn kill9(&mut self) -> Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("the agent is not running"))?;
+        child.kill()?;
+        Ok(child.wait()?)
+    }
+
+    /// Starts the agent again after [`stop`](Self::stop) or
+    /// [`kill9`](Self::kill9), in `node`, with the same socket (so the same
+    /// default state directory) and log file (appended to), `--standalone`
+    /// and `extra`; waits until `conndrain status` answers.
+    pub fn restart(&mut self, node: &Netns, extra: &[&str]) -> Result<()> {
+        let mut args = vec!["--standalone"];
+        args.extend_from_slice(extra);
+        self.restart_with(node, &args)
+    }
+
+    /// Like [`restart`](Self::restart) with the whole `conndrain agent` argument list.
+    pub fn restart_with(&mut self, node: &Netns, args: &[&str]) -> Result<()> {
+        if self.is_running() {
+            bail!("the agent is still running; stop or kill it first");
+        }
+        let bin = existing_bin()?;
+        let out = File::options()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let mut cmd = node.command(&bin.to_string_lossy());
+        cmd.arg("--socket").arg(&self.socket).arg("agent").args(args);
+        cmd.env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let shown = show(&cmd);
+        self.child = Some(cmd.spawn().with_context(|| format!("starting `{shown}`"))?);
+        let cli = self.cli();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                bail!("`{shown}` exited with {status} before answering; its log:\n{}", self.log());
+            }
+            match cli.run(&["status"]) {
+                Ok(out) if out.code == 0 => return Ok(()),
+                Ok(out) if start.elapsed() >= TIMEOUT => bail!(
+                    "`{shown}` did not answer `conndrain status` within {TIMEOUT:?} (last: exit {}, {}); its log:\n{}",
+                    out.code,
+                    out.stderr.trim(),
+                    self.log()
+                ),
+                Err(e) if start.elapsed() >= TIMEOUT => {
+                    return Err(e.context(format!("waiting for `{shown}`; its log:\n{}", self.log())));
+                }
+                _ => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
 }
 
 /// SIGTERM, up to 5 s for a clean exit, then SIGKILL.

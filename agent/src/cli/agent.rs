@@ -23,9 +23,19 @@ pub struct Args {
     /// Run without Kubernetes: pods are declared with `conndrain pod`.
     #[arg(long)]
     pub standalone: bool,
-    /// Pin the flow and pod maps under this bpffs directory.
+    /// Pin the maps and programs under this bpffs directory, and save the pods
+    /// and drains in --state-dir, so that a restart or an upgrade of the agent
+    /// loses no flow, pin or drain: the programs keep running while it is down.
     #[arg(long, env = "CONNDRAIN_BPFFS")]
     pub bpffs: Option<std::path::PathBuf>,
+    /// With --bpffs: where the agent saves its pods, drains and pinned flows
+    /// (a file, state.json). Default: the directory of the socket.
+    #[arg(long)]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// With --bpffs: on SIGTERM, detach the programs and remove the pinned maps
+    /// and saved state, instead of leaving them for the next agent.
+    #[arg(long)]
+    pub detach_on_exit: bool,
     /// Size of the flow table (entries; LRU when full).
     #[arg(long, env = "CONNDRAIN_MAX_FLOWS", default_value_t = conndrain_common::DEFAULT_MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
@@ -79,6 +89,14 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Where the state is saved: only with `--bpffs` (without it nothing of the
+/// datapath outlives the agent, so there is nothing to take back).
+fn state_file(args: &Args, socket: &Path) -> Option<std::path::PathBuf> {
+    args.bpffs.as_ref()?;
+    let dir = args.state_dir.clone().or_else(|| socket.parent().map(Path::to_path_buf));
+    Some(dir.unwrap_or_else(|| "/run/conndrain".into()).join("state.json"))
+}
+
 fn ns(secs: f64) -> u64 {
     u64::try_from(Duration::from_secs_f64(secs).as_nanos()).unwrap_or(u64::MAX)
 }
@@ -113,6 +131,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         max_flows: args.max_flows,
         udp_timeout_ns: ns(args.udp_timeout),
         bpffs: args.bpffs.clone(),
+        detach_on_exit: args.detach_on_exit,
     });
     let (datapath, mut events) = match loaded {
         Ok(v) => v,
@@ -139,6 +158,8 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
             mode,
         },
     ));
+    // Take back what an earlier agent left (--bpffs), before serving anyone.
+    node.restore(state_file(&args, socket)).await;
     let ready = Arc::new(AtomicBool::new(kube.is_none()));
     let node_api = Arc::new(NodeApi {
         node: node.clone(),
@@ -157,15 +178,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     };
     let kube_task = async {
         match kube {
-            Some((client, node_name)) => {
-                let settings = crate::kubernetes::Settings {
-                    node_name,
-                    deadline_margin: Duration::from_secs_f64(args.deadline_margin),
-                    min_write_interval: Duration::from_secs_f64(args.min_write_interval),
-                    remote_pin_limit: Duration::from_secs_f64(args.remote_pin_limit),
-                };
-                crate::kubernetes::run(client, node.clone(), settings, ready.clone()).await
-            }
+            Some((client, node_name)) => kubernetes(client, node_name, &args, node.clone(), ready.clone()).await,
             None => std::future::pending().await,
         }
     };
@@ -183,9 +196,58 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         _ = term.recv() => { tracing::info!("terminated, shutting down"); Ok(()) }
     };
     let _ = std::fs::remove_file(socket);
-    // Unregister every pod so the programs are detached before we go.
-    for name in node.names().await {
-        let _ = node.remove_pod(&name).await;
-    }
+    shut_down(&node, args.bpffs.is_some()).await;
     result
+}
+
+/// Kubernetes mode: the pod and endpoint watches, and once the first pod
+/// sync is done, forgetting the restored pods it did not declare again.
+async fn kubernetes(
+    client: kube::Client,
+    node_name: String,
+    args: &Args,
+    node: Arc<Node>,
+    ready: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let settings = crate::kubernetes::Settings {
+        node_name,
+        deadline_margin: Duration::from_secs_f64(args.deadline_margin),
+        min_write_interval: Duration::from_secs_f64(args.min_write_interval),
+        remote_pin_limit: Duration::from_secs_f64(args.remote_pin_limit),
+    };
+    let forget = async {
+        forget_undeclared(&node, &ready).await;
+        std::future::pending::<()>().await;
+    };
+    // `forget` never ends, so this is the watches' result.
+    tokio::select! {
+        r = crate::kubernetes::run(client, node.clone(), settings, ready.clone()) => r,
+        () = forget => Ok(()),
+    }
+}
+
+/// Kubernetes mode: once the first pod sync declared every pod of the node,
+/// the pods restored from the saved state that it did not declare again were
+/// deleted while no agent ran.
+async fn forget_undeclared(node: &Node, synced: &AtomicBool) {
+    while !synced.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.forget_undeclared().await;
+}
+
+async fn shut_down(node: &Node, pinned: bool) {
+    if node.keeps_attached_on_exit().await {
+        // --bpffs: an exit is a restart or an upgrade. The programs run on
+        // with the pinned maps and links, the state is saved; the next agent
+        // takes them over. (--detach-on-exit to clean up instead.)
+        tracing::info!("leaving the programs attached and the state saved for the next agent");
+    } else if pinned {
+        node.detach_all().await;
+    } else {
+        // Unregister every pod so the programs are detached before we go.
+        for name in node.names().await {
+            let _ = node.remove_pod(&name).await;
+        }
+    }
 }

@@ -4,12 +4,13 @@
 mod attach;
 mod events;
 pub mod features;
+mod pinning;
 mod route;
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeSet, HashMap as StdHashMap},
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use aya::{
@@ -17,7 +18,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use conndrain_common::{
-    Config, FlowKey, FlowValue, MAX_PODS, Pin, PodCounters, PodIpKey, WireKey, maps, stats,
+    Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, WireKey, maps, stats,
 };
 
 pub use attach::AttachMode;
@@ -33,8 +34,11 @@ pub struct LoadOptions {
     pub max_flows: u32,
     /// A UDP flow idle this long is over.
     pub udp_timeout_ns: u64,
-    /// Where to pin the maps (bpffs), if anywhere.
+    /// Where to pin the maps and links (bpffs), if anywhere: see `pinning.rs`.
     pub bpffs: Option<PathBuf>,
+    /// With `bpffs`: detach and unpin everything when the agent exits, instead
+    /// of leaving the programs running for the next agent.
+    pub detach_on_exit: bool,
 }
 
 /// An interface we attached to, and how many registered pods route through it.
@@ -55,6 +59,14 @@ pub struct Datapath {
     route: route::Router,
     /// Attached to every interface (for steering).
     everywhere: bool,
+    /// `--bpffs`: where the maps and links are pinned.
+    pins: Option<pinning::PinDir>,
+    /// The pinned maps that came back from an earlier agent (the others are new).
+    reused: BTreeSet<&'static str>,
+    /// The earlier flow table, when its size changed: copied at `finish_restore`.
+    old_flows: Option<MapData>,
+    /// On exit (drop), leave the programs attached for the next agent.
+    keep_on_exit: bool,
 }
 
 impl Datapath {
@@ -65,10 +77,25 @@ impl Datapath {
         }
         let features = Features::detect();
         features.require()?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::FLOWS, opts.max_flows)
-            .load(crate::EBPF_OBJECT)
-            .map_err(|source| Error::Load { source: Box::new(source) })?;
+        let pins = opts.bpffs.as_deref().map(pinning::PinDir::prepare).transpose()?;
+        let checked = pins.as_ref().map(|p| pinning::check_maps(p, opts.max_flows)).unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::FLOWS, opts.max_flows);
+        let paths: Vec<(&str, PathBuf)> =
+            pins.iter().flat_map(|p| PINNED_MAPS.iter().map(|name| (*name, p.map_path(name)))).collect();
+        for (name, path) in &paths {
+            // Opened if pinned there (checked above), else created and pinned there.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|source| Error::Load { source: Box::new(source) })?;
+        if let Some(p) = &pins {
+            tracing::info!(
+                dir = %p.dir().display(),
+                reused = ?checked.reused,
+                new = ?PINNED_MAPS.iter().filter(|m| !checked.reused.contains(*m)).collect::<Vec<_>>(),
+                "maps pinned"
+            );
+        }
         {
             let mut config: Array<_, Config> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
@@ -76,16 +103,143 @@ impl Datapath {
                 .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns }, 0)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
         }
-        if let Some(dir) = &opts.bpffs {
-            pin_maps(&ebpf, dir)?;
-        }
         let mode = attach::load_programs(&mut ebpf)?;
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
+        let keep_on_exit = pins.is_some() && !opts.detach_on_exit;
         Ok((
-            Self { ebpf, features, mode, max_flows: opts.max_flows, interfaces: StdHashMap::new(), route, everywhere: false },
+            Self {
+                ebpf,
+                features,
+                mode,
+                max_flows: opts.max_flows,
+                interfaces: StdHashMap::new(),
+                route,
+                everywhere: false,
+                pins,
+                reused: checked.reused,
+                old_flows: checked.old_flows,
+                keep_on_exit,
+            },
             events,
         ))
+    }
+
+    /// Whether the pinned map `name` came back from an earlier agent with its
+    /// contents (false: it is new and empty).
+    #[must_use]
+    pub fn reused(&self, name: &str) -> bool {
+        self.reused.contains(name)
+    }
+
+    /// Whether the flows tracked before the start are in the flow table: it
+    /// was reused, or resized and copied (at `finish_restore`).
+    #[must_use]
+    pub fn flows_kept(&self) -> bool {
+        self.reused.contains(maps::FLOWS) || self.old_flows.is_some()
+    }
+
+    /// Whether the programs stay attached when we exit.
+    #[must_use]
+    pub fn keeps_attached_on_exit(&self) -> bool {
+        self.keep_on_exit
+    }
+
+    #[must_use]
+    pub fn everywhere(&self) -> bool {
+        self.everywhere
+    }
+
+    /// Registers a pod restored from the saved state under its old `slot`:
+    /// like `register_pod`, but keeps its counters (the programs kept them
+    /// while we were away), adopts the links pinned for its interfaces, and
+    /// keeps going without the interfaces it cannot find (the pod's network
+    /// may be gone; its removal will follow).
+    pub async fn restore_pod(&mut self, slot: u32, ips: &[IpAddr]) -> Vec<u32> {
+        let mut ifindexes = Vec::new();
+        for ip in ips {
+            match self.route.oif(*ip).await {
+                Ok(i) if !ifindexes.contains(&i) => ifindexes.push(i),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%ip, error = %e, "restoring a pod: no interface for this IP"),
+            }
+        }
+        let mut attached = Vec::new();
+        for ifindex in ifindexes {
+            match self.attach(ifindex) {
+                Ok(()) => attached.push(ifindex),
+                Err(e) => tracing::warn!(ifindex, error = %e, "restoring a pod: cannot attach"),
+            }
+        }
+        if let Ok(mut pod_ips) = self.pod_ips_mut() {
+            for ip in ips {
+                if let Err(e) = pod_ips.insert(ip_key(*ip), slot, 0) {
+                    tracing::warn!(%ip, error = %e, "restoring a pod IP");
+                }
+            }
+        }
+        attached
+    }
+
+    /// Removes the pod IPs for which `keep(ip, slot)` is false: IPs an
+    /// earlier agent registered and this one does not know.
+    pub fn retain_pod_ips(&mut self, keep: impl Fn(IpAddr, u32) -> bool) {
+        let Ok(mut pod_ips) = self.pod_ips_mut() else { return };
+        let stale: Vec<PodIpKey> = pod_ips
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, slot)| !keep(ip_from_bytes(k.addr, conndrain_common::FAMILY_V4), *slot))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = pod_ips.remove(k);
+        }
+        if !stale.is_empty() {
+            tracing::info!(count = stale.len(), "removed pod IPs no registered pod has");
+        }
+    }
+
+    /// Ends a start with `--bpffs`, once the restored pods and pins are back:
+    /// copies the flows of a resized flow table into the new one, and
+    /// detaches the links pinned for interfaces nothing needs any more.
+    pub fn finish_restore(&mut self) {
+        if let Some(old) = self.old_flows.take() {
+            // A second walk, only when --max-flows changed. The programs write
+            // to the new table already (their links were swapped), so flows
+            // they created since win: BPF_NOEXIST.
+            let copied = aya::maps::Map::from_map_data(old)
+                .ok()
+                .and_then(|m| HashMap::<_, FlowKey, FlowValue>::try_from(m).ok())
+                .map_or(0, |old| {
+                    let Ok(mut flows) = self.flows_mut() else { return 0 };
+                    old.iter()
+                        .filter_map(Result::ok)
+                        .filter(|(k, v)| flows.insert(*k, *v, BPF_NOEXIST).is_ok())
+                        .count()
+                });
+            tracing::info!(copied, max_flows = self.max_flows, "flows copied into the resized flow table");
+        }
+        let Some(pins) = &mut self.pins else { return };
+        let in_use: BTreeSet<&PathBuf> = self.interfaces.values().flat_map(|i| i.links.pins()).collect();
+        for path in pins.link_pins() {
+            if !in_use.contains(&path) {
+                tracing::info!(link = %path.display(), "detaching a link left for an interface no pod uses any more");
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "removing a link pin");
+                }
+            }
+        }
+        pins.remove_other_layouts();
+    }
+
+    /// Unpins everything (`--detach-on-exit`): the next agent starts afresh.
+    pub fn remove_pins(&mut self) {
+        if let Some(p) = &self.pins
+            && let Err(e) = std::fs::remove_dir_all(p.dir())
+        {
+            tracing::warn!(dir = %p.dir().display(), error = %e, "removing the pinned maps");
+        }
+        self.keep_on_exit = false;
     }
 
     /// Registers a pod's IPs under `slot` and attaches to the interfaces that
@@ -148,8 +302,12 @@ impl Datapath {
             return Ok(());
         }
         let name = attach::ifname(ifindex)?;
-        let links = attach::attach(&mut self.ebpf, &name, self.mode)?;
-        tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached");
+        let links = attach::attach(&mut self.ebpf, &name, ifindex, self.mode, self.pins.as_ref())?;
+        if links.adopted {
+            tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached: took over the links an earlier agent pinned");
+        } else {
+            tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached");
+        }
         self.interfaces.insert(ifindex, Interface { name, ifindex, pods: 1, links });
         Ok(())
     }
@@ -161,7 +319,7 @@ impl Datapath {
             return;
         }
         if let Some(iface) = self.interfaces.remove(&ifindex) {
-            attach::detach(&mut self.ebpf, iface.links);
+            attach::detach(iface.links);
             tracing::info!(interface = %iface.name, "detached");
         }
     }
@@ -210,6 +368,17 @@ impl Datapath {
     pub fn pin(&self, key: &WireKey) -> Option<Pin> {
         let pins: HashMap<&MapData, WireKey, Pin> = HashMap::try_from(map(&self.ebpf, maps::PINS).ok()?).ok()?;
         pins.get(key, 0).ok()
+    }
+
+    /// Every entry of `PINS` (at most `MAX_PINS`): only at start, to find
+    /// entries the saved state does not know.
+    #[must_use]
+    pub fn all_pins(&self) -> Vec<(WireKey, Pin)> {
+        map(&self.ebpf, maps::PINS)
+            .ok()
+            .and_then(|m| HashMap::<&MapData, WireKey, Pin>::try_from(m).ok())
+            .map(|pins| pins.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default()
     }
 
     pub fn pin_remove(&mut self, key: &WireKey) {
@@ -271,6 +440,10 @@ impl Datapath {
         HashMap::try_from(map(&self.ebpf, maps::FLOWS)?).map_err(|source| Error::map(maps::FLOWS, source))
     }
 
+    fn flows_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowValue>, Error> {
+        HashMap::try_from(map_mut(&mut self.ebpf, maps::FLOWS)?).map_err(|source| Error::map(maps::FLOWS, source))
+    }
+
     fn pod_ips(&self) -> Result<HashMap<&MapData, PodIpKey, u32>, Error> {
         HashMap::try_from(map(&self.ebpf, maps::POD_IPS)?).map_err(|source| Error::map(maps::POD_IPS, source))
     }
@@ -288,14 +461,19 @@ impl Datapath {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        let ifaces: Vec<u32> = self.interfaces.keys().copied().collect();
-        for i in ifaces {
-            if let Some(iface) = self.interfaces.remove(&i) {
-                attach::detach(&mut self.ebpf, iface.links);
+        let keep = self.keep_on_exit;
+        for (_, iface) in self.interfaces.drain() {
+            if keep {
+                attach::leave_attached(iface.links);
+            } else {
+                attach::detach(iface.links);
             }
         }
     }
 }
+
+/// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is not there.
+const BPF_NOEXIST: u64 = 1;
 
 /// The map key of a pod IP: IPv4 as IPv4-mapped IPv6, as the programs see it.
 #[must_use]
@@ -329,20 +507,4 @@ fn map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, Err
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, Error> {
     ebpf.map_mut(name).ok_or(Error::MissingMap { name })
-}
-
-/// Pins the flow and pod maps under `dir` so `bpftool` and later agents can
-/// find them. `dir` must be on a bpffs.
-fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<(), Error> {
-    features::require_bpffs(dir)?;
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io { op: "creating", path: dir.to_path_buf(), source })?;
-    for name in [maps::FLOWS, maps::POD_IPS, maps::POD_COUNTERS] {
-        let path = dir.join(name);
-        // A pin left by an earlier agent: ours replaces it.
-        let _ = std::fs::remove_file(&path);
-        map(ebpf, name)?
-            .pin(&path)
-            .map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
-    }
-    Ok(())
 }

@@ -25,6 +25,24 @@ pub mod maps {
 /// Size of the `PINS` map (two entries per pinned flow).
 pub const MAX_PINS: u32 = 65_536;
 
+/// Version of the layout of the maps the agent pins under bpffs (`--bpffs
+/// DIR` pins them in `DIR/v<LAYOUT_VERSION>/`, so a restarted or upgraded
+/// agent picks them up again).
+///
+/// Bump it whenever anything a pinned map holds changes: a key or value type
+/// below (fields, their order or meaning, flag bits, `stats` indexes), a
+/// map's type or size constant, or what a slot means. An agent of another
+/// layout then replaces the pinned maps (and says so in one log line)
+/// instead of misreading them. The sizes alone are checked too, but they do
+/// not catch a reordered field.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The maps `--bpffs` pins: everything that holds state the agent or the
+/// programs need after a restart. `EVENTS` is not among them: each agent
+/// reads its own ring buffer, and rebuilds what it missed from `FLOWS`.
+pub const PINNED_MAPS: [&str; 6] =
+    [maps::FLOWS, maps::POD_IPS, maps::POD_COUNTERS, maps::PINS, maps::CONFIG, maps::STATS];
+
 /// Program names in the object.
 pub mod programs {
     /// Sees packets entering the host from the interface (sent by the pods behind it).
@@ -274,6 +292,7 @@ mod tests {
     use super::*;
     use core::mem::size_of;
 
+    /// If one of these sizes changes, bump `LAYOUT_VERSION` too.
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 40);
@@ -282,5 +301,26 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<WireKey>(), 40);
         assert_eq!(size_of::<Pin>(), 80);
+    }
+
+    /// Pinned maps outlive the agent: a layout change must come with a new
+    /// `LAYOUT_VERSION`, or the next agent would misread the old maps.
+    #[test]
+    fn layout_version_goes_with_the_layouts() {
+        let sizes = [
+            size_of::<FlowKey>(),
+            size_of::<FlowValue>(),
+            size_of::<PodIpKey>(),
+            size_of::<PodCounters>(),
+            size_of::<Config>(),
+            size_of::<WireKey>(),
+            size_of::<Pin>(),
+        ];
+        let sizing = (MAX_PODS, MAX_PINS, stats::COUNT);
+        assert_eq!(
+            (LAYOUT_VERSION, sizes, sizing),
+            (1, [40, 48, 16, 32, 8, 40, 80], (4096, 65_536, 9)),
+            "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
+        );
     }
 }

@@ -1,4 +1,12 @@
 //! The maps the programs share with the agent (layouts in `conndrain-common`).
+//!
+//! With `--bpffs DIR`, the agent pins the maps of `conndrain_common::PINNED_MAPS`
+//! under `DIR/v<LAYOUT_VERSION>/` and reuses them on its next start, so a
+//! restart loses no flow, pin or counter. None is declared `pinned` here: that
+//! would make aya pin it under `/sys/fs/bpf` even when the agent runs without
+//! `--bpffs`. The agent names each pin path itself (`EbpfLoader::map_pin_path`,
+//! which aya honours whatever the declaration says), and checks an existing
+//! pin's type, key, value and size first, because aya reuses a pin as it is.
 
 use aya_ebpf::{
     macros::map,
