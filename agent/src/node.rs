@@ -184,6 +184,8 @@ fn boot_id() -> String {
 pub struct Node {
     inner: Mutex<Inner>,
     wake: Notify,
+    /// Wakes the steering loop (a new flow reached a terminating pod).
+    steer_wake: Notify,
     pub settings: Settings,
     pub metrics: std::sync::Arc<Metrics>,
 }
@@ -238,6 +240,7 @@ impl Node {
                 restored_drains: BTreeSet::new(),
             }),
             wake: Notify::new(),
+            steer_wake: Notify::new(),
             settings,
             metrics,
         }
@@ -425,10 +428,18 @@ impl Node {
     /// Keeps pins current: learns new ones while backends terminate, releases
     /// closed, idle, expired and orphaned ones. Runs until the node is dropped.
     pub async fn run_steering(&self) {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        for round in 0u64.. {
+            // Every second, or at once when a new flow reaches a terminating
+            // pod (it must be pinned before kube-proxy's cleanup can move it).
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.steer_wake.notified() => {}
+            }
             self.refresh_pins().await;
             let mut inner = self.inner.lock().await;
+            if round % 30 == 0 {
+                inner.datapath.refresh_node_addrs();
+            }
             let Inner { steering, datapath, .. } = &mut *inner;
             steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
             inner.save();
@@ -448,10 +459,12 @@ impl Node {
         let mut inner = self.inner.lock().await;
         inner.events_received += events.len() as u64;
         let mut wake = false;
+        let mut steer = false;
         for ev in events {
             let Some(name) = inner.by_slot.get(&ev.pod_slot) else { continue };
             if inner.pods.get(name).is_some_and(|p| p.termination.is_some()) {
                 wake = true;
+                steer |= ev.kind == event_kind::NEW || ev.kind == event_kind::ESTABLISHED;
             }
             let Some(flows) = inner.index.get_mut(&ev.pod_slot) else { continue };
             match ev.kind {
@@ -471,6 +484,9 @@ impl Node {
         drop(inner);
         if wake {
             self.wake.notify_one();
+        }
+        if steer {
+            self.steer_wake.notify_one();
         }
     }
 

@@ -38,7 +38,7 @@ pub struct Translation {
     pub orig_dst: SocketAddr,
     pub reply_src: SocketAddr,
     pub reply_dst: SocketAddr,
-    /// TCP established (or any UDP entry that saw a reply).
+    /// TCP established, or any UDP entry.
     pub live: bool,
 }
 
@@ -59,11 +59,11 @@ pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
                 IpProto::Udp => PROTO_UDP,
                 _ => return None,
             };
-            let live = if proto == PROTO_TCP {
-                matches!(f.proto_info.and_then(|p| p.tcp).and_then(|t| t.state), Some(TcpState::Established))
-            } else {
-                f.status.unwrap_or_default().iter().any(|s| s == "StatusSeenReply")
-            };
+            // Any UDP entry counts: one that has not seen its reply yet is a
+            // session starting now, and pinning it costs nothing if it never
+            // answers (it goes idle and is released).
+            let live = proto == PROTO_UDP
+                || matches!(f.proto_info.and_then(|p| p.tcp).and_then(|t| t.state), Some(TcpState::Established));
             Some(Translation {
                 proto,
                 orig_src: SocketAddr::new(o.src?, op.src_port?),

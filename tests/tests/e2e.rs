@@ -475,3 +475,31 @@ fn inbound_tcp(flows: &[FlowInfo]) -> Vec<&FlowInfo> {
         .filter(|f| f.proto == "tcp" && f.direction == "inbound" && f.active)
         .collect()
 }
+
+/// The kubelet keeps probing a terminating pod from the node's own address.
+/// Those connections must not restart the quiet period, or a pod probed more
+/// often than the quiet period would never drain.
+#[test]
+fn probes_from_the_node_do_not_hold_the_pod() -> Result<()> {
+    let (topo, _agent, cli) = one_pod(&[])?;
+    let web = topo.pod("web");
+    let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
+    cli.terminate("web", 1.0, 60.0)?;
+
+    // A probe every 200 ms from the node (5 per quiet period), until the pod drains.
+    let mut probes = 0;
+    let pod = loop {
+        let mut conn = TcpConn::connect(topo.node(), server.addr())?;
+        ensure!(conn.request("GET /fast")? == "200 /fast", "the probe gets an answer");
+        conn.close()?;
+        probes += 1;
+        let pod = cli.pod("web")?;
+        if pod.state == "drained" || probes > 100 {
+            break pod;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(pod.state == "drained", "drained despite {probes} probes from the node: {pod:?}");
+    ensure!(pod.new_flows_since_termination == 0, "probes are not new inbound flows: {pod:?}");
+    Ok(())
+}

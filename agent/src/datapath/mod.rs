@@ -103,6 +103,7 @@ impl Datapath {
                 .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns }, 0)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
         }
+        fill_node_addrs(&mut ebpf)?;
         let mode = attach::load_programs(&mut ebpf)?;
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
@@ -474,6 +475,60 @@ impl Drop for Datapath {
 
 /// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is not there.
 const BPF_NOEXIST: u64 = 1;
+
+/// The node's own addresses, from `getifaddrs` in this network namespace.
+fn local_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below; we only read sockaddrs it owns.
+    unsafe {
+        if libc::getifaddrs(&raw mut list) != 0 {
+            return out;
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*a.cast::<libc::sockaddr_in>();
+                        out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*a.cast::<libc::sockaddr_in6>();
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
+/// Fills `NODE_ADDRS`, so that connections from the node itself (the
+/// kubelet's probes) do not restart a terminating pod's quiet period.
+fn fill_node_addrs(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let mut m: HashMap<&mut MapData, PodIpKey, u8> = HashMap::try_from(map_mut(ebpf, maps::NODE_ADDRS)?)
+        .map_err(|source| Error::map(maps::NODE_ADDRS, source))?;
+    for ip in local_addrs() {
+        if let Err(e) = m.insert(ip_key(ip), 1, 0) {
+            tracing::warn!(%ip, error = %e, "recording a node address");
+        }
+    }
+    Ok(())
+}
+
+impl Datapath {
+    /// Re-reads the node's addresses (they may change while we run).
+    pub fn refresh_node_addrs(&mut self) {
+        if let Err(e) = fill_node_addrs(&mut self.ebpf) {
+            tracing::warn!(error = %e, "refreshing node addresses");
+        }
+    }
+}
 
 /// The map key of a pod IP: IPv4 as IPv4-mapped IPv6, as the programs see it.
 #[must_use]

@@ -20,6 +20,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// `HashMap<WireKey, Pin>`: pinned flows, one entry per direction.
     pub const PINS: &str = "PINS";
+    /// `HashMap<PodIpKey, u8>`: the node's own addresses (not pinned: refilled at start).
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
 }
 
 /// Size of the `PINS` map (two entries per pinned flow).

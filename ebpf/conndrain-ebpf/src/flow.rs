@@ -10,7 +10,7 @@ use conndrain_common::{
 };
 
 use crate::{
-    maps::{CONFIG, EVENTS, FLOWS, POD_COUNTERS, POD_IPS, count},
+    maps::{CONFIG, EVENTS, FLOWS, NODE_ADDRS, POD_COUNTERS, POD_IPS, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -110,7 +110,7 @@ fn create(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len:
         return;
     }
     if opened_by_peer {
-        note_new_inbound(slot, now);
+        note_new_inbound(key, slot, now);
     }
     emit(key, &v, event_kind::NEW, now);
 }
@@ -144,7 +144,7 @@ fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u
             let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
             *v = new_value(v.pod_slot, tcp_state::ESTABLISHED, dir, 0, from_pod, now, len);
             if opened_by_peer {
-                note_new_inbound(v.pod_slot, now);
+                note_new_inbound(key, v.pod_slot, now);
             }
             emit(key, v, event_kind::NEW, now);
             return;
@@ -164,7 +164,7 @@ fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u
             let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
             *v = new_value(v.pod_slot, tcp_state::SYN_SENT, dir, 0, from_pod, now, len);
             if opened_by_peer {
-                note_new_inbound(v.pod_slot, now);
+                note_new_inbound(key, v.pod_slot, now);
             }
             emit(key, v, event_kind::NEW, now);
         } else {
@@ -285,8 +285,15 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
     }
 }
 
+/// Counts a new inbound flow for the quiet period, unless it comes from the
+/// node itself: the kubelet keeps probing a terminating pod from the node's
+/// addresses, and those probes must not hold the pod forever.
 #[inline(always)]
-fn note_new_inbound(slot: u32, now: u64) {
+fn note_new_inbound(key: &FlowKey, slot: u32, now: u64) {
+    // SAFETY: read-only lookup of a plain byte.
+    if unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some() {
+        return;
+    }
     if let Some(p) = POD_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: field projection on a valid map value pointer; racing
         // writers of `last_new_inbound_ns` all store "now".

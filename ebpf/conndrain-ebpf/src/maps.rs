@@ -37,6 +37,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT,
 #[map]
 pub static PINS: HashMap<WireKey, Pin> = HashMap::with_max_entries(MAX_PINS, 0);
 
+/// The node's own addresses (agent-written): new connections from them, such
+/// as the kubelet's probes, do not restart a pod's quiet period.
+#[map]
+pub static NODE_ADDRS: HashMap<PodIpKey, u8> = HashMap::with_max_entries(256, 0);
+
 /// 256 KiB: room for about 4000 events between two reads of the agent.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
