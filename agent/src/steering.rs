@@ -88,6 +88,20 @@ pub struct PinView {
     pub dead: bool,
 }
 
+impl PinView {
+    fn of(t: &Translation, pod: String, dead: bool) -> Self {
+        Self {
+            proto: if t.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
+            client: canonical(t.orig_src).to_string(),
+            frontend: canonical(t.orig_dst).to_string(),
+            backend: canonical(t.reply_src).to_string(),
+            backend_peer: canonical(t.reply_dst).to_string(),
+            pod,
+            dead,
+        }
+    }
+}
+
 struct Backend {
     pod: String,
     deadline_ns: u64,
@@ -205,15 +219,7 @@ impl Steering {
                 tracing::warn!(error = %e, flow = ?t, "cannot pin flow");
                 continue;
             }
-            let view = PinView {
-                proto: if t.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
-                client: canonical(t.orig_src).to_string(),
-                frontend: canonical(t.orig_dst).to_string(),
-                backend: canonical(t.reply_src).to_string(),
-                backend_peer: canonical(t.reply_dst).to_string(),
-                pod,
-                dead: false,
-            };
+            let view = PinView::of(t, pod, false);
             tracing::info!(client = %view.client, frontend = %view.frontend, backend = %view.backend, "pinned flow");
             self.changes += 1;
             self.by_rev.insert(rev, fwd);
@@ -430,15 +436,7 @@ impl Steering {
             if !present.contains(&rev) {
                 continue;
             }
-            let view = PinView {
-                proto: if t.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
-                client: canonical(t.orig_src).to_string(),
-                frontend: canonical(t.orig_dst).to_string(),
-                backend: canonical(t.reply_src).to_string(),
-                backend_peer: canonical(t.reply_dst).to_string(),
-                pod: b.pod.clone(),
-                dead: pin.flags & pin_flags::DEAD != 0,
-            };
+            let view = PinView::of(&t, b.pod.clone(), pin.flags & pin_flags::DEAD != 0);
             let deadline_ns = b.deadline_ns;
             self.by_rev.insert(rev, *key);
             self.pins.insert(

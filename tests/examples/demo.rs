@@ -13,7 +13,6 @@
 
 use std::{
     fmt,
-    net::TcpListener,
     process::ExitCode,
     sync::OnceLock,
     time::{Duration, Instant},
@@ -22,9 +21,9 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
     Agent, Cli, NODE_V4, Netns, Output, PodStatus, Repeat, Running, TIMEOUT, TcpConn, TcpServer,
-    TempDir, Topology, check_interrupted, conndrain_bin,
-    fakeapi::{FakeApiServer, rules_from},
-    require_root, run_in, sleep, stop_on_signals, wait_until,
+    Topology, check_interrupted, conndrain_bin,
+    fakeapi::{AgentApi, FakeApiServer},
+    require_root, sleep, stop_on_signals, wait_until,
 };
 use k8s_openapi::api::core::v1 as k8s;
 
@@ -259,13 +258,9 @@ fn kubernetes() -> Result<()> {
     let topo = Topology::builder().pod(POD).build()?;
     let web = topo.pod(POD);
     // Bound inside the node namespace: the agent reaches it at 127.0.0.1.
-    let listener = run_in(topo.node(), || TcpListener::bind("127.0.0.1:0"))??;
-    let api = FakeApiServer::start(listener);
     // It allows exactly the calls of the agent's ClusterRole, nothing else.
-    api.set_rbac(rules_from(conndrain::kubernetes::API_CALLS));
-    let dir = TempDir::new()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
+    let k8s = AgentApi::start(topo.node())?;
+    let (api, kubeconfig) = (&k8s.api, &k8s.kubeconfig);
     println!(
         "    API server {}, kubeconfig {}",
         api.url("127.0.0.1"),
@@ -316,13 +311,12 @@ fn kubernetes() -> Result<()> {
     })?;
     println!("    {}", pods_line(&cli, &name)?);
 
-    delete_and_release(&api, &cli, web.ns(), clients)?;
+    delete_and_release(api, &cli, web.ns(), clients)?;
 
     step("Part 2 done; cleaning up: agent and API server stopped, namespaces deleted");
     drop(server);
     drop(agent);
-    drop(api);
-    drop(dir);
+    drop(k8s);
     drop(topo);
     Ok(())
 }

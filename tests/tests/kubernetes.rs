@@ -7,13 +7,13 @@
 //! (`conndrain::kubernetes::API_CALLS`): any other call gets 403, and every
 //! test checks that none did.
 
-use std::{net::TcpListener, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
-    Agent, Cli, NODE_V4, Netns, Running, TIMEOUT, TcpConn, TcpServer, TempDir, Topology, conndrain_bin,
-    fakeapi::{FakeApiServer, rule},
-    require_root, run_in, wait_until,
+    Agent, Cli, NODE_V4, Netns, Running, TIMEOUT, TcpConn, TcpServer, Topology, conndrain_bin,
+    fakeapi::{AgentApi, FakeApiServer},
+    require_root, wait_until,
 };
 use k8s_openapi::api::core::v1::Pod;
 
@@ -23,27 +23,22 @@ const PORT: u16 = 8080;
 const CONDITION: &str = "conndrain.io/Drained";
 
 struct Cluster {
-    api: FakeApiServer,
+    k8s: AgentApi,
     _agent: Agent,
     cli: Cli,
-    _kubeconfig: TempDir,
+}
+
+impl Cluster {
+    fn api(&self) -> &FakeApiServer {
+        &self.k8s.api
+    }
 }
 
 /// The fake API server inside the node namespace (on its loopback), with the
 /// agent's RBAC, and the agent in Kubernetes mode.
 fn cluster(topo: &Topology, extra: &[&str]) -> Result<Cluster> {
-    let listener = run_in(topo.node(), || TcpListener::bind("127.0.0.1:0"))??;
-    let api = FakeApiServer::start(listener);
-    api.set_rbac(
-        conndrain::kubernetes::API_CALLS
-            .iter()
-            .map(|(group, resource, verbs)| rule(&[group], &[resource], verbs))
-            .collect(),
-    );
-    let dir = TempDir::new()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
-    let kc = kubeconfig.to_string_lossy().into_owned();
+    let agent_api = AgentApi::start(topo.node())?;
+    let kc = agent_api.kubeconfig_arg();
     let node_ip = NODE_V4.to_string();
     let mut args = vec![
         "--kubeconfig",
@@ -60,7 +55,7 @@ fn cluster(topo: &Topology, extra: &[&str]) -> Result<Cluster> {
     args.extend_from_slice(extra);
     let agent = Agent::start_with(topo.node(), &args)?;
     let cli = agent.cli();
-    Ok(Cluster { api, _agent: agent, cli, _kubeconfig: dir })
+    Ok(Cluster { k8s: agent_api, _agent: agent, cli })
 }
 
 fn pod_object(name: &str, node: &str, ips: &[String], host_network: bool) -> Result<Pod> {
@@ -83,7 +78,7 @@ fn pod_object(name: &str, node: &str, ips: &[String], host_network: bool) -> Res
 /// kubelet would, before the pod is ready and gets traffic).
 fn add_pod(c: &Cluster, topo: &Topology, name: &str) -> Result<()> {
     let p = topo.pod(name);
-    c.api.create_pod(pod_object(name, NODE, &[p.ipv4().to_string(), p.ipv6().to_string()], false)?);
+    c.api().create_pod(pod_object(name, NODE, &[p.ipv4().to_string(), p.ipv6().to_string()], false)?);
     c.cli.wait_pod(&format!("{NS}/{name}"), "the pod to be tracked", |p| p.state == "serving")?;
     Ok(())
 }
@@ -139,8 +134,8 @@ fn deleted_pod_drains_reports_and_is_released_through_pre_stop() -> Result<()> {
     add_pod(&c, &topo, "web")?;
     // A pod of another node and a hostNetwork pod of this node.
     let other = topo.pod("other");
-    c.api.create_pod(pod_object("other", "node-b", &[other.ipv4().to_string()], false)?);
-    c.api.create_pod(pod_object("hostnet", NODE, &[NODE_V4.to_string()], true)?);
+    c.api().create_pod(pod_object("other", "node-b", &[other.ipv4().to_string()], false)?);
+    c.api().create_pod(pod_object("hostnet", NODE, &[NODE_V4.to_string()], true)?);
 
     let web = topo.pod("web");
     let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
@@ -156,10 +151,10 @@ fn deleted_pod_drains_reports_and_is_released_through_pre_stop() -> Result<()> {
     ensure!(table.contains("hostNetwork"), "`conndrain pods` says why: {table}");
 
     // kubectl delete pod web: the kubelet's kill time is 60 s from now.
-    c.api.mark_pod_deleted(NS, "web", 60);
-    let (_, _, msg) = wait_condition(&c.api, "web", "False", "Draining")?;
+    c.api().mark_pod_deleted(NS, "web", 60);
+    let (_, _, msg) = wait_condition(&c.api(), "web", "False", "Draining")?;
     ensure!(msg.contains("2 active"), "the message has the counts: {msg}");
-    wait_until("a DrainStarted event", TIMEOUT, || Ok(event_reasons(&c.api, "web")), |r| {
+    wait_until("a DrainStarted event", TIMEOUT, || Ok(event_reasons(&c.api(), "web")), |r| {
         r.iter().any(|x| x == "DrainStarted")
     })?;
     let mut hook = pre_stop(web.ns())?;
@@ -169,24 +164,24 @@ fn deleted_pod_drains_reports_and_is_released_through_pre_stop() -> Result<()> {
     c.cli.wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
     ensure!(hook.is_running(), "the preStop wait blocks while a connection is open");
     ensure!(
-        condition(&c.api, "web").is_some_and(|(s, _, _)| s == "False"),
+        condition(&c.api(), "web").is_some_and(|(s, _, _)| s == "False"),
         "still Draining with a connection open"
     );
     conns.next().context("second connection")?.close()?;
 
     let out = hook.wait_exit(TIMEOUT)?;
     ensure!(out.code == 0 && out.stdout.contains("drained"), "preStop released the pod: {out:?}");
-    let (_, _, msg) = wait_condition(&c.api, "web", "True", "NoConnections")?;
+    let (_, _, msg) = wait_condition(&c.api(), "web", "True", "NoConnections")?;
     ensure!(msg.contains("0 active"), "{msg}");
-    let reasons = wait_until("a Drained event", TIMEOUT, || Ok(event_reasons(&c.api, "web")), |r| {
+    let reasons = wait_until("a Drained event", TIMEOUT, || Ok(event_reasons(&c.api(), "web")), |r| {
         r.iter().any(|x| x == "Drained")
     })?;
     ensure!(reasons.iter().any(|r| r == "DrainStarted"), "{reasons:?}");
     // The Ready condition the kubelet wrote is still there.
-    let pod = c.api.pod(NS, "web").context("web")?;
+    let pod = c.api().pod(NS, "web").context("web")?;
     let conds = pod.status.and_then(|s| s.conditions).unwrap_or_default();
     ensure!(conds.iter().any(|c| c.type_ == "Ready"), "other conditions are kept: {conds:?}");
-    no_forbidden_calls(&c.api)
+    no_forbidden_calls(c.api())
 }
 
 #[test]
@@ -200,11 +195,11 @@ fn deadline_is_reported_when_connections_stay_open() -> Result<()> {
     let _conn = TcpConn::connect(topo.client(), server.addr())?;
     c.cli.wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
 
-    c.api.mark_pod_deleted(NS, "web", 4);
-    let (_, _, msg) = wait_condition(&c.api, "web", "True", "DeadlineReached")?;
+    c.api().mark_pod_deleted(NS, "web", 4);
+    let (_, _, msg) = wait_condition(&c.api(), "web", "True", "DeadlineReached")?;
     ensure!(msg.contains("1 active"), "the message says what was left: {msg}");
     ensure!(c.cli.pod(&web_name())?.state == "deadline", "the CLI agrees");
-    no_forbidden_calls(&c.api)
+    no_forbidden_calls(c.api())
 }
 
 #[test]
@@ -217,28 +212,28 @@ fn api_outage_during_a_drain_delays_the_report_but_loses_nothing() -> Result<()>
     let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
     let conn = TcpConn::connect(topo.client(), server.addr())?;
     c.cli.wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
-    c.api.mark_pod_deleted(NS, "web", 60);
-    wait_condition(&c.api, "web", "False", "Draining")?;
+    c.api().mark_pod_deleted(NS, "web", 60);
+    wait_condition(&c.api(), "web", "False", "Draining")?;
 
-    c.api.set_down(true);
+    c.api().set_down(true);
     conn.close()?;
     // The datapath and the agent go on without the API server.
     c.cli.wait_state(&web_name(), "drained")?;
     std::thread::sleep(Duration::from_millis(500));
     ensure!(
-        condition(&c.api, "web").is_some_and(|(s, _, _)| s == "False"),
+        condition(&c.api(), "web").is_some_and(|(s, _, _)| s == "False"),
         "nothing could be written while the API server was down"
     );
-    c.api.set_down(false);
-    wait_condition(&c.api, "web", "True", "NoConnections")?;
+    c.api().set_down(false);
+    wait_condition(&c.api(), "web", "True", "NoConnections")?;
     let refused: Vec<_> = c
-        .api
+        .api()
         .requests()
         .into_iter()
         .filter(|r| r.method == "PATCH" && r.path.ends_with("/pods/web/status") && r.status == 503)
         .collect();
     ensure!(!refused.is_empty(), "the agent tried during the outage and retried after it");
-    no_forbidden_calls(&c.api)
+    no_forbidden_calls(c.api())
 }
 
 #[test]
@@ -250,8 +245,8 @@ fn expired_watch_relists_and_loses_nothing() -> Result<()> {
     c.cli.wait_pod(&web_name(), "web registered", |p| p.state == "serving")?;
 
     // History is gone: the agent's next watch gets 410 and must relist.
-    c.api.compact();
-    c.api.delete_pod(NS, "web");
+    c.api().compact();
+    c.api().delete_pod(NS, "web");
     add_pod(&c, &topo, "api")?;
     wait_until(
         "the agent to see web gone and api added",
@@ -261,5 +256,5 @@ fn expired_watch_relists_and_loses_nothing() -> Result<()> {
             pods.iter().any(|p| p.name == format!("{NS}/api")) && !pods.iter().any(|p| p.name == web_name())
         },
     )?;
-    no_forbidden_calls(&c.api)
+    no_forbidden_calls(c.api())
 }

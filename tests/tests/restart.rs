@@ -404,24 +404,15 @@ fn upgrade_to_another_map_layout_keeps_pinned_flows_and_the_drain() -> Result<()
 fn kubernetes_mode_restart_keeps_the_drain_and_forgets_pods_deleted_meanwhile() -> Result<()> {
     use conndrain_tests::{
         NODE_V4, TIMEOUT,
-        fakeapi::{FakeApiServer, rule},
-        run_in, wait_until,
+        fakeapi::AgentApi,
+        wait_until,
     };
     require_root()?;
     let bpffs = Bpffs::mount()?;
     let topo = Topology::builder().pod("web").pod("gone").build()?;
-    let listener = run_in(topo.node(), || std::net::TcpListener::bind("127.0.0.1:0"))??;
-    let api = FakeApiServer::start(listener);
-    api.set_rbac(
-        conndrain::kubernetes::API_CALLS
-            .iter()
-            .map(|(group, resource, verbs)| rule(&[group], &[resource], verbs))
-            .collect(),
-    );
-    let dir = TempDir::new()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
-    let (kc, node_ip, bpf) = (kubeconfig.to_string_lossy().into_owned(), NODE_V4.to_string(), bpffs.arg());
+    let k8s = AgentApi::start(topo.node())?;
+    let api = &k8s.api;
+    let (kc, node_ip, bpf) = (k8s.kubeconfig_arg(), NODE_V4.to_string(), bpffs.arg());
     let args = [
         "--kubeconfig", &kc, "--node-name", "node-a", "--host-ip", &node_ip, "--quiet-period", "1",
         "--min-write-interval", "0.2", "--bpffs", &bpf,

@@ -669,20 +669,10 @@ fn tcp_resets_when_pinned_pod_goes(backend: Backend) -> Result<()> {
 /// node B) is terminating, and pins the flows node A's kube-proxy sent to it.
 #[test]
 fn with_agent_kubernetes_mode_pins_flows_to_a_terminating_remote_endpoint() -> Result<()> {
-    use conndrain_tests::fakeapi::{FakeApiServer, rule};
     let bed = Bed::new(Backend::Iptables)?;
-    let listener = conndrain_tests::run_in(bed.cluster.node_a(), || std::net::TcpListener::bind("127.0.0.1:0"))??;
-    let api = FakeApiServer::start(listener);
-    api.set_rbac(
-        conndrain::kubernetes::API_CALLS
-            .iter()
-            .map(|(group, resource, verbs)| rule(&[group], &[resource], verbs))
-            .collect(),
-    );
-    let dir = conndrain_tests::TempDir::new()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
-    let kc = kubeconfig.to_string_lossy().into_owned();
+    let k8s = conndrain_tests::fakeapi::AgentApi::start(bed.cluster.node_a())?;
+    let api = &k8s.api;
+    let kc = k8s.kubeconfig_arg();
     let agent = Agent::start_with(bed.cluster.node_a(), &["--kubeconfig", &kc, "--node-name", "node-a"])?;
     let cli = agent.cli();
 

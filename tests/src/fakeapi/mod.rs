@@ -526,3 +526,31 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: tokio::sync
         }
     }
 }
+
+/// A fake API server for an agent running in `node`'s network namespace: bound
+/// on that namespace's loopback (the agent reaches it at 127.0.0.1), allowing
+/// exactly the agent's RBAC (`conndrain::kubernetes::API_CALLS`), with a
+/// kubeconfig for it in a temporary directory.
+pub struct AgentApi {
+    pub api: FakeApiServer,
+    pub kubeconfig: std::path::PathBuf,
+    _dir: crate::TempDir,
+}
+
+impl AgentApi {
+    pub fn start(node: &crate::Netns) -> anyhow::Result<Self> {
+        let listener = crate::run_in(node, || TcpListener::bind("127.0.0.1:0"))??;
+        let api = FakeApiServer::start(listener);
+        api.set_rbac(rules_from(conndrain::kubernetes::API_CALLS));
+        let dir = crate::TempDir::new()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
+        Ok(Self { api, kubeconfig, _dir: dir })
+    }
+
+    /// The `--kubeconfig` argument.
+    #[must_use]
+    pub fn kubeconfig_arg(&self) -> String {
+        self.kubeconfig.to_string_lossy().into_owned()
+    }
+}
