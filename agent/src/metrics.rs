@@ -29,6 +29,10 @@ pub struct Metrics {
     pub flow_table_max: Gauge,
     pub flows_evicted: Counter,
     pub events_lost: Gauge,
+    pub pinned_flows: Gauge,
+    /// Read from the datapath's per-CPU counter at each scrape, hence a gauge.
+    pub steered_packets: Gauge,
+    pub resets_sent: Gauge,
 }
 
 impl Default for Metrics {
@@ -46,6 +50,9 @@ impl Default for Metrics {
             flow_table_max: Gauge::default(),
             flows_evicted: Counter::default(),
             events_lost: Gauge::default(),
+            pinned_flows: Gauge::default(),
+            steered_packets: Gauge::default(),
+            resets_sent: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register("pod_active_flows", "Active inbound flows that hold the pod", m.active_flows.clone());
@@ -62,6 +69,13 @@ impl Default for Metrics {
         r.register("flow_table_max_entries", "Size of the flow table", m.flow_table_max.clone());
         r.register("flows_evicted", "Live flows lost from the flow table (LRU eviction)", m.flows_evicted.clone());
         r.register("events_lost", "Datapath events the ring buffer had no room for", m.events_lost.clone());
+        r.register("pinned_flows", "Flows pinned to a terminating backend", m.pinned_flows.clone());
+        r.register(
+            "steered_packets",
+            "Packets of pinned flows rewritten and redirected since the maps were created",
+            m.steered_packets.clone(),
+        );
+        r.register("resets_sent", "RSTs sent for pinned flows whose pod is gone", m.resets_sent.clone());
         m
     }
 }

@@ -299,6 +299,9 @@ impl Node {
         if let Ok(s) = self.status().await {
             m.flow_table_used.set(i64::try_from(s.maps.flows.used).unwrap_or(i64::MAX));
             m.events_lost.set(i64::try_from(s.events_lost).unwrap_or(i64::MAX));
+            m.pinned_flows.set(i64::try_from(s.steering.pinned_flows).unwrap_or(i64::MAX));
+            m.steered_packets.set(i64::try_from(s.steering.steered_packets).unwrap_or(i64::MAX));
+            m.resets_sent.set(i64::try_from(s.steering.resets_sent).unwrap_or(i64::MAX));
         }
     }
 

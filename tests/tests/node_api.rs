@@ -183,7 +183,9 @@ fn metrics_and_health_for_the_node_not_for_pods() -> Result<()> {
         body.contains("conndrain_pod_active_flows{pod=\"web\"} 1"),
         "per-pod active flows in Prometheus text: {body}"
     );
-    ensure!(body.contains("conndrain_flow_table_max_entries"), "{body}");
+    for metric in ["conndrain_flow_table_max_entries", "conndrain_pinned_flows", "conndrain_steered_packets", "conndrain_flows_evicted_total"] {
+        ensure!(body.contains(metric), "{metric} is exported: {body}");
+    }
     let (code, _) = http_get(web.ns(), node_addr(METRICS_PORT), "/metrics")?;
     ensure!(code == 403, "a pod may not read other pods' metrics: {code}");
     for path in ["/healthz", "/readyz"] {
