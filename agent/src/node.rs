@@ -659,6 +659,7 @@ impl Node {
                 not_pod: s[stats::NOT_POD as usize],
                 flows_created: s[stats::FLOWS_CREATED as usize],
                 insert_failed: s[stats::INSERT_FAILED as usize],
+                flows_evicted: self.metrics.flows_evicted.get(),
             },
             events_lost: s[stats::EVENTS_LOST as usize],
             steering: SteeringView {

@@ -117,6 +117,8 @@ pub struct StatsView {
     pub not_pod: u64,
     pub flows_created: u64,
     pub insert_failed: u64,
+    /// Live flows the LRU flow table evicted (seen by the agent's point lookups).
+    pub flows_evicted: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

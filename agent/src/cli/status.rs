@@ -35,6 +35,7 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
         "datapath:    {} packets, {} not parsed (passed), {} of no pod, {} flows created, {} inserts failed",
         s.stats.packets, s.stats.unparsed, s.stats.not_pod, s.stats.flows_created, s.stats.insert_failed
     );
+    println!("evictions:   {} live flows evicted from the flow table", s.stats.flows_evicted);
     println!("events:      {} received, {} lost", s.events_received, s.events_lost);
     println!(
         "steering:    {} pinned flows, {} packets steered, {} resets sent, {} not steerable",
