@@ -386,10 +386,15 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
             if let Some(line) = entry_of(&ct, conv.local_addr(), to) {
                 eprintln!("its new conntrack entry: {line}");
             }
-            let to_pod = remapped_to(&events, conv.local_addr(), to, &bed);
+            // The new entry, from the events or (if the watcher missed them) the table.
+            let to_pod = remapped_to(&events, conv.local_addr(), to, &bed).or_else(|| {
+                let line = entry_of(&ct, conv.local_addr(), to)?;
+                let src = reply_part(line).strip_prefix(" src=")?.split_whitespace().next()?;
+                bed.cluster.pod_by_ip(src.parse().ok()?).map(kubeproxy::ClusterPod::name)
+            });
             ensure!(
                 to_pod == Some(other.as_str()),
-                "a new conntrack entry maps the session to {other}; events:\n{events}"
+                "a new conntrack entry maps the session to {other}; events:\n{events}\ntable:\n{ct}"
             );
             Ok(())
         }

@@ -287,8 +287,10 @@ impl KubeProxy {
     /// Starts `conntrack -E` (events of both families) in the node: every
     /// NEW, UPDATE and DESTROY from now until [`ConntrackEvents::stop`].
     pub fn watch_conntrack(&self) -> Result<ConntrackEvents> {
-        let mut cmd = self.command("conntrack");
-        cmd.args(["-E", "-o", "timestamp"]);
+        // Line-buffered: conntrack writes events with stdio, and a block
+        // buffer still unflushed when the watcher is stopped would lose them.
+        let mut cmd = self.command("stdbuf");
+        cmd.args(["-oL", "conntrack", "-E", "-o", "timestamp"]);
         let shown = show(&cmd);
         let mut child = cmd
             .stdin(Stdio::null())
@@ -303,7 +305,7 @@ impl KubeProxy {
             text
         });
         // Let it subscribe before the caller makes the events it wants to see.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(std::time::Duration::from_millis(500));
         Ok(ConntrackEvents {
             child,
             reader: Some(reader),
