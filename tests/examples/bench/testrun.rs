@@ -1,0 +1,557 @@
+//! ns per packet of each program and path, from `BPF_PROG_TEST_RUN`: the real
+//! embedded object with fresh maps (as `tests/tests/datapath/harness.rs` loads
+//! it), hand-built frames, and an empty classifier (`r0 = -1; exit`) loaded
+//! from two raw instructions as the floor that any TC program costs.
+
+use std::{
+    mem::size_of,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::SchedClassifier,
+};
+use conndrain_common::{
+    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Pin, PodIpKey, WireKey, maps, programs,
+    stats,
+};
+use etherparse::PacketBuilder;
+
+use crate::report::{Section, Table, count, median, ratio};
+
+/// `TC_ACT_UNSPEC` as the kernel reports it.
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+/// `TC_ACT_REDIRECT`: what `bpf_redirect_neigh` returns (under `TEST_RUN` the
+/// redirect itself is not carried out).
+const TC_ACT_REDIRECT: u32 = 7;
+
+const POD: &str = "10.0.1.2:8080";
+const PEER: &str = "10.0.0.2:40312";
+const CLIENT: &str = "10.0.0.9:50000";
+const SERVICE: &str = "10.96.0.10:80";
+const STRANGER_A: &str = "192.168.5.5:40000";
+const STRANGER_B: &str = "192.168.6.6:80";
+const POD_SLOT: u32 = 7;
+/// Bytes of TCP/UDP payload in the data packets: a small request.
+const PAYLOAD: usize = 100;
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
+
+/// A path that creates a flow: (program, path, program fd, frame, the flow
+/// to delete after the run, whether the agent has read every event before).
+type Single = (&'static str, &'static str, RawFd, Vec<u8>, Option<FlowKey>, bool);
+
+pub struct Sizes {
+    /// `repeat` of each `BPF_PROG_TEST_RUN` call.
+    pub repeat: u32,
+    /// Calls per path (interleaved rounds); the median is reported.
+    pub rounds: usize,
+    /// Single runs per path for the paths that create a flow.
+    pub singles: usize,
+}
+
+/// What later sections quote.
+pub struct Results {
+    /// ns above the empty classifier of a new inbound SYN (the flow insert path).
+    pub new_syn_ns: f64,
+    /// The same when the agent is idle (the event wakes it).
+    pub new_syn_idle_ns: f64,
+}
+
+pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
+    let mut obj = Object::load(4096)?;
+    let pod: SocketAddr = POD.parse()?;
+    let peer: SocketAddr = PEER.parse()?;
+    obj.add_pod_ip(pod.ip(), POD_SLOT)?;
+    let empty = EmptyClassifier::load()?;
+    let ingress = obj.prog_fd(programs::INGRESS)?;
+    let egress = obj.prog_fd(programs::EGRESS)?;
+
+    // Established TCP flow (inbound: the peer opened it) and a UDP flow.
+    for (fd, frame) in [
+        (egress, tcp(peer, pod, TCP_SYN, 0)),
+        (ingress, tcp(pod, peer, TCP_SYN | TCP_ACK, 0)),
+        (egress, tcp(peer, pod, TCP_ACK, 0)),
+        (egress, udp(peer, pod)),
+    ] {
+        test_run(fd, &frame, 1)?;
+    }
+    obj.drain_events();
+    let flow = FlowKey {
+        pod_addr: mapped(pod.ip()),
+        peer_addr: mapped(peer.ip()),
+        pod_port: pod.port(),
+        peer_port: peer.port(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let state = obj.flow_state(&flow)?;
+    ensure!(state == Some(conndrain_common::tcp_state::ESTABLISHED), "handshake did not establish the flow: {state:?}");
+
+    // Steering: client -> Service packets on an uplink; two pins that undo
+    // each other (DNAT to the pod, then back), so that every one of the
+    // repeated runs on the same skb matches a pin and is rewritten.
+    let client: SocketAddr = CLIENT.parse()?;
+    let service: SocketAddr = SERVICE.parse()?;
+    obj.pin(wire(client, service, PROTO_TCP), pin_to(client, pod))?;
+    obj.pin(wire(client, pod, PROTO_TCP), pin_to(client, service))?;
+    let unpinned_client: SocketAddr = "10.0.0.9:50001".parse()?;
+
+    let data = |from, to| tcp(from, to, TCP_ACK | TCP_PSH, PAYLOAD);
+    let stranger = data(STRANGER_A.parse()?, STRANGER_B.parse()?);
+    let cases: Vec<(&str, &str, RawFd, Vec<u8>, u32)> = vec![
+        ("empty classifier", "any packet (the floor)", empty.fd(), stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "unrelated traffic (no pod IP)", ingress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_egress", "unrelated traffic (no pod IP)", egress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked TCP flow, data packet from the pod", ingress, data(pod, peer), TC_ACT_UNSPEC),
+        ("conndrain_egress", "tracked TCP flow, data packet to the pod", egress, data(peer, pod), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked UDP flow, datagram from the pod", ingress, udp(pod, peer), TC_ACT_UNSPEC),
+        ("conndrain_egress", "tracked UDP flow, datagram to the pod", egress, udp(peer, pod), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "client -> Service, not pinned", ingress, data(unpinned_client, service), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "client -> Service, pinned: rewritten + bpf_redirect_neigh", ingress, data(client, service), TC_ACT_REDIRECT),
+    ];
+
+    let steered_before = obj.stat(stats::STEERED)?;
+    let mut samples: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
+    for _ in 0..sizes.rounds {
+        crate::check_interrupted()?;
+        for (i, (prog, path, fd, frame, want)) in cases.iter().enumerate() {
+            let (ret, ns) = test_run(*fd, frame, sizes.repeat)?;
+            ensure!(ret == *want, "{prog} on {path:?} returned {ret}, not {want}");
+            samples[i].push(ns);
+        }
+    }
+    let steered = obj.stat(stats::STEERED)? - steered_before;
+    let want = u64::from(sizes.repeat) * sizes.rounds as u64;
+    ensure!(steered == want, "STATS[STEERED] counted {steered} steered packets, not {want}");
+    ensure!(obj.stat(stats::STEER_FAILED)? == 0, "some steering rewrites failed");
+    ensure!(obj.stat(stats::INSERT_FAILED)? == 0, "some flow inserts failed");
+
+    let med: Vec<f64> = samples.iter_mut().map(|s| f64::from(median(s))).collect();
+    let floor = med[0];
+    let unrelated = |prog: &str| if prog == programs::INGRESS { med[1] } else { med[2] };
+
+    let mut table = Table::new(&["program", "path", "ns/packet", "above empty (ns)", "× unrelated"]);
+    for (i, (prog, path, ..)) in cases.iter().enumerate() {
+        let vs = if i == 0 { "–".into() } else { ratio(med[i], unrelated(prog)) };
+        let above = if i == 0 { "–".into() } else { format!("{:.0}", med[i] - floor) };
+        table.row(vec![format!("`{prog}`"), (*path).into(), format!("{:.0}", med[i]), above, vs]);
+    }
+
+    // Paths that create a flow: one run per call (the flow is deleted between
+    // calls), so their numbers include the per-call overhead of TEST_RUN; the
+    // empty classifier and unrelated traffic are measured the same way.
+    let new_syn_peer = tcp("10.0.0.3:41000".parse()?, pod, TCP_SYN, 0);
+    let new_syn_pod = tcp(pod, "10.0.0.4:443".parse()?, TCP_SYN, 0);
+    let new_udp = udp("10.0.0.5:5353".parse()?, pod);
+    let key = |peer: &str, proto: u8| -> Result<FlowKey> {
+        let peer: SocketAddr = peer.parse()?;
+        Ok(FlowKey {
+            pod_addr: mapped(pod.ip()),
+            peer_addr: mapped(peer.ip()),
+            pod_port: pod.port(),
+            peer_port: peer.port(),
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        })
+    };
+    // The last element says whether the agent has read every earlier event
+    // when this one is written: then the ring buffer wakes the reader (an
+    // irq_work), which is what a new flow costs when the agent is idle.
+    let syn_in_key = key("10.0.0.3:41000", PROTO_TCP)?;
+    let singles: Vec<Single> = vec![
+        ("empty classifier", "any packet (the floor)", empty.fd(), stranger.clone(), None, false),
+        ("conndrain_egress", "unrelated traffic (no pod IP)", egress, stranger.clone(), None, false),
+        ("conndrain_egress", "new inbound TCP flow: SYN to the pod (insert + event)", egress, new_syn_peer.clone(), Some(syn_in_key), false),
+        ("conndrain_ingress", "new outbound TCP flow: SYN from the pod (insert + event)", ingress, new_syn_pod, Some(key("10.0.0.4:443", PROTO_TCP)?), false),
+        ("conndrain_egress", "new inbound UDP flow (insert + event)", egress, new_udp, Some(key("10.0.0.5:5353", PROTO_UDP)?), false),
+        ("conndrain_egress", "new inbound TCP flow, agent idle: the event wakes it", egress, new_syn_peer, Some(syn_in_key), true),
+    ];
+    let created_before = obj.stat(stats::FLOWS_CREATED)?;
+    let mut one: Vec<Vec<u32>> = vec![Vec::new(); singles.len()];
+    for round in 0..sizes.singles {
+        if round % 256 == 0 {
+            crate::check_interrupted()?;
+            // Room in the ring buffer (256 KiB) for the next 256 rounds.
+            obj.drain_events();
+        }
+        for (i, (prog, path, fd, frame, flow, caught_up)) in singles.iter().enumerate() {
+            if *caught_up {
+                obj.drain_events();
+            }
+            let (ret, ns) = test_run(*fd, frame, 1)?;
+            ensure!(ret == TC_ACT_UNSPEC, "{prog} on {path:?} returned {ret}");
+            one[i].push(ns);
+            if let Some(flow) = flow {
+                obj.remove_flow(flow).with_context(|| format!("{path}: no flow was created"))?;
+            }
+        }
+    }
+    obj.drain_events();
+    let created = obj.stat(stats::FLOWS_CREATED)? - created_before;
+    let want = 4 * sizes.singles as u64;
+    ensure!(created == want, "expected {want} flows created, got {created}");
+    ensure!(obj.stat(stats::EVENTS_LOST)? == 0, "events were lost");
+    let one: Vec<f64> = one.iter_mut().map(|s| f64::from(median(s))).collect();
+    for (i, (prog, path, _, _, _, caught_up)) in singles.iter().enumerate().skip(2) {
+        table.row(vec![
+            format!("`{prog}`"),
+            format!("{path} ¹{}", if *caught_up { " ²" } else { "" }),
+            format!("{:.0}", one[i]),
+            format!("{:.0}", one[i] - one[0]),
+            ratio(one[i], one[1]),
+        ]);
+    }
+
+    let section = Section {
+        title: "Datapath cost per packet (BPF_PROG_TEST_RUN)".into(),
+        name: "testrun",
+        intro: format!(
+            "Each program and path is run with `BPF_PROG_TEST_RUN`, `repeat` = {} per call, \
+             {} calls per path interleaved; the table has the median of the per-call averages. \
+             IPv4 frames, {PAYLOAD}-byte payloads. \"Above empty\" subtracts an empty classifier \
+             (`r0 = -1; exit`, loaded from two raw instructions) run on the same frame: that is the \
+             cost of our programs proper. \"× unrelated\" is against the same program on unrelated \
+             traffic (neither address a pod), the cheapest path every packet on an attached interface takes.",
+            count(u64::from(sizes.repeat)),
+            sizes.rounds
+        ),
+        table,
+        notes: vec![
+            format!(
+                "¹ Paths that create a flow cannot be repeated on one packet (the second run finds the flow), \
+                 so they are {} single runs each, the flow deleted between runs; the median is shown. Their \
+                 ns include TEST_RUN's per-call overhead; their \"above empty\" and \"× unrelated\" columns \
+                 use the empty classifier ({:.0} ns) and unrelated traffic ({:.0} ns) measured the same way.",
+                count(sizes.singles as u64),
+                one[0],
+                one[1]
+            ),
+            "² A ring-buffer write wakes the reader when the reader has consumed everything before it, \
+             i.e. when the agent is idle; the wakeup is an irq_work (a self-interrupt, costly in a VM). \
+             The rows above it had unread events ahead of theirs, as under a burst of new flows."
+                .into(),
+            "The pinned path is the steering of an established flow whose backend is terminating, \
+             as seen on an uplink: the destination address and port are rewritten (IP and TCP checksums \
+             updated) and the packet is handed to `bpf_redirect_neigh`. Under TEST_RUN the redirect is not \
+             carried out, so the neighbour lookup and transmit that replace netfilter's path are not in \
+             these ns. Two pins that undo each other keep every repeated run on the same skb pinned."
+                .into(),
+        ],
+    };
+    Ok((section, Results { new_syn_ns: one[2] - one[0], new_syn_idle_ns: one[5] - one[0] }))
+}
+
+/// The embedded object with fresh maps, both programs loaded.
+pub struct Object {
+    ebpf: Ebpf,
+    events: Option<RingBuf<MapData>>,
+}
+
+impl Object {
+    pub fn load(max_flows: u32) -> Result<Self> {
+        let object = conndrain::EBPF_OBJECT;
+        ensure!(
+            !object.is_empty(),
+            "conndrain was built without its eBPF object: build with CONNDRAIN_REQUIRE_EBPF=1"
+        );
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::FLOWS, max_flows)
+            .load(object)
+            .context("loading the eBPF object")?;
+        for name in [programs::INGRESS, programs::EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        let events = RingBuf::try_from(ebpf.take_map(maps::EVENTS).context("no EVENTS map")?)?;
+        Ok(Self { ebpf, events: Some(events) })
+    }
+
+    /// Only the maps (no program loaded): for the flow-table section.
+    pub fn maps_only(max_flows: u32) -> Result<Ebpf> {
+        EbpfLoader::new()
+            .map_max_entries(maps::FLOWS, max_flows)
+            .load(conndrain::EBPF_OBJECT)
+            .context("loading the eBPF object")
+    }
+
+    fn prog_fd(&self, name: &str) -> Result<RawFd> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        Ok(prog.fd()?.as_fd().as_raw_fd())
+    }
+
+    fn add_pod_ip(&mut self, ip: IpAddr, slot: u32) -> Result<()> {
+        let mut pod_ips: HashMap<_, PodIpKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(maps::POD_IPS).context("no POD_IPS")?)?;
+        pod_ips.insert(PodIpKey { addr: mapped(ip) }, slot, 0)?;
+        Ok(())
+    }
+
+    fn pin(&mut self, key: WireKey, pin: Pin) -> Result<()> {
+        let mut pins: HashMap<_, WireKey, Pin> =
+            HashMap::try_from(self.ebpf.map_mut(maps::PINS).context("no PINS")?)?;
+        pins.insert(key, pin, 0)?;
+        Ok(())
+    }
+
+    fn flow_state(&self, key: &FlowKey) -> Result<Option<u8>> {
+        let flows: HashMap<_, FlowKey, conndrain_common::FlowValue> =
+            HashMap::try_from(self.ebpf.map(maps::FLOWS).context("no FLOWS")?)?;
+        Ok(flows.get(key, 0).ok().map(|v| v.state))
+    }
+
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        let mut flows: HashMap<_, FlowKey, conndrain_common::FlowValue> =
+            HashMap::try_from(self.ebpf.map_mut(maps::FLOWS).context("no FLOWS")?)?;
+        flows.remove(key)?;
+        Ok(())
+    }
+
+    fn stat(&self, index: u32) -> Result<u64> {
+        let s: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(maps::STATS).context("no STATS")?)?;
+        Ok(s.get(&index, 0)?.iter().sum())
+    }
+
+    fn drain_events(&mut self) -> usize {
+        let mut n = 0;
+        if let Some(events) = self.events.as_mut() {
+            while events.next().is_some() {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// `r0 = TC_ACT_UNSPEC; exit`, a `BPF_PROG_TYPE_SCHED_CLS` program.
+pub struct EmptyClassifier(OwnedFd);
+
+#[repr(C, align(8))]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+}
+
+#[repr(C, align(8))]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+/// `bpf_attr` for `BPF_LINK_CREATE` of a tcx link.
+#[repr(C, align(8))]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
+
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+impl EmptyClassifier {
+    pub const NAME: &str = "bench_empty";
+
+    pub fn load() -> Result<Self> {
+        // mov64 r0, -1 ; exit
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0x00, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = c"GPL";
+        let mut name = [0u8; 16];
+        name[..Self::NAME.len()].copy_from_slice(Self::NAME.as_bytes());
+        let attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name: name,
+            ..ProgLoadAttr::default()
+        };
+        // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD; the pointers outlive the call.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &raw const attr, size_of::<ProgLoadAttr>())
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("loading the empty classifier");
+        }
+        // SAFETY: a new fd that we own.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fd)?) }))
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Attaches it with tcx (`attach_type` `BPF_TCX_INGRESS` or `BPF_TCX_EGRESS`)
+    /// after whatever is there; closing the returned link detaches it.
+    pub fn attach_tcx(&self, ifindex: u32, attach_type: u32) -> Result<OwnedFd> {
+        let attr = LinkCreateAttr {
+            prog_fd: u32::try_from(self.fd())?,
+            target_ifindex: ifindex,
+            attach_type,
+            ..LinkCreateAttr::default()
+        };
+        // SAFETY: a valid bpf_attr prefix for BPF_LINK_CREATE.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, &raw const attr, size_of::<LinkCreateAttr>())
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("attaching the empty classifier with tcx");
+        }
+        // SAFETY: a new fd that we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fd)?) })
+    }
+}
+
+/// One `BPF_PROG_TEST_RUN`: (return value, average ns per run).
+fn test_run(fd: RawFd, frame: &[u8], repeat: u32) -> Result<(u32, u32)> {
+    let mut attr = TestRunAttr {
+        prog_fd: u32::try_from(fd)?,
+        data_size_in: u32::try_from(frame.len())?,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_PROG_TEST_RUN; `frame` outlives
+    // the call, and no output buffer is given.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestRunAttr>())
+    };
+    if rc != 0 {
+        bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    }
+    Ok((attr.retval, attr.duration))
+}
+
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn wire(src: SocketAddr, dst: SocketAddr, proto: u8) -> WireKey {
+    WireKey {
+        src: mapped(src.ip()),
+        dst: mapped(dst.ip()),
+        sport: src.port(),
+        dport: dst.port(),
+        proto,
+        family: if src.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+        _pad: [0; 2],
+    }
+}
+
+/// A pin that rewrites a packet to `src -> dst` and sends it out of ifindex 1.
+fn pin_to(src: SocketAddr, dst: SocketAddr) -> Pin {
+    Pin {
+        new_src: mapped(src.ip()),
+        new_dst: mapped(dst.ip()),
+        new_sport: src.port(),
+        new_dport: dst.port(),
+        ifindex: 1,
+        nexthop: mapped(dst.ip()),
+        ..Pin::default()
+    }
+}
+
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn ip_step(src: SocketAddr, dst: SocketAddr) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed address families"),
+    }
+}
+
+/// A TCP frame with `flags` (SYN, ACK, PSH only) and `payload` bytes.
+fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, payload: usize) -> Vec<u8> {
+    let mut b = ip_step(src, dst).tcp(src.port(), dst.port(), 1000, 64240);
+    if flags & TCP_SYN != 0 {
+        b = b.syn();
+    }
+    if flags & TCP_PSH != 0 {
+        b = b.psh();
+    }
+    if flags & TCP_ACK != 0 {
+        b = b.ack(2000);
+    }
+    let body = vec![b'x'; payload];
+    let mut out = Vec::with_capacity(b.size(body.len()));
+    b.write(&mut out, &body).expect("building a TCP frame");
+    out
+}
+
+fn udp(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let b = ip_step(src, dst).udp(src.port(), dst.port());
+    let body = [b'x'; PAYLOAD];
+    let mut out = Vec::with_capacity(b.size(body.len()));
+    b.write(&mut out, &body).expect("building a UDP frame");
+    out
+}
+
+/// The flow key as the datapath makes it, for the flow-table section.
+pub fn flow_key(i: u32) -> FlowKey {
+    let [hi, b2, b1, lo] = i.to_be_bytes();
+    FlowKey {
+        pod_addr: mapped(IpAddr::from([10, 0, 1, 2])),
+        peer_addr: mapped(IpAddr::from([10, hi.wrapping_add(100), b2, b1])),
+        pod_port: 8080,
+        peer_port: 1024 + u16::from(lo),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
