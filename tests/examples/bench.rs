@@ -187,16 +187,27 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
         doc.push_str(&s.markdown());
         doc.push('\n');
     }
+    // `cargo xtask bench` runs the rolling-update comparison (tests/examples/rollout.rs) first.
+    if let Some(table) = std::env::var_os("CONNDRAIN_ROLLOUT_SUMMARY").and_then(|p| std::fs::read_to_string(p).ok()) {
+        doc.push_str("## Rolling update: strategies compared\n\n");
+        doc.push_str(
+            "The seeds' rolling update on the kube-proxy emulation (client, node A, node B; iptables rules), \
+             three pods replaced one after another under the seeds' loads, once per strategy. Simplified: \
+             only node A's pods are replaced, endpoints reach both nodes after the same delay, and \
+             \"requests sent\" is not comparable across rows (each strategy runs as long as its releases \
+             take); the failure counts are.\n\n\
+             Command: `cargo run --release -p conndrain-tests --example rollout -- --summary-out FILE`\n\n",
+        );
+        doc.push_str(&table);
+        doc.push('\n');
+    }
     doc.push_str(NOT_MEASURED);
     doc
 }
 
 const NOT_MEASURED: &str = "## Not measured yet\n\n\
-- The rolling-update comparison of issue 6 (items 1–4): a simulated two-node cluster with a \
-  kube-proxy Service, the seeds' loads (keep-alive and `Connection: close` HTTP, streams, UDP \
-  sessions, the sequence-number monitor), and the strategies side by side (no mitigation, \
-  `preStop: sleep N`, conndrain): failed requests by kind, broken streams and sessions, and time \
-  from deletion to pod release.\n\
+- The rolling-update comparison with pods replaced on both nodes, and with seed 000's redeploy \
+  monitor as a load of its own (the sequence and version of every answer are checked instead).\n\
 - Throughput and latency of *steered* (pinned) flows on live traffic: only their per-packet \
   cost under TEST_RUN is measured, without the redirect itself.\n\
 - Drain detection to the `conndrain.io/Drained` condition in Kubernetes mode.\n\

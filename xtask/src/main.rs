@@ -132,7 +132,7 @@ fn run(command: Cmd) -> Result<()> {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
             setup::run(&root)?;
             build(&root, true)?;
-            bench::run(&root, cargo(&root, "run", true), &args)
+            bench::run(&root, cargo(&root, "run", true), cargo(&root, "run", true), &args)
         }
         Cmd::Image => {
             setup::run(&root)?;
