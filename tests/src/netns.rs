@@ -2,6 +2,8 @@
 
 use std::{fs::File, os::fd::AsRawFd as _, process::Command, sync::Mutex, thread};
 
+use std::net::IpAddr;
+
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{run_cmd, unique_tag};
@@ -119,6 +121,48 @@ pub fn run_in<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
             )
         })?
     })
+}
+
+/// A veth pair whose ends are created directly inside `a` and `b`, so neither
+/// ever appears in the root namespace.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    run_cmd(Command::new("ip").args([
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]))
+    .with_context(|| {
+        format!(
+            "creating veth {a_if} ({}) <-> {b_if} ({})",
+            a.name(),
+            b.name()
+        )
+    })
+    .map(drop)
+}
+
+/// Adds `ip/prefix` to `dev` inside `ns` (IPv6 without duplicate address detection).
+pub fn addr(ns: &Netns, dev: &str, ip: IpAddr, prefix: u8) -> Result<()> {
+    let cidr = format!("{ip}/{prefix}");
+    let mut args = vec!["addr", "add", &cidr, "dev", dev];
+    if ip.is_ipv6() {
+        args.push("nodad");
+    }
+    ns.ip(&args).map(drop)
+}
+
+/// Sets `dev` up inside `ns`.
+pub fn up(ns: &Netns, dev: &str) -> Result<()> {
+    ns.ip(&["link", "set", dev, "up"]).map(drop)
 }
 
 #[cfg(test)]

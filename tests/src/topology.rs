@@ -20,7 +20,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Netns, TcpConn, TcpServer, unique_tag};
+use crate::{
+    Netns, TcpConn, TcpServer,
+    netns::{addr, up, veth},
+    unique_tag,
+};
 
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
@@ -276,45 +280,6 @@ impl TopologyBuilder {
     }
 }
 
-/// A veth pair whose ends are created directly inside `a` and `b`, so neither
-/// ever appears in the root namespace.
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    crate::run_cmd(std::process::Command::new("ip").args([
-        "link",
-        "add",
-        a_if,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ]))
-    .with_context(|| {
-        format!(
-            "creating veth {a_if} ({}) <-> {b_if} ({})",
-            a.name(),
-            b.name()
-        )
-    })
-    .map(drop)
-}
-
-fn addr(ns: &Netns, dev: &str, ip: IpAddr, prefix: u8) -> Result<()> {
-    let cidr = format!("{ip}/{prefix}");
-    let mut args = vec!["addr", "add", &cidr, "dev", dev];
-    if ip.is_ipv6() {
-        args.push("nodad");
-    }
-    ns.ip(&args).map(drop)
-}
-
-fn up(ns: &Netns, dev: &str) -> Result<()> {
-    ns.ip(&["link", "set", dev, "up"]).map(drop)
-}
 
 fn make_bridge(node: &Netns, bridge: &str) -> Result<()> {
     // No multicast snooping: neighbor discovery must reach every port at once.

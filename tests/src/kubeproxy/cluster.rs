@@ -11,7 +11,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Netns, run_cmd, unique_tag};
+use crate::{
+    Netns,
+    netns::{addr, up, veth},
+    unique_tag,
+};
 
 /// The client's address on its link to node A.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
@@ -360,41 +364,3 @@ impl Cluster {
     }
 }
 
-/// A veth pair whose ends are created directly inside `a` and `b`.
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    run_cmd(std::process::Command::new("ip").args([
-        "link",
-        "add",
-        a_if,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ]))
-    .with_context(|| {
-        format!(
-            "creating veth {a_if} ({}) <-> {b_if} ({})",
-            a.name(),
-            b.name()
-        )
-    })
-    .map(drop)
-}
-
-fn addr(ns: &Netns, dev: &str, ip: IpAddr, prefix: u8) -> Result<()> {
-    let cidr = format!("{ip}/{prefix}");
-    let mut args = vec!["addr", "add", &cidr, "dev", dev];
-    if ip.is_ipv6() {
-        args.push("nodad");
-    }
-    ns.ip(&args).map(drop)
-}
-
-fn up(ns: &Netns, dev: &str) -> Result<()> {
-    ns.ip(&["link", "set", dev, "up"]).map(drop)
-}
