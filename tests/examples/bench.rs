@@ -210,5 +210,4 @@ const NOT_MEASURED: &str = "## Not measured yet\n\n\
   monitor as a load of its own (the sequence and version of every answer are checked instead).\n\
 - Throughput and latency of *steered* (pinned) flows on live traffic: only their per-packet \
   cost under TEST_RUN is measured, without the redirect itself.\n\
-- Drain detection to the `conndrain.io/Drained` condition in Kubernetes mode.\n\
 - IPv6: every figure here is IPv4.\n";
