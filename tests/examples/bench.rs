@@ -192,10 +192,13 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
         doc.push_str("## Rolling update: strategies compared\n\n");
         doc.push_str(
             "The seeds' rolling update on the kube-proxy emulation (client, node A, node B; iptables rules), \
-             three pods replaced one after another under the seeds' loads, once per strategy. Simplified: \
-             only node A's pods are replaced, endpoints reach both nodes after the same delay, and \
-             \"requests sent\" is not comparable across rows (each strategy runs as long as its releases \
-             take); the failure counts are.\n\n\
+             three pods (two on node A, one on node B) replaced one after another under the seeds' loads, \
+             once per strategy. The client reaches the Service through node A, whose kube-proxy sends flows \
+             to node B's pods over the inter-node link; with conndrain an agent runs on each node (node A's \
+             pins the flows of a terminating pod of either node, the agent on the pod's own node answers its preStop). \
+             Simplified: endpoints reach both nodes after the same delay (only node A's rules carry the \
+             client's traffic here), and \"requests sent\" is not comparable across rows (each strategy \
+             runs as long as its releases take); the failure counts are.\n\n\
              Command: `cargo run --release -p conndrain-tests --example rollout -- --summary-out FILE`\n\n",
         );
         doc.push_str(&table);
@@ -206,8 +209,8 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
 }
 
 const NOT_MEASURED: &str = "## Not measured yet\n\n\
-- The rolling-update comparison with pods replaced on both nodes, and with seed 000's redeploy \
-  monitor as a load of its own (the sequence and version of every answer are checked instead).\n\
+- The rolling-update comparison with seed 000's redeploy monitor as a load of its own (the \
+  sequence and version of every answer are checked instead).\n\
 - Throughput and latency of *steered* (pinned) flows on live traffic: only their per-packet \
   cost under TEST_RUN is measured, without the redirect itself.\n\
 - IPv6: every figure here is IPv4.\n";

@@ -3,9 +3,11 @@
 //!
 //! - `none`: no mitigation, the preStop hook returns at once;
 //! - `sleep`: `preStop: sleep N` (the seeds' workaround);
-//! - `conndrain`: the agent on node A, the pods declared, preStop =
-//!   `conndrain wait` (blocks until the pod is drained), and steering (the
-//!   terminating pod's established flows are pinned).
+//! - `conndrain`: an agent on each node, the pods declared, preStop =
+//!   `conndrain wait` (blocks until the pod is drained, asked of the agent of
+//!   the pod's node), and steering (node A's agent, where kube-proxy
+//!   translates the client's flows, pins the terminating pod's established
+//!   flows, whichever node the pod is on).
 //!
 //! ```sh
 //! cargo build -p conndrain
@@ -25,10 +27,13 @@
 //!
 //! The cluster is `conndrain_tests::kubeproxy`: a client, node A, node B,
 //! kube-proxy's rules on both nodes. Each strategy gets a fresh cluster. The
-//! Deployment's old pods (version 1) are on node A; b1 on node B is another
-//! version-1 replica that is not replaced. A rolling update (maxSurge 1,
-//! maxUnavailable 0) starts a new pod (version 2), adds it to the endpoints,
-//! and deletes an old pod; the simulated kubelet then runs Kubernetes' order:
+//! Deployment's old pods (version 1) are spread over both nodes (a1, b1, a2,
+//! ...: 2 in short mode, 3 in full mode, seed 000's `replicas: 3`), and every
+//! one of them is replaced. The client reaches the Service through node A,
+//! whose kube-proxy sends the flows to node B's pods over the inter-node
+//! link. A rolling update (maxSurge 1, maxUnavailable 0) starts a new pod
+//! (version 2) on the node of the pod it replaces, adds it to the endpoints,
+//! and deletes the old pod; the simulated kubelet then runs Kubernetes' order:
 //!
 //! deletion -> { endpoints update reaching the nodes' kube-proxy after the
 //! propagation delay (rules rewritten without the pod, UDP conntrack cleanup)
@@ -178,7 +183,7 @@ impl Config {
                 None => 100,
             },
             udp_timeout: 2.0,
-            replacements: if short { 1 } else { 3 },
+            replacements: if short { 2 } else { 3 },
             step_gap: Duration::from_secs(if short { 0 } else { 10 }),
             backend,
             only: only
@@ -220,7 +225,7 @@ fn run() -> Result<()> {
     require_root()?;
     let cfg = Config::parse()?;
     println!(
-        "Rolling update under load, {} mode: {} replacement(s) of a node-A pod, kube-proxy {:?} mode, \
+        "Rolling update under load, {} mode: {} replacement(s), pods on node A and node B, kube-proxy {:?} mode, \
          endpoints propagation {:.1}s, grace period {}s, /slow {}s, streams and UDP sessions of {}s, \
          keep-alive connections closed by the app after {} requests.",
         if cfg.short { "short" } else { "full" },
@@ -964,16 +969,15 @@ impl Bed {
 }
 
 fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
-    let n = cfg.replacements;
-    let old: Vec<String> = (1..=n).map(|i| format!("a{i}")).collect();
-    let new: Vec<String> = (n + 1..=2 * n).map(|i| format!("a{i}")).collect();
-    let mut layout: Vec<(&str, Node)> = old
+    let (old_pods, new_pods) = plan(cfg.replacements);
+    let layout: Vec<(&str, Node)> = old_pods
         .iter()
-        .chain(&new)
-        .map(|p| (p.as_str(), Node::A))
+        .chain(&new_pods)
+        .map(|(p, node)| (p.as_str(), *node))
         .collect();
-    layout.push(("b1", Node::B));
     let cluster = Cluster::build(&layout)?;
+    let old: Vec<String> = old_pods.iter().map(|(p, _)| p.clone()).collect();
+    let new: Vec<String> = new_pods.iter().map(|(p, _)| p.clone()).collect();
     let service = Service {
         namespace: "default".into(),
         name: "web".into(),
@@ -1018,52 +1022,18 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     ];
     let bed = Bed { proxies, cluster };
 
-    // The agent (conndrain only): on node A, where kube-proxy translates the
-    // client's flows and where the pods run.
-    let agent = if strategy == Strategy::Conndrain {
-        let mut agent = Agent::start(
-            bed.cluster.node_a(),
-            &[
-                "--host-ip",
-                &NODE_A_V4.to_string(),
-                "--wait-port",
-                &WAIT_PORT.to_string(),
-                "--metrics-port",
-                &METRICS_PORT.to_string(),
-                "--udp-timeout",
-                &cfg.udp_timeout.to_string(),
-            ],
-        )?;
-        agent.quiet_on_drop();
-        let cli = agent.cli();
-        for p in old.iter().chain(&new) {
-            let [v4, v6] = bed.cluster.pod(p).ips();
-            cli.ok(&[
-                "pod",
-                "add",
-                p,
-                "--ip",
-                &v4.to_string(),
-                "--ip",
-                &v6.to_string(),
-            ])?;
-        }
-        for p in old.iter().chain(&new) {
-            cli.wait_pod(p, "attached to its interface", |s| !s.interfaces.is_empty())?;
-        }
-        Some(agent)
+    let agents = if strategy == Strategy::Conndrain {
+        Some(Agents::start(cfg, &bed.cluster, &layout)?)
     } else {
         None
     };
-    let cli = agent.as_ref().map(Agent::cli);
 
     let apps: Mutex<HashMap<String, Arc<App>>> = Mutex::new(HashMap::new());
-    for p in old.iter().chain(std::iter::once(&"b1".to_owned())) {
+    for p in &old {
         let app = App::start(bed.cluster.pod(p), 1, cfg)?;
         apps.lock().expect("apps").insert(p.clone(), Arc::new(app));
     }
-    let endpoints: Mutex<Vec<String>> =
-        Mutex::new(old.iter().cloned().chain(["b1".to_owned()]).collect());
+    let endpoints: Mutex<Vec<String>> = Mutex::new(old.clone());
     bed.sync(&endpoints.lock().expect("endpoints"))?;
 
     let shared = Shared {
@@ -1162,10 +1132,11 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                     shared.event(format!("{nw} (v2) ready and in the endpoints"));
                     conndrain_tests::sleep(Duration::from_secs(1))?;
                     let app = apps.lock().expect("apps")[o].clone();
-                    let (bed, eps, sh, cli) = (&bed, &endpoints, &shared, cli.clone());
+                    let (bed, eps, sh) = (&bed, &endpoints, &shared);
+                    let clis = agents.as_ref().map(|a| a.for_pod(bed.cluster.pod(o).node()));
                     let o = o.clone();
                     kubelets.push(scope.spawn(move || {
-                        kubelet(cfg, strategy, bed, eps, sh, cli.as_ref(), &o, &app)
+                        kubelet(cfg, strategy, bed, eps, sh, clis.as_deref(), &o, &app)
                     }));
                 }
                 for k in kubelets {
@@ -1184,7 +1155,7 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         result
     })?;
     drop(apps);
-    drop(agent);
+    drop(agents);
     let timeline = shared.timeline.into_inner().expect("timeline");
     Ok(Outcome {
         strategy,
@@ -1194,7 +1165,94 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     })
 }
 
+/// A pod's name and node.
+type PodSpot = (String, Node);
+
+/// The Deployment's old pods and the new ones replacing them, index for
+/// index, each on the same node: alternately node A and node B, named by node
+/// (old a1, b1, a2; new a3, b2, a4).
+fn plan(replacements: usize) -> (Vec<PodSpot>, Vec<PodSpot>) {
+    let nodes: Vec<Node> = (0..replacements)
+        .map(|i| if i % 2 == 0 { Node::A } else { Node::B })
+        .collect();
+    let mut count = [0usize; 2];
+    let mut name = |node: Node| {
+        let (i, letter) = match node {
+            Node::A => (0, 'a'),
+            Node::B => (1, 'b'),
+        };
+        count[i] += 1;
+        (format!("{letter}{}", count[i]), node)
+    };
+    let old = nodes.iter().map(|&n| name(n)).collect();
+    let new = nodes.iter().map(|&n| name(n)).collect();
+    (old, new)
+}
+
+/// The node IP of `node`, where its pods' preStop hooks reach its agent.
+fn node_ip(node: Node) -> Ipv4Addr {
+    match node {
+        Node::A => NODE_A_V4,
+        Node::B => NODE_B_V4,
+    }
+}
+
+/// conndrain on both nodes, standalone, told what Kubernetes mode would learn
+/// from the API. Node A's agent has every pod: its own, and node B's, whose
+/// flows node A's kube-proxy translates (so node A pins them). Node B's agent
+/// has node B's pods: it tracks their flows and answers their preStop hooks.
+struct Agents {
+    a: Agent,
+    b: Agent,
+}
+
+impl Agents {
+    fn start(cfg: &Config, cluster: &Cluster, pods: &[(&str, Node)]) -> Result<Self> {
+        let start = |node: Node| -> Result<Agent> {
+            let ns = match node {
+                Node::A => cluster.node_a(),
+                Node::B => cluster.node_b(),
+            };
+            let mut agent = Agent::start(
+                ns,
+                &[
+                    "--host-ip",
+                    &node_ip(node).to_string(),
+                    "--wait-port",
+                    &WAIT_PORT.to_string(),
+                    "--metrics-port",
+                    &METRICS_PORT.to_string(),
+                    "--udp-timeout",
+                    &cfg.udp_timeout.to_string(),
+                ],
+            )?;
+            agent.quiet_on_drop();
+            Ok(agent)
+        };
+        let agents = Self { a: start(Node::A)?, b: start(Node::B)? };
+        for &(p, node) in pods {
+            let [v4, v6] = cluster.pod(p).ips();
+            let (v4, v6) = (v4.to_string(), v6.to_string());
+            for cli in agents.for_pod(node) {
+                cli.ok(&["pod", "add", p, "--ip", &v4, "--ip", &v6])?;
+                cli.wait_pod(p, "attached to an interface", |s| !s.interfaces.is_empty())?;
+            }
+        }
+        Ok(agents)
+    }
+
+    /// The agents that know a pod of `node`: its node's first.
+    fn for_pod(&self, node: Node) -> Vec<Cli> {
+        match node {
+            Node::A => vec![self.a.cli()],
+            Node::B => vec![self.b.cli(), self.a.cli()],
+        }
+    }
+}
+
 /// The simulated kubelet (and endpoints controller) for the deletion of `pod`.
+/// `clis`: the agents told about it (conndrain only), the one of the pod's
+/// node first.
 #[allow(clippy::too_many_arguments)]
 fn kubelet(
     cfg: &Config,
@@ -1202,7 +1260,7 @@ fn kubelet(
     bed: &Bed,
     endpoints: &Mutex<Vec<String>>,
     sh: &Shared,
-    cli: Option<&Cli>,
+    clis: Option<&[Cli]>,
     pod: &str,
     app: &App,
 ) -> Result<Release> {
@@ -1232,8 +1290,10 @@ fn kubelet(
             ));
             Ok(())
         });
-        // The agent learns of the deletion (Kubernetes mode: deletionTimestamp).
-        if let Some(cli) = cli {
+        // The agents learn of the deletion (Kubernetes mode: the pod's
+        // deletionTimestamp on its node, its endpoint turning terminating on
+        // the other).
+        for cli in clis.unwrap_or_default() {
             let deadline = (cfg.grace.as_secs_f64() - DEADLINE_MARGIN).to_string();
             cli.ok(&[
                 "pod",
@@ -1244,8 +1304,11 @@ fn kubelet(
                 "--quiet-period",
                 &QUIET_PERIOD.to_string(),
             ])?;
+        }
+        if clis.is_some() {
             sh.event(format!(
-                "conndrain: {pod} terminating (pins its established flows)"
+                "conndrain: {pod} terminating on {} agent(s) (node A pins its established flows)",
+                clis.map_or(0, <[Cli]>::len)
             ));
         }
         // preStop.
@@ -1263,7 +1326,7 @@ fn kubelet(
                     .ns()
                     .command(&conndrain_bin().to_string_lossy());
                 cmd.args(["wait", "--fallback-sleep", &cfg.sleep_secs.to_string()])
-                    .env("HOST_IP", NODE_A_V4.to_string())
+                    .env("HOST_IP", node_ip(bed.cluster.pod(pod).node()).to_string())
                     .env("CONNDRAIN_WAIT_PORT", WAIT_PORT.to_string());
                 let out = Running::spawn(cmd)?.wait_exit(cfg.grace)?;
                 format!(
@@ -1293,7 +1356,7 @@ fn kubelet(
         sh.event(format!(
             "{pod} released (app ended) {release_secs:.2}s after deletion"
         ));
-        if let Some(cli) = cli {
+        for cli in clis.unwrap_or_default() {
             cli.ok(&["pod", "remove", pod])?;
         }
         ep.join()
