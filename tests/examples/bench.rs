@@ -209,8 +209,6 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
 }
 
 const NOT_MEASURED: &str = "## Not measured yet\n\n\
-- The rolling-update comparison with seed 000's redeploy monitor as a load of its own (the \
-  sequence and version of every answer are checked instead).\n\
 - Throughput and latency of *steered* (pinned) flows on live traffic: only their per-packet \
   cost under TEST_RUN is measured, without the redirect itself.\n\
 - IPv6: every figure here is IPv4.\n";

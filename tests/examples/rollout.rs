@@ -41,6 +41,12 @@
 //! finish in-flight requests, close idle keep-alives and open streams, close
 //! the UDP socket) -> SIGKILL at the grace period.
 //!
+//! The loads, in the client namespace through the Service's cluster IP: HTTP keep-alive,
+//! HTTP `Connection: close` (seed 001's `wrk`), `/slow` requests, long-lived
+//! TCP streams, UDP sessions, and seed 000's monitor (a pooled keep-alive
+//! client that numbers its requests and checks the version in every answer;
+//! see `monitor_client`).
+//!
 //! The app runs in-process: its sockets live in the pod's namespace, and
 //! "SIGTERM"/"SIGKILL" are flags its threads watch. Every answer carries the
 //! pod, its version and the request's sequence number; a "wrong version" is
@@ -102,6 +108,12 @@ const QUIET_PERIOD: f64 = 3.0;
 const DEADLINE_MARGIN: f64 = 2.0;
 /// The clients' patience for a connect or an answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Seed 000's monitor: its Go client's timeout, and how often it asks.
+const MONITOR_TIMEOUT: Duration = Duration::from_secs(5);
+const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
+/// The Deployment's version before and after the rolling update.
+const OLD_VERSION: u32 = 1;
+const NEW_VERSION: u32 = 2;
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -564,17 +576,28 @@ struct Tally {
     samples: Vec<String>,
 }
 
+/// How a load is counted in the summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// HTTP requests, summed over these loads.
+    Requests,
+    /// Streams or UDP sessions, per load.
+    Sessions,
+    /// Seed 000's monitor: columns of its own.
+    Monitor,
+}
+
 struct Load {
     name: &'static str,
-    sessions: bool,
+    counted: Counted,
     tally: Mutex<Tally>,
 }
 
 impl Load {
-    fn new(name: &'static str, sessions: bool) -> Arc<Self> {
+    fn new(name: &'static str, counted: Counted) -> Arc<Self> {
         Arc::new(Self {
             name,
-            sessions,
+            counted,
             tally: Mutex::new(Tally::default()),
         })
     }
@@ -602,6 +625,8 @@ struct Shared {
     released: Mutex<Vec<String>>,
     timeline: Mutex<Vec<(f64, String)>>,
     seq: AtomicU64,
+    /// When the Deployment was updated to the new version (s since `t0`).
+    updated_at: Mutex<Option<f64>>,
 }
 
 impl Shared {
@@ -727,42 +752,150 @@ fn closed_by_peer(s: &TcpStream) -> bool {
     closed
 }
 
+/// One GET over a pooled keep-alive connection, as Go's `http.Transport`
+/// does: the idle connection is reused unless the server closed it, else a
+/// new one is opened; it goes back to the pool unless the answer closes it.
+/// Returns the body.
+fn pooled_request(
+    pool: &mut Option<TcpStream>,
+    to: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::result::Result<String, Fail> {
+    if pool.as_ref().is_some_and(closed_by_peer) {
+        *pool = None;
+    }
+    let mut s = match pool.take() {
+        Some(s) => s,
+        None => connect(to)?,
+    };
+    let (body, close) = http_request(&mut s, path, false, timeout)?;
+    if !close {
+        *pool = Some(s);
+    }
+    Ok(body)
+}
+
 /// HTTP keep-alive: one pooled connection, a request every `interval`.
 fn keepalive_client(run: &Shared, load: &Load, interval: Duration) {
     let to = SocketAddr::new(VIP.into(), HTTP_PORT);
-    let mut conn: Option<TcpStream> = None;
+    let mut pool: Option<TcpStream> = None;
     while !run.stopped() {
-        if conn.as_ref().is_some_and(closed_by_peer) {
-            conn = None;
-        }
-        let s = match conn.take() {
-            Some(s) => s,
-            None => match connect(to) {
-                Ok(s) => s,
-                Err(f) => {
-                    load.sent();
-                    load.fail(run, &f);
-                    thread::sleep(interval);
-                    continue;
-                }
-            },
-        };
-        let mut s = s;
         let seq = run.next_seq();
         load.sent();
-        match http_request(&mut s, &format!("/fast?seq={seq}"), false, CLIENT_TIMEOUT)
-            .and_then(|(body, close)| run.check_answer(&body, &seq.to_string()).map(|_| close))
+        match pooled_request(&mut pool, to, &format!("/fast?seq={seq}"), CLIENT_TIMEOUT)
+            .and_then(|body| run.check_answer(&body, &seq.to_string()))
         {
-            Ok(close) => {
-                load.ok();
-                if !close {
-                    conn = Some(s);
-                }
-            }
+            Ok(_) => load.ok(),
             Err(f) => load.fail(run, &f),
         }
         thread::sleep(interval);
     }
+}
+
+/// What seed 000's monitor saw, beyond the per-request tally.
+#[derive(Default)]
+struct MonitorStats {
+    /// When the last good answer came (s since the loads started).
+    last_good: Option<f64>,
+    /// The longest time between two good answers (or from the last one to
+    /// the end): what the monitor's user sees as an outage.
+    longest_gap: f64,
+    /// Runs of consecutive requests without a good answer.
+    gaps: u64,
+    in_gap: bool,
+    /// The first answer from the new version, the last from the old one.
+    first_new: Option<f64>,
+    last_old: Option<f64>,
+}
+
+#[derive(Default)]
+struct Monitor {
+    stats: Mutex<MonitorStats>,
+}
+
+impl Monitor {
+    fn good(&self, at: f64, version: u32) {
+        let mut m = self.stats.lock().expect("monitor");
+        if let Some(last) = m.last_good {
+            m.longest_gap = m.longest_gap.max(at - last);
+        }
+        m.last_good = Some(at);
+        m.in_gap = false;
+        if version == NEW_VERSION && m.first_new.is_none() {
+            m.first_new = Some(at);
+        }
+        if version == OLD_VERSION {
+            m.last_old = Some(at);
+        }
+    }
+
+    fn missed(&self) {
+        let mut m = self.stats.lock().expect("monitor");
+        if !m.in_gap {
+            m.in_gap = true;
+            m.gaps += 1;
+        }
+    }
+
+    fn end(&self, at: f64) {
+        let mut m = self.stats.lock().expect("monitor");
+        if let Some(last) = m.last_good {
+            m.longest_gap = m.longest_gap.max(at - last);
+        }
+    }
+}
+
+/// Seed 000's monitor. Its user "continually redeploys an app with a
+/// sequence number" (the version, a Deployment argument the app answers
+/// with) "and checks that no request is dropped": a Go `http.Client` (pooled
+/// keep-alive connections, 5 s timeout) GETs the Service in a loop, counts
+/// every error, and after each redeploy waits until the new number answers.
+/// Here the redeploy is the rolling update, and the loop runs 5 times a
+/// second rather than once, to sample the short run. Each request is
+/// numbered 1, 2, 3, ...; every answer must echo its number (no gap), come
+/// from a pod not yet released, and carry the old or the new version. A gap
+/// is a run of requests without a good answer.
+fn monitor_client(run: &Shared, load: &Load, mon: &Monitor) {
+    let to = SocketAddr::new(VIP.into(), HTTP_PORT);
+    let mut pool: Option<TcpStream> = None;
+    let mut seq = 0u64;
+    while !run.stopped() {
+        seq += 1;
+        load.sent();
+        let answer = pooled_request(&mut pool, to, &format!("/?seq={seq}"), MONITOR_TIMEOUT)
+            .and_then(|body| {
+                run.check_answer(&body, &seq.to_string())?;
+                version_of(&body)
+            });
+        match answer {
+            Ok(version) => {
+                load.ok();
+                mon.good(run.since(), version);
+            }
+            Err(f) => {
+                load.fail(run, &f);
+                mon.missed();
+            }
+        }
+        thread::sleep(MONITOR_INTERVAL);
+    }
+    mon.end(run.since());
+}
+
+/// The version in an answer `<pod> v<version> <seq>`: the old or the new one.
+fn version_of(answer: &str) -> std::result::Result<u32, Fail> {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.strip_prefix('v')?.parse().ok())
+        .filter(|v| [OLD_VERSION, NEW_VERSION].contains(v))
+        .ok_or_else(|| {
+            Fail(
+                Kind::WrongVersion,
+                format!("answer {answer:?}: the Deployment has v{OLD_VERSION} and v{NEW_VERSION} only"),
+            )
+        })
 }
 
 /// HTTP with `Connection: close` (seed 001's wrk), a new connection per request.
@@ -946,6 +1079,9 @@ struct Release {
 struct Outcome {
     strategy: Strategy,
     loads: Vec<Arc<Load>>,
+    monitor: MonitorStats,
+    /// When the Deployment was updated (s since the loads started).
+    updated_at: f64,
     releases: Vec<Release>,
     timeline: Vec<(f64, String)>,
 }
@@ -1030,7 +1166,7 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
 
     let apps: Mutex<HashMap<String, Arc<App>>> = Mutex::new(HashMap::new());
     for p in &old {
-        let app = App::start(bed.cluster.pod(p), 1, cfg)?;
+        let app = App::start(bed.cluster.pod(p), OLD_VERSION, cfg)?;
         apps.lock().expect("apps").insert(p.clone(), Arc::new(app));
     }
     let endpoints: Mutex<Vec<String>> = Mutex::new(old.clone());
@@ -1042,18 +1178,22 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         released: Mutex::new(Vec::new()),
         timeline: Mutex::new(Vec::new()),
         seq: AtomicU64::new(0),
+        updated_at: Mutex::new(None),
     };
-    let keepalive = Load::new("HTTP keep-alive (4 conns, 20 req/s each)", false);
-    let close = Load::new("HTTP Connection: close (2 x 20 req/s)", false);
-    let slow = Load::new("HTTP /slow, Connection: close (2 back to back)", false);
-    let streams = Load::new("TCP streams (3 at a time)", true);
-    let udp = Load::new("UDP sessions (3 at a time)", true);
+    let keepalive = Load::new("HTTP keep-alive (4 conns, 20 req/s each)", Counted::Requests);
+    let close = Load::new("HTTP Connection: close (2 x 20 req/s)", Counted::Requests);
+    let slow = Load::new("HTTP /slow, Connection: close (2 back to back)", Counted::Requests);
+    let streams = Load::new("TCP streams (3 at a time)", Counted::Sessions);
+    let udp = Load::new("UDP sessions (3 at a time)", Counted::Sessions);
+    let monitor_load = Load::new("seed 000 monitor (keep-alive, 5 req/s)", Counted::Monitor);
+    let monitor = Monitor::default();
     let loads = vec![
         keepalive.clone(),
         close.clone(),
         slow.clone(),
         streams.clone(),
         udp.clone(),
+        monitor_load.clone(),
     ];
 
     let mut releases = Vec::new();
@@ -1099,6 +1239,10 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                 t
             )));
         }
+        {
+            let (l, m) = (monitor_load.clone(), &monitor);
+            handles.push(spawn_load!(monitor_client(sh, &l, m)));
+        }
         for i in 0..3 {
             let l = streams.clone();
             let life = cfg.session_life;
@@ -1116,13 +1260,17 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
             (|| -> Result<()> {
                 conndrain_tests::sleep(Duration::from_secs(3))?;
                 shared.event("loads running".into());
+                *shared.updated_at.lock().expect("updated_at") = Some(shared.since());
+                shared.event(format!(
+                    "Deployment updated from v{OLD_VERSION} to v{NEW_VERSION}: the rolling update starts"
+                ));
                 let mut kubelets = Vec::new();
                 for (i, (o, nw)) in old.iter().zip(&new).enumerate() {
                     if i > 0 {
                         conndrain_tests::sleep(cfg.step_gap)?;
                     }
                     // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
-                    let app = App::start(bed.cluster.pod(nw), 2, cfg)?;
+                    let app = App::start(bed.cluster.pod(nw), NEW_VERSION, cfg)?;
                     apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
                     {
                         let mut eps = endpoints.lock().expect("endpoints");
@@ -1160,6 +1308,8 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     Ok(Outcome {
         strategy,
         loads,
+        monitor: monitor.stats.into_inner().expect("monitor"),
+        updated_at: shared.updated_at.into_inner().expect("updated_at").unwrap_or(0.0),
         releases,
         timeline,
     })
@@ -1420,6 +1570,7 @@ impl Outcome {
             );
         }
         println!("  (for streams and UDP sessions: sent = opened, failed = broken)");
+        println!("  {}", self.monitor_line());
         for l in &self.loads {
             let t = l.tally.lock().expect("tally");
             for s in &t.samples {
@@ -1450,7 +1601,7 @@ impl Outcome {
     fn requests(&self) -> (u64, BTreeMap<Kind, u64>) {
         let mut sent = 0;
         let mut failed = BTreeMap::new();
-        for l in self.loads.iter().filter(|l| !l.sessions) {
+        for l in self.loads.iter().filter(|l| l.counted == Counted::Requests) {
             let t = l.tally.lock().expect("tally");
             sent += t.sent;
             for (k, v) in &t.failed {
@@ -1460,10 +1611,36 @@ impl Outcome {
         (sent, failed)
     }
 
+    /// Seed 000's monitor: (requests sent, failed).
+    fn monitor_counts(&self) -> (u64, u64) {
+        self.counts(|l| l.counted == Counted::Monitor)
+    }
+
+    fn monitor_line(&self) -> String {
+        let m = &self.monitor;
+        let (sent, failed) = self.monitor_counts();
+        let after = |t: Option<f64>| t.map_or_else(|| "never".to_owned(), |t| format!("{:.1}s", t - self.updated_at));
+        format!(
+            "seed 000 monitor: {sent} requests, {failed} without a good answer in {} gap(s); longest time \
+             without a good answer {:.1}s; v{NEW_VERSION} first answered {} after the Deployment update, \
+             v{OLD_VERSION} last answered {} after it",
+            m.gaps,
+            m.longest_gap,
+            after(m.first_new),
+            after(m.last_old),
+        )
+    }
+
+    /// Streams or sessions of the loads named `name_start...`: (opened, broken).
     fn sessions(&self, name_start: &str) -> (u64, u64) {
+        self.counts(|l| l.name.starts_with(name_start))
+    }
+
+    /// (sent, failed) over the loads that `pick` picks.
+    fn counts(&self, pick: impl Fn(&Load) -> bool) -> (u64, u64) {
         self.loads
             .iter()
-            .filter(|l| l.name.starts_with(name_start))
+            .filter(|l| pick(l))
             .map(|l| {
                 let t = l.tally.lock().expect("tally");
                 (t.sent, t.failed.values().sum::<u64>())
@@ -1476,11 +1653,11 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| strategy | requests sent | failed | refused | reset | timeout | wrong version | streams broken | UDP sessions broken | release p50 | release max |"
+        "| strategy | requests sent | failed | refused | reset | timeout | wrong version | streams broken | UDP sessions broken | seed 000 monitor failed | monitor's longest gap | release p50 | release max |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in results {
         let (sent, failed) = r.requests();
@@ -1488,15 +1665,17 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
         let total: u64 = failed.values().sum();
         let (so, sb) = r.sessions("TCP streams");
         let (uo, ub) = r.sessions("UDP sessions");
+        let (ms, mf) = r.monitor_counts();
         let rel: Vec<f64> = r.releases.iter().map(|x| x.release_secs).collect();
         let _ = writeln!(
             out,
-            "| {} | {sent} | {total} | {} | {} | {} | {} | {sb}/{so} | {ub}/{uo} | {:.1}s | {:.1}s |",
+            "| {} | {sent} | {total} | {} | {} | {} | {} | {sb}/{so} | {ub}/{uo} | {mf}/{ms} | {:.1}s | {:.1}s | {:.1}s |",
             r.strategy.label(cfg),
             k(Kind::Refused),
             k(Kind::Reset),
             k(Kind::Timeout),
             k(Kind::WrongVersion),
+            r.monitor.longest_gap,
             pct(rel.clone(), 0.5),
             pct(rel, 1.0),
         );
@@ -1505,8 +1684,14 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
         out,
         "\nRelease: from `kubectl delete pod` to the pod's app ending (preStop + graceful shutdown), \
          over {} pod(s) per strategy. Failed requests are HTTP requests (keep-alive, Connection: close, /slow); \
-         a stream or UDP session is broken if it could not be opened, failed, or was answered by another pod.",
-        cfg.replacements
+         a stream or UDP session is broken if it could not be opened, failed, or was answered by another pod. \
+         Seed 000's monitor is counted apart: a pooled keep-alive client, like the seed's Go `http.Client`, \
+         numbering its requests 1, 2, 3, ... every {} ms; a request fails unless its answer echoes its number, \
+         comes from a pod not yet released and carries the old or the new version (v{OLD_VERSION}, v{NEW_VERSION}). \
+         Its longest gap is the longest time it went without a good answer (one interval plus a round trip \
+         when nothing fails).",
+        cfg.replacements,
+        MONITOR_INTERVAL.as_millis()
     );
     out
 }
