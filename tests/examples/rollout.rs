@@ -893,7 +893,9 @@ fn version_of(answer: &str) -> std::result::Result<u32, Fail> {
         .ok_or_else(|| {
             Fail(
                 Kind::WrongVersion,
-                format!("answer {answer:?}: the Deployment has v{OLD_VERSION} and v{NEW_VERSION} only"),
+                format!(
+                    "answer {answer:?}: the Deployment has v{OLD_VERSION} and v{NEW_VERSION} only"
+                ),
             )
         })
 }
@@ -1180,9 +1182,15 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         seq: AtomicU64::new(0),
         updated_at: Mutex::new(None),
     };
-    let keepalive = Load::new("HTTP keep-alive (4 conns, 20 req/s each)", Counted::Requests);
+    let keepalive = Load::new(
+        "HTTP keep-alive (4 conns, 20 req/s each)",
+        Counted::Requests,
+    );
     let close = Load::new("HTTP Connection: close (2 x 20 req/s)", Counted::Requests);
-    let slow = Load::new("HTTP /slow, Connection: close (2 back to back)", Counted::Requests);
+    let slow = Load::new(
+        "HTTP /slow, Connection: close (2 back to back)",
+        Counted::Requests,
+    );
     let streams = Load::new("TCP streams (3 at a time)", Counted::Sessions);
     let udp = Load::new("UDP sessions (3 at a time)", Counted::Sessions);
     let monitor_load = Load::new("seed 000 monitor (keep-alive, 5 req/s)", Counted::Monitor);
@@ -1256,46 +1264,47 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                 udp_client(sh, &l, life, i);
             }));
         }
-        let result =
-            (|| -> Result<()> {
-                conndrain_tests::sleep(Duration::from_secs(3))?;
-                shared.event("loads running".into());
-                *shared.updated_at.lock().expect("updated_at") = Some(shared.since());
-                shared.event(format!(
+        let result = (|| -> Result<()> {
+            conndrain_tests::sleep(Duration::from_secs(3))?;
+            shared.event("loads running".into());
+            *shared.updated_at.lock().expect("updated_at") = Some(shared.since());
+            shared.event(format!(
                     "Deployment updated from v{OLD_VERSION} to v{NEW_VERSION}: the rolling update starts"
                 ));
-                let mut kubelets = Vec::new();
-                for (i, (o, nw)) in old.iter().zip(&new).enumerate() {
-                    if i > 0 {
-                        conndrain_tests::sleep(cfg.step_gap)?;
-                    }
-                    // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
-                    let app = App::start(bed.cluster.pod(nw), NEW_VERSION, cfg)?;
-                    apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
-                    {
-                        let mut eps = endpoints.lock().expect("endpoints");
-                        eps.push(nw.clone());
-                        bed.sync(&eps)?;
-                    }
-                    shared.event(format!("{nw} (v2) ready and in the endpoints"));
-                    conndrain_tests::sleep(Duration::from_secs(1))?;
-                    let app = apps.lock().expect("apps")[o].clone();
-                    let (bed, eps, sh) = (&bed, &endpoints, &shared);
-                    let clis = agents.as_ref().map(|a| a.for_pod(bed.cluster.pod(o).node()));
-                    let o = o.clone();
-                    kubelets.push(scope.spawn(move || {
-                        kubelet(cfg, strategy, bed, eps, sh, clis.as_deref(), &o, &app)
-                    }));
+            let mut kubelets = Vec::new();
+            for (i, (o, nw)) in old.iter().zip(&new).enumerate() {
+                if i > 0 {
+                    conndrain_tests::sleep(cfg.step_gap)?;
                 }
-                for k in kubelets {
-                    releases.push(
-                        k.join()
-                            .map_err(|_| anyhow::anyhow!("the kubelet thread panicked"))??,
-                    );
+                // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
+                let app = App::start(bed.cluster.pod(nw), NEW_VERSION, cfg)?;
+                apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
+                {
+                    let mut eps = endpoints.lock().expect("endpoints");
+                    eps.push(nw.clone());
+                    bed.sync(&eps)?;
                 }
-                conndrain_tests::sleep(Duration::from_secs(2))?;
-                Ok(())
-            })();
+                shared.event(format!("{nw} (v2) ready and in the endpoints"));
+                conndrain_tests::sleep(Duration::from_secs(1))?;
+                let app = apps.lock().expect("apps")[o].clone();
+                let (bed, eps, sh) = (&bed, &endpoints, &shared);
+                let clis = agents
+                    .as_ref()
+                    .map(|a| a.for_pod(bed.cluster.pod(o).node()));
+                let o = o.clone();
+                kubelets.push(scope.spawn(move || {
+                    kubelet(cfg, strategy, bed, eps, sh, clis.as_deref(), &o, &app)
+                }));
+            }
+            for k in kubelets {
+                releases.push(
+                    k.join()
+                        .map_err(|_| anyhow::anyhow!("the kubelet thread panicked"))??,
+                );
+            }
+            conndrain_tests::sleep(Duration::from_secs(2))?;
+            Ok(())
+        })();
         shared.stop.store(true, Ordering::SeqCst);
         for h in handles {
             let _ = h.join();
@@ -1309,7 +1318,11 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         strategy,
         loads,
         monitor: monitor.stats.into_inner().expect("monitor"),
-        updated_at: shared.updated_at.into_inner().expect("updated_at").unwrap_or(0.0),
+        updated_at: shared
+            .updated_at
+            .into_inner()
+            .expect("updated_at")
+            .unwrap_or(0.0),
         releases,
         timeline,
     })
@@ -1379,7 +1392,10 @@ impl Agents {
             agent.quiet_on_drop();
             Ok(agent)
         };
-        let agents = Self { a: start(Node::A)?, b: start(Node::B)? };
+        let agents = Self {
+            a: start(Node::A)?,
+            b: start(Node::B)?,
+        };
         for &(p, node) in pods {
             let [v4, v6] = cluster.pod(p).ips();
             let (v4, v6) = (v4.to_string(), v6.to_string());
@@ -1619,7 +1635,12 @@ impl Outcome {
     fn monitor_line(&self) -> String {
         let m = &self.monitor;
         let (sent, failed) = self.monitor_counts();
-        let after = |t: Option<f64>| t.map_or_else(|| "never".to_owned(), |t| format!("{:.1}s", t - self.updated_at));
+        let after = |t: Option<f64>| {
+            t.map_or_else(
+                || "never".to_owned(),
+                |t| format!("{:.1}s", t - self.updated_at),
+            )
+        };
         format!(
             "seed 000 monitor: {sent} requests, {failed} without a good answer in {} gap(s); longest time \
              without a good answer {:.1}s; v{NEW_VERSION} first answered {} after the Deployment update, \
