@@ -261,8 +261,24 @@ fn expect_outcome(bed: &Bed, name: &str, hook: &mut Running, state: &str, reason
     Ok(())
 }
 
+/// The app in one pod namespace: TCP and UDP servers on both addresses.
+/// Started once: the pods that take turns in the namespace run the same app.
+struct App {
+    tcp: [TcpServer; 2],
+    udp: [UdpServer; 2],
+}
+
+impl App {
+    fn start(p: &conndrain_tests::Pod) -> Result<Self> {
+        Ok(Self {
+            tcp: [TcpServer::start(p.ns(), p.addr_v4(TCP_PORT))?, TcpServer::start(p.ns(), p.addr_v6(TCP_PORT))?],
+            udp: [UdpServer::start(p.ns(), p.addr_v4(UDP_PORT))?, UdpServer::start(p.ns(), p.addr_v6(UDP_PORT))?],
+        })
+    }
+}
+
 /// One pod's life, on worker `slot`'s namespace.
-fn one_pod(bed: &Bed, slot: usize, generation: u32, plan: Plan) -> Result<()> {
+fn one_pod(bed: &Bed, App { tcp, udp }: &App, slot: usize, generation: u32, plan: Plan) -> Result<()> {
     let p = &bed.topo.pods()[slot];
     let client = bed.topo.client();
     let api = bed.api();
@@ -271,20 +287,18 @@ fn one_pod(bed: &Bed, slot: usize, generation: u32, plan: Plan) -> Result<()> {
     let remote = IpAddr::V4(Ipv4Addr::new(10, 250, u8::try_from(slot)?, u8::try_from(generation % 250 + 1)?));
     let eps = [(IpAddr::V4(p.ipv4()), NODE), (remote, "node-b")];
 
-    // The pod's app, then the pod (Ready), then its endpoints.
-    let tcp = [TcpServer::start(p.ns(), p.addr_v4(TCP_PORT))?, TcpServer::start(p.ns(), p.addr_v6(TCP_PORT))?];
-    let udp = [UdpServer::start(p.ns(), p.addr_v4(UDP_PORT))?, UdpServer::start(p.ns(), p.addr_v6(UDP_PORT))?];
+    // The pod (Ready), then its endpoints.
     let born = now_ns();
     api.create_pod(running_pod(&name, NODE, &p.ips(), false));
     set_endpoints(api, &slice, &eps, false)?;
     bed.wait_seen(&name, "tracked, attached", |p| p.is_some_and(|p| p.state == "serving" && !p.interfaces.is_empty()))?;
 
-    for server in &tcp {
+    for server in tcp {
         let mut conn = TcpConn::connect(client, server.addr())?;
         conn.request("GET /fast")?;
         conn.close()?;
     }
-    for server in &udp {
+    for server in udp {
         UdpClient::connect(client, server.addr())?.echo(b"soak")?;
     }
     let mut held = match plan {
@@ -345,10 +359,11 @@ fn worker(bed: &Bed, slot: usize) -> Result<()> {
     let mut obj = endpoints(&[], false)?;
     obj.metadata.name = Some(slice.clone());
     bed.api().create_endpoint_slice(obj);
+    let app = App::start(&bed.topo.pods()[slot])?;
     let mut generation = 0u32;
     while !bed.stop.load(Ordering::SeqCst) {
         let plan = PLANS[(slot + generation as usize) % PLANS.len()];
-        one_pod(bed, slot, generation, plan).with_context(|| format!("pod soak-{slot}-{generation} ({plan:?})"))?;
+        one_pod(bed, &app, slot, generation, plan).with_context(|| format!("pod soak-{slot}-{generation} ({plan:?})"))?;
         *bed.tally.lock().expect("tally lock").pods.entry(plan).or_default() += 1;
         generation += 1;
     }
