@@ -14,6 +14,7 @@
 mod harness;
 mod hostile;
 mod packets;
+mod pressure;
 
 use std::net::IpAddr;
 
@@ -46,12 +47,12 @@ fn len(frame: &[u8]) -> u64 {
     u64::try_from(frame.len()).unwrap()
 }
 
-fn kinds(events: &[FlowEvent]) -> Vec<u8> {
+pub(crate) fn kinds(events: &[FlowEvent]) -> Vec<u8> {
     events.iter().map(|e| e.kind).collect()
 }
 
 /// Peer SYN, pod SYN-ACK, peer ACK; returns the three frames.
-fn inbound_handshake(h: &Harness, c: &Conn) -> [Vec<u8>; 3] {
+pub(crate) fn inbound_handshake(h: &Harness, c: &Conn) -> [Vec<u8>; 3] {
     let frames = [
         c.peer_tcp(SYN, b""),
         c.pod_tcp(SYN | ACK, b""),
