@@ -154,7 +154,8 @@ pub mod stats {
     pub const RESETS_SENT: u32 = 7;
     /// Pinned packets that could not be rewritten or redirected (passed on unchanged).
     pub const STEER_FAILED: u32 = 8;
-    /// Flows of draining pods put into `HELD` (new ones, and ones moved out of `FLOWS`).
+    /// Flows of draining pods the programs put into `HELD` (new ones, and ones
+    /// they moved out of `FLOWS`; the agent moves the others).
     pub const HELD: u32 = 9;
     /// Flows of draining pods that `HELD` had no room for (left in `FLOWS`,
     /// where the LRU may evict them).
