@@ -1060,8 +1060,6 @@ fn flow_view(pod: &str, k: &FlowKey, v: &FlowValue, class: FlowClass, now: u64) 
         idle_secs: secs(now.saturating_sub(v.last_seen_ns)),
         idle: class == FlowClass::Idle,
         active: class == FlowClass::Active,
-        packets_in: u64::from(v.packets_in),
-        packets_out: u64::from(v.packets_out),
         bytes_in: v.bytes_in,
         bytes_out: v.bytes_out,
         pinned: None,

@@ -61,8 +61,6 @@ pub struct FlowView {
     pub idle_secs: f64,
     pub idle: bool,
     pub active: bool,
-    pub packets_in: u64,
-    pub packets_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Set when the flow is pinned to this pod (its backend is terminating).

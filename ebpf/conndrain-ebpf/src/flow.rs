@@ -297,10 +297,8 @@ fn new_value(slot: u32, state: u8, dir: u8, flags: u8, from_pod: bool, now: u64,
 fn account(v: &mut FlowValue, from_pod: bool, now: u64, len: u64) {
     v.last_seen_ns = now;
     if from_pod {
-        v.packets_out = v.packets_out.wrapping_add(1);
         v.bytes_out = v.bytes_out.wrapping_add(len);
     } else {
-        v.packets_in = v.packets_in.wrapping_add(1);
         v.bytes_in = v.bytes_in.wrapping_add(len);
     }
 }
