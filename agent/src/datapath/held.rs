@@ -18,11 +18,13 @@ use crate::error::Error;
 
 /// A closed TCP flow stays this long, so that its last segments (and the
 /// peer's retransmissions) match it instead of opening a phantom flow; as
-/// long as Linux's TIME_WAIT, twice.
+/// long as Linux's `TIME_WAIT`, twice.
 const CLOSED_LINGER_NS: u64 = 120_000_000_000;
 /// A handshake that did not complete in this long is over (SYN floods
 /// against a draining pod must not fill `HELD` for good).
 const HALF_OPEN_LINGER_NS: u64 = 30_000_000_000;
+
+type FlowTable<'a> = HashMap<&'a mut MapData, FlowKey, FlowValue>;
 
 impl Datapath {
     pub(super) fn set_pod_flags(&mut self, slot: u32, flags: u32) -> Result<(), Error> {
@@ -104,14 +106,12 @@ impl Datapath {
     /// Entries in `HELD` now.
     #[must_use]
     pub fn held_count(&self) -> usize {
-        self.held().map(|h| h.keys().count()).unwrap_or(0)
+        self.held().map_or(0, |h| h.keys().count())
     }
 
     /// Both flow tables, writable. (Two `map_mut` calls would borrow the
     /// loader twice.)
-    fn tables(
-        &mut self,
-    ) -> Result<(HashMap<&mut MapData, FlowKey, FlowValue>, HashMap<&mut MapData, FlowKey, FlowValue>), Error> {
+    fn tables(&mut self) -> Result<(FlowTable<'_>, FlowTable<'_>), Error> {
         let (mut flows, mut held) = (None, None);
         for (name, m) in self.ebpf.maps_mut() {
             match name {
