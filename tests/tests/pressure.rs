@@ -5,7 +5,7 @@
 //! serves. The drain must hold, the connection must keep working, and the
 //! evictions must show in `conndrain status` and the metrics.
 //!
-//! The TEST_RUN side of the same promise is in `datapath/pressure.rs`.
+//! The `BPF_PROG_TEST_RUN` side of the same promise is in `datapath/pressure.rs`.
 
 use std::{
     io::{Read as _, Write as _},
