@@ -25,11 +25,16 @@ pub enum Error {
     Map { name: &'static str, source: Box<aya::maps::MapError> },
     #[error("pinning map at {}: {reason}", path.display())]
     Pin { path: PathBuf, reason: String },
-    #[error("{} is not on a bpffs: mount one (mount -t bpf bpf /sys/fs/bpf) or pass another --bpffs", path.display())]
+    #[error(
+        "--bpffs {} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) and point --bpffs under it, or in Kubernetes mount the node's /sys/fs/bpf into the pod (hostPath, see deploy/daemonset.yaml)",
+        path.display()
+    )]
     NotBpffs { path: PathBuf },
     #[error("netlink {op}: {reason}")]
     Netlink { op: &'static str, reason: String },
-    #[error("no route to pod IP {ip} on this node ({reason}): is the pod running here and its network set up?")]
+    #[error(
+        "no route to pod IP {ip} in the agent's network namespace ({reason}): is the pod running on this node with its network set up, and does the agent run in the node's network namespace (hostNetwork)?"
+    )]
     NoRoute { ip: IpAddr, reason: String },
     #[error("interface index {ifindex}: {source}")]
     Interface { ifindex: u32, source: std::io::Error },

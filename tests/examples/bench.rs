@@ -8,8 +8,9 @@
 //! Sections: `testrun` (ns per packet from `BPF_PROG_TEST_RUN`), `flowtable`
 //! (kernel memory per flow, insert rate), `agentmem` (the agent's RSS at
 //! 100k and 1M flows), `live` (throughput, latency and the
-//! programs' run time on live traffic through a simulated node), `drain`
-//! (drain detection latency). All of them by default; `BENCHMARKS.md` at the
+//! programs' run time on live traffic through a simulated node), `steered`
+//! (the same for flows pinned by steering, through a Service's cluster IP, IPv4 and
+//! IPv6), `drain` (drain detection latency). All of them by default; `BENCHMARKS.md` at the
 //! workspace root is written only for a full run (all sections, not
 //! `--quick`) unless `--out` names a file.
 //!
@@ -35,6 +36,8 @@ mod flowtable;
 mod live;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/steered.rs"]
+mod steered;
 #[path = "bench/testrun.rs"]
 mod testrun;
 
@@ -46,7 +49,7 @@ use conndrain_tests::{require_root, stop_on_signals};
 
 use report::{Machine, Section};
 
-const SECTIONS: &[&str] = &["testrun", "flowtable", "agentmem", "live", "drain"];
+const SECTIONS: &[&str] = &["testrun", "flowtable", "agentmem", "live", "steered", "drain"];
 
 struct Args {
     quick: bool,
@@ -149,6 +152,17 @@ fn run() -> Result<()> {
         emit(perf);
         emit(stats);
     }
+    if want("steered") {
+        eprintln!("bench: steered flows on live traffic");
+        let sizes = if args.quick {
+            live::Sizes { iperf_runs: 1, iperf_secs: 2, round_trips: 2_000 }
+        } else {
+            live::Sizes { iperf_runs: 4, iperf_secs: 4, round_trips: 10_000 }
+        };
+        let (perf, stats) = steered::run(&sizes)?;
+        emit(perf);
+        emit(stats);
+    }
     if want("drain") {
         eprintln!("bench: drain detection");
         emit(drain::run(if args.quick { 5 } else { 30 })?);
@@ -192,10 +206,13 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
         doc.push_str("## Rolling update: strategies compared\n\n");
         doc.push_str(
             "The seeds' rolling update on the kube-proxy emulation (client, node A, node B; iptables rules), \
-             three pods replaced one after another under the seeds' loads, once per strategy. Simplified: \
-             only node A's pods are replaced, endpoints reach both nodes after the same delay, and \
-             \"requests sent\" is not comparable across rows (each strategy runs as long as its releases \
-             take); the failure counts are.\n\n\
+             three pods (two on node A, one on node B) replaced one after another under the seeds' loads, \
+             once per strategy. The client reaches the Service through node A, whose kube-proxy sends flows \
+             to node B's pods over the inter-node link; with conndrain an agent runs on each node (node A's \
+             pins the flows of a terminating pod of either node, the agent on the pod's own node answers its preStop). \
+             Simplified: endpoints reach both nodes after the same delay (only node A's rules carry the \
+             client's traffic here), and \"requests sent\" is not comparable across rows (each strategy \
+             runs as long as its releases take); the failure counts are.\n\n\
              Command: `cargo run --release -p conndrain-tests --example rollout -- --summary-out FILE`\n\n",
         );
         doc.push_str(&table);
@@ -206,9 +223,6 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
 }
 
 const NOT_MEASURED: &str = "## Not measured yet\n\n\
-- The rolling-update comparison with pods replaced on both nodes, and with seed 000's redeploy \
-  monitor as a load of its own (the sequence and version of every answer are checked instead).\n\
-- Throughput and latency of *steered* (pinned) flows on live traffic: only their per-packet \
-  cost under TEST_RUN is measured, without the redirect itself.\n\
-- Drain detection to the `conndrain.io/Drained` condition in Kubernetes mode.\n\
-- IPv6: every figure here is IPv4.\n";
+- IPv6 throughput and latency against no programs (the `live` sections are IPv4; IPv6 is in the \
+  TEST_RUN rows marked IPv6 and in the steered sections). A flow-table entry has the same size in \
+  both families (`FlowKey` holds addresses as 16 bytes).\n";

@@ -3,9 +3,11 @@
 //!
 //! - `none`: no mitigation, the preStop hook returns at once;
 //! - `sleep`: `preStop: sleep N` (the seeds' workaround);
-//! - `conndrain`: the agent on node A, the pods declared, preStop =
-//!   `conndrain wait` (blocks until the pod is drained), and steering (the
-//!   terminating pod's established flows are pinned).
+//! - `conndrain`: an agent on each node, the pods declared, preStop =
+//!   `conndrain wait` (blocks until the pod is drained, asked of the agent of
+//!   the pod's node), and steering (node A's agent, where kube-proxy
+//!   translates the client's flows, pins the terminating pod's established
+//!   flows, whichever node the pod is on).
 //!
 //! ```sh
 //! cargo build -p conndrain
@@ -25,16 +27,25 @@
 //!
 //! The cluster is `conndrain_tests::kubeproxy`: a client, node A, node B,
 //! kube-proxy's rules on both nodes. Each strategy gets a fresh cluster. The
-//! Deployment's old pods (version 1) are on node A; b1 on node B is another
-//! version-1 replica that is not replaced. A rolling update (maxSurge 1,
-//! maxUnavailable 0) starts a new pod (version 2), adds it to the endpoints,
-//! and deletes an old pod; the simulated kubelet then runs Kubernetes' order:
+//! Deployment's old pods (version 1) are spread over both nodes (a1, b1, a2,
+//! ...: 2 in short mode, 3 in full mode, seed 000's `replicas: 3`), and every
+//! one of them is replaced. The client reaches the Service through node A,
+//! whose kube-proxy sends the flows to node B's pods over the inter-node
+//! link. A rolling update (maxSurge 1, maxUnavailable 0) starts a new pod
+//! (version 2) on the node of the pod it replaces, adds it to the endpoints,
+//! and deletes the old pod; the simulated kubelet then runs Kubernetes' order:
 //!
 //! deletion -> { endpoints update reaching the nodes' kube-proxy after the
 //! propagation delay (rules rewritten without the pod, UDP conntrack cleanup)
 //! || preStop hook } -> SIGTERM -> the app's graceful shutdown (stop accepting,
 //! finish in-flight requests, close idle keep-alives and open streams, close
 //! the UDP socket) -> SIGKILL at the grace period.
+//!
+//! The loads, in the client namespace through the Service's cluster IP: HTTP keep-alive,
+//! HTTP `Connection: close` (seed 001's `wrk`), `/slow` requests, long-lived
+//! TCP streams, UDP sessions, and seed 000's monitor (a pooled keep-alive
+//! client that numbers its requests and checks the version in every answer;
+//! see `monitor_client`).
 //!
 //! The app runs in-process: its sockets live in the pod's namespace, and
 //! "SIGTERM"/"SIGKILL" are flags its threads watch. Every answer carries the
@@ -97,6 +108,12 @@ const QUIET_PERIOD: f64 = 3.0;
 const DEADLINE_MARGIN: f64 = 2.0;
 /// The clients' patience for a connect or an answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Seed 000's monitor: its Go client's timeout, and how often it asks.
+const MONITOR_TIMEOUT: Duration = Duration::from_secs(5);
+const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
+/// The Deployment's version before and after the rolling update.
+const OLD_VERSION: u32 = 1;
+const NEW_VERSION: u32 = 2;
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -178,7 +195,7 @@ impl Config {
                 None => 100,
             },
             udp_timeout: 2.0,
-            replacements: if short { 1 } else { 3 },
+            replacements: if short { 2 } else { 3 },
             step_gap: Duration::from_secs(if short { 0 } else { 10 }),
             backend,
             only: only
@@ -220,7 +237,7 @@ fn run() -> Result<()> {
     require_root()?;
     let cfg = Config::parse()?;
     println!(
-        "Rolling update under load, {} mode: {} replacement(s) of a node-A pod, kube-proxy {:?} mode, \
+        "Rolling update under load, {} mode: {} replacement(s), pods on node A and node B, kube-proxy {:?} mode, \
          endpoints propagation {:.1}s, grace period {}s, /slow {}s, streams and UDP sessions of {}s, \
          keep-alive connections closed by the app after {} requests.",
         if cfg.short { "short" } else { "full" },
@@ -559,17 +576,28 @@ struct Tally {
     samples: Vec<String>,
 }
 
+/// How a load is counted in the summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// HTTP requests, summed over these loads.
+    Requests,
+    /// Streams or UDP sessions, per load.
+    Sessions,
+    /// Seed 000's monitor: columns of its own.
+    Monitor,
+}
+
 struct Load {
     name: &'static str,
-    sessions: bool,
+    counted: Counted,
     tally: Mutex<Tally>,
 }
 
 impl Load {
-    fn new(name: &'static str, sessions: bool) -> Arc<Self> {
+    fn new(name: &'static str, counted: Counted) -> Arc<Self> {
         Arc::new(Self {
             name,
-            sessions,
+            counted,
             tally: Mutex::new(Tally::default()),
         })
     }
@@ -597,6 +625,8 @@ struct Shared {
     released: Mutex<Vec<String>>,
     timeline: Mutex<Vec<(f64, String)>>,
     seq: AtomicU64,
+    /// When the Deployment was updated to the new version (s since `t0`).
+    updated_at: Mutex<Option<f64>>,
 }
 
 impl Shared {
@@ -722,42 +752,152 @@ fn closed_by_peer(s: &TcpStream) -> bool {
     closed
 }
 
+/// One GET over a pooled keep-alive connection, as Go's `http.Transport`
+/// does: the idle connection is reused unless the server closed it, else a
+/// new one is opened; it goes back to the pool unless the answer closes it.
+/// Returns the body.
+fn pooled_request(
+    pool: &mut Option<TcpStream>,
+    to: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::result::Result<String, Fail> {
+    if pool.as_ref().is_some_and(closed_by_peer) {
+        *pool = None;
+    }
+    let mut s = match pool.take() {
+        Some(s) => s,
+        None => connect(to)?,
+    };
+    let (body, close) = http_request(&mut s, path, false, timeout)?;
+    if !close {
+        *pool = Some(s);
+    }
+    Ok(body)
+}
+
 /// HTTP keep-alive: one pooled connection, a request every `interval`.
 fn keepalive_client(run: &Shared, load: &Load, interval: Duration) {
     let to = SocketAddr::new(VIP.into(), HTTP_PORT);
-    let mut conn: Option<TcpStream> = None;
+    let mut pool: Option<TcpStream> = None;
     while !run.stopped() {
-        if conn.as_ref().is_some_and(closed_by_peer) {
-            conn = None;
-        }
-        let s = match conn.take() {
-            Some(s) => s,
-            None => match connect(to) {
-                Ok(s) => s,
-                Err(f) => {
-                    load.sent();
-                    load.fail(run, &f);
-                    thread::sleep(interval);
-                    continue;
-                }
-            },
-        };
-        let mut s = s;
         let seq = run.next_seq();
         load.sent();
-        match http_request(&mut s, &format!("/fast?seq={seq}"), false, CLIENT_TIMEOUT)
-            .and_then(|(body, close)| run.check_answer(&body, &seq.to_string()).map(|_| close))
+        match pooled_request(&mut pool, to, &format!("/fast?seq={seq}"), CLIENT_TIMEOUT)
+            .and_then(|body| run.check_answer(&body, &seq.to_string()))
         {
-            Ok(close) => {
-                load.ok();
-                if !close {
-                    conn = Some(s);
-                }
-            }
+            Ok(_) => load.ok(),
             Err(f) => load.fail(run, &f),
         }
         thread::sleep(interval);
     }
+}
+
+/// What seed 000's monitor saw, beyond the per-request tally.
+#[derive(Default)]
+struct MonitorStats {
+    /// When the last good answer came (s since the loads started).
+    last_good: Option<f64>,
+    /// The longest time between two good answers (or from the last one to
+    /// the end): what the monitor's user sees as an outage.
+    longest_gap: f64,
+    /// Runs of consecutive requests without a good answer.
+    gaps: u64,
+    in_gap: bool,
+    /// The first answer from the new version, the last from the old one.
+    first_new: Option<f64>,
+    last_old: Option<f64>,
+}
+
+#[derive(Default)]
+struct Monitor {
+    stats: Mutex<MonitorStats>,
+}
+
+impl Monitor {
+    fn good(&self, at: f64, version: u32) {
+        let mut m = self.stats.lock().expect("monitor");
+        if let Some(last) = m.last_good {
+            m.longest_gap = m.longest_gap.max(at - last);
+        }
+        m.last_good = Some(at);
+        m.in_gap = false;
+        if version == NEW_VERSION && m.first_new.is_none() {
+            m.first_new = Some(at);
+        }
+        if version == OLD_VERSION {
+            m.last_old = Some(at);
+        }
+    }
+
+    fn missed(&self) {
+        let mut m = self.stats.lock().expect("monitor");
+        if !m.in_gap {
+            m.in_gap = true;
+            m.gaps += 1;
+        }
+    }
+
+    fn end(&self, at: f64) {
+        let mut m = self.stats.lock().expect("monitor");
+        if let Some(last) = m.last_good {
+            m.longest_gap = m.longest_gap.max(at - last);
+        }
+    }
+}
+
+/// Seed 000's monitor. Its user "continually redeploys an app with a
+/// sequence number" (the version, a Deployment argument the app answers
+/// with) "and checks that no request is dropped": a Go `http.Client` (pooled
+/// keep-alive connections, 5 s timeout) GETs the Service in a loop, counts
+/// every error, and after each redeploy waits until the new number answers.
+/// Here the redeploy is the rolling update, and the loop runs 5 times a
+/// second rather than once, to sample the short run. Each request is
+/// numbered 1, 2, 3, ...; every answer must echo its number (no gap), come
+/// from a pod not yet released, and carry the old or the new version. A gap
+/// is a run of requests without a good answer.
+fn monitor_client(run: &Shared, load: &Load, mon: &Monitor) {
+    let to = SocketAddr::new(VIP.into(), HTTP_PORT);
+    let mut pool: Option<TcpStream> = None;
+    let mut seq = 0u64;
+    while !run.stopped() {
+        seq += 1;
+        load.sent();
+        let answer = pooled_request(&mut pool, to, &format!("/?seq={seq}"), MONITOR_TIMEOUT)
+            .and_then(|body| {
+                run.check_answer(&body, &seq.to_string())?;
+                version_of(&body)
+            });
+        match answer {
+            Ok(version) => {
+                load.ok();
+                mon.good(run.since(), version);
+            }
+            Err(f) => {
+                load.fail(run, &f);
+                mon.missed();
+            }
+        }
+        thread::sleep(MONITOR_INTERVAL);
+    }
+    mon.end(run.since());
+}
+
+/// The version in an answer `<pod> v<version> <seq>`: the old or the new one.
+fn version_of(answer: &str) -> std::result::Result<u32, Fail> {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.strip_prefix('v')?.parse().ok())
+        .filter(|v| [OLD_VERSION, NEW_VERSION].contains(v))
+        .ok_or_else(|| {
+            Fail(
+                Kind::WrongVersion,
+                format!(
+                    "answer {answer:?}: the Deployment has v{OLD_VERSION} and v{NEW_VERSION} only"
+                ),
+            )
+        })
 }
 
 /// HTTP with `Connection: close` (seed 001's wrk), a new connection per request.
@@ -941,6 +1081,9 @@ struct Release {
 struct Outcome {
     strategy: Strategy,
     loads: Vec<Arc<Load>>,
+    monitor: MonitorStats,
+    /// When the Deployment was updated (s since the loads started).
+    updated_at: f64,
     releases: Vec<Release>,
     timeline: Vec<(f64, String)>,
 }
@@ -964,16 +1107,15 @@ impl Bed {
 }
 
 fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
-    let n = cfg.replacements;
-    let old: Vec<String> = (1..=n).map(|i| format!("a{i}")).collect();
-    let new: Vec<String> = (n + 1..=2 * n).map(|i| format!("a{i}")).collect();
-    let mut layout: Vec<(&str, Node)> = old
+    let (old_pods, new_pods) = plan(cfg.replacements);
+    let layout: Vec<(&str, Node)> = old_pods
         .iter()
-        .chain(&new)
-        .map(|p| (p.as_str(), Node::A))
+        .chain(&new_pods)
+        .map(|(p, node)| (p.as_str(), *node))
         .collect();
-    layout.push(("b1", Node::B));
     let cluster = Cluster::build(&layout)?;
+    let old: Vec<String> = old_pods.iter().map(|(p, _)| p.clone()).collect();
+    let new: Vec<String> = new_pods.iter().map(|(p, _)| p.clone()).collect();
     let service = Service {
         namespace: "default".into(),
         name: "web".into(),
@@ -1018,52 +1160,18 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     ];
     let bed = Bed { proxies, cluster };
 
-    // The agent (conndrain only): on node A, where kube-proxy translates the
-    // client's flows and where the pods run.
-    let agent = if strategy == Strategy::Conndrain {
-        let mut agent = Agent::start(
-            bed.cluster.node_a(),
-            &[
-                "--host-ip",
-                &NODE_A_V4.to_string(),
-                "--wait-port",
-                &WAIT_PORT.to_string(),
-                "--metrics-port",
-                &METRICS_PORT.to_string(),
-                "--udp-timeout",
-                &cfg.udp_timeout.to_string(),
-            ],
-        )?;
-        agent.quiet_on_drop();
-        let cli = agent.cli();
-        for p in old.iter().chain(&new) {
-            let [v4, v6] = bed.cluster.pod(p).ips();
-            cli.ok(&[
-                "pod",
-                "add",
-                p,
-                "--ip",
-                &v4.to_string(),
-                "--ip",
-                &v6.to_string(),
-            ])?;
-        }
-        for p in old.iter().chain(&new) {
-            cli.wait_pod(p, "attached to its interface", |s| !s.interfaces.is_empty())?;
-        }
-        Some(agent)
+    let agents = if strategy == Strategy::Conndrain {
+        Some(Agents::start(cfg, &bed.cluster, &layout)?)
     } else {
         None
     };
-    let cli = agent.as_ref().map(Agent::cli);
 
     let apps: Mutex<HashMap<String, Arc<App>>> = Mutex::new(HashMap::new());
-    for p in old.iter().chain(std::iter::once(&"b1".to_owned())) {
-        let app = App::start(bed.cluster.pod(p), 1, cfg)?;
+    for p in &old {
+        let app = App::start(bed.cluster.pod(p), OLD_VERSION, cfg)?;
         apps.lock().expect("apps").insert(p.clone(), Arc::new(app));
     }
-    let endpoints: Mutex<Vec<String>> =
-        Mutex::new(old.iter().cloned().chain(["b1".to_owned()]).collect());
+    let endpoints: Mutex<Vec<String>> = Mutex::new(old.clone());
     bed.sync(&endpoints.lock().expect("endpoints"))?;
 
     let shared = Shared {
@@ -1072,18 +1180,28 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         released: Mutex::new(Vec::new()),
         timeline: Mutex::new(Vec::new()),
         seq: AtomicU64::new(0),
+        updated_at: Mutex::new(None),
     };
-    let keepalive = Load::new("HTTP keep-alive (4 conns, 20 req/s each)", false);
-    let close = Load::new("HTTP Connection: close (2 x 20 req/s)", false);
-    let slow = Load::new("HTTP /slow, Connection: close (2 back to back)", false);
-    let streams = Load::new("TCP streams (3 at a time)", true);
-    let udp = Load::new("UDP sessions (3 at a time)", true);
+    let keepalive = Load::new(
+        "HTTP keep-alive (4 conns, 20 req/s each)",
+        Counted::Requests,
+    );
+    let close = Load::new("HTTP Connection: close (2 x 20 req/s)", Counted::Requests);
+    let slow = Load::new(
+        "HTTP /slow, Connection: close (2 back to back)",
+        Counted::Requests,
+    );
+    let streams = Load::new("TCP streams (3 at a time)", Counted::Sessions);
+    let udp = Load::new("UDP sessions (3 at a time)", Counted::Sessions);
+    let monitor_load = Load::new("seed 000 monitor (keep-alive, 5 req/s)", Counted::Monitor);
+    let monitor = Monitor::default();
     let loads = vec![
         keepalive.clone(),
         close.clone(),
         slow.clone(),
         streams.clone(),
         udp.clone(),
+        monitor_load.clone(),
     ];
 
     let mut releases = Vec::new();
@@ -1129,6 +1247,10 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                 t
             )));
         }
+        {
+            let (l, m) = (monitor_load.clone(), &monitor);
+            handles.push(spawn_load!(monitor_client(sh, &l, m)));
+        }
         for i in 0..3 {
             let l = streams.clone();
             let life = cfg.session_life;
@@ -1142,41 +1264,47 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                 udp_client(sh, &l, life, i);
             }));
         }
-        let result =
-            (|| -> Result<()> {
-                conndrain_tests::sleep(Duration::from_secs(3))?;
-                shared.event("loads running".into());
-                let mut kubelets = Vec::new();
-                for (i, (o, nw)) in old.iter().zip(&new).enumerate() {
-                    if i > 0 {
-                        conndrain_tests::sleep(cfg.step_gap)?;
-                    }
-                    // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
-                    let app = App::start(bed.cluster.pod(nw), 2, cfg)?;
-                    apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
-                    {
-                        let mut eps = endpoints.lock().expect("endpoints");
-                        eps.push(nw.clone());
-                        bed.sync(&eps)?;
-                    }
-                    shared.event(format!("{nw} (v2) ready and in the endpoints"));
-                    conndrain_tests::sleep(Duration::from_secs(1))?;
-                    let app = apps.lock().expect("apps")[o].clone();
-                    let (bed, eps, sh, cli) = (&bed, &endpoints, &shared, cli.clone());
-                    let o = o.clone();
-                    kubelets.push(scope.spawn(move || {
-                        kubelet(cfg, strategy, bed, eps, sh, cli.as_ref(), &o, &app)
-                    }));
+        let result = (|| -> Result<()> {
+            conndrain_tests::sleep(Duration::from_secs(3))?;
+            shared.event("loads running".into());
+            *shared.updated_at.lock().expect("updated_at") = Some(shared.since());
+            shared.event(format!(
+                    "Deployment updated from v{OLD_VERSION} to v{NEW_VERSION}: the rolling update starts"
+                ));
+            let mut kubelets = Vec::new();
+            for (i, (o, nw)) in old.iter().zip(&new).enumerate() {
+                if i > 0 {
+                    conndrain_tests::sleep(cfg.step_gap)?;
                 }
-                for k in kubelets {
-                    releases.push(
-                        k.join()
-                            .map_err(|_| anyhow::anyhow!("the kubelet thread panicked"))??,
-                    );
+                // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
+                let app = App::start(bed.cluster.pod(nw), NEW_VERSION, cfg)?;
+                apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
+                {
+                    let mut eps = endpoints.lock().expect("endpoints");
+                    eps.push(nw.clone());
+                    bed.sync(&eps)?;
                 }
-                conndrain_tests::sleep(Duration::from_secs(2))?;
-                Ok(())
-            })();
+                shared.event(format!("{nw} (v2) ready and in the endpoints"));
+                conndrain_tests::sleep(Duration::from_secs(1))?;
+                let app = apps.lock().expect("apps")[o].clone();
+                let (bed, eps, sh) = (&bed, &endpoints, &shared);
+                let clis = agents
+                    .as_ref()
+                    .map(|a| a.for_pod(bed.cluster.pod(o).node()));
+                let o = o.clone();
+                kubelets.push(scope.spawn(move || {
+                    kubelet(cfg, strategy, bed, eps, sh, clis.as_deref(), &o, &app)
+                }));
+            }
+            for k in kubelets {
+                releases.push(
+                    k.join()
+                        .map_err(|_| anyhow::anyhow!("the kubelet thread panicked"))??,
+                );
+            }
+            conndrain_tests::sleep(Duration::from_secs(2))?;
+            Ok(())
+        })();
         shared.stop.store(true, Ordering::SeqCst);
         for h in handles {
             let _ = h.join();
@@ -1184,17 +1312,113 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         result
     })?;
     drop(apps);
-    drop(agent);
+    drop(agents);
     let timeline = shared.timeline.into_inner().expect("timeline");
     Ok(Outcome {
         strategy,
         loads,
+        monitor: monitor.stats.into_inner().expect("monitor"),
+        updated_at: shared
+            .updated_at
+            .into_inner()
+            .expect("updated_at")
+            .unwrap_or(0.0),
         releases,
         timeline,
     })
 }
 
+/// A pod's name and node.
+type PodSpot = (String, Node);
+
+/// The Deployment's old pods and the new ones replacing them, index for
+/// index, each on the same node: alternately node A and node B, named by node
+/// (old a1, b1, a2; new a3, b2, a4).
+fn plan(replacements: usize) -> (Vec<PodSpot>, Vec<PodSpot>) {
+    let nodes: Vec<Node> = (0..replacements)
+        .map(|i| if i % 2 == 0 { Node::A } else { Node::B })
+        .collect();
+    let mut count = [0usize; 2];
+    let mut name = |node: Node| {
+        let (i, letter) = match node {
+            Node::A => (0, 'a'),
+            Node::B => (1, 'b'),
+        };
+        count[i] += 1;
+        (format!("{letter}{}", count[i]), node)
+    };
+    let old = nodes.iter().map(|&n| name(n)).collect();
+    let new = nodes.iter().map(|&n| name(n)).collect();
+    (old, new)
+}
+
+/// The node IP of `node`, where its pods' preStop hooks reach its agent.
+fn node_ip(node: Node) -> Ipv4Addr {
+    match node {
+        Node::A => NODE_A_V4,
+        Node::B => NODE_B_V4,
+    }
+}
+
+/// conndrain on both nodes, standalone, told what Kubernetes mode would learn
+/// from the API. Node A's agent has every pod: its own, and node B's, whose
+/// flows node A's kube-proxy translates (so node A pins them). Node B's agent
+/// has node B's pods: it tracks their flows and answers their preStop hooks.
+struct Agents {
+    a: Agent,
+    b: Agent,
+}
+
+impl Agents {
+    fn start(cfg: &Config, cluster: &Cluster, pods: &[(&str, Node)]) -> Result<Self> {
+        let start = |node: Node| -> Result<Agent> {
+            let ns = match node {
+                Node::A => cluster.node_a(),
+                Node::B => cluster.node_b(),
+            };
+            let mut agent = Agent::start(
+                ns,
+                &[
+                    "--host-ip",
+                    &node_ip(node).to_string(),
+                    "--wait-port",
+                    &WAIT_PORT.to_string(),
+                    "--metrics-port",
+                    &METRICS_PORT.to_string(),
+                    "--udp-timeout",
+                    &cfg.udp_timeout.to_string(),
+                ],
+            )?;
+            agent.quiet_on_drop();
+            Ok(agent)
+        };
+        let agents = Self {
+            a: start(Node::A)?,
+            b: start(Node::B)?,
+        };
+        for &(p, node) in pods {
+            let [v4, v6] = cluster.pod(p).ips();
+            let (v4, v6) = (v4.to_string(), v6.to_string());
+            for cli in agents.for_pod(node) {
+                cli.ok(&["pod", "add", p, "--ip", &v4, "--ip", &v6])?;
+                cli.wait_pod(p, "attached to an interface", |s| !s.interfaces.is_empty())?;
+            }
+        }
+        Ok(agents)
+    }
+
+    /// The agents that know a pod of `node`: its node's first.
+    fn for_pod(&self, node: Node) -> Vec<Cli> {
+        match node {
+            Node::A => vec![self.a.cli()],
+            Node::B => vec![self.b.cli(), self.a.cli()],
+        }
+    }
+}
+
 /// The simulated kubelet (and endpoints controller) for the deletion of `pod`.
+/// `clis`: the agents told about it (conndrain only), the one of the pod's
+/// node first.
 #[allow(clippy::too_many_arguments)]
 fn kubelet(
     cfg: &Config,
@@ -1202,7 +1426,7 @@ fn kubelet(
     bed: &Bed,
     endpoints: &Mutex<Vec<String>>,
     sh: &Shared,
-    cli: Option<&Cli>,
+    clis: Option<&[Cli]>,
     pod: &str,
     app: &App,
 ) -> Result<Release> {
@@ -1232,8 +1456,10 @@ fn kubelet(
             ));
             Ok(())
         });
-        // The agent learns of the deletion (Kubernetes mode: deletionTimestamp).
-        if let Some(cli) = cli {
+        // The agents learn of the deletion (Kubernetes mode: the pod's
+        // deletionTimestamp on its node, its endpoint turning terminating on
+        // the other).
+        for cli in clis.unwrap_or_default() {
             let deadline = (cfg.grace.as_secs_f64() - DEADLINE_MARGIN).to_string();
             cli.ok(&[
                 "pod",
@@ -1244,8 +1470,11 @@ fn kubelet(
                 "--quiet-period",
                 &QUIET_PERIOD.to_string(),
             ])?;
+        }
+        if clis.is_some() {
             sh.event(format!(
-                "conndrain: {pod} terminating (pins its established flows)"
+                "conndrain: {pod} terminating on {} agent(s) (node A pins its established flows)",
+                clis.map_or(0, <[Cli]>::len)
             ));
         }
         // preStop.
@@ -1263,7 +1492,7 @@ fn kubelet(
                     .ns()
                     .command(&conndrain_bin().to_string_lossy());
                 cmd.args(["wait", "--fallback-sleep", &cfg.sleep_secs.to_string()])
-                    .env("HOST_IP", NODE_A_V4.to_string())
+                    .env("HOST_IP", node_ip(bed.cluster.pod(pod).node()).to_string())
                     .env("CONNDRAIN_WAIT_PORT", WAIT_PORT.to_string());
                 let out = Running::spawn(cmd)?.wait_exit(cfg.grace)?;
                 format!(
@@ -1293,7 +1522,7 @@ fn kubelet(
         sh.event(format!(
             "{pod} released (app ended) {release_secs:.2}s after deletion"
         ));
-        if let Some(cli) = cli {
+        for cli in clis.unwrap_or_default() {
             cli.ok(&["pod", "remove", pod])?;
         }
         ep.join()
@@ -1357,6 +1586,7 @@ impl Outcome {
             );
         }
         println!("  (for streams and UDP sessions: sent = opened, failed = broken)");
+        println!("  {}", self.monitor_line());
         for l in &self.loads {
             let t = l.tally.lock().expect("tally");
             for s in &t.samples {
@@ -1387,7 +1617,7 @@ impl Outcome {
     fn requests(&self) -> (u64, BTreeMap<Kind, u64>) {
         let mut sent = 0;
         let mut failed = BTreeMap::new();
-        for l in self.loads.iter().filter(|l| !l.sessions) {
+        for l in self.loads.iter().filter(|l| l.counted == Counted::Requests) {
             let t = l.tally.lock().expect("tally");
             sent += t.sent;
             for (k, v) in &t.failed {
@@ -1397,10 +1627,41 @@ impl Outcome {
         (sent, failed)
     }
 
+    /// Seed 000's monitor: (requests sent, failed).
+    fn monitor_counts(&self) -> (u64, u64) {
+        self.counts(|l| l.counted == Counted::Monitor)
+    }
+
+    fn monitor_line(&self) -> String {
+        let m = &self.monitor;
+        let (sent, failed) = self.monitor_counts();
+        let after = |t: Option<f64>| {
+            t.map_or_else(
+                || "never".to_owned(),
+                |t| format!("{:.1}s", t - self.updated_at),
+            )
+        };
+        format!(
+            "seed 000 monitor: {sent} requests, {failed} without a good answer in {} gap(s); longest time \
+             without a good answer {:.1}s; v{NEW_VERSION} first answered {} after the Deployment update, \
+             v{OLD_VERSION} last answered {} after it",
+            m.gaps,
+            m.longest_gap,
+            after(m.first_new),
+            after(m.last_old),
+        )
+    }
+
+    /// Streams or sessions of the loads named `name_start...`: (opened, broken).
     fn sessions(&self, name_start: &str) -> (u64, u64) {
+        self.counts(|l| l.name.starts_with(name_start))
+    }
+
+    /// (sent, failed) over the loads that `pick` picks.
+    fn counts(&self, pick: impl Fn(&Load) -> bool) -> (u64, u64) {
         self.loads
             .iter()
-            .filter(|l| l.name.starts_with(name_start))
+            .filter(|l| pick(l))
             .map(|l| {
                 let t = l.tally.lock().expect("tally");
                 (t.sent, t.failed.values().sum::<u64>())
@@ -1413,11 +1674,11 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| strategy | requests sent | failed | refused | reset | timeout | wrong version | streams broken | UDP sessions broken | release p50 | release max |"
+        "| strategy | requests sent | failed | refused | reset | timeout | wrong version | streams broken | UDP sessions broken | seed 000 monitor failed | monitor's longest gap | release p50 | release max |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in results {
         let (sent, failed) = r.requests();
@@ -1425,15 +1686,17 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
         let total: u64 = failed.values().sum();
         let (so, sb) = r.sessions("TCP streams");
         let (uo, ub) = r.sessions("UDP sessions");
+        let (ms, mf) = r.monitor_counts();
         let rel: Vec<f64> = r.releases.iter().map(|x| x.release_secs).collect();
         let _ = writeln!(
             out,
-            "| {} | {sent} | {total} | {} | {} | {} | {} | {sb}/{so} | {ub}/{uo} | {:.1}s | {:.1}s |",
+            "| {} | {sent} | {total} | {} | {} | {} | {} | {sb}/{so} | {ub}/{uo} | {mf}/{ms} | {:.1}s | {:.1}s | {:.1}s |",
             r.strategy.label(cfg),
             k(Kind::Refused),
             k(Kind::Reset),
             k(Kind::Timeout),
             k(Kind::WrongVersion),
+            r.monitor.longest_gap,
             pct(rel.clone(), 0.5),
             pct(rel, 1.0),
         );
@@ -1442,8 +1705,14 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
         out,
         "\nRelease: from `kubectl delete pod` to the pod's app ending (preStop + graceful shutdown), \
          over {} pod(s) per strategy. Failed requests are HTTP requests (keep-alive, Connection: close, /slow); \
-         a stream or UDP session is broken if it could not be opened, failed, or was answered by another pod.",
-        cfg.replacements
+         a stream or UDP session is broken if it could not be opened, failed, or was answered by another pod. \
+         Seed 000's monitor is counted apart: a pooled keep-alive client, like the seed's Go `http.Client`, \
+         numbering its requests 1, 2, 3, ... every {} ms; a request fails unless its answer echoes its number, \
+         comes from a pod not yet released and carries the old or the new version (v{OLD_VERSION}, v{NEW_VERSION}). \
+         Its longest gap is the longest time it went without a good answer (one interval plus a round trip \
+         when nothing fails).",
+        cfg.replacements,
+        MONITOR_INTERVAL.as_millis()
     );
     out
 }

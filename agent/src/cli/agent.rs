@@ -13,7 +13,10 @@ use crate::{
         node::{self as node_api, NodeApi},
         server,
     },
-    datapath::{Datapath, LoadOptions},
+    datapath::{
+        AttachMode, Datapath, Features, LoadOptions,
+        features::Wanted,
+    },
     drain::Timeouts,
     node::{Node, Settings},
 };
@@ -36,6 +39,11 @@ pub struct Args {
     /// and saved state, instead of leaving them for the next agent.
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// How to attach the programs: tcx where the kernel has it (Linux 6.6+),
+    /// clsact otherwise (auto); or always one of them (clsact for a kernel
+    /// whose tcx misbehaves).
+    #[arg(long, env = "CONNDRAIN_ATTACH", value_enum, default_value_t = Attach::Auto)]
+    pub attach: Attach,
     /// Size of the flow table (entries; LRU when full).
     #[arg(long, env = "CONNDRAIN_MAX_FLOWS", default_value_t = conndrain_common::DEFAULT_MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
@@ -82,6 +90,25 @@ pub struct Args {
     pub min_write_interval: f64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attach {
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+impl Attach {
+    /// The mode asked for; `None`: the datapath decides.
+    #[must_use]
+    pub fn mode(self) -> Option<AttachMode> {
+        match self {
+            Self::Auto => None,
+            Self::Tcx => Some(AttachMode::Tcx),
+            Self::Clsact => Some(AttachMode::Clsact),
+        }
+    }
+}
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
@@ -102,14 +129,13 @@ fn ns(secs: f64) -> u64 {
 }
 
 pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
-    // Everything that can be checked before touching the kernel is checked first.
-    let kube = if args.standalone {
-        None
-    } else {
-        let node_name = args.node_name.clone().context(
-            "Kubernetes mode needs the node name: pass --node-name or set NODE_NAME (from the downward API), or run with --standalone",
-        )?;
-        Some((crate::kubernetes::client(args.kubeconfig.as_ref()).await?, node_name))
+    // Everything that can be checked before touching the kernel is checked
+    // first: the arguments, then the node (one line per missing piece).
+    let node_name = node_name(&args)?;
+    check_node(&args)?;
+    let kube = match node_name {
+        Some(node_name) => Some((crate::kubernetes::client(args.kubeconfig.as_ref()).await?, node_name)),
+        None => None,
     };
     let listener = server::bind(socket).await?;
     let bind_tcp = |ip: std::net::IpAddr, port: u16, what: &'static str| async move {
@@ -132,6 +158,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         udp_timeout_ns: ns(args.udp_timeout),
         bpffs: args.bpffs.clone(),
         detach_on_exit: args.detach_on_exit,
+        attach: args.attach.mode(),
     });
     let (datapath, mut events) = match loaded {
         Ok(v) => v,
@@ -143,6 +170,8 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let mode = if args.standalone { "standalone" } else { "kubernetes" };
     tracing::info!(
         kernel = %datapath.features.release,
+        btf = datapath.features.btf,
+        tcx = datapath.features.tcx,
         attach = ?datapath.mode,
         max_flows = args.max_flows,
         socket = %socket.display(),
@@ -198,6 +227,27 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     shut_down(&node, args.bpffs.is_some()).await;
     result
+}
+
+/// The node name, in Kubernetes mode (`None`: standalone).
+fn node_name(args: &Args) -> anyhow::Result<Option<String>> {
+    if args.standalone {
+        return Ok(None);
+    }
+    args.node_name.clone().map(Some).context(
+        "Kubernetes mode needs the node name: pass --node-name or set NODE_NAME (from the downward API), or run with --standalone",
+    )
+}
+
+/// What the agent needs of the node (privileges, kernel, bpffs, attach mode,
+/// network namespace): one line per missing piece, all of them.
+fn check_node(args: &Args) -> Result<(), crate::error::Error> {
+    Features::detect().check(&Wanted {
+        bpffs: args.bpffs.as_deref(),
+        attach: args.attach.mode(),
+        host_ip: args.host_ip,
+        kubernetes: !args.standalone,
+    })
 }
 
 /// Kubernetes mode: the pod and endpoint watches, and once the first pod

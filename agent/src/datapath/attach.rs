@@ -1,7 +1,7 @@
 //! Attaching the TC programs: tcx where the kernel has it (6.6+, commit
-//! e420bed02507 "bpf: Add fd-based tcx multi-prog infra"), clsact otherwise.
-//! Either way we add our programs next to whatever is there and never
-//! replace another tool's.
+//! e420bed02507 "bpf: Add fd-based tcx multi-prog infra"; probed, see
+//! `features.rs`), clsact otherwise, or as `--attach` says. Either way we add
+//! our programs next to whatever is there and never replace another tool's.
 //!
 //! With `--bpffs`, each tcx link is pinned (`pinning.rs`), so the programs
 //! stay attached while no agent runs. A starting agent adopts a link pinned
@@ -14,10 +14,14 @@
 //! program writes its events to this agent's ring buffer, and one code path
 //! serves restarts and upgrades alike.
 //!
-//! clsact filters cannot be pinned, and they stay attached without any
-//! process anyway. A starting agent removes the filters an earlier agent
-//! left on the interface, then attaches its own: during those two netlink
-//! calls that interface is not tracked (tcx has no such gap).
+//! clsact filters cannot be pinned, and need not be: they stay attached
+//! without any process. With `--bpffs` an exiting agent leaves them; a
+//! starting agent finds the filters an earlier agent left on the interface
+//! (by name, in a netlink dump) and adopts the first one the same way, in
+//! place: a filter change at its priority and handle swaps the program
+//! atomically (`cls_bpf_change`). It removes any other filter of ours there.
+//! Without `--bpffs` an exiting agent removes its filters, and one that was
+//! killed leaves them for the next agent to adopt.
 
 use std::path::PathBuf;
 
@@ -26,7 +30,7 @@ use aya::{
     programs::{
         LinkOrder, MultiProgLink as _, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use conndrain_common::programs;
@@ -65,13 +69,21 @@ impl Links {
     }
 }
 
-pub fn load_programs(ebpf: &mut Ebpf) -> Result<AttachMode, Error> {
+/// Loads the programs, and says how they will be attached: `wanted`, or
+/// (`None`) tcx where the kernel has it, clsact otherwise.
+pub fn load_programs(ebpf: &mut Ebpf, wanted: Option<AttachMode>) -> Result<AttachMode, Error> {
+    let tcx = super::features::tcx_supported();
+    if wanted == Some(AttachMode::Tcx) && !tcx {
+        return Err(Error::Unsupported {
+            missing: vec!["--attach tcx: this kernel has no tcx (Linux 6.6+); use --attach auto or --attach clsact".into()],
+        });
+    }
     for name in [programs::INGRESS, programs::EGRESS] {
         program(ebpf, name)?
             .load()
             .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
     }
-    Ok(if super::features::kernel_at_least(6, 6) { AttachMode::Tcx } else { AttachMode::Clsact })
+    Ok(wanted.unwrap_or(if tcx { AttachMode::Tcx } else { AttachMode::Clsact }))
 }
 
 pub fn attach(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMode, pins: Option<&PinDir>) -> Result<Links, Error> {
@@ -89,6 +101,15 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMode, pins
             return Err(e);
         }
     };
+    if mode == AttachMode::Tcx {
+        // Filters an earlier agent left on clsact (it ran with --attach
+        // clsact): ours run on tcx now, and two copies would count twice.
+        for (ty, name) in [(TcAttachType::Ingress, programs::INGRESS), (TcAttachType::Egress, programs::EGRESS)] {
+            if tc::qdisc_detach_program(iface, ty, name).is_ok() {
+                tracing::info!(interface = iface, program = name, "removed the clsact filter an earlier agent left");
+            }
+        }
+    }
     Ok(Links { adopted: ingress.1 || egress.1, ingress: ingress.0, egress: egress.0 })
 }
 
@@ -134,11 +155,10 @@ fn attach_one(
             tracing::warn!(path = %path.display(), error = %e, "removing a stale link pin");
         }
     }
-    if mode == AttachMode::Clsact {
-        // Filters an earlier agent left (it was killed, or ran with --bpffs).
-        if tc::qdisc_detach_program(iface, ty, name).is_ok() {
-            tracing::info!(interface = iface, program = name, "replaced the filter an earlier agent left");
-        }
+    if mode == AttachMode::Clsact
+        && let Some(link) = adopt_filter(prog, name, iface, ifindex, ty)
+    {
+        return Ok((Held { link, pin: None }, true));
     }
     let options = match mode {
         AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
@@ -157,6 +177,160 @@ fn attach_one(
     let pinned = fd.pin(&path).map_err(|e| pin_failed(e.to_string()))?;
     let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| pin_failed(e.to_string()))?;
     Ok((Held { link, pin: Some(path) }, false))
+}
+
+/// Adopts the filter of ours an earlier agent left on `iface` (it ran with
+/// `--bpffs`, or was killed), by swapping our program into it in place, and
+/// removes any other filter of ours there. `None` if there is none, or it
+/// cannot be swapped (then it is removed, and the caller attaches anew).
+fn adopt_filter(
+    prog: &mut SchedClassifier,
+    name: &str,
+    iface: &str,
+    ifindex: u32,
+    ty: TcAttachType,
+) -> Option<SchedClassifierLink> {
+    let found = match clsact_filters(ifindex, ty, name) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(interface = iface, error = %e, "listing the clsact filters; removing ours by name instead");
+            if tc::qdisc_detach_program(iface, ty, name).is_ok() {
+                tracing::info!(interface = iface, program = name, "removed the filter an earlier agent left");
+            }
+            return None;
+        }
+    };
+    let filter = |(priority, handle): (u16, u32)| {
+        SchedClassifierLink::attached(iface, ty, priority, TcHandle::from(handle), None).ok()
+    };
+    let (&first, rest) = found.split_first()?;
+    // Dropping a link detaches its filter.
+    for &extra in rest {
+        tracing::info!(interface = iface, program = name, priority = extra.0, "removing a second filter of ours");
+        drop(filter(extra));
+    }
+    let old = filter(first)?;
+    match prog.attach_to_link(old).and_then(|id| prog.take_link(id)) {
+        Ok(link) => {
+            tracing::info!(
+                interface = iface,
+                program = name,
+                priority = first.0,
+                handle = first.1,
+                "swapped our program into the clsact filter an earlier agent left"
+            );
+            Some(link)
+        }
+        Err(e) => {
+            tracing::warn!(
+                interface = iface,
+                error = %e,
+                "cannot swap our program into the filter an earlier agent left; replacing the filter"
+            );
+            drop(filter(first));
+            None
+        }
+    }
+}
+
+/// Our filters on `ifindex`'s clsact hook `ty`, as (priority, handle): the
+/// `bpf` filters named `name` (aya names a filter after its program). A
+/// netlink dump, like `tc filter show dev IFACE ingress`; aya keeps its own
+/// private.
+fn clsact_filters(ifindex: u32, ty: TcAttachType, name: &str) -> std::io::Result<Vec<(u16, u32)>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // linux/rtnetlink.h, linux/pkt_cls.h; the sizes of nlmsghdr and tcmsg.
+    const TCA_KIND: u16 = 1;
+    const TCA_OPTIONS: u16 = 2;
+    const TCA_BPF_NAME: u16 = 7;
+    const NLMSG_HDR: usize = 16;
+    const TCMSG: usize = 20;
+    // linux/pkt_sched.h: TC_H_CLSACT with its ingress or egress minor.
+    let parent: u32 = if ty == TcAttachType::Ingress { 0xFFFF_FFF2 } else { 0xFFFF_FFF3 };
+
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new socket nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr then tcmsg (family, pad, ifindex, handle, parent, info).
+    let mut req = Vec::with_capacity(NLMSG_HDR + TCMSG);
+    req.extend_from_slice(&u32::try_from(NLMSG_HDR + TCMSG).unwrap_or(0).to_ne_bytes());
+    req.extend_from_slice(&libc::RTM_GETTFILTER.to_ne_bytes());
+    #[expect(clippy::cast_possible_truncation, reason = "netlink flags are 16 bits")]
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel's
+    req.extend_from_slice(&[0u8; 4]);
+    req.extend_from_slice(&ifindex.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&parent.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    // SAFETY: req is a valid buffer of its length.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+        for (kind, msg) in messages(&buf[..n]) {
+            match i32::from(kind) {
+                libc::NLMSG_DONE => return Ok(found),
+                libc::NLMSG_ERROR => {
+                    let errno = msg.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    return Err(std::io::Error::from_raw_os_error(-errno));
+                }
+                _ if kind == libc::RTM_NEWTFILTER && msg.len() >= TCMSG => {
+                    let word = |at: usize| u32::from_ne_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);
+                    let (handle, info) = (word(8), word(16));
+                    let attrs: Vec<(u16, &[u8])> = attributes(&msg[TCMSG..]).collect();
+                    let is_bpf = attrs.iter().any(|&(k, v)| k == TCA_KIND && v == b"bpf\0");
+                    let named = attrs.iter().filter(|&&(k, _)| k == TCA_OPTIONS).any(|&(_, opts)| {
+                        attributes(opts)
+                            .any(|(k, v)| k == TCA_BPF_NAME && v.strip_suffix(b"\0") == Some(name.as_bytes()))
+                    });
+                    // The priority is tcm_info's upper half. Handle 0 is the
+                    // priority's own entry, not a filter.
+                    let entry = ((info >> 16) as u16, handle);
+                    if is_bpf && named && handle != 0 {
+                        found.push(entry);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The messages of a netlink receive buffer: (type, payload). A message is
+/// a 16-byte header (length, type, flags, sequence, port) and its payload.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    tlv(buf, 16, |h| (u32::from_ne_bytes([h[0], h[1], h[2], h[3]]), u16::from_ne_bytes([h[4], h[5]])))
+}
+
+/// The attributes of a netlink payload: (type less its nested and byte-order
+/// flags, value). An attribute is a 4-byte header (length, type) and its value.
+fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    tlv(buf, 4, |h| (u32::from(u16::from_ne_bytes([h[0], h[1]])), u16::from_ne_bytes([h[2], h[3]]) & 0x3fff))
+}
+
+/// Type-length-value items, each padded to 4 bytes; stops at the first
+/// malformed one.
+fn tlv(buf: &[u8], header: usize, read: impl Fn(&[u8]) -> (u32, u16)) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let (len, kind) = read(rest.get(..header)?);
+        let len = usize::try_from(len).ok().filter(|&l| l >= header && l <= rest.len())?;
+        let item = (kind, &rest[header..len]);
+        rest = rest.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+        Some(item)
+    })
 }
 
 /// The link pinned at `path`, if it is a tcx link on `ifindex` in direction `ty`.

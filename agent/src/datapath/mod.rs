@@ -40,6 +40,8 @@ pub struct LoadOptions {
     /// With `bpffs`: detach and unpin everything when the agent exits, instead
     /// of leaving the programs running for the next agent.
     pub detach_on_exit: bool,
+    /// tcx or clsact; `None`: tcx where the kernel has it, clsact otherwise.
+    pub attach: Option<AttachMode>,
 }
 
 /// An interface we attached to, and how many registered pods route through it.
@@ -105,7 +107,7 @@ impl Datapath {
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
         }
         fill_node_addrs(&mut ebpf)?;
-        let mode = attach::load_programs(&mut ebpf)?;
+        let mode = attach::load_programs(&mut ebpf, opts.attach)?;
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
         let keep_on_exit = pins.is_some() && !opts.detach_on_exit;

@@ -1,7 +1,9 @@
 //! Drain detection latency: from the client's close of a terminating pod's
 //! last connection to `conndrain wait NAME` (CLI, unix socket) and to the
 //! preStop `conndrain wait` (node API `/v1/wait`, from the pod's namespace)
-//! returning.
+//! returning, and to the `conndrain.io/Drained` condition reaching the
+//! (fake) API server. The agent runs in Kubernetes mode, so all three are
+//! measured on the same drains.
 
 use std::{
     io::Read as _,
@@ -12,13 +14,20 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use conndrain_tests::{Agent, NODE_V4, TIMEOUT, TcpConn, TcpServer, Topology, conndrain_bin, sleep};
+use conndrain_tests::{
+    Agent, NODE_V4, TIMEOUT, TcpConn, TcpServer, Topology, conndrain_bin,
+    fakeapi::{AgentApi, FakeApiServer},
+    sleep, wait_until,
+};
+use k8s_openapi::api::core::v1::Pod;
 
 use crate::report::{Section, Table, count, ms, quantile};
 
 const WAIT_PORT: u16 = 9464;
 const METRICS_PORT: u16 = 9465;
 const PORT: u16 = 8080;
+const NODE: &str = "node-a";
+const NS: &str = "default";
 /// `--quiet-period` of every drain; the close comes after it has passed.
 const QUIET_PERIOD: f64 = 0.05;
 /// Target of issue 6.
@@ -27,11 +36,17 @@ const TARGET_P99: Duration = Duration::from_millis(100);
 pub fn run(drains: usize) -> Result<Section> {
     let topo = Topology::builder().pod("bench").build()?;
     let pod = topo.pod("bench");
+    let k8s = AgentApi::start(topo.node())?;
+    let api = &k8s.api;
     let host_ip = NODE_V4.to_string();
     let (wait_port, metrics_port) = (WAIT_PORT.to_string(), METRICS_PORT.to_string());
-    let mut agent = Agent::start(
+    let (kubeconfig, quiet) = (k8s.kubeconfig_arg(), QUIET_PERIOD.to_string());
+    let mut agent = Agent::start_with(
         topo.node(),
-        &["--host-ip", &host_ip, "--wait-port", &wait_port, "--metrics-port", &metrics_port],
+        &[
+            "--kubeconfig", &kubeconfig, "--node-name", NODE, "--host-ip", &host_ip,
+            "--wait-port", &wait_port, "--metrics-port", &metrics_port, "--quiet-period", &quiet,
+        ],
     )?;
     agent.quiet_on_drop();
     let cli = agent.cli();
@@ -40,14 +55,18 @@ pub fn run(drains: usize) -> Result<Section> {
 
     let mut cli_ms: Vec<Duration> = Vec::new();
     let mut prestop_ms: Vec<Duration> = Vec::new();
+    let mut api_ms: Vec<Duration> = Vec::new();
     for i in 0..drains {
         crate::check_interrupted()?;
-        let name = format!("bench-{i}");
-        cli.ok(&["pod", "add", &name, "--ip", &ips[0], "--ip", &ips[1]])?;
-        cli.wait_pod(&name, "attached", |p| !p.interfaces.is_empty())?;
+        let short = format!("bench-{i}");
+        let name = format!("{NS}/{short}");
+        api.create_pod(pod_object(&short, &ips)?);
+        cli.wait_pod(&name, "tracked and attached", |p| p.state == "serving" && !p.interfaces.is_empty())?;
         let conn = TcpConn::connect(topo.client(), server.addr())?;
         cli.wait_pod(&name, "1 active flow", |p| p.active_flows == 1)?;
-        cli.terminate(&name, QUIET_PERIOD, 30.0)?;
+        // kubectl delete pod: the kubelet's kill time is 30 s away.
+        api.mark_pod_deleted(NS, &short, 30);
+        cli.wait_pod(&name, "draining", |p| p.state == "draining")?;
 
         let mut by_cli = Waiter::spawn(cli.command(&["wait", &name, "--timeout", "20"]))?;
         let mut pre_stop = {
@@ -67,6 +86,7 @@ pub fn run(drains: usize) -> Result<Section> {
             p.quiet_for_secs.unwrap_or(0.0) > QUIET_PERIOD,
             "the quiet period has not passed: {p:?}"
         );
+        ensure!(drained_patch(api, &short).is_none(), "{short}: reported drained before the close");
         by_cli.still_running()?;
         pre_stop.still_running()?;
 
@@ -74,10 +94,22 @@ pub fn run(drains: usize) -> Result<Section> {
         conn.close()?;
         let t_cli = by_cli.exited(TIMEOUT)?;
         let t_pre = pre_stop.exited(TIMEOUT)?;
+        let t_api = wait_until(
+            &format!("the conndrain.io/Drained condition PATCH of {short}"),
+            TIMEOUT,
+            || Ok(drained_patch(api, &short)),
+            Option::is_some,
+        )?
+        .context("waited for it")?;
         cli_ms.push(t_cli.saturating_duration_since(closed));
         prestop_ms.push(t_pre.saturating_duration_since(closed));
+        api_ms.push(t_api.saturating_duration_since(closed));
         ensure!(cli.pod(&name)?.state == "drained", "{name} is not drained");
-        cli.ok(&["pod", "remove", &name])?;
+        // The kubelet is done with it: the pod object goes.
+        api.delete_pod(NS, &short);
+        wait_until(&format!("the agent to forget {name}"), TIMEOUT, || cli.pods(), |pods| {
+            !pods.iter().any(|p| p.name == name)
+        })?;
     }
 
     let mut table = Table::new(&["from the last close to", "p50 (ms)", "p99 (ms)", "max (ms)", "drains"]);
@@ -85,6 +117,10 @@ pub fn run(drains: usize) -> Result<Section> {
     for (what, samples) in [
         ("`conndrain wait NAME` returning (CLI, local unix socket)", &mut cli_ms),
         ("`conndrain wait` returning (preStop, `/v1/wait` from the pod's namespace)", &mut prestop_ms),
+        (
+            "the pod condition `conndrain.io/Drained=True` (reason `NoConnections`) PATCHed to the API server",
+            &mut api_ms,
+        ),
     ] {
         let p50 = quantile(samples, 0.5);
         let p99 = quantile(samples, 0.99);
@@ -105,12 +141,16 @@ pub fn run(drains: usize) -> Result<Section> {
         title: "Drain detection latency".into(),
         name: "drain",
         intro: format!(
-            "Per drain: a pod is registered (`pod add`), a client in the client namespace opens one \
-             connection to it, the pod is terminated with `--quiet-period {QUIET_PERIOD}`, and both \
-             waiters are started. 300 ms later (the quiet period long over, so nothing is subtracted) \
-             the client closes its connection; the clock starts just before its FIN and stops when each \
-             waiter process has exited (`waitpid`). So the figures include the FIN exchange, the ring-buffer \
-             event, the agent's evaluation, the HTTP answer and the waiter's exit. Then `pod remove`."
+            "Per drain: the agent runs in Kubernetes mode against the in-repo fake API server on the node's \
+             loopback (the real kube-rs client and wire protocol), with `--quiet-period {QUIET_PERIOD}`. \
+             A pod is created in the API, a client in the client namespace opens one connection to it, the \
+             pod is deleted (`deletionTimestamp` set, 30 s grace) and both waiters are started. 300 ms later \
+             (the quiet period long over, so nothing is subtracted) the client closes its connection; the \
+             clock starts just before its FIN and stops when each waiter process has exited (`waitpid`), \
+             and when the API server has applied the agent's `pods/status` PATCH that sets the condition \
+             (the time the fake server records with each request, after applying it). So the figures include \
+             the FIN exchange, the ring-buffer event, the agent's evaluation, and the HTTP answer and the \
+             waiter's exit, or the PATCH over HTTP. Then the pod object is deleted."
         ),
         table,
         notes: vec![
@@ -119,6 +159,27 @@ pub fn run(drains: usize) -> Result<Section> {
                 "With {drains} drains, p99 is the nearest-rank 99th percentile, i.e. the slowest drain or close to it."
             ),
         ],
+    })
+}
+
+/// The pod as the kubelet runs it on this node: Running and Ready, with the
+/// topology pod's addresses.
+fn pod_object(name: &str, ips: &[String]) -> Result<Pod> {
+    let pod_ips: Vec<serde_json::Value> = ips.iter().map(|ip| serde_json::json!({ "ip": ip })).collect();
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
+        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "hostIP": NODE_V4.to_string(), "podIP": ips[0], "podIPs": pod_ips,
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    }))?)
+}
+
+/// When the API server applied the PATCH of `name`'s status that set the
+/// drained condition (`NoConnections`), if it has.
+fn drained_patch(api: &FakeApiServer, name: &str) -> Option<Instant> {
+    let path = format!("/api/v1/namespaces/{NS}/pods/{name}/status");
+    api.requests_at().into_iter().find_map(|(at, r)| {
+        (r.method == "PATCH" && r.path == path && r.status == 200 && r.body.contains("\"NoConnections\"")).then_some(at)
     })
 }
 

@@ -5,6 +5,7 @@
 //! time from the kernel's BPF stats.
 
 use std::{
+    net::IpAddr,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -19,7 +20,7 @@ use crate::{
     testrun::EmptyClassifier,
 };
 
-const IPERF_PORT: u16 = 5201;
+pub const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 8080;
 /// Target of issue 6: tracking-only throughput within 3% of no programs.
 const TARGET_THROUGHPUT_LOSS: f64 = 0.03;
@@ -58,8 +59,13 @@ impl Mode {
 /// The order of runs: cycles of A B C C B A, so that a drift of the machine
 /// hits every mode alike.
 fn order(per_mode: usize) -> Vec<Mode> {
-    const CYCLE: [Mode; 6] = [Mode::None, Mode::Empty, Mode::Conndrain, Mode::Conndrain, Mode::Empty, Mode::None];
-    CYCLE.iter().copied().cycle().take(3 * per_mode.max(1)).collect()
+    abba(&[Mode::None, Mode::Empty, Mode::Conndrain], per_mode)
+}
+
+/// `per_mode` runs of each of `modes`, in cycles of A B .. B A.
+pub fn abba<T: Copy>(modes: &[T], per_mode: usize) -> Vec<T> {
+    let cycle: Vec<T> = modes.iter().chain(modes.iter().rev()).copied().collect();
+    cycle.into_iter().cycle().take(modes.len() * per_mode.max(1)).collect()
 }
 
 /// Switches the veth between modes; checks what is attached after each switch.
@@ -120,7 +126,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     let mut agent = Agent::start(topo.node(), &[])?;
     agent.quiet_on_drop();
     let cli = agent.cli();
-    let _iperf = IperfServer::start(pod)?;
+    let _iperf = IperfServer::start(pod.ns(), Some(pod.ipv4().into()))?;
     let echo = TcpServer::start(pod.ns(), pod.addr_v4(ECHO_PORT))?;
     let mut conn = TcpConn::connect(topo.client(), echo.addr())?;
     let dev = pod.node_if().to_owned();
@@ -148,7 +154,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     for mode in order(sizes.iperf_runs) {
         switch.set(mode)?;
         let (cpu0, t0) = (process_cpu(agent_pid)?, Instant::now());
-        let (bps, rt) = iperf(topo.client(), pod, sizes.iperf_secs)?;
+        let (bps, rt) = iperf(topo.client(), pod.ipv4().into(), sizes.iperf_secs)?;
         let (cpu, wall) = (process_cpu(agent_pid)?.saturating_sub(cpu0), t0.elapsed());
         eprintln!("bench: iperf3, {}: {:.2} Gbit/s", mode.label(), bps / 1e9);
         let m = mode as usize;
@@ -182,7 +188,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let mut stats_table = Table::new(&["traffic", "program", "runs", "runs/s", "avg ns/run", "CPU (% of one core)"]);
     let (before, t0) = (run_stats(&ids)?, Instant::now());
-    let (bps, _) = iperf(topo.client(), pod, sizes.iperf_secs)?;
+    let (bps, _) = iperf(topo.client(), pod.ipv4().into(), sizes.iperf_secs)?;
     let (after, wall) = (run_stats(&ids)?, t0.elapsed());
     let iperf_cpu = push_stats(&mut stats_table, &format!("iperf3, {:.1} Gbit/s", bps / 1e9), &ids, &before, &after, wall);
     let n = sizes.round_trips / 4;
@@ -337,7 +343,7 @@ fn runs(v: &[f64]) -> String {
 
 /// (program name, id) of the TC programs attached to `dev` in `ns`: tcx
 /// (what the agent uses on 6.6+), else clsact as `bpftool net` lists it.
-fn attached_programs(ns: &Netns, dev: &str) -> Result<Vec<(String, u32)>> {
+pub fn attached_programs(ns: &Netns, dev: &str) -> Result<Vec<(String, u32)>> {
     let tcx = run_in(ns, || -> Result<Vec<(String, u32)>, aya::programs::ProgramError> {
         let mut found = Vec::new();
         for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
@@ -376,7 +382,7 @@ fn full_name(name: &str) -> String {
 }
 
 /// (`run_time_ns`, `run_cnt`) of each program, in the order of `ids`.
-fn run_stats(ids: &[(String, u32)]) -> Result<Vec<(u64, u64)>> {
+pub fn run_stats(ids: &[(String, u32)]) -> Result<Vec<(u64, u64)>> {
     let mut out = vec![(0, 0); ids.len()];
     let mut seen = 0;
     for info in aya::programs::loaded_programs() {
@@ -450,15 +456,18 @@ pub fn process_cpu(pid: i32) -> Result<Duration> {
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
-/// `iperf3 -s` in the pod's namespace; killed on drop.
-struct IperfServer(Child);
+/// `iperf3 -s` in a pod's namespace, on `bind` or every address of both
+/// families; killed on drop.
+pub struct IperfServer(Child);
 
 impl IperfServer {
-    fn start(pod: &Pod) -> Result<Self> {
-        let child = pod
-            .ns()
-            .command("iperf3")
-            .args(["-s", "-B", &pod.ipv4().to_string(), "-p", &IPERF_PORT.to_string()])
+    pub fn start(ns: &Netns, bind: Option<IpAddr>) -> Result<Self> {
+        let mut cmd = ns.command("iperf3");
+        cmd.args(["-s", "-p", &IPERF_PORT.to_string()]);
+        if let Some(ip) = bind {
+            cmd.args(["-B", &ip.to_string()]);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -467,7 +476,7 @@ impl IperfServer {
         let server = Self(child);
         let filter = format!("sport = :{IPERF_PORT}");
         let start = Instant::now();
-        while pod.ns().exec("ss", &["-Htln", &filter])?.trim().is_empty() {
+        while ns.exec("ss", &["-Htln", &filter])?.trim().is_empty() {
             if start.elapsed() > Duration::from_secs(10) {
                 bail!("iperf3 -s did not listen within 10 s");
             }
@@ -484,8 +493,9 @@ impl Drop for IperfServer {
     }
 }
 
-/// One iperf3 run from the client namespace: (bits/s received, retransmits).
-fn iperf(client: &Netns, pod: &Pod, secs: u32) -> Result<(f64, u64)> {
+/// One iperf3 run from the client namespace to `to`: (bits/s received,
+/// retransmits).
+pub fn iperf(client: &Netns, to: IpAddr, secs: u32) -> Result<(f64, u64)> {
     let secs = secs.max(2);
     let mut last = None;
     for _ in 0..3 {
@@ -493,7 +503,7 @@ fn iperf(client: &Netns, pod: &Pod, secs: u32) -> Result<(f64, u64)> {
         let mut cmd: Command = client.command("iperf3");
         cmd.args([
             "-c",
-            &pod.ipv4().to_string(),
+            &to.to_string(),
             "-p",
             &IPERF_PORT.to_string(),
             "-t",

@@ -35,7 +35,17 @@ const CLIENT: &str = "10.0.0.9:50000";
 const SERVICE: &str = "10.96.0.10:80";
 const STRANGER_A: &str = "192.168.5.5:40000";
 const STRANGER_B: &str = "192.168.6.6:80";
+/// The same addresses in IPv6, for the IPv6 rows.
+const POD_V6: &str = "[fd00:1::2]:8080";
+const PEER_V6: &str = "[fd00::2]:40312";
+const CLIENT_V6: &str = "[fd00::9]:50000";
+const SERVICE_V6: &str = "[fd00:96::10]:80";
+const STRANGER_A_V6: &str = "[fd00:5::5]:40000";
+const STRANGER_B_V6: &str = "[fd00:6::6]:80";
 const POD_SLOT: u32 = 7;
+/// The unrelated-traffic rows, the baseline of the "× unrelated" column.
+const UNRELATED: &str = "unrelated traffic (no pod IP)";
+const UNRELATED_V6: &str = "unrelated traffic (no pod IP) (IPv6)";
 /// Bytes of TCP/UDP payload in the data packets: a small request.
 const PAYLOAD: usize = 100;
 
@@ -68,54 +78,63 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
     let mut obj = Object::load(4096)?;
     let pod: SocketAddr = POD.parse()?;
     let peer: SocketAddr = PEER.parse()?;
+    let (pod6, peer6): (SocketAddr, SocketAddr) = (POD_V6.parse()?, PEER_V6.parse()?);
     obj.add_pod_ip(pod.ip(), POD_SLOT)?;
+    obj.add_pod_ip(pod6.ip(), POD_SLOT)?;
     let empty = EmptyClassifier::load()?;
     let ingress = obj.prog_fd(programs::INGRESS)?;
     let egress = obj.prog_fd(programs::EGRESS)?;
 
-    // Established TCP flow (inbound: the peer opened it) and a UDP flow.
-    for (fd, frame) in [
-        (egress, tcp(peer, pod, TCP_SYN, 0)),
-        (ingress, tcp(pod, peer, TCP_SYN | TCP_ACK, 0)),
-        (egress, tcp(peer, pod, TCP_ACK, 0)),
-        (egress, udp(peer, pod)),
-    ] {
-        test_run(fd, &frame, 1)?;
+    // Established TCP flows (inbound: the peer opened them) and a UDP flow.
+    for (pod, peer) in [(pod, peer), (pod6, peer6)] {
+        for (fd, frame) in [
+            (egress, tcp(peer, pod, TCP_SYN, 0)),
+            (ingress, tcp(pod, peer, TCP_SYN | TCP_ACK, 0)),
+            (egress, tcp(peer, pod, TCP_ACK, 0)),
+        ] {
+            test_run(fd, &frame, 1)?;
+        }
+        let state = obj.flow_state(&flow_of(pod, peer, PROTO_TCP))?;
+        ensure!(
+            state == Some(conndrain_common::tcp_state::ESTABLISHED),
+            "handshake did not establish the flow {peer} -> {pod}: {state:?}"
+        );
     }
+    test_run(egress, &udp(peer, pod), 1)?;
     obj.drain_events();
-    let flow = FlowKey {
-        pod_addr: mapped(pod.ip()),
-        peer_addr: mapped(peer.ip()),
-        pod_port: pod.port(),
-        peer_port: peer.port(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    };
-    let state = obj.flow_state(&flow)?;
-    ensure!(state == Some(conndrain_common::tcp_state::ESTABLISHED), "handshake did not establish the flow: {state:?}");
 
     // Steering: client -> Service packets on an uplink; two pins that undo
     // each other (DNAT to the pod, then back), so that every one of the
     // repeated runs on the same skb matches a pin and is rewritten.
     let client: SocketAddr = CLIENT.parse()?;
     let service: SocketAddr = SERVICE.parse()?;
-    obj.pin(wire(client, service, PROTO_TCP), pin_to(client, pod))?;
-    obj.pin(wire(client, pod, PROTO_TCP), pin_to(client, service))?;
+    let (client6, service6): (SocketAddr, SocketAddr) = (CLIENT_V6.parse()?, SERVICE_V6.parse()?);
+    for (client, service, pod) in [(client, service, pod), (client6, service6, pod6)] {
+        obj.pin(wire(client, service, PROTO_TCP), pin_to(client, pod))?;
+        obj.pin(wire(client, pod, PROTO_TCP), pin_to(client, service))?;
+    }
     let unpinned_client: SocketAddr = "10.0.0.9:50001".parse()?;
 
     let data = |from, to| tcp(from, to, TCP_ACK | TCP_PSH, PAYLOAD);
     let stranger = data(STRANGER_A.parse()?, STRANGER_B.parse()?);
+    let stranger6 = data(STRANGER_A_V6.parse()?, STRANGER_B_V6.parse()?);
+    // The IPv6 rows come last; "(IPv6)" in the path marks them.
     let cases: Vec<(&str, &str, RawFd, Vec<u8>, u32)> = vec![
         ("empty classifier", "any packet (the floor)", empty.fd(), stranger.clone(), TC_ACT_UNSPEC),
-        ("conndrain_ingress", "unrelated traffic (no pod IP)", ingress, stranger.clone(), TC_ACT_UNSPEC),
-        ("conndrain_egress", "unrelated traffic (no pod IP)", egress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", UNRELATED, ingress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_egress", UNRELATED, egress, stranger.clone(), TC_ACT_UNSPEC),
         ("conndrain_ingress", "tracked TCP flow, data packet from the pod", ingress, data(pod, peer), TC_ACT_UNSPEC),
         ("conndrain_egress", "tracked TCP flow, data packet to the pod", egress, data(peer, pod), TC_ACT_UNSPEC),
         ("conndrain_ingress", "tracked UDP flow, datagram from the pod", ingress, udp(pod, peer), TC_ACT_UNSPEC),
         ("conndrain_egress", "tracked UDP flow, datagram to the pod", egress, udp(peer, pod), TC_ACT_UNSPEC),
         ("conndrain_ingress", "client -> Service, not pinned", ingress, data(unpinned_client, service), TC_ACT_UNSPEC),
         ("conndrain_ingress", "client -> Service, pinned: rewritten + bpf_redirect_neigh", ingress, data(client, service), TC_ACT_REDIRECT),
+        ("empty classifier", "any packet (the floor) (IPv6)", empty.fd(), stranger6.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", UNRELATED_V6, ingress, stranger6.clone(), TC_ACT_UNSPEC),
+        ("conndrain_egress", UNRELATED_V6, egress, stranger6, TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked TCP flow, data packet from the pod (IPv6)", ingress, data(pod6, peer6), TC_ACT_UNSPEC),
+        ("conndrain_egress", "tracked TCP flow, data packet to the pod (IPv6)", egress, data(peer6, pod6), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "client -> Service, pinned: rewritten + bpf_redirect_neigh (IPv6)", ingress, data(client6, service6), TC_ACT_REDIRECT),
     ];
 
     let steered_before = obj.stat(stats::STEERED)?;
@@ -129,19 +148,29 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
         }
     }
     let steered = obj.stat(stats::STEERED)? - steered_before;
-    let want = u64::from(sizes.repeat) * sizes.rounds as u64;
+    let pinned_paths = cases.iter().filter(|c| c.4 == TC_ACT_REDIRECT).count() as u64;
+    let want = u64::from(sizes.repeat) * sizes.rounds as u64 * pinned_paths;
     ensure!(steered == want, "STATS[STEERED] counted {steered} steered packets, not {want}");
     ensure!(obj.stat(stats::STEER_FAILED)? == 0, "some steering rewrites failed");
     ensure!(obj.stat(stats::INSERT_FAILED)? == 0, "some flow inserts failed");
 
     let med: Vec<f64> = samples.iter_mut().map(|s| f64::from(median(s))).collect();
-    let floor = med[0];
-    let unrelated = |prog: &str| if prog == programs::INGRESS { med[1] } else { med[2] };
+    // Each row against the floor and the unrelated traffic of its own family.
+    let v6 = |path: &str| path.ends_with("(IPv6)");
+    let baseline = |prog: &str, path: &str| {
+        let find = |p: &str, what: &str| {
+            cases.iter().position(|c| c.0 == p && c.1 == what).map_or(f64::NAN, |i| med[i])
+        };
+        let (floor, unrelated) = if v6(path) { ("any packet (the floor) (IPv6)", UNRELATED_V6) } else { ("any packet (the floor)", UNRELATED) };
+        (find("empty classifier", floor), find(prog, unrelated))
+    };
 
     let mut table = Table::new(&["program", "path", "ns/packet", "above empty (ns)", "× unrelated"]);
     for (i, (prog, path, ..)) in cases.iter().enumerate() {
-        let vs = if i == 0 { "–".into() } else { ratio(med[i], unrelated(prog)) };
-        let above = if i == 0 { "–".into() } else { format!("{:.0}", med[i] - floor) };
+        let (floor, unrelated) = baseline(prog, path);
+        let is_floor = *prog == "empty classifier";
+        let vs = if is_floor { "–".into() } else { ratio(med[i], unrelated) };
+        let above = if is_floor { "–".into() } else { format!("{:.0}", med[i] - floor) };
         table.row(vec![format!("`{prog}`"), (*path).into(), format!("{:.0}", med[i]), above, vs]);
     }
 
@@ -151,18 +180,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
     let new_syn_peer = tcp("10.0.0.3:41000".parse()?, pod, TCP_SYN, 0);
     let new_syn_pod = tcp(pod, "10.0.0.4:443".parse()?, TCP_SYN, 0);
     let new_udp = udp("10.0.0.5:5353".parse()?, pod);
-    let key = |peer: &str, proto: u8| -> Result<FlowKey> {
-        let peer: SocketAddr = peer.parse()?;
-        Ok(FlowKey {
-            pod_addr: mapped(pod.ip()),
-            peer_addr: mapped(peer.ip()),
-            pod_port: pod.port(),
-            peer_port: peer.port(),
-            proto,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        })
-    };
+    let key = |peer: &str, proto: u8| -> Result<FlowKey> { Ok(flow_of(pod, peer.parse()?, proto)) };
     // The last element says whether the agent has read every earlier event
     // when this one is written: then the ring buffer wakes the reader (an
     // irq_work), which is what a new flow costs when the agent is idle.
@@ -217,7 +235,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
         intro: format!(
             "Each program and path is run with `BPF_PROG_TEST_RUN`, `repeat` = {} per call, \
              {} calls per path interleaved; the table has the median of the per-call averages. \
-             IPv4 frames, {PAYLOAD}-byte payloads. \"Above empty\" subtracts an empty classifier \
+             IPv4 frames, IPv6 where the path says so, {PAYLOAD}-byte payloads. \"Above empty\" subtracts an empty classifier \
              (`r0 = -1; exit`, loaded from two raw instructions) run on the same frame: that is the \
              cost of our programs proper. \"× unrelated\" is against the same program on unrelated \
              traffic (neither address a pod), the cheapest path every packet on an attached interface takes.",
@@ -243,7 +261,8 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
              as seen on an uplink: the destination address and port are rewritten (IP and TCP checksums \
              updated) and the packet is handed to `bpf_redirect_neigh`. Under TEST_RUN the redirect is not \
              carried out, so the neighbour lookup and transmit that replace netfilter's path are not in \
-             these ns. Two pins that undo each other keep every repeated run on the same skb pinned."
+             these ns (the steered section measures pinned flows on live traffic). Two pins that undo each \
+             other keep every repeated run on the same skb pinned."
                 .into(),
         ],
     };
@@ -472,6 +491,19 @@ fn test_run(fd: RawFd, frame: &[u8], repeat: u32) -> Result<(u32, u32)> {
     Ok((attr.retval, attr.duration))
 }
 
+/// The flow key the datapath makes for `pod` talking with `peer`.
+fn flow_of(pod: SocketAddr, peer: SocketAddr, proto: u8) -> FlowKey {
+    FlowKey {
+        pod_addr: mapped(pod.ip()),
+        peer_addr: mapped(peer.ip()),
+        pod_port: pod.port(),
+        peer_port: peer.port(),
+        proto,
+        family: if pod.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+        _pad: [0; 2],
+    }
+}
+
 fn mapped(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
@@ -545,13 +577,9 @@ fn udp(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 /// The flow key as the datapath makes it, for the flow-table section.
 pub fn flow_key(i: u32) -> FlowKey {
     let [hi, b2, b1, lo] = i.to_be_bytes();
-    FlowKey {
-        pod_addr: mapped(IpAddr::from([10, 0, 1, 2])),
-        peer_addr: mapped(IpAddr::from([10, hi.wrapping_add(100), b2, b1])),
-        pod_port: 8080,
-        peer_port: 1024 + u16::from(lo),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    }
+    flow_of(
+        SocketAddr::from(([10, 0, 1, 2], 8080)),
+        SocketAddr::from(([10, hi.wrapping_add(100), b2, b1], 1024 + u16::from(lo))),
+        PROTO_TCP,
+    )
 }

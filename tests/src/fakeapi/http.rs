@@ -101,7 +101,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
             content_type: ctx.content_type,
             body: String::from_utf8_lossy(&ctx.body).into_owned(),
         };
-        shared.lock().requests.push(rec);
+        shared.lock().record(rec);
         // hyper closes the connection without an answer.
         return Err(io::Error::other("the fake apiserver is unreachable"));
     } else if outage == Some(Outage::Unavailable) {
@@ -122,7 +122,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
         content_type: ctx.content_type,
         body: String::from_utf8_lossy(&ctx.body).into_owned(),
     };
-    shared.lock().requests.push(rec);
+    shared.lock().record(rec);
     Ok(resp)
 }
 
@@ -634,13 +634,28 @@ fn watch_start(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Response<Body> {
         }
     };
     drop(st);
-    shared.open_watches.fetch_add(1, Ordering::SeqCst);
-    let shared = Arc::clone(shared);
+    let open = OpenWatch::new(shared);
     tokio::spawn(async move {
-        run_watch(&shared, &tx, &spec, pos, initial).await;
-        shared.open_watches.fetch_sub(1, Ordering::SeqCst);
+        run_watch(&open.0, &tx, &spec, pos, initial).await;
     });
     streaming(rx)
+}
+
+/// Counts an open watch while it lives: also when its task is dropped
+/// unfinished (the server stopped).
+struct OpenWatch(Arc<Shared>);
+
+impl OpenWatch {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.open_watches.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.open_watches.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 enum End {

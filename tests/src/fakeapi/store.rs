@@ -1,7 +1,10 @@
 //! The object store: objects as JSON keyed by (resource, namespace, name), a
 //! global resourceVersion, and the change history that watches replay.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Instant,
+};
 
 use k8s_openapi::{
     api::{core, discovery, events, rbac::v1::PolicyRule},
@@ -11,7 +14,7 @@ use k8s_openapi::{
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value, json};
 
-use super::{Outage, RecordedRequest};
+use super::{FakeApiServer, Outage, RecordedRequest};
 
 /// The resources the fake API server serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -262,6 +265,9 @@ pub(crate) struct State {
     /// (verb, resource[/subresource]) pairs denied on top of `rbac`.
     pub denied: Vec<(String, String)>,
     pub requests: Vec<RecordedRequest>,
+    /// When each request was recorded, appended in step with `requests`.
+    /// Clearing the requests leaves these, so they are matched from the end.
+    request_times: Vec<Instant>,
     counter: u64,
 }
 
@@ -297,6 +303,12 @@ pub(crate) fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
 }
 
 impl State {
+    /// Records a request, answered (and applied to the store) now.
+    pub fn record(&mut self, rec: RecordedRequest) {
+        self.requests.push(rec);
+        self.request_times.push(Instant::now());
+    }
+
     fn next_counter(&mut self) -> u64 {
         self.counter += 1;
         self.counter
@@ -509,5 +521,16 @@ impl State {
                     })
                 })
         })
+    }
+}
+
+impl FakeApiServer {
+    /// Every request answered so far, in order, with when it was recorded:
+    /// after its answer was made, so for a write, once the store has it.
+    #[must_use]
+    pub fn requests_at(&self) -> Vec<(Instant, RecordedRequest)> {
+        let st = self.lock();
+        let skip = st.request_times.len().saturating_sub(st.requests.len());
+        st.request_times[skip..].iter().copied().zip(st.requests.iter().cloned()).collect()
     }
 }

@@ -662,6 +662,7 @@ pub struct ConntrackEvents {
 
 impl ConntrackEvents {
     /// Stops watching and returns the events seen, one per line.
+    #[must_use]
     pub fn stop(mut self) -> String {
         self.terminate();
         self.reader
