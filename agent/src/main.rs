@@ -1,8 +1,7 @@
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = conndrain::cli::Cli::parse();
     // Logs go to stderr so that `-o json` output stays clean.
     tracing_subscriber::fmt()
@@ -10,7 +9,14 @@ async fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let code = match conndrain::cli::run(cli).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("conndrain: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(conndrain::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             // One line per problem (e.g. each missing capability), each with our prefix.
@@ -20,5 +26,10 @@ async fn main() {
             1
         }
     };
+    // Tasks still running (API connections, drain reports) hold the agent's
+    // state; shutting the runtime down drops them, and with the last of them
+    // the datapath, whose drop removes clsact filters: unlike tcx links they
+    // outlive the process. Bounded, so a stuck task cannot hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(3));
     std::process::exit(code);
 }

@@ -11,13 +11,17 @@
 //!
 //! Needs root and `target/debug/conndrain` (or `CONNDRAIN_BIN`).
 
-use std::{path::Path, process::Command};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
+use conndrain_tests::kubeproxy::{
+    Backend, Cluster, Conversation, KubeProxy, NODE_A_V4, Node, PodApp, Protocol, Service,
+    ServicePort,
+};
 use conndrain_tests::{
     Agent, Netns, Output, TIMEOUT, TcpConn, TcpServer, TempDir, Topology, conndrain_bin,
-    require_root, run_cmd, run_with_timeout,
+    require_root, run_cmd, run_with_timeout, wait_until,
 };
 
 const PORT: u16 = 8080;
@@ -300,10 +304,74 @@ fn clsact_path_tracks_drains_and_removes_its_filters_on_exit() -> Result<()> {
 
     let status = agent.stop()?;
     ensure!(status.success(), "a clean exit: {status}");
-    let left = our_filters(topo.node(), web.node_if())?;
-    ensure!(left.is_empty(), "the agent removed its filters: {left:?}");
+    no_filters_left(node)?;
     ensure!(foreign_there()?, "the other tool's filter is still there");
     Ok(())
+}
+
+/// No filter of ours on any interface of `ns`: the pods', and any the agent
+/// attached to for steering.
+fn no_filters_left(ns: &Netns) -> Result<()> {
+    for line in ns.ip(&["-o", "link", "show"])?.lines() {
+        // `3: name@peer: <FLAGS> ...`
+        let Some(iface) = line.split(": ").nth(1).and_then(|n| n.split('@').next()) else {
+            continue;
+        };
+        let left = our_filters(ns, iface)?;
+        ensure!(left.is_empty(), "the agent removed its filters from {iface}: {left:?}");
+    }
+    Ok(())
+}
+
+/// Steering works from clsact too (`bpf_redirect_neigh`): a stream pinned to
+/// a terminating pod keeps it after kube-proxy dropped the pod and conntrack
+/// forgot the flow. On exit the agent removes its filters from every
+/// interface, also those it attached to only for steering.
+#[test]
+fn clsact_path_steers_a_pinned_flow_and_leaves_no_filter() -> Result<()> {
+    require_root()?;
+    let cluster = Cluster::build(&[("a1", Node::A), ("a2", Node::A)])?;
+    let _apps = cluster
+        .pods()
+        .iter()
+        .map(|p| PodApp::start(p, PORT, PORT + 1))
+        .collect::<Result<Vec<_>>>()?;
+    let vip = SocketAddr::new("10.96.0.10".parse()?, 80);
+    let http = ServicePort {
+        name: "http".into(),
+        protocol: Protocol::Tcp,
+        port: vip.port(),
+        target_port: PORT,
+        node_port: None,
+    };
+    let service = Service {
+        namespace: "default".into(),
+        name: "web".into(),
+        cluster_ips: vec![vip.ip()],
+        ports: vec![http],
+    };
+    let proxy = KubeProxy::start(cluster.node_a(), Backend::Iptables, &service, &[NODE_A_V4.into()])?;
+    proxy.sync(&[cluster.pod("a1").ipv4().into(), cluster.pod("a2").ipv4().into()])?;
+
+    let mut agent = Agent::start(cluster.node_a(), &["--attach", "clsact"])?;
+    let cli = agent.cli();
+    let a1 = cluster.pod("a1").ipv4().to_string();
+    cli.ok(&["pod", "add", "a1", "--ip", &a1])?;
+    let conv = Conversation::landing_on(cluster.client(), vip, None, "a1")?;
+    conv.expect_steady(3)?;
+    cli.ok(&["pod", "terminate", "a1", "--deadline", "300", "--quiet-period", "1"])?;
+    wait_until("the stream pinned", TIMEOUT, || cli.status(), |s| {
+        s["steering"]["pinned_flows"].as_u64() >= Some(1)
+    })?;
+    proxy.sync(&[cluster.pod("a2").ipv4().into()])?;
+    proxy.delete_conntrack_of(cluster.pod("a1").ipv4().into())?;
+    conv.expect_steady(10)
+        .context("the pinned stream keeps its pod after its endpoint and conntrack entry are gone")?;
+    let steered = cli.status()?["steering"]["steered_packets"].as_u64().unwrap_or(0);
+    ensure!(steered > 0, "the clsact programs steered the stream");
+
+    agent.stop()?;
+    no_filters_left(cluster.node_a())
 }
 
 /// A private bpffs on a temp dir, unmounted (lazily: the agent's mount

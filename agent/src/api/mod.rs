@@ -1,14 +1,28 @@
 //! The local API: HTTP/1.1 with JSON over a unix socket, served by the agent
 //! (`server`) and used by the CLI (`client`). The types below are its wire
-//! format and what `-o json` prints.
+//! format and what `-o json` prints. [`serve`] runs it and the node API.
 
 pub mod client;
 pub mod node;
 pub mod server;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
+use axum::{
+    Json, Router,
+    extract::ConnectInfo,
+    http::{Method, Request, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    serve::Listener,
+};
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use serde::{Deserialize, Serialize};
+use tower::ServiceExt as _;
+use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyTimeoutLayer};
 
 use crate::{datapath::AttachMode, datapath::Features, drain::PodState};
 
@@ -157,4 +171,78 @@ pub struct SteeringView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// Longest a client may take to send a request head, or a body once its head
+/// is in; also how long an idle keep-alive connection stays open. The CLI and
+/// the preStop client send a whole request at once, so only a stuck or
+/// hostile client ever waits this long, and then it loses its connection.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (hyper's read buffer): our requests are a few hundred
+/// bytes, and each connection a slow client holds costs at most this.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest request body: the largest the APIs take is a pod and its IPs.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// An error answer, as JSON in the shape the CLI reads.
+pub(crate) fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+/// Answers unknown paths and methods with an error that says what `router`
+/// serves (axum's own are empty bodies).
+pub(crate) fn refuse_unknown(router: Router, serves: &'static str) -> Router {
+    router
+        .fallback(move |uri: Uri| async move {
+            error(StatusCode::NOT_FOUND, format!("no endpoint {}; {serves}", uri.path()))
+        })
+        .method_not_allowed_fallback(move |method: Method, uri: Uri| async move {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}; {serves}", uri.path()))
+        })
+}
+
+/// Serves `app` on `listener` within bounds that slow or hostile clients
+/// cannot stretch, which `axum::serve` does not set: [`CLIENT_TIMEOUT`] to
+/// send a request, heads and bodies of bounded size, and at most
+/// `max_connections` at once (further ones are closed at once, so a flood
+/// cannot take the file descriptors the agent needs for its own work).
+/// Handlers get the peer's address as `ConnectInfo<L::Addr>`.
+pub async fn serve<L>(mut listener: L, app: Router, max_connections: usize) -> anyhow::Result<()>
+where
+    L: Listener,
+    L::Addr: Clone + Send + Sync + 'static,
+{
+    let app = app
+        .layer(RequestBodyTimeoutLayer::new(CLIENT_TIMEOUT))
+        // Outermost: refuses a Content-Length over the limit before anything waits for the body.
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(CLIENT_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut full = false;
+    loop {
+        // axum's accept retries on errors (and backs off when out of file descriptors).
+        let (io, peer) = listener.accept().await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Once per spell at the limit: a flood must not flood the log too.
+            if !std::mem::replace(&mut full, true) {
+                tracing::warn!(max_connections, "too many connections; closing new ones until some end");
+            }
+            continue;
+        };
+        full = false;
+        let app = app.clone().map_request(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer.clone()));
+            req
+        });
+        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("API connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
 }

@@ -5,7 +5,12 @@
 //!   or at its deadline. The caller is identified only by the connection's
 //!   source IP, and there is no parameter naming a pod, so a pod can wait for
 //!   itself and nothing else: it cannot release, inspect or delay another pod.
-//!   A caller that is not a pod on this node gets 403.
+//!   A caller that is not a pod on this node gets 403. Nothing in the request
+//!   (no header such as X-Forwarded-For) can change who the caller is. A pod
+//!   that claims another pod's IP cannot complete a handshake, because the
+//!   node routes the replies to the real owner's interface. That holds with a
+//!   veth per pod; pods on a shared bridge can poison each other's ARP
+//!   entries, so there it takes the CNI's anti-spoofing (e.g. `macspoofchk`).
 //! - `GET /metrics`, `/healthz`, `/readyz` on a second listener, which
 //!   refuses this node's pods, because per-pod metrics would let one pod
 //!   inspect another.
@@ -20,14 +25,15 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State},
+    extract::{ConnectInfo, RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
+use tower_http::limit::RequestBodyLimitLayer;
 
-use super::{ErrorBody, WaitOutcome};
+use super::{WaitOutcome, error};
 use crate::node::Node;
 
 pub struct NodeApi {
@@ -38,30 +44,34 @@ pub struct NodeApi {
     pub ready: Arc<AtomicBool>,
 }
 
-fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(ErrorBody { error: msg.into() })).into_response()
-}
+/// Most connections to each node API listener at once: room for the default
+/// `--max-waiters` (512) and as many callers again. Beyond it, connections
+/// are closed at once; a preStop client then falls back to sleeping.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 pub fn wait_router(api: Arc<NodeApi>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/wait", get(wait))
-        // GET only; anything with a body is refused early.
-        .layer(DefaultBodyLimit::max(1024))
-        .with_state(api)
+        // GET only: a body announced bigger than this is refused before anything else.
+        .layer(RequestBodyLimitLayer::new(1024))
+        .with_state(api);
+    super::refuse_unknown(router, "this port serves GET /v1/wait, for a pod's preStop `conndrain wait`")
 }
 
 pub fn metrics_router(api: Arc<NodeApi>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(1024))
-        .with_state(api)
+        .layer(RequestBodyLimitLayer::new(1024))
+        .with_state(api);
+    super::refuse_unknown(router, "this port serves GET /metrics, /healthz and /readyz")
 }
 
+/// Serves a node API router; handlers learn the caller from the TCP
+/// connection's source address, never from anything the request says.
 pub async fn serve(listener: TcpListener, router: Router) -> anyhow::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await?;
-    Ok(())
+    super::serve(listener, router, MAX_CONNECTIONS).await
 }
 
 async fn wait(
@@ -75,9 +85,11 @@ async fn wait(
             "/v1/wait takes no parameters: the caller is identified by its source IP and can only wait for itself",
         );
     }
-    let Some(pod) = api.node.pod_for_ip(peer.ip()).await else {
-        tracing::info!(caller = %peer.ip(), "refused /v1/wait from an address that is no pod on this node");
-        return error(StatusCode::FORBIDDEN, format!("{} is not a pod on this node", peer.ip()));
+    // A v4 caller of a dual-stack listener shows as ::ffff:a.b.c.d; name it as itself.
+    let caller = peer.ip().to_canonical();
+    let Some(pod) = api.node.pod_for_ip(caller).await else {
+        tracing::info!(%caller, "refused /v1/wait from an address that is no pod on this node");
+        return error(StatusCode::FORBIDDEN, format!("{caller} is not a pod on this node"));
     };
     let Ok(_permit) = api.waiters.try_acquire() else {
         return error(StatusCode::TOO_MANY_REQUESTS, "too many pods waiting; retry shortly");

@@ -13,7 +13,7 @@ use axum::{
 use serde::Deserialize;
 use tokio::net::UnixListener;
 
-use super::{AddPod, ErrorBody, Terminate};
+use super::{AddPod, Terminate};
 use crate::node::{Node, PodError};
 
 /// Binds the socket, replacing a stale one but never a live agent's.
@@ -38,8 +38,12 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Most connections to the local API at once: it is for the CLI, and only root
+/// can reach it, so this is a backstop against a runaway script.
+pub const MAX_CONNECTIONS: usize = 128;
+
 pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/pods", get(pods).post(add_pod))
         .route("/v1/pods/{name}", get(pod).delete(remove_pod))
@@ -47,12 +51,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/pods/{name}/why", get(why))
         .route("/v1/pods/{name}/wait", get(wait))
         .route("/v1/flows", get(flows))
-        .with_state(node)
+        .with_state(node);
+    super::refuse_unknown(router, "the local API is for the conndrain CLI: see `conndrain --help`")
 }
 
 pub async fn serve(listener: UnixListener, node: Arc<Node>) -> anyhow::Result<()> {
-    axum::serve(listener, router(node)).await?;
-    Ok(())
+    super::serve(listener, router(node), MAX_CONNECTIONS).await
 }
 
 struct ApiError(PodError);
@@ -73,7 +77,7 @@ impl IntoResponse for ApiError {
             PodError::Datapath(crate::error::Error::NoRoute { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             PodError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (code, Json(ErrorBody { error: self.0.to_string() })).into_response()
+        super::error(code, self.0.to_string())
     }
 }
 

@@ -279,12 +279,16 @@ fn clsact_filters(ifindex: u32, ty: TcAttachType, name: &str) -> std::io::Result
         // SAFETY: buf is writable for its length.
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+        if n == 0 {
+            return Ok(found);
+        }
         for (kind, msg) in messages(&buf[..n]) {
             match i32::from(kind) {
                 libc::NLMSG_DONE => return Ok(found),
                 libc::NLMSG_ERROR => {
+                    // A negative errno, or 0 for an acknowledgement.
                     let errno = msg.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    return Err(std::io::Error::from_raw_os_error(-errno));
+                    return if errno == 0 { Ok(found) } else { Err(std::io::Error::from_raw_os_error(-errno)) };
                 }
                 _ if kind == libc::RTM_NEWTFILTER && msg.len() >= TCMSG => {
                     let word = |at: usize| u32::from_ne_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);

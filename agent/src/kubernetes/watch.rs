@@ -152,11 +152,23 @@ async fn reconcile(
     known: &mut BTreeSet<String>,
     skipped: &mut BTreeMap<String, &'static str>,
 ) {
-    let mut seen = BTreeSet::new();
+    let pods: Vec<(String, &Arc<Pod>, Desired)> = pods
+        .iter()
+        .map(|pod| (format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()), pod, desired(pod, settings.deadline_margin)))
+        .collect();
+    // Forget the pods that are gone first: after a relist, a new pod may
+    // have the IP of one deleted meanwhile, and registering it needs that IP free.
+    let tracked: BTreeSet<&String> =
+        pods.iter().filter(|(_, _, d)| matches!(d, Desired::Track { .. })).map(|(name, _, _)| name).collect();
+    for gone in known.iter().filter(|k| !tracked.contains(k)).cloned().collect::<Vec<_>>() {
+        known.remove(&gone);
+        if let Err(e) = node.remove_pod(&gone).await {
+            tracing::debug!(pod = %gone, error = %e, "removing pod");
+        }
+    }
     let mut seen_skipped = BTreeSet::new();
-    for pod in pods {
-        let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-        match desired(pod, settings.deadline_margin) {
+    for (name, pod, desired) in pods {
+        match desired {
             Desired::Ignore => {}
             Desired::Skip(reason) => {
                 seen_skipped.insert(name.clone());
@@ -166,7 +178,6 @@ async fn reconcile(
                 }
             }
             Desired::Track { ips, deadline_in } => {
-                seen.insert(name.clone());
                 if !known.contains(&name) {
                     match node.add_pod(&name, &ips).await {
                         Ok(()) => {
@@ -188,12 +199,6 @@ async fn reconcile(
                     }
                 }
             }
-        }
-    }
-    for gone in known.difference(&seen).cloned().collect::<Vec<_>>() {
-        known.remove(&gone);
-        if let Err(e) = node.remove_pod(&gone).await {
-            tracing::debug!(pod = %gone, error = %e, "removing pod");
         }
     }
     for gone in skipped.keys().filter(|k| !seen_skipped.contains(*k)).cloned().collect::<Vec<_>>() {

@@ -13,8 +13,9 @@
 //!
 //! The test drives the cluster with synchronous methods from any thread:
 //! create, change and delete objects (each change bumps one global
-//! resourceVersion and goes to open watches), take the API down, compact the
-//! history, restrict RBAC, and read back what clients sent.
+//! resourceVersion and goes to open watches), take the API down, restart it
+//! ([`stop`](FakeApiServer::stop) and [`resume`](FakeApiServer::resume)),
+//! compact the history, restrict RBAC, and read back what clients sent.
 //!
 //! ```no_run
 //! use conndrain_tests::fakeapi::FakeApiServer;
@@ -43,6 +44,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery, events::v1 as events};
@@ -154,13 +156,76 @@ pub fn agent_rbac() -> Vec<PolicyRule> {
     ]
 }
 
+/// A pod as it looks once the kubelet runs it: in namespace `default`,
+/// bound to `node`, phase Running, Ready, with `ips` (the first is `podIP`).
+#[must_use]
+pub fn running_pod(name: &str, node: &str, ips: &[std::net::IpAddr], host_network: bool) -> core::Pod {
+    let pod_ips: Vec<core::PodIP> = ips.iter().map(|ip| core::PodIP { ip: ip.to_string() }).collect();
+    core::Pod {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some("default".to_string()),
+            ..Default::default()
+        },
+        spec: Some(core::PodSpec {
+            node_name: Some(node.to_string()),
+            host_network: Some(host_network),
+            containers: vec![core::Container { name: "app".into(), image: Some("app".into()), ..Default::default() }],
+            ..Default::default()
+        }),
+        status: Some(core::PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: ips.first().map(ToString::to_string),
+            pod_ips: Some(pod_ips),
+            conditions: Some(vec![core::PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
 /// The fake API server. It serves on its own thread with its own tokio
 /// runtime, and stops when dropped.
 pub struct FakeApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// `None` between [`stop`](Self::stop) and [`resume`](Self::resume).
+    serving: Mutex<Option<Serving>>,
+}
+
+/// The thread that serves, and how to stop it.
+struct Serving {
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Serving {
+    fn spawn(listener: TcpListener, shared: Arc<Shared>) -> Self {
+        let addr = listener.local_addr().expect("listener address");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let (shutdown, stop) = tokio::sync::oneshot::channel();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let thread = std::thread::Builder::new()
+            .name(format!("fakeapi-{}", addr.port()))
+            .spawn(move || {
+                rt.block_on(serve(listener, shared, stop));
+                // Dropping the runtime drops every watch task left.
+                rt.shutdown_timeout(Duration::from_millis(200));
+            })
+            .expect("fakeapi thread");
+        Self { shutdown, thread }
+    }
+
+    fn stop(self) {
+        let _ = self.shutdown.send(());
+        let _ = self.thread.join();
+    }
 }
 
 // The test controls change the cluster and return the object for
@@ -176,7 +241,6 @@ impl FakeApiServer {
     #[must_use]
     pub fn start(listener: TcpListener) -> FakeApiServer {
         let addr = listener.local_addr().expect("listener address");
-        listener.set_nonblocking(true).expect("non-blocking listener");
         let (tick, _) = tokio::sync::watch::channel(0);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -184,21 +248,8 @@ impl FakeApiServer {
             token: TOKEN.to_string(),
             open_watches: AtomicUsize::new(0),
         });
-        let (shutdown, stop) = tokio::sync::oneshot::channel();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let sh = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("fakeapi-{}", addr.port()))
-            .spawn(move || {
-                rt.block_on(serve(listener, sh, stop));
-                // Dropping the runtime drops every connection and watch task.
-                rt.shutdown_timeout(Duration::from_millis(200));
-            })
-            .expect("fakeapi thread");
-        FakeApiServer { shared, addr, shutdown: Some(shutdown), thread: Some(thread) }
+        let serving = Serving::spawn(listener, Arc::clone(&shared));
+        FakeApiServer { shared, addr, serving: Mutex::new(Some(serving)) }
     }
 
     /// The address it listens on.
@@ -463,6 +514,47 @@ impl FakeApiServer {
         self.lock().outage.is_some()
     }
 
+    fn serving(&self) -> MutexGuard<'_, Option<Serving>> {
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops serving, as when the apiserver process exits (a restart, a
+    /// crash): the listener closes, so new connections are refused, and
+    /// every open connection is reset (RST), watches included. What etcd
+    /// holds stays: the objects, the history (watches can resume from their
+    /// resourceVersion), RBAC and the recorded requests. The test can go on
+    /// changing objects meanwhile, as other apiservers of the cluster would.
+    /// [`resume`](Self::resume) serves again. Does nothing if stopped.
+    pub fn stop(&self) {
+        let serving = self.serving().take();
+        if let Some(s) = serving {
+            s.stop();
+        }
+    }
+
+    /// Serves again after [`stop`](Self::stop), on `listener`, which the
+    /// caller bound to [`addr`](Self::addr) again (in the same network
+    /// namespace), with everything the store held.
+    ///
+    /// # Panics
+    ///
+    /// If the server is serving, or `listener` is on another address (the
+    /// clients' kubeconfig names this one).
+    pub fn resume(&self, listener: TcpListener) {
+        let addr = listener.local_addr().expect("listener address");
+        assert_eq!(addr, self.addr, "fakeapi resume: bind the address the server had");
+        let mut serving = self.serving();
+        assert!(serving.is_none(), "fakeapi resume: the server is serving; stop it first");
+        *serving = Some(Serving::spawn(listener, Arc::clone(&self.shared)));
+    }
+
+    /// Whether it is serving (not between [`stop`](Self::stop) and
+    /// [`resume`](Self::resume)).
+    #[must_use]
+    pub fn is_serving(&self) -> bool {
+        self.serving().is_some()
+    }
+
     /// Forgets the history, as an etcd compaction does: a watch from any
     /// resourceVersion before now gets a 410 Expired ERROR event, and open
     /// watches end, so every watcher re-watches, gets it and re-lists.
@@ -497,34 +589,58 @@ fn from<K: FakeResource>(v: Result<Value, store::ApiError>) -> K {
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        if let Some(s) = self.shutdown.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
+/// Accepts and serves until `stop`; then resets every connection still open
+/// and returns, which closes the listener.
 async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Receiver<()>) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    let (reset, _) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = &mut stop => return,
+            _ = &mut stop => break,
+            Some(_) = conns.join_next() => {}
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                // A second handle on the socket, to reset it on stop while hyper owns the first.
+                let Ok((stream, twin)) = twins(stream) else { continue };
                 let shared = Arc::clone(&shared);
-                tokio::spawn(async move {
+                let mut reset = reset.subscribe();
+                conns.spawn(async move {
                     let svc = service_fn(move |req| http::handle(Arc::clone(&shared), req));
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = &mut conn => {}
+                        _ = reset.changed() => {
+                            // Linger 0: the last close sends a RST, as for the sockets
+                            // of a process that dies with data in flight.
+                            if let Ok(twin) = tokio::net::TcpStream::from_std(twin) {
+                                let _ = twin.set_zero_linger();
+                            }
+                        }
+                    }
                 });
             }
         }
     }
+    drop(listener);
+    reset.send_replace(true);
+    while conns.join_next().await.is_some() {}
+}
+
+/// The stream, and a duplicate of its file descriptor.
+fn twins(stream: tokio::net::TcpStream) -> std::io::Result<(tokio::net::TcpStream, std::net::TcpStream)> {
+    let stream = stream.into_std()?;
+    let twin = stream.try_clone()?;
+    Ok((tokio::net::TcpStream::from_std(stream)?, twin))
 }
 
 /// A fake API server for an agent running in `node`'s network namespace: bound
@@ -552,5 +668,87 @@ impl AgentApi {
     #[must_use]
     pub fn kubeconfig_arg(&self) -> String {
         self.kubeconfig.to_string_lossy().into_owned()
+    }
+
+    /// Serves again after [`FakeApiServer::stop`], on the same address in
+    /// `node` (the namespace given to [`start`](Self::start)): the second
+    /// half of an apiserver restart.
+    pub fn resume(&self, node: &crate::Netns) -> anyhow::Result<()> {
+        let addr = self.api.addr();
+        let listener = crate::run_in(node, || TcpListener::bind(addr))?
+            .with_context(|| format!("binding the fake API server to {addr} again in {}", node.name()))?;
+        self.api.resume(listener);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read as _, Write as _};
+
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::{Api, ResourceExt, api::ListParams};
+
+    use super::*;
+
+    fn pod(name: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"containers": []},
+        }))
+        .expect("pod")
+    }
+
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A raw watch: its first bytes read, so the server has taken it.
+    fn raw_watch(addr: SocketAddr) -> std::net::TcpStream {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        write!(s, "GET /api/v1/pods?watch=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .expect("request");
+        let mut buf = [0u8; 512];
+        assert!(s.read(&mut buf).expect("first bytes") > 0);
+        s
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_resets_connections_and_keeps_the_store() {
+        let server = FakeApiServer::start(TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let addr = server.addr();
+        server.create_pod(pod("before"));
+        let mut watch = raw_watch(addr);
+        until("the watch to open", || server.open_watches() == 1);
+
+        server.stop();
+        assert!(!server.is_serving());
+        let mut rest = Vec::new();
+        let err = watch.read_to_end(&mut rest).expect_err("a reset, not a clean end");
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+        let refused = std::net::TcpStream::connect(addr).expect_err("nothing listens while stopped");
+        assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+        assert_eq!(server.open_watches(), 0, "the watch is counted out");
+        let rv = server.resource_version();
+        server.create_pod(pod("while-down"));
+
+        server.resume(TcpListener::bind(addr).expect("bind the same address again"));
+        assert!(server.is_serving());
+        let api: Api<Pod> = Api::namespaced(server.client().await, "default");
+        let names: Vec<String> = api.list(&ListParams::default()).await.expect("list").iter().map(ResourceExt::name_any).collect();
+        assert_eq!(names, ["before", "while-down"], "the store is kept");
+        // The history too: a watch resumes from a resourceVersion of before the stop.
+        let wp = kube::api::WatchParams::default().timeout(1);
+        let mut events = Box::pin(api.watch(&wp, &rv.to_string()).await.expect("watch"));
+        let first = futures::StreamExt::next(&mut events).await.expect("an event").expect("no error");
+        assert!(
+            matches!(&first, kube::api::WatchEvent::Added(p) if p.name_any() == "while-down"),
+            "{first:?}"
+        );
     }
 }
