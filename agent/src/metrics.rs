@@ -28,6 +28,9 @@ pub struct Metrics {
     pub flow_table_used: Gauge,
     pub flow_table_max: Gauge,
     pub flows_evicted: Counter,
+    pub held_flows: Gauge,
+    /// Read from the datapath's per-CPU counter at each scrape, hence a gauge.
+    pub hold_failed: Gauge,
     pub events_lost: Gauge,
     pub pinned_flows: Gauge,
     /// Read from the datapath's per-CPU counter at each scrape, hence a gauge.
@@ -49,6 +52,8 @@ impl Default for Metrics {
             flow_table_used: Gauge::default(),
             flow_table_max: Gauge::default(),
             flows_evicted: Counter::default(),
+            held_flows: Gauge::default(),
+            hold_failed: Gauge::default(),
             events_lost: Gauge::default(),
             pinned_flows: Gauge::default(),
             steered_packets: Gauge::default(),
@@ -68,6 +73,12 @@ impl Default for Metrics {
         r.register("flow_table_entries", "Entries in the flow table", m.flow_table_used.clone());
         r.register("flow_table_max_entries", "Size of the flow table", m.flow_table_max.clone());
         r.register("flows_evicted", "Live flows lost from the flow table (LRU eviction)", m.flows_evicted.clone());
+        r.register("held_flows", "Flows of draining pods in the held table (never evicted)", m.held_flows.clone());
+        r.register(
+            "hold_failed",
+            "Flows of draining pods the held table had no room for (left in the LRU flow table)",
+            m.hold_failed.clone(),
+        );
         r.register("events_lost", "Datapath events the ring buffer had no room for", m.events_lost.clone());
         r.register("pinned_flows", "Flows pinned to a terminating backend", m.pinned_flows.clone());
         r.register(

@@ -298,6 +298,8 @@ impl Node {
         }
         if let Ok(s) = self.status().await {
             m.flow_table_used.set(i64::try_from(s.maps.flows.used).unwrap_or(i64::MAX));
+            m.held_flows.set(i64::try_from(s.maps.held.used).unwrap_or(i64::MAX));
+            m.hold_failed.set(i64::try_from(s.stats.hold_failed).unwrap_or(i64::MAX));
             m.events_lost.set(i64::try_from(s.events_lost).unwrap_or(i64::MAX));
             m.pinned_flows.set(i64::try_from(s.steering.pinned_flows).unwrap_or(i64::MAX));
             m.steered_packets.set(i64::try_from(s.steering.steered_packets).unwrap_or(i64::MAX));
@@ -372,6 +374,7 @@ impl Node {
         });
         pod.state.send_replace(PodState::Draining);
         let ips = pod.ips.clone();
+        inner.hold(name, slot);
         inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
         tracing::info!(pod = name, deadline_s = secs(deadline), quiet_s = secs(quiet), "drain started");
         inner.touch();
@@ -445,6 +448,12 @@ impl Node {
             }
             let Inner { steering, datapath, .. } = &mut *inner;
             steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
+            if round % 5 == 0 {
+                let swept = datapath.sweep_held(now_ns(), self.settings.timeouts.udp_ns);
+                if swept > 0 {
+                    tracing::debug!(swept, "finished flows of draining pods removed from HELD");
+                }
+            }
             inner.save();
         }
     }
@@ -651,6 +660,7 @@ impl Node {
             interfaces,
             maps: MapsView {
                 flows: MapFill { max: u64::from(dp.max_flows), used: used_flows },
+                held: MapFill { max: u64::from(conndrain_common::MAX_HELD), used: dp.held_count() as u64 },
                 pods: MapFill { max: u64::from(datapath::MAX_POD_SLOTS), used: inner.pods.len() as u64 },
             },
             stats: StatsView {
@@ -660,6 +670,8 @@ impl Node {
                 flows_created: s[stats::FLOWS_CREATED as usize],
                 insert_failed: s[stats::INSERT_FAILED as usize],
                 flows_evicted: self.metrics.flows_evicted.get(),
+                held: s[stats::HELD as usize],
+                hold_failed: s[stats::HOLD_FAILED as usize],
             },
             events_lost: s[stats::EVENTS_LOST as usize],
             steering: SteeringView {
@@ -747,6 +759,12 @@ impl Node {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading the flow table to rebuild the flow index"),
+        }
+        // The flags are pinned with the maps, but not across a layout change.
+        let draining: Vec<(String, u32)> =
+            inner.pods.iter().filter(|(_, p)| p.termination.is_some()).map(|(n, p)| (n.clone(), p.slot)).collect();
+        for (name, slot) in draining {
+            inner.hold(&name, slot);
         }
         tracing::info!(
             pods = inner.pods.len(),
@@ -854,10 +872,24 @@ impl Inner {
             steering.mark_dead(datapath, &pod.ips, now_ns());
         }
         self.by_slot.remove(&pod.slot);
-        self.index.remove(&pod.slot);
-        self.datapath.unregister_pod(&pod.ips, &pod.ifindexes);
+        let known: Vec<FlowKey> = self.index.remove(&pod.slot).map(|i| i.into_keys().collect()).unwrap_or_default();
+        self.datapath.unregister_pod(pod.slot, &pod.ips, &pod.ifindexes, &known);
         tracing::info!(pod = name, "pod removed");
         Ok(())
+    }
+
+    /// Keeps a draining pod's flows out of the LRU's reach (see
+    /// `datapath/held.rs`).
+    fn hold(&mut self, name: &str, slot: u32) {
+        let known: Vec<FlowKey> = self.index.get(&slot).map(|i| i.keys().copied().collect()).unwrap_or_default();
+        match self.datapath.hold_pod(slot, &known) {
+            Ok(moved) => tracing::debug!(pod = name, moved, "flows held for the drain"),
+            Err(e) => tracing::warn!(
+                pod = name,
+                error = %e,
+                "cannot protect the pod's flows from eviction: a flood of new flows may make it look drained early"
+            ),
+        }
     }
 
     /// Marks the state changed, to be saved by the next `save`.
@@ -1028,8 +1060,6 @@ fn flow_view(pod: &str, k: &FlowKey, v: &FlowValue, class: FlowClass, now: u64) 
         idle_secs: secs(now.saturating_sub(v.last_seen_ns)),
         idle: class == FlowClass::Idle,
         active: class == FlowClass::Active,
-        packets_in: u64::from(v.packets_in),
-        packets_out: u64::from(v.packets_out),
         bytes_in: v.bytes_in,
         bytes_out: v.bytes_out,
         pinned: None,

@@ -339,8 +339,6 @@ pub struct FlowInfo {
     pub idle_secs: f64,
     pub idle: bool,
     pub active: bool,
-    pub packets_in: u64,
-    pub packets_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }

@@ -31,6 +31,11 @@ use conndrain_tests::{
 };
 use serde_json::Value;
 
+/// The pin directory of this agent's map layout (`DIR/v<LAYOUT_VERSION>`).
+fn layout_dir() -> String {
+    format!("v{}", conndrain_common::LAYOUT_VERSION)
+}
+
 const VIP_V4: &str = "10.96.0.10";
 const VIP_V6: &str = "fd00:96::10";
 const TCP_TARGET: u16 = 8080;
@@ -61,7 +66,7 @@ impl Bpffs {
 
     /// The pinned tcx links, by file name (`<ifname>-ingress`, `<ifname>-egress`).
     fn links(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.path().join("v1/links"))
+        let mut names: Vec<String> = std::fs::read_dir(self.path().join(layout_dir()).join("links"))
             .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         names.sort();
@@ -338,7 +343,7 @@ fn restart_with_other_max_flows_replaces_the_flow_table() -> Result<()> {
     agent.restart(topo.node(), &["--bpffs", &bpf, "--max-flows", "8192", "--detach-on-exit"])?;
     ensure!(cli.pod("web")?.state == "drained", "the outcome survives restarts");
     agent.stop()?;
-    ensure!(!bpffs.path().join("v1").exists(), "--detach-on-exit removes the pins");
+    ensure!(!bpffs.path().join(layout_dir()).exists(), "--detach-on-exit removes the pins");
     ensure!(!agent.dir().join("state.json").exists(), "--detach-on-exit removes the saved state");
     ensure!(our_programs(topo.node(), &veth)? == (0, 0), "--detach-on-exit detaches the programs");
     Ok(())
@@ -372,7 +377,7 @@ fn upgrade_to_another_map_layout_keeps_pinned_flows_and_the_drain() -> Result<()
     udp.expect_steady(5)?;
 
     agent.kill9()?;
-    std::fs::rename(bpffs.path().join("v1"), bpffs.path().join("v0")).context("renaming the pin dir to v0")?;
+    std::fs::rename(bpffs.path().join(layout_dir()), bpffs.path().join("v0")).context("renaming the pin dir to v0")?;
     tcp.expect_steady(5).context("the old layout's programs steer while no agent runs")?;
     udp.expect_steady(5).context("the old layout's programs steer while no agent runs")?;
 

@@ -75,8 +75,6 @@ pub struct FlowView {
     pub idle_secs: f64,
     pub idle: bool,
     pub active: bool,
-    pub packets_in: u64,
-    pub packets_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Set when the flow is pinned to this pod (its backend is terminating).
@@ -121,6 +119,8 @@ pub struct MapFill {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MapsView {
     pub flows: MapFill,
+    /// Flows of draining pods, kept out of the LRU flow table.
+    pub held: MapFill,
     pub pods: MapFill,
 }
 
@@ -133,6 +133,10 @@ pub struct StatsView {
     pub insert_failed: u64,
     /// Live flows the LRU flow table evicted (seen by the agent's point lookups).
     pub flows_evicted: u64,
+    /// Flows of draining pods put into the held table.
+    pub held: u64,
+    /// Flows of draining pods the held table had no room for (left where the LRU may evict them).
+    pub hold_failed: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -30,6 +30,10 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
         println!("interface:   {} (ifindex {}), {} pod(s), ingress+egress", i.name, i.ifindex, i.pods);
     }
     println!("flow table:  {} / {} entries", s.maps.flows.used, s.maps.flows.max);
+    println!(
+        "held flows:  {} / {} entries (draining pods' flows, never evicted; {} held so far, {} found no room)",
+        s.maps.held.used, s.maps.held.max, s.stats.held, s.stats.hold_failed
+    );
     println!("pods:        {} / {}", s.maps.pods.used, s.maps.pods.max);
     println!(
         "datapath:    {} packets, {} not parsed (passed), {} of no pod, {} flows created, {} inserts failed",

@@ -4,6 +4,7 @@
 mod attach;
 mod events;
 pub mod features;
+mod held;
 mod pinning;
 mod route;
 
@@ -256,10 +257,11 @@ impl Datapath {
                 ifindexes.push(ifindex);
             }
         }
-        // Zero the counters: the slot may have belonged to a removed pod.
+        // Zero the counters and flags: the slot may have belonged to a removed pod.
         self.pod_counters_mut()?
             .set(slot, PodCounters::default(), 0)
             .map_err(|source| Error::map(maps::POD_COUNTERS, source))?;
+        self.set_pod_flags(slot, 0)?;
         let mut attached = Vec::new();
         for &ifindex in &ifindexes {
             if let Err(e) = self.attach(ifindex) {
@@ -286,7 +288,9 @@ impl Datapath {
         Ok(ifindexes)
     }
 
-    pub fn unregister_pod(&mut self, ips: &[IpAddr], ifindexes: &[u32]) {
+    /// Unregisters a pod and removes its flows (`known`: the keys the agent
+    /// indexed; `HELD` is searched whole), so no entry outlives it.
+    pub fn unregister_pod(&mut self, slot: u32, ips: &[IpAddr], ifindexes: &[u32], known: &[FlowKey]) {
         if let Ok(mut pod_ips) = self.pod_ips_mut() {
             for ip in ips {
                 if let Err(e) = pod_ips.remove(&ip_key(*ip)) {
@@ -294,6 +298,8 @@ impl Datapath {
                 }
             }
         }
+        // After the IPs: the programs no longer create flows for it.
+        self.forget_pod_flows(slot, known);
         for &i in ifindexes {
             self.release(i);
         }
@@ -404,21 +410,26 @@ impl Datapath {
         a.get(&slot, 0).map_err(|source| Error::map(maps::POD_COUNTERS, source))
     }
 
-    /// Point lookup of one flow.
+    /// Point lookup of one flow (`HELD` first: see `held.rs`).
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        let flows = self.flows()?;
-        match flows.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(Error::map(maps::FLOWS, source)),
+        for (name, table) in [(maps::HELD, self.held()?), (maps::FLOWS, self.flows()?)] {
+            match table.get(key, 0) {
+                Ok(v) => return Ok(Some(v)),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(Error::map(name, source)),
+            }
         }
+        Ok(None)
     }
 
-    /// Every flow in the table. Only for listings and recovery, never on the
-    /// drain path.
+    /// Every flow in both tables. Only for listings and recovery, never on
+    /// the drain path.
     pub fn all_flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, Error> {
-        let flows = self.flows()?;
-        Ok(flows.iter().filter_map(Result::ok).collect())
+        let held: StdHashMap<FlowKey, FlowValue> = self.held()?.iter().filter_map(Result::ok).collect();
+        let mut out: Vec<(FlowKey, FlowValue)> =
+            self.flows()?.iter().filter_map(Result::ok).filter(|(k, _)| !held.contains_key(k)).collect();
+        out.extend(held);
+        Ok(out)
     }
 
     pub fn pod_ip_count(&self) -> usize {
@@ -445,6 +456,10 @@ impl Datapath {
 
     fn flows_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowValue>, Error> {
         HashMap::try_from(map_mut(&mut self.ebpf, maps::FLOWS)?).map_err(|source| Error::map(maps::FLOWS, source))
+    }
+
+    fn held(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, Error> {
+        HashMap::try_from(map(&self.ebpf, maps::HELD)?).map_err(|source| Error::map(maps::HELD, source))
     }
 
     fn pod_ips(&self) -> Result<HashMap<&MapData, PodIpKey, u32>, Error> {

@@ -1,7 +1,7 @@
 //! What `--bpffs DIR` keeps across agent restarts and upgrades:
 //!
 //! ```text
-//! DIR/v<LAYOUT_VERSION>/FLOWS, POD_IPS, POD_COUNTERS, PINS, CONFIG, STATS   the maps
+//! DIR/v<LAYOUT_VERSION>/FLOWS, HELD, POD_IPS, POD_COUNTERS, POD_FLAGS, PINS, CONFIG, STATS   the maps
 //! DIR/v<LAYOUT_VERSION>/links/<ifname>-ingress, <ifname>-egress          the tcx links
 //! ```
 //!
@@ -20,7 +20,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo, MapType};
 use conndrain_common::{
-    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_PINS, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey,
+    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey,
     WireKey, maps, stats,
 };
 
@@ -138,6 +138,8 @@ fn expected(name: &str, max_flows: u32) -> Option<Shape> {
     let s = |ty, key, value, entries| Some(Shape { ty, key, value, entries });
     match name {
         maps::FLOWS => s("lru_hash", size::<FlowKey>(), size::<FlowValue>(), max_flows),
+        maps::HELD => s("hash", size::<FlowKey>(), size::<FlowValue>(), MAX_HELD),
+        maps::POD_FLAGS => s("array", 4, 4, MAX_PODS),
         maps::POD_IPS => s("hash", size::<PodIpKey>(), 4, MAX_PODS * 2),
         maps::POD_COUNTERS => s("array", 4, size::<PodCounters>(), MAX_PODS),
         maps::PINS => s("hash", size::<WireKey>(), size::<Pin>(), MAX_PINS),

@@ -6,8 +6,14 @@
 
 /// Map names, shared so the agent cannot misspell them.
 pub mod maps {
-    /// `LruHashMap<FlowKey, FlowValue>`: every flow of a registered pod.
+    /// `LruHashMap<FlowKey, FlowValue>`: every flow of a registered pod,
+    /// except those `HELD` holds.
     pub const FLOWS: &str = "FLOWS";
+    /// `HashMap<FlowKey, FlowValue>` (not LRU): the flows of draining pods,
+    /// which a flood of new flows must not evict from `FLOWS`.
+    pub const HELD: &str = "HELD";
+    /// `Array<u32>`: `pod_flags::*` per pod slot.
+    pub const POD_FLAGS: &str = "POD_FLAGS";
     /// `HashMap<PodIpKey, u32>`: pod IP to pod slot.
     pub const POD_IPS: &str = "POD_IPS";
     /// `Array<PodCounters>`: per-pod counters, indexed by pod slot.
@@ -27,6 +33,18 @@ pub mod maps {
 /// Size of the `PINS` map (two entries per pinned flow).
 pub const MAX_PINS: u32 = 65_536;
 
+/// Size of the `HELD` map: flows of draining pods. Allocated per entry
+/// (`BPF_F_NO_PREALLOC`), so it costs memory only while pods drain. When it
+/// is full, a draining pod's new flows go to `FLOWS` (counted in
+/// `stats::HOLD_FAILED`).
+pub const MAX_HELD: u32 = 65_536;
+
+/// Bits of the `POD_FLAGS` entries.
+pub mod pod_flags {
+    /// The pod is draining: its flows go to `HELD`, out of the LRU's reach.
+    pub const DRAINING: u32 = 1;
+}
+
 /// Version of the layout of the maps the agent pins under bpffs (`--bpffs
 /// DIR` pins them in `DIR/v<LAYOUT_VERSION>/`, so a restarted or upgraded
 /// agent picks them up again).
@@ -37,13 +55,21 @@ pub const MAX_PINS: u32 = 65_536;
 /// layout then replaces the pinned maps (and says so in one log line)
 /// instead of misreading them. The sizes alone are checked too, but they do
 /// not catch a reordered field.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The maps `--bpffs` pins: everything that holds state the agent or the
 /// programs need after a restart. `EVENTS` is not among them: each agent
 /// reads its own ring buffer, and rebuilds what it missed from `FLOWS`.
-pub const PINNED_MAPS: [&str; 6] =
-    [maps::FLOWS, maps::POD_IPS, maps::POD_COUNTERS, maps::PINS, maps::CONFIG, maps::STATS];
+pub const PINNED_MAPS: [&str; 8] = [
+    maps::FLOWS,
+    maps::HELD,
+    maps::POD_IPS,
+    maps::POD_COUNTERS,
+    maps::POD_FLAGS,
+    maps::PINS,
+    maps::CONFIG,
+    maps::STATS,
+];
 
 /// Program names in the object.
 pub mod programs {
@@ -128,7 +154,13 @@ pub mod stats {
     pub const RESETS_SENT: u32 = 7;
     /// Pinned packets that could not be rewritten or redirected (passed on unchanged).
     pub const STEER_FAILED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Flows of draining pods the programs put into `HELD` (new ones, and ones
+    /// they moved out of `FLOWS`; the agent moves the others).
+    pub const HELD: u32 = 9;
+    /// Flows of draining pods that `HELD` had no room for (left in `FLOWS`,
+    /// where the LRU may evict them).
+    pub const HOLD_FAILED: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// A pod address: IPv4 is stored as an IPv4-mapped IPv6 address
@@ -161,10 +193,10 @@ pub struct FlowValue {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first packet.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
+    /// Bytes each way, counted at L2. (No packet counts: 40 bytes a value
+    /// keeps a tracked flow under 150 bytes of kernel memory.)
     pub bytes_in: u64,
     pub bytes_out: u64,
-    pub packets_in: u32,
-    pub packets_out: u32,
     pub pod_slot: u32,
     /// `tcp_state::*`
     pub state: u8,
@@ -298,7 +330,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 48);
+        assert_eq!(size_of::<FlowValue>(), 40);
         assert_eq!(size_of::<PodCounters>(), 32);
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<WireKey>(), 40);
@@ -318,10 +350,10 @@ mod tests {
             size_of::<WireKey>(),
             size_of::<Pin>(),
         ];
-        let sizing = (MAX_PODS, MAX_PINS, stats::COUNT);
+        let sizing = (MAX_PODS, MAX_PINS, MAX_HELD, stats::COUNT, pod_flags::DRAINING);
         assert_eq!(
             (LAYOUT_VERSION, sizes, sizing),
-            (1, [40, 48, 16, 32, 8, 40, 80], (4096, 65_536, 9)),
+            (2, [40, 40, 16, 32, 8, 40, 80], (4096, 65_536, 65_536, 11, 1)),
             "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
         );
     }

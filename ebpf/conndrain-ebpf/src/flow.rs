@@ -1,16 +1,20 @@
 //! Flow state: one entry per flow of a registered pod, keyed from the pod's
 //! side, with the TCP state machine and the per-pod counters it keeps exact.
+//!
+//! Flows live in the LRU table `FLOWS`, except those of draining pods: they
+//! move to `HELD`, which nothing evicts, so that a flood of new flows cannot
+//! push out the very flows a drain waits for (and release the pod early).
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, direction, event_kind, flow_flags, stats,
+    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, direction, event_kind, flow_flags, pod_flags, stats,
     tcp_state,
 };
 
 use crate::{
-    maps::{CONFIG, EVENTS, FLOWS, NODE_ADDRS, POD_COUNTERS, POD_IPS, count},
+    maps::{CONFIG, EVENTS, FLOWS, HELD, NODE_ADDRS, POD_COUNTERS, POD_FLAGS, POD_IPS, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -23,6 +27,8 @@ pub enum Side {
 
 /// BPF_NOEXIST: two CPUs racing to create one flow must not both count it.
 const BPF_NOEXIST: u64 = 1;
+/// What a map insert returns when the key exists (-EEXIST).
+const EEXIST: i32 = -17;
 
 // Not inlined: its frame and steering's are separate BPF stack frames, each
 // well under the 512-byte limit.
@@ -38,15 +44,63 @@ pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
     let now = unsafe { bpf_ktime_get_ns() };
     let len = u64::from(ctx.len());
     let from_pod = side == Side::FromPod;
+    // Only a draining pod has flows in HELD (a pod never stops draining;
+    // its removal takes its entries out), so the others skip that lookup.
+    let draining = is_draining(slot);
 
+    if draining && let Some(v) = HELD.get_ptr_mut(&key) {
+        // SAFETY: as below.
+        update(&key, unsafe { &mut *v }, pkt, from_pod, now, len);
+        return;
+    }
     if let Some(v) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer is into the map value; concurrent writers can
         // only make the byte/packet statistics approximate.
         let v = unsafe { &mut *v };
-        update(&key, v, pkt, from_pod, now, len);
+        if draining {
+            hold(&key, v, pkt, from_pod, now, len);
+        } else {
+            update(&key, v, pkt, from_pod, now, len);
+        }
         return;
     }
-    create(&key, slot, pkt, from_pod, now, len);
+    create(&key, slot, draining, pkt, from_pod, now, len);
+}
+
+#[inline(always)]
+fn is_draining(slot: u32) -> bool {
+    POD_FLAGS.get(slot).is_some_and(|f| f & pod_flags::DRAINING != 0)
+}
+
+/// A draining pod's flow still in `FLOWS` (the agent moves the ones it
+/// knows when the drain starts; this catches the rest at their next
+/// packet): copied to `HELD` as it is, then updated there, so that a CPU
+/// racing us on the same flow applies its packet to the one entry in
+/// `HELD` and no state change is counted twice.
+#[inline(always)]
+fn hold(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
+    let moved = match HELD.insert(key, &*v, BPF_NOEXIST) {
+        Ok(()) => true,
+        Err(e) if e == EEXIST => false,
+        Err(_) => {
+            // HELD is full: the flow stays where the LRU can reach it.
+            count(stats::HOLD_FAILED);
+            update(key, v, pkt, from_pod, now, len);
+            return;
+        }
+    };
+    match HELD.get_ptr_mut(key) {
+        Some(h) => {
+            if moved {
+                let _ = FLOWS.remove(key);
+                count(stats::HELD);
+            }
+            // SAFETY: pointer into the map value, as in `track`.
+            update(key, unsafe { &mut *h }, pkt, from_pod, now, len);
+        }
+        // Taken out again at once (the pod's removal): fail open, update in place.
+        None => update(key, v, pkt, from_pod, now, len),
+    }
 }
 
 /// The flow key seen from the pod, and the pod's slot; `None` when the pod
@@ -88,7 +142,7 @@ fn udp_timeout_ns() -> u64 {
 }
 
 #[inline(always)]
-fn create(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
+fn create(key: &FlowKey, slot: u32, draining: bool, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
     let opened_by_peer = if pkt.proto == PROTO_TCP {
         let f = pkt.tcp_flags;
         if f & TCP_RST != 0 || (f & TCP_SYN != 0 && f & (TCP_ACK | TCP_FIN) != 0) {
@@ -96,7 +150,7 @@ fn create(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len:
             return;
         }
         if f & TCP_SYN == 0 {
-            pickup(key, slot, pkt, from_pod, now, len);
+            pickup(key, slot, draining, pkt, from_pod, now, len);
             return;
         }
         !from_pod
@@ -106,7 +160,7 @@ fn create(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len:
     let state = if pkt.proto == PROTO_TCP { tcp_state::SYN_SENT } else { tcp_state::ESTABLISHED };
     let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
     let v = new_value(slot, state, dir, 0, from_pod, now, len);
-    if !insert(key, &v) {
+    if !insert(key, &v, draining) {
         return;
     }
     if opened_by_peer {
@@ -119,7 +173,7 @@ fn create(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len:
 /// take it as established. The side with the lower port is guessed to be the
 /// server; a wrong guess only moves the flow between inbound and outbound.
 #[inline(always)]
-fn pickup(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
+fn pickup(key: &FlowKey, slot: u32, draining: bool, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
     let dir = if key.pod_port <= key.peer_port { direction::INBOUND } else { direction::OUTBOUND };
     let mut flags = flow_flags::PICKED_UP;
     let mut state = tcp_state::ESTABLISHED;
@@ -128,7 +182,7 @@ fn pickup(key: &FlowKey, slot: u32, pkt: &Packet, from_pod: bool, now: u64, len:
         state = tcp_state::CLOSING;
     }
     let v = new_value(slot, state, dir, flags, from_pod, now, len);
-    if !insert(key, &v) {
+    if !insert(key, &v, draining) {
         return;
     }
     add_active(slot, dir, 1);
@@ -243,16 +297,31 @@ fn new_value(slot: u32, state: u8, dir: u8, flags: u8, from_pod: bool, now: u64,
 fn account(v: &mut FlowValue, from_pod: bool, now: u64, len: u64) {
     v.last_seen_ns = now;
     if from_pod {
-        v.packets_out = v.packets_out.wrapping_add(1);
         v.bytes_out = v.bytes_out.wrapping_add(len);
     } else {
-        v.packets_in = v.packets_in.wrapping_add(1);
         v.bytes_in = v.bytes_in.wrapping_add(len);
     }
 }
 
+/// A new flow: into `HELD` for a draining pod, else (or when `HELD` is
+/// full) into `FLOWS`.
 #[inline(always)]
-fn insert(key: &FlowKey, v: &FlowValue) -> bool {
+fn insert(key: &FlowKey, v: &FlowValue, draining: bool) -> bool {
+    if draining {
+        match HELD.insert(key, v, BPF_NOEXIST) {
+            Ok(()) => {
+                count(stats::FLOWS_CREATED);
+                count(stats::HELD);
+                return true;
+            }
+            Err(e) if e == EEXIST => {
+                // Another CPU created it first.
+                count(stats::INSERT_FAILED);
+                return false;
+            }
+            Err(_) => count(stats::HOLD_FAILED),
+        }
+    }
     if FLOWS.insert(key, v, BPF_NOEXIST).is_err() {
         count(stats::INSERT_FAILED);
         return false;

@@ -13,13 +13,26 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use conndrain_common::{
-    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAX_PINS, MAX_PODS, Pin, PodCounters, PodIpKey, WireKey,
-    stats,
+    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAX_HELD, MAX_PINS, MAX_PODS, Pin, PodCounters, PodIpKey,
+    WireKey, stats,
 };
+
+/// linux/bpf.h: entries are allocated on insert, not all at map creation.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Resized by the agent at load time (`--max-flows`).
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// The flows of draining pods. Not LRU: nothing but the agent's sweep and
+/// the pod's removal takes an entry out, so a flood of new flows that fills
+/// `FLOWS` cannot make a draining pod look drained while it still serves.
+#[map]
+pub static HELD: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(MAX_HELD, BPF_F_NO_PREALLOC);
+
+/// `pod_flags::*` by pod slot (agent-written).
+#[map]
+pub static POD_FLAGS: Array<u32> = Array::with_max_entries(MAX_PODS, 0);
 
 #[map]
 pub static POD_IPS: HashMap<PodIpKey, u32> = HashMap::with_max_entries(MAX_PODS * 2, 0);

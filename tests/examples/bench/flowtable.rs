@@ -22,6 +22,9 @@ const TARGET_BYTES_PER_FLOW: f64 = 150.0;
 const ELEM_HEADER: f64 = 48.0;
 /// `struct bucket`: a list head and a raw spinlock.
 const BUCKET_BYTES: f64 = 16.0;
+/// Key and value of one entry (both multiples of 8, as the kernel rounds them).
+#[expect(clippy::cast_precision_loss, reason = "80-odd bytes")]
+const ENTRY: f64 = (size_of::<FlowKey>() + size_of::<FlowValue>()) as f64;
 
 pub fn run(sizes: &[u32], new_flow_ns: Option<(f64, f64)>) -> Result<Section> {
     let mut table = Table::new(&[
@@ -83,12 +86,14 @@ pub fn run(sizes: &[u32], new_flow_ns: Option<(f64, f64)>) -> Result<Section> {
         "Bytes per flow = memlock / `--max-flows`. `FLOWS` is a preallocated LRU hash: the kernel \
          charges every entry when the agent loads the object, so memlock is the same empty and full. \
          It adds up as the kernel lays the map out: per entry, a {ELEM_HEADER:.0}-byte element header \
-         (hash node, LRU node, hash) + the 40-byte `FlowKey` + the 48-byte `FlowValue` = {:.0} bytes; \
+         (hash node, LRU node, hash) + the {}-byte `FlowKey` + the {}-byte `FlowValue` = {:.0} bytes; \
          per bucket {BUCKET_BYTES:.0} bytes (list head and lock), with the bucket count rounded up to a \
          power of two ({worst_buckets:.0} bytes per flow at the worst size here). The LRU evicts a few \
          entries before the table is full (its free lists are per CPU), hence \"in the table\" \
          below \"inserted\".",
-        ELEM_HEADER + 88.0
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+        ELEM_HEADER + ENTRY
     )];
     notes.push(if worst <= TARGET_BYTES_PER_FLOW {
         format!("Target (at most {TARGET_BYTES_PER_FLOW:.0} bytes of kernel memory per tracked flow): **met** ({worst:.0} bytes at worst).")
@@ -97,10 +102,9 @@ pub fn run(sizes: &[u32], new_flow_ns: Option<(f64, f64)>) -> Result<Section> {
             "Target (at most {TARGET_BYTES_PER_FLOW:.0} bytes of kernel memory per tracked flow): **missed** \
              ({worst:.0} bytes at worst). The entries alone ({:.0} bytes) are within it; the bucket array \
              pushes it over. `--max-flows` a power of two (e.g. 131072 or 1048576) gives {:.0} bytes; \
-             meeting it at any size needs {:.0} bytes less per entry (entries are rounded up to 8 bytes), e.g. a smaller `FlowValue` \
-             (it has 8-byte byte counters and first/last-seen times).",
-            ELEM_HEADER + 88.0,
-            ELEM_HEADER + 88.0 + BUCKET_BYTES,
+             meeting it at any size needs {:.0} bytes less per entry (entries are rounded up to 8 bytes).",
+            ELEM_HEADER + ENTRY,
+            ELEM_HEADER + ENTRY + BUCKET_BYTES,
             ((worst - TARGET_BYTES_PER_FLOW) / 8.0).ceil() * 8.0
         )
     });

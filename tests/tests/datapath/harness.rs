@@ -13,7 +13,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult},
 };
 use conndrain_common::{
-    Config, FlowEvent, FlowKey, FlowValue, PodCounters, PodIpKey, maps, programs, stats,
+    Config, FlowEvent, FlowKey, FlowValue, PodCounters, PodIpKey, maps, pod_flags, programs, stats,
 };
 
 /// `TC_ACT_UNSPEC` (-1, as the kernel reports it: u32): the only verdict the
@@ -111,6 +111,16 @@ impl Harness {
         pod_ips
             .insert(PodIpKey { addr: mapped(ip) }, slot, 0)
             .expect("registering the pod IP");
+    }
+
+    /// Marks the pod in `slot` draining, as the agent does when its drain
+    /// starts (without moving its flows: that is the agent's part).
+    pub fn set_draining(&mut self, slot: u32) {
+        let mut flags: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(maps::POD_FLAGS).expect("no POD_FLAGS map")).unwrap();
+        flags
+            .set(slot, pod_flags::DRAINING, 0)
+            .expect("writing POD_FLAGS");
     }
 
     pub fn set_udp_timeout_ns(&mut self, udp_timeout_ns: u64) {
@@ -221,6 +231,27 @@ impl Harness {
             .iter()
             .map(|r| r.expect("iterating FLOWS"))
             .collect()
+    }
+
+    /// The flow under `key` in the held table (draining pods' flows).
+    pub fn held(&self, key: &FlowKey) -> Option<FlowValue> {
+        match self.held_map().get(key, 0) {
+            Ok(v) => Some(v),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => panic!("reading HELD: {e:?}"),
+        }
+    }
+
+    pub fn held_flows(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.held_map()
+            .iter()
+            .map(|r| r.expect("iterating HELD"))
+            .collect()
+    }
+
+    fn held_map(&self) -> HashMap<&MapData, FlowKey, FlowValue> {
+        HashMap::try_from(self.ebpf.map(maps::HELD).expect("no HELD map"))
+            .expect("HELD is not a hash map")
     }
 
     fn flows_map(&self) -> HashMap<&MapData, FlowKey, FlowValue> {

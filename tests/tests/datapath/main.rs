@@ -14,6 +14,7 @@
 mod harness;
 mod hostile;
 mod packets;
+mod pressure;
 
 use std::net::IpAddr;
 
@@ -46,12 +47,12 @@ fn len(frame: &[u8]) -> u64 {
     u64::try_from(frame.len()).unwrap()
 }
 
-fn kinds(events: &[FlowEvent]) -> Vec<u8> {
+pub(crate) fn kinds(events: &[FlowEvent]) -> Vec<u8> {
     events.iter().map(|e| e.kind).collect()
 }
 
 /// Peer SYN, pod SYN-ACK, peer ACK; returns the three frames.
-fn inbound_handshake(h: &Harness, c: &Conn) -> [Vec<u8>; 3] {
+pub(crate) fn inbound_handshake(h: &Harness, c: &Conn) -> [Vec<u8>; 3] {
     let frames = [
         c.peer_tcp(SYN, b""),
         c.pod_tcp(SYN | ACK, b""),
@@ -113,8 +114,8 @@ fn check_inbound_handshake_and_data(c: &Conn) {
     );
     assert_eq!(v.last_seen_ns, v.first_seen_ns);
     assert_eq!(
-        (v.packets_in, v.bytes_in, v.packets_out, v.bytes_out),
-        (1, len(&syn), 0, 0)
+        (v.bytes_in, v.bytes_out),
+        (len(&syn), 0)
     );
     let first_seen = v.first_seen_ns;
     assert_eq!(
@@ -144,7 +145,7 @@ fn check_inbound_handshake_and_data(c: &Conn) {
     let v = h.expect_flow(&key);
     assert_eq!(v.state, tcp_state::SYN_RECV);
     assert_eq!(v.direction, direction::INBOUND);
-    assert_eq!((v.packets_out, v.bytes_out), (1, len(&synack)));
+    assert_eq!(v.bytes_out, len(&synack));
     assert!(v.last_seen_ns >= first_seen);
     assert_eq!(
         h.counters(POD_SLOT).active_inbound,
@@ -192,9 +193,7 @@ fn check_inbound_handshake_and_data(c: &Conn) {
     h.send_to_pod(&ack2);
     let v = h.expect_flow(&key);
     assert_eq!(v.state, tcp_state::ESTABLISHED);
-    assert_eq!(v.packets_in, 4);
     assert_eq!(v.bytes_in, len(&syn) + len(&ack) + len(&req) + len(&ack2));
-    assert_eq!(v.packets_out, 2);
     assert_eq!(v.bytes_out, len(&synack) + len(&resp));
     assert!(v.last_seen_ns > before, "last_seen must move on");
     assert_eq!(v.first_seen_ns, first_seen);
@@ -350,7 +349,8 @@ fn tcp_outbound_handshake() {
         (v.state, v.direction, v.flags),
         (tcp_state::ESTABLISHED, direction::OUTBOUND, 0)
     );
-    assert_eq!((v.packets_out, v.packets_in), (2, 1));
+    let seg = len(&c.pod_tcp(ACK, b""));
+    assert_eq!((v.bytes_out, v.bytes_in), (2 * seg, seg));
 
     assert_eq!(
         h.counters(POD_SLOT),
@@ -420,7 +420,8 @@ fn tcp_fin_both_ways_closes() {
     h.send_from_pod(&c.pod_tcp(FIN | ACK, b""));
     let v = h.expect_flow(&key);
     assert_eq!(v.state, tcp_state::CLOSED);
-    assert_eq!((v.packets_in, v.packets_out), (4, 3));
+    let seg = len(&c.pod_tcp(ACK, b""));
+    assert_eq!((v.bytes_in, v.bytes_out), (4 * seg, 3 * seg));
     assert_eq!(
         h.counters(POD_SLOT).active_inbound,
         0,
@@ -489,7 +490,9 @@ fn tcp_one_fin_only_is_closing_and_still_active() {
     let v = h.expect_flow(&key);
     assert_eq!(v.state, tcp_state::CLOSING);
     assert_eq!(v.flags, flow_flags::FIN_RESPONDER);
-    assert_eq!(v.packets_in, 4);
+    let seg = len(&c.peer_tcp(ACK, b""));
+    let data = len(&c.peer_tcp(PSH | ACK, b"more")) + len(&c.peer_tcp(PSH | ACK, b"and more"));
+    assert_eq!(v.bytes_in, 2 * seg + data);
     assert_eq!(h.counters(POD_SLOT).active_inbound, 1);
     assert_eq!(h.events(), [], "CLOSING is still active: no event");
 }
@@ -591,7 +594,7 @@ fn tcp_syn_retransmits_make_one_flow() {
         (v.state, v.direction),
         (tcp_state::SYN_SENT, direction::INBOUND)
     );
-    assert_eq!((v.packets_in, v.bytes_in), (3, 3 * len(&syn)));
+    assert_eq!(v.bytes_in, 3 * len(&syn));
     let cnt = h.counters(POD_SLOT);
     assert_eq!((cnt.new_inbound_total, cnt.active_inbound), (1, 0));
     assert_eq!(
@@ -624,8 +627,8 @@ fn tcp_syn_flood_from_many_ports() {
     for i in 0..N {
         let v = h.expect_flow(&base.peer_port(20_000 + i).tcp_key());
         assert_eq!(
-            (v.state, v.direction, v.packets_in),
-            (tcp_state::SYN_SENT, direction::INBOUND, 1)
+            (v.state, v.direction, v.bytes_in),
+            (tcp_state::SYN_SENT, direction::INBOUND, len(&base.peer_tcp(SYN, b"")))
         );
     }
     let cnt = h.counters(POD_SLOT);
@@ -663,7 +666,7 @@ fn udp_first_packet_opens_inbound_flow_and_reply_counts() {
         (v.state, v.direction, v.flags),
         (tcp_state::ESTABLISHED, direction::INBOUND, 0)
     );
-    assert_eq!((v.packets_in, v.bytes_in, v.packets_out), (1, len(&q), 0));
+    assert_eq!((v.bytes_in, v.bytes_out), (len(&q), 0));
     let first_seen = v.first_seen_ns;
     let cnt = h.counters(POD_SLOT);
     assert_eq!(
@@ -697,8 +700,7 @@ fn udp_first_packet_opens_inbound_flow_and_reply_counts() {
         (v.state, v.direction),
         (tcp_state::ESTABLISHED, direction::INBOUND)
     );
-    assert_eq!((v.packets_in, v.bytes_in), (2, 2 * len(&q)));
-    assert_eq!((v.packets_out, v.bytes_out), (1, len(&r)));
+    assert_eq!((v.bytes_in, v.bytes_out), (2 * len(&q), len(&r)));
     assert_eq!(h.counters(POD_SLOT).new_inbound_total, 1);
     assert_eq!(h.events(), [], "replies within the timeout send no event");
 }
@@ -722,8 +724,8 @@ fn udp_idle_timeout_makes_the_next_packet_a_new_flow() {
         "a new incarnation of the flow"
     );
     assert_eq!(
-        (v.packets_in, v.bytes_in, v.packets_out),
-        (1, len(&two), 0),
+        (v.bytes_in, v.bytes_out),
+        (len(&two), 0),
         "counts start over"
     );
     assert_eq!(
@@ -738,7 +740,7 @@ fn udp_idle_timeout_makes_the_next_packet_a_new_flow() {
     h.send_from_pod(&c.pod_udp(b"three"));
     let v = h.expect_flow(&key);
     assert_eq!(v.direction, direction::OUTBOUND);
-    assert_eq!((v.packets_out, v.packets_in), (1, 0));
+    assert_eq!((v.bytes_out, v.bytes_in), (len(&c.pod_udp(b"three")), 0));
     assert_eq!(
         h.counters(POD_SLOT).new_inbound_total,
         2,
@@ -762,8 +764,8 @@ fn udp_within_timeout_stays_one_flow() {
     }
     let v = h.expect_flow(&c.udp_key());
     assert_eq!(
-        (v.packets_in, v.packets_out, v.direction),
-        (5, 5, direction::INBOUND)
+        (v.bytes_in, v.bytes_out, v.direction),
+        (5 * len(&c.peer_udp(b"q")), 5 * len(&c.pod_udp(b"r")), direction::INBOUND)
     );
     assert_eq!(h.counters(POD_SLOT).new_inbound_total, 1);
     assert_eq!(kinds(&h.events()), [event_kind::NEW]);
@@ -797,8 +799,9 @@ fn midstream_pickup_guesses_direction_from_ports() {
         assert_eq!(v.flags, flow_flags::PICKED_UP, "{what}");
         assert_eq!(v.direction, dir, "{what}");
         assert!(v.first_seen_ns >= t0, "{what}");
-        assert_eq!(u32::from(from_pod), v.packets_out, "{what}");
-        assert_eq!(u32::from(!from_pod), v.packets_in, "{what}");
+        let data = len(&c.pod_tcp(PSH | ACK, b"data"));
+        let want = if from_pod { (data, 0) } else { (0, data) };
+        assert_eq!((v.bytes_out, v.bytes_in), want, "{what}");
         let cnt = h.counters(POD_SLOT);
         let inbound = dir == direction::INBOUND;
         assert_eq!(cnt.active_inbound, u64::from(inbound), "{what}");
@@ -857,8 +860,8 @@ fn port_reuse_after_close_starts_a_fresh_flow() {
     );
     assert!(v.first_seen_ns > old.last_seen_ns);
     assert_eq!(
-        (v.packets_in, v.bytes_in, v.packets_out, v.bytes_out),
-        (1, len(&syn), 0, 0)
+        (v.bytes_in, v.bytes_out),
+        (len(&syn), 0)
     );
     let cnt = h.counters(POD_SLOT);
     assert_eq!((cnt.new_inbound_total, cnt.active_inbound), (2, 0));

@@ -1,0 +1,147 @@
+//! Flow-table pressure on the real agent: a flood of new flows fills the
+//! (LRU) flow table many times over while a pod drains with an idle
+//! connection. Without protection the LRU evicts that connection's entry,
+//! the agent counts zero connections and releases the pod while it still
+//! serves. The drain must hold, the connection must keep working, and the
+//! evictions must show in `conndrain status` and the metrics.
+//!
+//! The `BPF_PROG_TEST_RUN` side of the same promise is in `datapath/pressure.rs`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use conndrain_tests::{
+    Agent, NODE_V4, Netns, TIMEOUT, TcpConn, TcpServer, Topology, UdpServer, require_root, run_in,
+};
+
+const PORT: u16 = 8080;
+const METRICS_PORT: u16 = 9465;
+/// The smallest table `--max-flows` accepts, so the flood is cheap.
+const MAX_FLOWS: u32 = 1024;
+/// New flows in the flood: the table, eight times over.
+const FLOOD: u32 = 8 * MAX_FLOWS;
+
+/// `count` UDP flows from `ns` to `to`, each a datagram and its echo (flows
+/// of one packet would only evict each other: the LRU keeps entries that
+/// were looked up again). Returns how many were echoed; UDP may lose some.
+fn udp_flood(ns: &Netns, to: SocketAddr, count: u32) -> Result<u32> {
+    run_in(ns, move || -> Result<u32> {
+        let mut echoed = 0;
+        for _ in 0..count {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.send(b"flood")?;
+            let mut buf = [0u8; 16];
+            echoed += u32::from(s.recv(&mut buf).is_ok());
+        }
+        Ok(echoed)
+    })?
+}
+
+/// The node's Prometheus metrics, fetched from `ns`.
+fn metrics(ns: &Netns) -> Result<String> {
+    let addr = SocketAddr::new(NODE_V4.into(), METRICS_PORT);
+    run_in(ns, move || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        ensure!(resp.starts_with("HTTP/1.1 200"), "GET /metrics: {resp}");
+        Ok(resp)
+    })?
+}
+
+/// The value of the sample `name` (no labels) in a Prometheus text page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").pod("dns").build()?;
+    let max_flows = MAX_FLOWS.to_string();
+    let metrics_port = METRICS_PORT.to_string();
+    let host_ip = NODE_V4.to_string();
+    // A long idle timeout: the held connection idles through the flood and
+    // must count as active all along (idle keep-alives do not hold a pod).
+    let agent = Agent::start(
+        topo.node(),
+        &[
+            "--max-flows",
+            &max_flows,
+            "--idle-timeout",
+            "600",
+            "--host-ip",
+            &host_ip,
+            "--metrics-port",
+            &metrics_port,
+        ],
+    )?;
+    let cli = agent.cli();
+    cli.add_pod(topo.pod("web"))?;
+    cli.add_pod(topo.pod("dns"))?;
+    let web = topo.pod("web");
+    let dns = topo.pod("dns");
+    let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
+    let udp = UdpServer::start(dns.ns(), dns.addr_v4(53))?;
+
+    let mut conn = TcpConn::connect(topo.client(), server.addr())?;
+    cli.wait_pod("web", "1 active flow", |p| p.active_flows == 1)?;
+    cli.terminate("web", 0.2, 600.0)?;
+    cli.wait_state("web", "draining")?;
+
+    let echoed = udp_flood(topo.client(), udp.addr(), FLOOD)?;
+    ensure!(echoed > MAX_FLOWS * 2, "the flood must really fill the table: {echoed} of {FLOOD} flows echoed");
+
+    // The agent evaluates the drain on its own; `pods` classifies every
+    // pod's flows again (and notices the evicted ones).
+    cli.pods()?;
+    let pod = cli.pod("web")?;
+    ensure!(
+        pod.state == "draining" && pod.active_flows == 1,
+        "the draining pod must still count its connection after the flood: {pod:?}"
+    );
+    let flows = cli.flows(Some("web"))?;
+    ensure!(
+        flows.iter().any(|f| f.peer_addr == conn.local_addr().to_string() && f.active),
+        "the held connection is listed: {flows:#?}"
+    );
+
+    let status = cli.status()?;
+    let at = |path: &str| status.pointer(path).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    ensure!(
+        at("/stats/flows_created") > 2 * u64::from(MAX_FLOWS) && at("/maps/flows/used") <= u64::from(MAX_FLOWS),
+        "the flood went through the flow table: {status:#}"
+    );
+    ensure!(at("/maps/held/used") >= 1, "the connection is in the held table: {status:#}");
+    ensure!(at("/stats/flows_evicted") > 0, "evictions are counted in status: {status:#}");
+    ensure!(at("/stats/hold_failed") == 0, "{status:#}");
+    let page = metrics(topo.client())?;
+    let evicted = sample(&page, "conndrain_flows_evicted_total").context("conndrain_flows_evicted_total")?;
+    ensure!(evicted > 0.0, "evictions are counted in the metrics:\n{page}");
+    let held = sample(&page, "conndrain_held_flows").context("conndrain_held_flows")?;
+    ensure!(held >= 1.0, "held flows in the metrics:\n{page}");
+
+    // The connection works, and its close ends the drain.
+    ensure!(conn.request("still there")? == "still there", "the connection answers");
+    conn.close()?;
+    cli.wait_state("web", "drained")?;
+
+    // Nothing outlives the pod.
+    cli.ok(&["pod", "remove", "web"])?;
+    let status = cli.status()?;
+    ensure!(
+        status.pointer("/maps/held/used").and_then(serde_json::Value::as_u64) == Some(0),
+        "the removed pod's held flows are gone: {status:#}"
+    );
+    drop(udp);
+    Ok(())
+}
