@@ -133,6 +133,13 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     // first: the arguments, then the node (one line per missing piece).
     let node_name = node_name(&args)?;
     check_node(&args)?;
+    // The APIs may hold 2 x 1024 + 128 connections (see api::serve), more
+    // than the 1024 open files containers often start with.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 4096 => tracing::warn!(limit = n, "few open files allowed: the APIs may refuse connections"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "raising the open-file limit"),
+    }
     let kube = match node_name {
         Some(node_name) => Some((crate::kubernetes::client(args.kubeconfig.as_ref()).await?, node_name)),
         None => None,
