@@ -169,6 +169,33 @@ fn concurrent_waiters_are_bounded() -> Result<()> {
     Ok(())
 }
 
+/// One pod (a buggy hook, or a hostile container) cannot take every waiter
+/// slot: past its own bound it gets 429, and other pods still get theirs.
+#[test]
+fn one_pod_cannot_take_every_waiter_slot() -> Result<()> {
+    let (topo, agent, _cli) = setup(&["a", "b"], &[])?;
+    let per_pod = 8;
+    let _hooks: Vec<Running> =
+        (0..per_pod).map(|_| pre_stop(topo.pod("a").ns(), &["--fallback-sleep", "0"])).collect::<Result<_>>()?;
+    conndrain_tests::wait_until(
+        "the agent to accept a's waits",
+        TIMEOUT,
+        || Ok(agent.log().matches("preStop wait pod=a").count()),
+        |accepted| *accepted == per_pod,
+    )?;
+    let more = http_get(topo.pod("a").ns(), node_addr(WAIT_PORT), "/v1/wait")?;
+    ensure!(more.0 == 429 && more.1.contains("waits open"), "a's next wait is refused: {more:?}");
+    let mut b_hook = pre_stop(topo.pod("b").ns(), &["--fallback-sleep", "0"])?;
+    conndrain_tests::wait_until(
+        "the agent to accept b's wait",
+        TIMEOUT,
+        || Ok(agent.log().contains("preStop wait pod=b")),
+        |accepted| *accepted,
+    )?;
+    ensure!(b_hook.is_running(), "b waits (it is not draining)");
+    Ok(())
+}
+
 #[test]
 fn metrics_and_health_for_the_node_not_for_pods() -> Result<()> {
     let (topo, _agent, cli) = setup(&["web"], &[])?;

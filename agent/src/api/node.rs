@@ -16,9 +16,10 @@
 //!   inspect another.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -40,6 +41,8 @@ pub struct NodeApi {
     pub node: Arc<Node>,
     /// Bounds concurrent `/v1/wait` callers.
     pub waiters: Semaphore,
+    /// Waits open per pod, so that one pod cannot take every slot.
+    pub per_pod: Mutex<HashMap<String, usize>>,
     /// Set when the programs are loaded and the first pod sync is done.
     pub ready: Arc<AtomicBool>,
 }
@@ -48,6 +51,41 @@ pub struct NodeApi {
 /// `--max-waiters` (512) and as many callers again. Beyond it, connections
 /// are closed at once; a preStop client then falls back to sleeping.
 pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Most `/v1/wait` calls one pod may have open at once: one per container's
+/// preStop hook is plenty; beyond it a pod (buggy or hostile) would only
+/// crowd out the other pods' hooks.
+pub const MAX_WAITERS_PER_POD: usize = 8;
+
+/// One open wait of a pod, counted in `NodeApi::per_pod` while it lives.
+struct PodWaiter<'a> {
+    per_pod: &'a Mutex<HashMap<String, usize>>,
+    pod: String,
+}
+
+impl<'a> PodWaiter<'a> {
+    fn enter(per_pod: &'a Mutex<HashMap<String, usize>>, pod: &str) -> Option<Self> {
+        let mut open = per_pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(pod.to_owned()).or_default();
+        if *n >= MAX_WAITERS_PER_POD {
+            return None;
+        }
+        *n += 1;
+        Some(Self { per_pod, pod: pod.to_owned() })
+    }
+}
+
+impl Drop for PodWaiter<'_> {
+    fn drop(&mut self) {
+        let mut open = self.per_pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.pod) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.pod);
+            }
+        }
+    }
+}
 
 pub fn wait_router(api: Arc<NodeApi>) -> Router {
     let router = Router::new()
@@ -90,6 +128,12 @@ async fn wait(
     let Some(pod) = api.node.pod_for_ip(caller).await else {
         tracing::info!(%caller, "refused /v1/wait from an address that is no pod on this node");
         return error(StatusCode::FORBIDDEN, format!("{caller} is not a pod on this node"));
+    };
+    let Some(_mine) = PodWaiter::enter(&api.per_pod, &pod) else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("pod {pod} already has {MAX_WAITERS_PER_POD} waits open; retry shortly"),
+        );
     };
     let Ok(_permit) = api.waiters.try_acquire() else {
         return error(StatusCode::TOO_MANY_REQUESTS, "too many pods waiting; retry shortly");

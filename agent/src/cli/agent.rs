@@ -200,6 +200,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let node_api = Arc::new(NodeApi {
         node: node.clone(),
         waiters: tokio::sync::Semaphore::new(args.max_waiters),
+        per_pod: std::sync::Mutex::default(),
         ready: ready.clone(),
     });
 
