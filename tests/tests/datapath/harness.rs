@@ -113,14 +113,13 @@ impl Harness {
             .expect("registering the pod IP");
     }
 
-    /// Marks the pod in `slot` draining, as the agent does when its drain
-    /// starts (without moving its flows: that is the agent's part).
-    pub fn set_draining(&mut self, slot: u32) {
+    /// Marks the pod in `slot` draining (or not), as the agent does when its
+    /// drain starts (without moving its flows: that is the agent's part).
+    pub fn set_draining(&mut self, slot: u32, draining: bool) {
         let mut flags: Array<_, u32> =
             Array::try_from(self.ebpf.map_mut(maps::POD_FLAGS).expect("no POD_FLAGS map")).unwrap();
-        flags
-            .set(slot, pod_flags::DRAINING, 0)
-            .expect("writing POD_FLAGS");
+        let value = if draining { pod_flags::DRAINING } else { 0 };
+        flags.set(slot, value, 0).expect("writing POD_FLAGS");
     }
 
     pub fn set_udp_timeout_ns(&mut self, udp_timeout_ns: u64) {

@@ -434,6 +434,8 @@ struct Lab {
     tally: Tally,
     /// Found on the first `clear`.
     own: Option<OwnMaps>,
+    /// Whether pod A drains too (random sequences start its drain midway).
+    a_draining: bool,
 }
 
 /// What the packets a lab sent did, for the summary a test prints: shows
@@ -503,6 +505,9 @@ impl Lab {
             h.add_pod_ip(ip, slot);
             pods.insert(mapped(ip), slot);
         }
+        // Pod B drains: its flows live in HELD, pod A's in the LRU table, so
+        // every corpus and random sequence runs both paths.
+        h.set_draining(SLOT_B, true);
         let mut lab = Self {
             h,
             pods,
@@ -513,6 +518,7 @@ impl Lab {
             next_pod_port: 40_000,
             tally: Tally::default(),
             own: None,
+            a_draining: false,
         };
         for slot in SLOTS {
             lab.counters.insert(slot, PodCounters::default());
@@ -626,7 +632,7 @@ impl Lab {
         );
         let event = events.first().copied();
 
-        let flows: HashMap<FlowKey, FlowValue> = self.h.flows().into_iter().collect();
+        let flows = self.both_tables()?;
         ensure!(
             u64::try_from(flows.len()).unwrap() == self.stats[3],
             "the table holds {} flows but {} were created: it evicted, the test is wrong",
@@ -671,6 +677,33 @@ impl Lab {
             changed,
             event,
         })
+    }
+
+    /// FLOWS and HELD as one table, checking that each flow is in the one
+    /// its pod's drain state says, and in one only.
+    fn both_tables(&self) -> Result<HashMap<FlowKey, FlowValue>, String> {
+        let mut flows: HashMap<FlowKey, FlowValue> = self.h.flows().into_iter().collect();
+        let draining = |slot| slot == SLOT_B || (slot == POD_SLOT && self.a_draining);
+        for (k, v) in &flows {
+            // Flows of a pod that started draining move at their next packet;
+            // a draining pod's new flows are born in HELD.
+            let may_stay = v.pod_slot == POD_SLOT && self.flows.contains_key(k);
+            ensure!(
+                !draining(v.pod_slot) || may_stay,
+                "a draining pod's flow in FLOWS: {k:?} {v:?}"
+            );
+        }
+        for (k, v) in self.h.held_flows() {
+            ensure!(
+                draining(v.pod_slot),
+                "a flow of a pod that is not draining in HELD: {k:?} {v:?}"
+            );
+            ensure!(
+                flows.insert(k, v).is_none(),
+                "a flow in both FLOWS and HELD: {k:?}"
+            );
+        }
+        Ok(flows)
     }
 
     /// `new_inbound_total` goes up by one exactly when a new inbound flow is
@@ -846,6 +879,8 @@ impl Lab {
         self.own
             .get_or_insert_with(|| OwnMaps::find(&mut self.h))
             .clear();
+        self.h.set_draining(POD_SLOT, false);
+        self.a_draining = false;
         self.h.events();
         self.reset_view();
     }
@@ -870,6 +905,7 @@ impl Lab {
         self.stats = [0; WATCHED_STATS.len()];
         assert_eq!(self.read_stats(), self.stats, "STATS not cleared");
         assert!(self.h.flows().is_empty(), "FLOWS not cleared");
+        assert!(self.h.held_flows().is_empty(), "HELD not cleared");
     }
 
     fn summary(&self) -> String {
@@ -1809,6 +1845,8 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 #[derive(Clone, Debug)]
 struct Case {
     udp_times_out: bool,
+    /// Before which step pod A starts draining, if it does.
+    a_drains_at: Option<Index>,
     flows: Vec<FlowSpec>,
     steps: Vec<Step>,
 }
@@ -1816,11 +1854,13 @@ struct Case {
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         prop_oneof![4 => Just(false), 1 => Just(true)],
+        prop_oneof![1 => Just(None), 1 => any::<Index>().prop_map(Some)],
         proptest::collection::vec(flow_strategy(), 1..4),
         proptest::collection::vec(step_strategy(), 1..40),
     )
-        .prop_map(|(udp_times_out, flows, steps)| Case {
+        .prop_map(|(udp_times_out, a_drains_at, flows, steps)| Case {
             udp_times_out,
+            a_drains_at,
             flows,
             steps,
         })
@@ -1847,7 +1887,12 @@ fn run_case(lab: &mut Lab, case: &Case) -> Check {
     lab.clear();
     // 1 ns: every UDP packet after the first of a flow finds it timed out.
     lab.h.set_udp_timeout_ns(u64::from(case.udp_times_out));
+    let drain_at = case.a_drains_at.map(|at| at.index(case.steps.len()));
     for (i, step) in case.steps.iter().enumerate() {
+        if drain_at == Some(i) {
+            lab.h.set_draining(POD_SLOT, true);
+            lab.a_draining = true;
+        }
         let flow = &case.flows[step.flow.index(case.flows.len())];
         let frame = step.frame(flow);
         lab.try_send(step.side, &frame).map_err(|e| {
@@ -1861,7 +1906,8 @@ fn run_case(lab: &mut Lab, case: &Case) -> Check {
 }
 
 /// Random sequences of 1 to 39 packets on 1 to 3 flows (two pods and an
-/// address of none, pod to pod too, two ports each end, both families, TCP
+/// address of none; pod B draining, pod A starting its drain midway in half
+/// the cases, so flows move to HELD under random traffic; pod to pod too, two ports each end, both families, TCP
 /// and UDP, both ways and sometimes the wrong way, random TCP flags, IPv4
 /// options and IPv6 extension headers up to past the parser's bound, garbage
 /// bytes, cuts, junk after the Ethernet header), with every check of
@@ -1894,6 +1940,7 @@ fn random_packet_sequences_keep_the_maps_consistent() {
 /// that use that map name the others.
 struct OwnMaps {
     flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    held: BpfHashMap<MapData, FlowKey, FlowValue>,
     counters: Array<MapData, PodCounters>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -1944,6 +1991,7 @@ impl OwnMaps {
         };
         Self {
             flows: BpfHashMap::try_from(by_name(maps::FLOWS)).unwrap(),
+            held: BpfHashMap::try_from(by_name(maps::HELD)).unwrap(),
             counters: Array::try_from(by_name(maps::POD_COUNTERS)).unwrap(),
             stats: PerCpuArray::try_from(by_name(maps::STATS)).unwrap(),
         }
@@ -1953,6 +2001,10 @@ impl OwnMaps {
         let keys: Vec<FlowKey> = self.flows.keys().map(Result::unwrap).collect();
         for k in &keys {
             self.flows.remove(k).expect("clearing FLOWS");
+        }
+        let keys: Vec<FlowKey> = self.held.keys().map(Result::unwrap).collect();
+        for k in &keys {
+            self.held.remove(k).expect("clearing HELD");
         }
         for slot in SLOTS {
             self.counters

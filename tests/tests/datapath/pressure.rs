@@ -24,7 +24,7 @@ fn peer(port: u16) -> String {
 fn a_draining_pods_new_flows_go_to_the_held_table() {
     let c = Conn::new(DRAINING, &peer(40_000));
     let mut h = Harness::with_pod(&[c.pod.ip()]);
-    h.set_draining(POD_SLOT);
+    h.set_draining(POD_SLOT, true);
     inbound_handshake(&h, &c);
     let v = h.held(&c.tcp_key()).expect("the flow is in HELD");
     assert_eq!(v.state, tcp_state::ESTABLISHED);
@@ -47,7 +47,7 @@ fn a_draining_pods_flow_moves_to_the_held_table_at_its_next_packet() {
     let before = h.expect_flow(&c.tcp_key());
     h.events();
 
-    h.set_draining(POD_SLOT);
+    h.set_draining(POD_SLOT, true);
     let data = c.peer_tcp(ACK | PSH, b"GET / HTTP/1.1\r\n\r\n");
     h.send_to_pod(&data);
     assert_eq!(h.flow(&c.tcp_key()), None, "moved out of FLOWS");
@@ -81,7 +81,7 @@ fn a_flood_that_fills_the_flow_table_never_evicts_a_draining_pods_flows() {
     inbound_handshake(&h, &drained);
     h.send_to_pod(&control.peer_udp(b"q"));
     h.send_from_pod(&control.pod_udp(b"r"));
-    h.set_draining(POD_SLOT);
+    h.set_draining(POD_SLOT, true);
     // The drain started while the flow idled: it is still in FLOWS, where
     // the agent moves it (here: its next packet does).
     h.send_to_pod(&drained.peer_tcp(ACK, b""));
@@ -121,7 +121,7 @@ fn a_syn_flood_against_a_draining_pod_keeps_its_established_flows() {
     let c = Conn::new(DRAINING, &peer(40_004));
     let mut h = Harness::with_flow_table(TABLE);
     h.add_pod_ip(c.pod.ip(), POD_SLOT);
-    h.set_draining(POD_SLOT);
+    h.set_draining(POD_SLOT, true);
     inbound_handshake(&h, &c);
     for port in 0..u16::try_from(TABLE * 2).unwrap() {
         h.send_to_pod(&c.peer_port(20_000 + port).peer_tcp(SYN, b""));
