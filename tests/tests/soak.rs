@@ -14,12 +14,12 @@
 //! time after a compaction, so the watches get 410 Gone and relist.
 //!
 //! Afterwards the agent must hold nothing of the pods: no pod, pod IP,
-//! interface or pin in its status, nothing in the pinned `POD_IPS` and
-//! `PINS` maps, no pod or steering backend in its saved state, and no TCP
-//! flow left live in `FLOWS` other than those the test kept open when their
-//! pod was removed (the datapath cannot see them close: the pod's IP is no
-//! longer registered; the LRU table reclaims them). No condition may stay at
-//! Draining: each pod's condition reached NoConnections or DeadlineReached
+//! interface or pin in its status, nothing in the pinned `POD_IPS`, `PINS`
+//! and `HELD` maps, no slot flagged in `POD_FLAGS`, no pod or steering
+//! backend in its saved state, and no TCP flow left live in `FLOWS` other
+//! than those the test kept open when their pod was removed (the datapath
+//! cannot see them close once the pod's IPs are unregistered). No condition
+//! may stay at Draining: each pod's condition reached NoConnections or DeadlineReached
 //! before the pod was removed, or the pod was force-deleted; every preStop
 //! `wait` returned. The agent's RSS at the end may not exceed its RSS after a
 //! warm-up by more than a generous factor (a leak check, not a speed test).
@@ -102,7 +102,9 @@ const PLANS: [Plan; 4] = [Plan::Drain, Plan::Deadline, Plan::Quiet, Plan::Force]
 struct Tally {
     pods: BTreeMap<Plan, u32>,
     /// (pod side, peer side) of TCP connections still open when their pod
-    /// was removed: the only TCP flows that may stay live in `FLOWS`.
+    /// was removed: the only TCP flows that may stay live in `FLOWS` (their
+    /// pod's removal takes them out, but a packet that slips in before the
+    /// pod's IPs are unregistered may make one again).
     open_at_removal: BTreeSet<(SocketAddr, SocketAddr)>,
     /// IPs of force-deleted pods, whose preStop connection to the node API
     /// was open at their removal too.
@@ -154,9 +156,9 @@ impl Bed<'_> {
 
     /// Waits until the TCP flows of the pod with `ips` that the datapath
     /// still has open (not closed) are exactly `held`, by pod side and peer
-    /// side. Read from the pinned `FLOWS`, where only entries first seen since
-    /// `born` (`CLOCK_MONOTONIC` ns) count: the flows an earlier pod with the
-    /// same IP left open at its removal stay in the table (see the end checks).
+    /// side. Read from the pinned flow tables; only entries first seen since
+    /// `born` (`CLOCK_MONOTONIC` ns) count, so that nothing an earlier pod
+    /// with the same IPs left behind is taken for this pod's.
     fn wait_tcp_flows(&self, name: &str, ips: [IpAddr; 2], born: u64, held: &[TcpConn]) -> Result<()> {
         let want: BTreeSet<(SocketAddr, SocketAddr)> = held.iter().map(|c| (c.peer_addr(), c.local_addr())).collect();
         wait_until(
@@ -177,7 +179,7 @@ impl Bed<'_> {
     }
 }
 
-/// A TCP entry of the pinned `FLOWS`.
+/// A TCP entry of the pinned flow tables.
 struct TcpFlow {
     pod: SocketAddr,
     peer: SocketAddr,
@@ -185,9 +187,11 @@ struct TcpFlow {
     first_seen: u64,
 }
 
+/// Both tables: `FLOWS`, and `HELD`, where a draining pod's flows go.
 fn tcp_flows(bpffs: &Bpffs) -> Result<Vec<TcpFlow>> {
-    Ok(bpffs
-        .entries::<FlowKey, FlowValue>(maps::FLOWS)?
+    let mut entries = bpffs.entries::<FlowKey, FlowValue>(maps::FLOWS)?;
+    entries.extend(bpffs.entries::<FlowKey, FlowValue>(maps::HELD)?);
+    Ok(entries
         .into_iter()
         .filter(|(k, _)| k.proto == PROTO_TCP)
         .map(|(k, v)| TcpFlow {
@@ -382,14 +386,24 @@ impl Bpffs {
         Ok(Self(dir))
     }
 
-    /// `(key, value)` of a pinned hash map of the current layout.
-    fn entries<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
+    /// A pinned map of the current layout.
+    fn open(&self, name: &str) -> Result<aya::maps::Map> {
         let path = self.0.path().join(format!("v{LAYOUT_VERSION}")).join(name);
-        let map = aya::maps::MapData::from_pin(&path)
+        aya::maps::MapData::from_pin(&path)
             .and_then(aya::maps::Map::from_map_data)
-            .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let hash = aya::maps::HashMap::<_, K, V>::try_from(map)?;
+            .with_context(|| format!("opening the pinned map {}", path.display()))
+    }
+
+    /// `(key, value)` of a pinned hash map.
+    fn entries<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
+        let hash = aya::maps::HashMap::<_, K, V>::try_from(self.open(name)?)?;
         Ok(hash.iter().filter_map(Result::ok).collect())
+    }
+
+    /// `(index, value)` of a pinned `Array<u32>`.
+    fn slots(&self, name: &str) -> Result<Vec<(u32, u32)>> {
+        let array = aya::maps::Array::<_, u32>::try_from(self.open(name)?)?;
+        Ok((0..).zip(array.iter().filter_map(Result::ok)).collect())
     }
 }
 
@@ -511,6 +525,7 @@ fn check_nothing_left(bed: &Bed, agent: &Agent, bpffs: &Bpffs) -> Result<()> {
         || bed.cli.status(),
         |s| {
             s["maps"]["pods"]["used"] == 0
+                && s["maps"]["held"]["used"] == 0
                 && s["interfaces"].as_array().is_some_and(Vec::is_empty)
                 && s["steering"]["pinned_flows"] == 0
                 && s["steering"]["pins"].as_array().is_some_and(Vec::is_empty)
@@ -526,6 +541,10 @@ fn check_nothing_left(bed: &Bed, agent: &Agent, bpffs: &Bpffs) -> Result<()> {
     ensure!(pod_ips.is_empty(), "POD_IPS keeps {} entries of removed pods", pod_ips.len());
     let pins = bpffs.entries::<conndrain_common::WireKey, conndrain_common::Pin>(maps::PINS)?;
     ensure!(pins.is_empty(), "PINS keeps {} entries", pins.len());
+    let held = bpffs.entries::<FlowKey, FlowValue>(maps::HELD)?;
+    ensure!(held.is_empty(), "HELD keeps {} flows of removed pods", held.len());
+    let flagged: Vec<(u32, u32)> = bpffs.slots(maps::POD_FLAGS)?.into_iter().filter(|(_, f)| *f != 0).collect();
+    ensure!(flagged.is_empty(), "POD_FLAGS keeps removed pods' slots flagged (slot, flags): {flagged:?}");
     let flows = tcp_flows(bpffs)?;
     let tally = bed.tally.lock().expect("tally lock");
     let node_api = SocketAddr::new(NODE_V4.into(), DEFAULT_WAIT_PORT);
@@ -540,13 +559,13 @@ fn check_nothing_left(bed: &Bed, agent: &Agent, bpffs: &Bpffs) -> Result<()> {
         .map(|f| (f.pod, f.peer, f.state))
         .collect();
     println!(
-        "soak: FLOWS holds {} TCP entries, {} of them live: flows whose pod was removed with them open",
+        "soak: FLOWS and HELD hold {} TCP entries, {} of them live: flows whose pod was removed with them open",
         flows.len(),
         live.len()
     );
     ensure!(
         unexplained.is_empty(),
-        "FLOWS keeps TCP flows live that closed while their pod was registered (pod, peer, state): {unexplained:?}"
+        "FLOWS or HELD keeps TCP flows live that were closed while their pod was registered (pod, peer, state): {unexplained:?}"
     );
     drop(tally);
 
@@ -659,5 +678,42 @@ fn churn_through_two_api_server_restarts_leaves_nothing_behind() -> Result<()> {
     // Generous: a leak check, not a measurement. 1.5 x the warm-up plus 8 MiB.
     let limit = warm * 3 / 2 + 8 * 1024;
     ensure!(end <= limit, "the agent's memory grew from {warm} KiB after the warm-up to {end} KiB (limit {limit} KiB)");
+    Ok(())
+}
+
+/// Found by the soak: a pod removed with connections open (a force
+/// deletion) left their flows in `FLOWS` under its pod slot (the datapath
+/// cannot see them close once the pod's IPs are unregistered), and the next
+/// pod given that slot inherited them: `conndrain flows --pod` listed them as
+/// its own, and after an agent restart with `--bpffs` the rebuilt flow index
+/// counted them in its drain. The pod's removal now takes its flows out.
+#[test]
+fn a_new_pod_does_not_inherit_the_flows_a_removed_pod_left_open() -> Result<()> {
+    require_root()?;
+    let bpffs = Bpffs::mount()?;
+    let topo = Topology::builder().pod("old").pod("new").build()?;
+    let bpf = bpffs.0.path().to_string_lossy().into_owned();
+    let mut agent = Agent::start(topo.node(), &["--bpffs", &bpf])?;
+    let cli = agent.cli();
+    let (old, new) = (topo.pod("old"), topo.pod("new"));
+    cli.add_pod(old)?;
+    let server = TcpServer::start(old.ns(), old.addr_v4(TCP_PORT))?;
+    let conn = TcpConn::connect(topo.client(), server.addr())?;
+    cli.wait_pod("old", "1 active flow", |p| p.active_flows == 1)?;
+    // A force deletion: the pod goes while its connection is open; it is
+    // reset afterwards, when its IPs are no longer tracked.
+    cli.ok(&["pod", "remove", "old"])?;
+    conn.reset()?;
+    cli.add_pod(new)?;
+
+    let listed: Vec<String> = cli.flows(Some("new"))?.into_iter().map(|f| format!("{} <- {}", f.pod_addr, f.peer_addr)).collect();
+    agent.kill9()?;
+    agent.restart(topo.node(), &["--bpffs", &bpf])?;
+    let counted = cli.pod("new")?.active_flows;
+    ensure!(
+        listed.is_empty() && counted == 0,
+        "pod new has no connection, yet `conndrain flows --pod new` lists {listed:?} and, after an agent \
+         restart, it counts {counted} active flow(s)"
+    );
     Ok(())
 }
