@@ -860,6 +860,8 @@ fn monitor_client(run: &Shared, load: &Load, mon: &Monitor) {
     let to = SocketAddr::new(VIP.into(), HTTP_PORT);
     let mut pool: Option<TcpStream> = None;
     let mut seq = 0u64;
+    // Time gaps from the start, so that failing from the first request on shows.
+    mon.stats.lock().expect("monitor").last_good = Some(run.since());
     while !run.stopped() {
         seq += 1;
         load.sent();
