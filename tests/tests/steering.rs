@@ -446,6 +446,15 @@ fn new_flows_avoid_removed(backend: Backend) -> Result<()> {
         }
     }
     bed.sync(&["a2", "b1"])?;
+    // As kube-proxy does after a sync: without it, a UDP probe that happens
+    // to reuse an earlier probe's source port follows that probe's
+    // conntrack entry to a1.
+    for v6 in [false, true] {
+        let a1 = bed.cluster.pod("a1").ip_like(bed.frontend(Front::ClusterIp, v6, Protocol::Udp).ip());
+        for p in &bed.proxies {
+            p.cleanup_udp_conntrack(a1)?;
+        }
+    }
     for (front, v6) in fronts {
         for proto in [Protocol::Tcp, Protocol::Udp] {
             let to = bed.frontend(front, v6, proto);
