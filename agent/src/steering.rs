@@ -215,7 +215,7 @@ impl Steering {
             }
             let rev = wire_key(t.proto, t.reply_src, t.reply_dst);
             let (pod, deadline_ns) = (b.pod.clone(), b.deadline_ns);
-            if let Err(e) = self.pin(dp, t, fwd, rev).await {
+            if let Err(e) = self.pin(dp, t, fwd, rev, now).await {
                 tracing::warn!(error = %e, flow = ?t, "cannot pin flow");
                 continue;
             }
@@ -239,7 +239,14 @@ impl Steering {
         }
     }
 
-    async fn pin(&mut self, dp: &mut Datapath, t: &Translation, fwd: WireKey, rev: WireKey) -> Result<(), crate::error::Error> {
+    async fn pin(
+        &mut self,
+        dp: &mut Datapath,
+        t: &Translation,
+        fwd: WireKey,
+        rev: WireKey,
+        now: u64,
+    ) -> Result<(), crate::error::Error> {
         dp.attach_everywhere()?;
         let (to_backend, backend_nh) = dp.route(t.reply_src.ip()).await?;
         let (to_client, client_nh) = dp.route(t.orig_src.ip()).await?;
@@ -250,6 +257,7 @@ impl Steering {
             new_dport: t.reply_src.port(),
             ifindex: to_backend,
             nexthop: datapath::ip_bytes(backend_nh),
+            last_seen_ns: now,
             ..Pin::default()
         };
         let reverse = Pin {
@@ -259,6 +267,7 @@ impl Steering {
             new_dport: t.orig_src.port(),
             ifindex: to_client,
             nexthop: datapath::ip_bytes(client_nh),
+            last_seen_ns: now,
             ..Pin::default()
         };
         // Reverse first: once the forward entry exists, replies must already be handled.
@@ -367,7 +376,9 @@ impl Steering {
             let fwd = wire_key(t.proto, t.orig_src, t.orig_dst);
             let rev = wire_key(t.proto, t.reply_src, t.reply_dst);
             if dp.pin(&fwd).is_none() || dp.pin(&rev).is_none() {
-                if let Err(e) = s.pin(dp, &t, fwd, rev).await {
+                // Seen now: when it last carried a packet is unknown (the old
+                // map is gone), and its idle clock must not start in the past.
+                if let Err(e) = s.pin(dp, &t, fwd, rev, now).await {
                     tracing::warn!(error = %e, client = %p.view.client, "cannot pin a saved flow again; it is dropped");
                     continue;
                 }
