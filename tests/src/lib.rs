@@ -23,6 +23,7 @@
 //! ```
 
 mod agent;
+mod bpffs;
 pub mod fakeapi;
 pub mod kubeproxy;
 mod netns;
@@ -43,6 +44,7 @@ use anyhow::{Context as _, Result, bail};
 pub use agent::{
     Agent, Cli, FlowInfo, Output, PodStatus, Running, conndrain_bin, run_with_timeout,
 };
+pub use bpffs::Bpffs;
 pub use netns::{Netns, run_in};
 pub use topology::{CLIENT_V4, CLIENT_V6, NODE_V4, NODE_V6, Pod, Topology, TopologyBuilder};
 pub use traffic::{Repeat, TcpConn, TcpServer, UdpClient, UdpServer};

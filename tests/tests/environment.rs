@@ -11,7 +11,7 @@
 //!
 //! Needs root and `target/debug/conndrain` (or `CONNDRAIN_BIN`).
 
-use std::{net::SocketAddr, path::Path, process::Command};
+use std::net::SocketAddr;
 
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -20,8 +20,8 @@ use conndrain_tests::kubeproxy::{
     ServicePort,
 };
 use conndrain_tests::{
-    Agent, Netns, Output, TIMEOUT, TcpConn, TcpServer, TempDir, Topology, conndrain_bin,
-    require_root, run_cmd, run_with_timeout, wait_until,
+    Agent, Bpffs, Netns, Output, TIMEOUT, TcpConn, TcpServer, TempDir, Topology, conndrain_bin,
+    require_root, run_with_timeout, wait_until,
 };
 
 const PORT: u16 = 8080;
@@ -374,27 +374,6 @@ fn clsact_path_steers_a_pinned_flow_and_leaves_no_filter() -> Result<()> {
     no_filters_left(cluster.node_a())
 }
 
-/// A private bpffs on a temp dir, unmounted (lazily: the agent's mount
-/// namespace may still hold it) on drop.
-struct Bpffs(TempDir);
-
-impl Bpffs {
-    fn mount() -> Result<Self> {
-        let dir = TempDir::new()?;
-        run_cmd(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = run_cmd(Command::new("umount").arg("-l").arg(self.path()));
-    }
-}
 
 /// clsact filters cannot be pinned, but need not be: after a kill -9 they
 /// run on with the pinned maps (a connection opened meanwhile is tracked),
@@ -406,7 +385,7 @@ fn clsact_filters_are_adopted_in_place_across_a_restart() -> Result<()> {
     let bpffs = Bpffs::mount()?;
     let topo = Topology::builder().pod("web").build()?;
     let web = topo.pod("web");
-    let bpf = bpffs.path().to_string_lossy().into_owned();
+    let bpf = bpffs.arg();
     let args = ["--attach", "clsact", "--bpffs", &bpf];
     let mut agent = Agent::start(topo.node(), &args)?;
     let cli = agent.cli();
@@ -464,7 +443,7 @@ fn switching_attach_mode_across_restarts_leaves_one_copy() -> Result<()> {
     let bpffs = Bpffs::mount()?;
     let topo = Topology::builder().pod("web").build()?;
     let (node, iface) = (topo.node(), topo.pod("web").node_if());
-    let bpf = bpffs.path().to_string_lossy().into_owned();
+    let bpf = bpffs.arg();
     let mut agent = Agent::start(node, &["--attach", "clsact", "--bpffs", &bpf])?;
     let cli = agent.cli();
     cli.add_pod(topo.pod("web"))?;

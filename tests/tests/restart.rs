@@ -14,11 +14,7 @@
 
 #![allow(clippy::doc_markdown)] // Kubernetes words (ClusterIP, NodePort) are prose here
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::Path,
-    process::Command,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -27,60 +23,16 @@ use conndrain_tests::kubeproxy::{
     Service, ServicePort,
 };
 use conndrain_tests::{
-    Agent, Cli, Netns, TcpConn, TcpServer, TempDir, Topology, require_root, run_cmd, unique_tag,
+    Agent, Bpffs, Cli, Netns, TcpConn, TcpServer, Topology, require_root, unique_tag,
 };
 use serde_json::Value;
 
-/// The pin directory of this agent's map layout (`DIR/v<LAYOUT_VERSION>`).
-fn layout_dir() -> String {
-    format!("v{}", conndrain_common::LAYOUT_VERSION)
-}
 
 const VIP_V4: &str = "10.96.0.10";
 const VIP_V6: &str = "fd00:96::10";
 const TCP_TARGET: u16 = 8080;
 const UDP_TARGET: u16 = 5353;
 
-/// A private bpffs on a temp dir; unmounted (lazily, the agent's mount
-/// namespace may still hold it) and removed on drop. Whatever is still
-/// pinned in it goes with it.
-struct Bpffs {
-    dir: TempDir,
-}
-
-impl Bpffs {
-    fn mount() -> Result<Self> {
-        let dir = TempDir::new()?;
-        run_cmd(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()))
-            .context("mounting a bpffs for the test")?;
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn arg(&self) -> String {
-        self.path().to_string_lossy().into_owned()
-    }
-
-    /// The pinned tcx links, by file name (`<ifname>-ingress`, `<ifname>-egress`).
-    fn links(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.path().join(layout_dir()).join("links"))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Err(e) = run_cmd(Command::new("umount").arg("-l").arg(self.dir.path())) {
-            eprintln!("testbed: unmounting the test bpffs: {e:#}");
-        }
-    }
-}
 
 /// The kube-proxy emulation of `tests/steering.rs`: a client, node A with
 /// pods a1 and a2, node B with b1, one dual-stack Service with a TCP and a
@@ -343,7 +295,7 @@ fn restart_with_other_max_flows_replaces_the_flow_table() -> Result<()> {
     agent.restart(topo.node(), &["--bpffs", &bpf, "--max-flows", "8192", "--detach-on-exit"])?;
     ensure!(cli.pod("web")?.state == "drained", "the outcome survives restarts");
     agent.stop()?;
-    ensure!(!bpffs.path().join(layout_dir()).exists(), "--detach-on-exit removes the pins");
+    ensure!(!bpffs.layout_dir().exists(), "--detach-on-exit removes the pins");
     ensure!(!agent.dir().join("state.json").exists(), "--detach-on-exit removes the saved state");
     ensure!(our_programs(topo.node(), &veth)? == (0, 0), "--detach-on-exit detaches the programs");
     Ok(())
@@ -377,7 +329,7 @@ fn upgrade_to_another_map_layout_keeps_pinned_flows_and_the_drain() -> Result<()
     udp.expect_steady(5)?;
 
     agent.kill9()?;
-    std::fs::rename(bpffs.path().join(layout_dir()), bpffs.path().join("v0")).context("renaming the pin dir to v0")?;
+    std::fs::rename(bpffs.layout_dir(), bpffs.path().join("v0")).context("renaming the pin dir to v0")?;
     tcp.expect_steady(5).context("the old layout's programs steer while no agent runs")?;
     udp.expect_steady(5).context("the old layout's programs steer while no agent runs")?;
 

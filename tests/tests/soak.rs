@@ -36,7 +36,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
-    process::Command,
     sync::{
         Mutex,
         atomic::{AtomicBool, Ordering},
@@ -47,12 +46,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use conndrain::{api::DEFAULT_WAIT_PORT, datapath::ip_from_bytes, node::now_ns};
-use conndrain_common::{FlowKey, FlowValue, LAYOUT_VERSION, PROTO_TCP, PodIpKey, maps, tcp_state};
+use conndrain_common::{FlowKey, FlowValue, PROTO_TCP, PodIpKey, maps, tcp_state};
 use conndrain_tests::{
-    Agent, Cli, NODE_V4, Netns, PodStatus, Running, TcpConn, TcpServer, TempDir, Topology, UdpClient, UdpServer,
+    Agent, Bpffs, Cli, NODE_V4, Netns, PodStatus, Running, TcpConn, TcpServer, Topology, UdpClient, UdpServer,
     conndrain_bin,
     fakeapi::{AgentApi, FakeApiServer, running_pod},
-    require_root, run_cmd, wait_until,
+    require_root, wait_until,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -375,45 +374,6 @@ fn worker(bed: &Bed, slot: usize) -> Result<()> {
     Ok(())
 }
 
-/// A private bpffs on a temp dir for `--bpffs`, unmounted (lazily: the
-/// agent's mount namespace may still hold it) on drop.
-struct Bpffs(TempDir);
-
-impl Bpffs {
-    fn mount() -> Result<Self> {
-        let dir = TempDir::new()?;
-        run_cmd(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path())).context("mounting a bpffs")?;
-        Ok(Self(dir))
-    }
-
-    /// A pinned map of the current layout.
-    fn open(&self, name: &str) -> Result<aya::maps::Map> {
-        let path = self.0.path().join(format!("v{LAYOUT_VERSION}")).join(name);
-        aya::maps::MapData::from_pin(&path)
-            .and_then(aya::maps::Map::from_map_data)
-            .with_context(|| format!("opening the pinned map {}", path.display()))
-    }
-
-    /// `(key, value)` of a pinned hash map.
-    fn entries<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
-        let hash = aya::maps::HashMap::<_, K, V>::try_from(self.open(name)?)?;
-        Ok(hash.iter().filter_map(Result::ok).collect())
-    }
-
-    /// `(index, value)` of a pinned `Array<u32>`.
-    fn slots(&self, name: &str) -> Result<Vec<(u32, u32)>> {
-        let array = aya::maps::Array::<_, u32>::try_from(self.open(name)?)?;
-        Ok((0..).zip(array.iter().filter_map(Result::ok)).collect())
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Err(e) = run_cmd(Command::new("umount").arg("-l").arg(self.0.path())) {
-            eprintln!("testbed: unmounting the test bpffs: {e:#}");
-        }
-    }
-}
 
 /// The pid of the agent serving `socket` (`ip netns exec` execs it, so it is
 /// the process whose arguments are `... --socket SOCKET agent ...`).
@@ -604,7 +564,7 @@ fn churn_through_two_api_server_restarts_leaves_nothing_behind() -> Result<()> {
     let names: Vec<String> = (0..POOL).map(|i| format!("s{i}")).collect();
     let topo = names.iter().fold(Topology::builder(), |b, n| b.pod(n)).build()?;
     let k8s = AgentApi::start(topo.node())?;
-    let (kc, node_ip, bpf) = (k8s.kubeconfig_arg(), NODE_V4.to_string(), bpffs.0.path().to_string_lossy().into_owned());
+    let (kc, node_ip, bpf) = (k8s.kubeconfig_arg(), NODE_V4.to_string(), bpffs.arg());
     let args = [
         "--kubeconfig", &kc, "--node-name", NODE, "--host-ip", &node_ip, "--bpffs", &bpf, "--quiet-period", "1",
         "--deadline-margin", "1", "--min-write-interval", "0.2", "--udp-timeout", "2", "--max-flows", "16384",
@@ -690,7 +650,7 @@ fn a_new_pod_does_not_inherit_the_flows_a_removed_pod_left_open() -> Result<()> 
     require_root()?;
     let bpffs = Bpffs::mount()?;
     let topo = Topology::builder().pod("old").pod("new").build()?;
-    let bpf = bpffs.0.path().to_string_lossy().into_owned();
+    let bpf = bpffs.arg();
     let mut agent = Agent::start(topo.node(), &["--bpffs", &bpf])?;
     let cli = agent.cli();
     let (old, new) = (topo.pod("old"), topo.pod("new"));
