@@ -320,6 +320,7 @@ impl Steering {
                 dp.pin_remove(&p.rev);
             }
         }
+        dp.note_pins_gone();
     }
 
     /// The pin of a flow seen from its pod's side (pod → peer is the reverse direction).

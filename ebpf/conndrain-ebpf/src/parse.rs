@@ -2,6 +2,8 @@
 //! and flags. Anything we cannot read with confidence yields `None`, and the
 //! caller passes the packet untouched.
 
+use core::mem::size_of;
+
 use aya_ebpf::programs::TcContext;
 use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
@@ -41,7 +43,7 @@ pub struct Packet {
 // room in the 512-byte budget for tracking and steering after it.
 #[inline(never)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     match ethertype {
         ETH_P_IP => parse_v4(ctx),
         ETH_P_IPV6 => parse_v6(ctx),
@@ -51,7 +53,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
 
 #[inline(always)]
 fn parse_v4(ctx: &TcContext) -> Option<Packet> {
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let vihl: u8 = load(ctx, ETH_HLEN)?;
     if vihl >> 4 != 4 {
         return None;
     }
@@ -59,18 +61,18 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
     if ihl < 20 {
         return None;
     }
-    let total_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?);
+    let total_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?);
     if usize::from(total_len) < ihl {
         return None;
     }
     // Only a first fragment carries the ports; later ones are passed untracked.
-    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+    let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
     if frag & 0x1fff != 0 {
         return None;
     }
-    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-    let src: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
-    let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+    let proto: u8 = load(ctx, ETH_HLEN + 9)?;
+    let src: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
+    let dst: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
     // The L4 header must lie within the IP packet (Linux trims to total_len and drops the rest).
     if ETH_HLEN + ihl + l4_min(proto) > ETH_HLEN + usize::from(total_len) {
         return None;
@@ -90,24 +92,24 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
 
 #[inline(always)]
 fn parse_v6(ctx: &TcContext) -> Option<Packet> {
-    let vtc: u8 = ctx.load(ETH_HLEN).ok()?;
+    let vtc: u8 = load(ctx, ETH_HLEN)?;
     if vtc >> 4 != 6 {
         return None;
     }
-    let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
-    let src: [u8; 16] = ctx.load(ETH_HLEN + 8).ok()?;
-    let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+    let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+    let src: [u8; 16] = load(ctx, ETH_HLEN + 8)?;
+    let dst: [u8; 16] = load(ctx, ETH_HLEN + 24)?;
     let mut off = ETH_HLEN + 40;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             PROTO_TCP | PROTO_UDP => break,
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                let hdr: [u8; 2] = load(ctx, off)?;
                 next = hdr[0];
                 off += (usize::from(hdr[1]) + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
-                let hdr: [u8; 4] = ctx.load(off).ok()?;
+                let hdr: [u8; 4] = load(ctx, off)?;
                 let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
                 if frag_off != 0 {
                     return None;
@@ -118,7 +120,7 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
             _ => return None,
         }
     }
-    let payload_len = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).ok()?));
+    let payload_len = usize::from(u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?));
     if off + l4_min(next) > ETH_HLEN + 40 + payload_len {
         return None;
     }
@@ -136,6 +138,20 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
 }
 
 /// The smallest header of an L4 protocol we track.
+/// Reads a `T` at `off`: straight from the packet when it lies in the
+/// linear data (the usual case, and far cheaper than a helper call), else
+/// through `bpf_skb_load_bytes`, which also reads paged data.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + size_of::<T>() <= end {
+        // SAFETY: the bounds check above keeps the read inside the packet
+        // (the verifier checks it too); any bit pattern is a valid `T` here.
+        return Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
+    ctx.load(off).ok()
+}
+
 #[inline(always)]
 fn l4_min(proto: u8) -> usize {
     if proto == PROTO_TCP { 20 } else { 8 }
@@ -146,8 +162,8 @@ fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8)> {
     match proto {
         PROTO_TCP => {
             // Ports, then the flags byte at offset 13; a header cut short fails a load.
-            let ports: [u8; 4] = ctx.load(off).ok()?;
-            let doff_flags: [u8; 2] = ctx.load(off + 12).ok()?;
+            let ports: [u8; 4] = load(ctx, off)?;
+            let doff_flags: [u8; 2] = load(ctx, off + 12)?;
             if (doff_flags[0] >> 4) < 5 {
                 return None;
             }
@@ -155,7 +171,7 @@ fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8)> {
             Some((s, d, doff_flags[1]))
         }
         PROTO_UDP => {
-            let hdr: [u8; 8] = ctx.load(off).ok()?;
+            let hdr: [u8; 8] = load(ctx, off)?;
             let (s, d) = ports_of([hdr[0], hdr[1], hdr[2], hdr[3]]);
             Some((s, d, 0))
         }

@@ -18,7 +18,7 @@ use aya_ebpf::{
 use conndrain_common::{FAMILY_V4, PROTO_TCP, Pin, WireKey, pin_flags, stats};
 
 use crate::{
-    maps::{PINS, count},
+    maps::{CONFIG, PINS, count},
     parse::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST},
 };
 
@@ -27,6 +27,13 @@ const AF_INET6: u32 = 10;
 // linux/bpf.h: flags of bpf_l{3,4}_csum_replace.
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+/// Whether any flow may be pinned: while the agent says none is (the usual
+/// case), the `PINS` lookup is skipped.
+#[inline(always)]
+pub fn any_pins() -> bool {
+    CONFIG.get(0).is_none_or(|c| c.no_pins == 0)
+}
 
 /// `Some(verdict)` when the packet belonged to a pinned flow and was handled;
 /// `None` to let it go on untouched. Not inlined, for a stack frame of its own.

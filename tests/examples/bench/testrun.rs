@@ -12,11 +12,11 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::SchedClassifier,
 };
 use conndrain_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Pin, PodIpKey, WireKey, maps, programs,
+    Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Pin, PodIpKey, WireKey, maps, programs,
     stats,
 };
 use etherparse::PacketBuilder;
@@ -115,6 +115,22 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
     }
     let unpinned_client: SocketAddr = "10.0.0.9:50001".parse()?;
 
+    // The same programs on maps where no flow is pinned, as the agent says
+    // in `CONFIG` (the usual case: no backend terminating on this node): the
+    // ingress program then skips the PINS lookup.
+    let mut quiet = Object::load(4096)?;
+    quiet.add_pod_ip(pod.ip(), POD_SLOT)?;
+    quiet.set_no_pins()?;
+    let quiet_ingress = quiet.prog_fd(programs::INGRESS)?;
+    for (fd, frame) in [
+        (quiet.prog_fd(programs::EGRESS)?, tcp(peer, pod, TCP_SYN, 0)),
+        (quiet_ingress, tcp(pod, peer, TCP_SYN | TCP_ACK, 0)),
+        (quiet.prog_fd(programs::EGRESS)?, tcp(peer, pod, TCP_ACK, 0)),
+    ] {
+        test_run(fd, &frame, 1)?;
+    }
+    quiet.drain_events();
+
     let data = |from, to| tcp(from, to, TCP_ACK | TCP_PSH, PAYLOAD);
     let stranger = data(STRANGER_A.parse()?, STRANGER_B.parse()?);
     let stranger6 = data(STRANGER_A_V6.parse()?, STRANGER_B_V6.parse()?);
@@ -129,6 +145,8 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
         ("conndrain_egress", "tracked UDP flow, datagram to the pod", egress, udp(peer, pod), TC_ACT_UNSPEC),
         ("conndrain_ingress", "client -> Service, not pinned", ingress, data(unpinned_client, service), TC_ACT_UNSPEC),
         ("conndrain_ingress", "client -> Service, pinned: rewritten + bpf_redirect_neigh", ingress, data(client, service), TC_ACT_REDIRECT),
+        ("conndrain_ingress", "unrelated traffic, no flow pinned on the node", quiet_ingress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked TCP flow from the pod, no flow pinned on the node", quiet_ingress, data(pod, peer), TC_ACT_UNSPEC),
         ("empty classifier", "any packet (the floor) (IPv6)", empty.fd(), stranger6.clone(), TC_ACT_UNSPEC),
         ("conndrain_ingress", UNRELATED_V6, ingress, stranger6.clone(), TC_ACT_UNSPEC),
         ("conndrain_egress", UNRELATED_V6, egress, stranger6, TC_ACT_UNSPEC),
@@ -318,6 +336,14 @@ impl Object {
         let mut pod_ips: HashMap<_, PodIpKey, u32> =
             HashMap::try_from(self.ebpf.map_mut(maps::POD_IPS).context("no POD_IPS")?)?;
         pod_ips.insert(PodIpKey { addr: mapped(ip) }, slot, 0)?;
+        Ok(())
+    }
+
+    /// What the agent writes while no flow is pinned.
+    fn set_no_pins(&mut self) -> Result<()> {
+        let mut config: Array<_, Config> = Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("no CONFIG")?)?;
+        let c = config.get(&0, 0)?;
+        config.set(0, Config { no_pins: 1, ..c }, 0)?;
         Ok(())
     }
 

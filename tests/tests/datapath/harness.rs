@@ -126,7 +126,7 @@ impl Harness {
         let mut config: Array<_, Config> =
             Array::try_from(self.ebpf.map_mut(maps::CONFIG).expect("no CONFIG map")).unwrap();
         config
-            .set(0, Config { udp_timeout_ns }, 0)
+            .set(0, Config { udp_timeout_ns, ..Config::default() }, 0)
             .expect("writing CONFIG[0]");
     }
 
