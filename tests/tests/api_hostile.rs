@@ -633,7 +633,8 @@ fn count(log: &str, needle: &str) -> usize {
 #[test]
 fn connections_beyond_the_limit_are_closed_at_once() -> Result<()> {
     let many = (2 * NODE_MAX_CONNECTIONS).to_string();
-    let (topo, mut agent, cli) = setup(&["a"], &["--max-waiters", &many])?;
+    // One pod fills the listener, so it may hold that many waits.
+    let (topo, mut agent, cli) = setup(&["a"], &["--max-waiters", &many, "--max-waiters-per-pod", &many])?;
     let a = topo.pod("a");
 
     // Node API: a (not terminating) fills every connection with a wait, a

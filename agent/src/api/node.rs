@@ -43,6 +43,8 @@ pub struct NodeApi {
     pub waiters: Semaphore,
     /// Waits open per pod, so that one pod cannot take every slot.
     pub per_pod: Mutex<HashMap<String, usize>>,
+    /// Most waits one pod may have open at once (`--max-waiters-per-pod`).
+    pub per_pod_limit: usize,
     /// Set when the programs are loaded and the first pod sync is done.
     pub ready: Arc<AtomicBool>,
 }
@@ -52,9 +54,9 @@ pub struct NodeApi {
 /// are closed at once; a preStop client then falls back to sleeping.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Most `/v1/wait` calls one pod may have open at once: one per container's
-/// preStop hook is plenty; beyond it a pod (buggy or hostile) would only
-/// crowd out the other pods' hooks.
+/// Default of `--max-waiters-per-pod`: one wait per container's preStop hook
+/// is plenty; beyond it a pod (buggy or hostile) would only crowd out the
+/// other pods' hooks.
 pub const MAX_WAITERS_PER_POD: usize = 8;
 
 /// One open wait of a pod, counted in `NodeApi::per_pod` while it lives.
@@ -64,10 +66,10 @@ struct PodWaiter<'a> {
 }
 
 impl<'a> PodWaiter<'a> {
-    fn enter(per_pod: &'a Mutex<HashMap<String, usize>>, pod: &str) -> Option<Self> {
+    fn enter(per_pod: &'a Mutex<HashMap<String, usize>>, limit: usize, pod: &str) -> Option<Self> {
         let mut open = per_pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = open.entry(pod.to_owned()).or_default();
-        if *n >= MAX_WAITERS_PER_POD {
+        if *n >= limit {
             return None;
         }
         *n += 1;
@@ -129,10 +131,10 @@ async fn wait(
         tracing::info!(%caller, "refused /v1/wait from an address that is no pod on this node");
         return error(StatusCode::FORBIDDEN, format!("{caller} is not a pod on this node"));
     };
-    let Some(_mine) = PodWaiter::enter(&api.per_pod, &pod) else {
+    let Some(_mine) = PodWaiter::enter(&api.per_pod, api.per_pod_limit, &pod) else {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
-            format!("pod {pod} already has {MAX_WAITERS_PER_POD} waits open; retry shortly"),
+            format!("pod {pod} already has {} waits open; retry shortly", api.per_pod_limit),
         );
     };
     let Ok(_permit) = api.waiters.try_acquire() else {

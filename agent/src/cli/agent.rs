@@ -82,6 +82,9 @@ pub struct Args {
     /// Most pods that may wait in /v1/wait at once.
     #[arg(long, env = "CONNDRAIN_MAX_WAITERS", default_value_t = 512)]
     pub max_waiters: usize,
+    /// Most waits one pod may have open at once, so one pod cannot take every slot.
+    #[arg(long, env = "CONNDRAIN_MAX_WAITERS_PER_POD", default_value_t = crate::api::node::MAX_WAITERS_PER_POD)]
+    pub max_waiters_per_pod: usize,
     /// Longest seconds the flows to a terminating pod on another node stay pinned.
     #[arg(long, env = "CONNDRAIN_REMOTE_PIN_LIMIT", default_value_t = 600.0, value_parser = positive_secs)]
     pub remote_pin_limit: f64,
@@ -201,6 +204,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         node: node.clone(),
         waiters: tokio::sync::Semaphore::new(args.max_waiters),
         per_pod: std::sync::Mutex::default(),
+        per_pod_limit: args.max_waiters_per_pod,
         ready: ready.clone(),
     });
 
