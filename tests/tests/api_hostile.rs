@@ -625,6 +625,35 @@ fn slow_clients_of_the_local_api_are_dropped_and_block_no_one() -> Result<()> {
     still_serving(&mut agent, &cli)
 }
 
+#[test]
+fn callers_that_never_read_their_answers_lose_their_slots() -> Result<()> {
+    // Answers bigger than the socket buffers (here: thousands of pipelined
+    // status requests, on every connection the local API allows) that the
+    // caller never reads: the agent gives up writing after CLIENT_TIMEOUT.
+    let (_topo, mut agent, cli) = setup(&["web"], &[])?;
+    let request = b"GET /v1/status HTTP/1.1\r\nHost: c\r\n\r\n".repeat(8192);
+    let deaf: Vec<UnixStream> = (0..LOCAL_MAX_CONNECTIONS)
+        .map(|_| {
+            let mut s = unix(&agent)?;
+            // As much as the socket takes at once; the rest is never sent.
+            s.set_nonblocking(true)?;
+            let sent = s.write(&request).context("pipelining requests")?;
+            s.set_nonblocking(false)?;
+            ensure!(sent > 100 * 1024, "sent only {sent} bytes of requests");
+            Ok(s)
+        })
+        .collect::<Result<_>>()?;
+    let reply = ask_local(&agent, &get("/v1/status"))?;
+    ensure!(reply == Reply::Closed, "every slot is taken: {reply:?}");
+
+    wait_until("a slot freed by the agent", DROP_WITHIN, || ask_local(&agent, &get("/v1/status")), |r| {
+        r.code() == Some(200)
+    })
+    .context("the agent stops writing to callers that do not read")?;
+    all_closed("a caller that never reads its answers", deaf)?;
+    still_serving(&mut agent, &cli)
+}
+
 /// How often `needle` occurs in `log`.
 fn count(log: &str, needle: &str) -> usize {
     log.matches(needle).count()

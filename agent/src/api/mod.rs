@@ -177,6 +177,9 @@ pub struct ErrorBody {
 /// is in; also how long an idle keep-alive connection stays open. The CLI and
 /// the preStop client send a whole request at once, so only a stuck or
 /// hostile client ever waits this long, and then it loses its connection.
+/// It also bounds how long an answer may wait for the client to read it
+/// (hyper has no write timeout), so a caller that asks for `/v1/flows` and
+/// never reads cannot keep its slot.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (hyper's read buffer): our requests are a few hundred
 /// bytes, and each connection a slow client holds costs at most this.
@@ -203,7 +206,7 @@ pub(crate) fn refuse_unknown(router: Router, serves: &'static str) -> Router {
 
 /// Serves `app` on `listener` within bounds that slow or hostile clients
 /// cannot stretch, which `axum::serve` does not set: [`CLIENT_TIMEOUT`] to
-/// send a request, heads and bodies of bounded size, and at most
+/// send a request or to take an answer, heads and bodies of bounded size, and at most
 /// `max_connections` at once (further ones are closed at once, so a flood
 /// cannot take the file descriptors the agent needs for its own work).
 /// Handlers get the peer's address as `ConnectInfo<L::Addr>`.
@@ -237,7 +240,10 @@ where
             req.extensions_mut().insert(ConnectInfo(peer.clone()));
             req
         });
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+        // A wait idles for minutes without writing, so only writes are timed.
+        let mut io = tokio_io_timeout::TimeoutStream::new(io);
+        io.set_write_timeout(Some(CLIENT_TIMEOUT));
+        let conn = http.serve_connection(TokioIo::new(Box::pin(io)), TowerToHyperService::new(app));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("API connection ended: {e}");

@@ -1,5 +1,5 @@
-//! Watches this node's Pods (kube-rs watcher + reflector, with its default
-//! backoff) and reconciles the node model with them after every change:
+//! Watches this node's Pods (kube-rs watcher + reflector, with a shorter
+//! backoff than its default) and reconciles the node model with them after every change:
 //! register pod IPs, start draining on deletionTimestamp, forget removed pods.
 
 use std::{
@@ -17,6 +17,21 @@ use kube::{
 };
 
 use super::{Settings, report::Reporter};
+
+/// kube-rs' default backoff (client-go's: up to 30 s) lets the agent sleep
+/// through half a minute of pod deletions after an API server outage, and a
+/// deletion it has not seen is a drain it does not run. A failed attempt
+/// costs the API server little, the backoff resets only once a list
+/// succeeds, and jitter spreads the nodes' retries out.
+fn watch_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
 use crate::{api::Terminate, node::Node};
 
 /// What the node should know about one pod.
@@ -70,7 +85,7 @@ pub async fn run(
     let pods: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
     let (store, writer) = reflector::store();
-    let mut stream = watcher(pods, config).default_backoff().reflect(writer).boxed();
+    let mut stream = watcher(pods, config).backoff(watch_backoff()).reflect(writer).boxed();
     let mut known: BTreeSet<String> = BTreeSet::new();
     let mut skipped: BTreeMap<String, &'static str> = BTreeMap::new();
     // Registration can fail for a moment (the CNI has not set up the route yet): retry on a timer too.
@@ -105,7 +120,7 @@ pub async fn run(
 pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> anyhow::Result<()> {
     let api: Api<EndpointSlice> = Api::all(client);
     let (store, writer) = reflector::store();
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer).boxed();
+    let mut stream = watcher(api, watcher::Config::default()).backoff(watch_backoff()).reflect(writer).boxed();
     let mut terminating: BTreeSet<IpAddr> = BTreeSet::new();
     loop {
         match stream.next().await {
