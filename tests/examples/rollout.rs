@@ -27,12 +27,15 @@
 //!
 //! The cluster is `conndrain_tests::kubeproxy`: a client, node A, node B,
 //! kube-proxy's rules on both nodes. Each strategy gets a fresh cluster. The
-//! Deployment's old pods (version 1) are spread over both nodes (a1, b1, a2,
+//! Deployment's pods (version 1) are spread over both nodes (a1, b1, a2,
 //! ...: 2 in short mode, 3 in full mode, seed 000's `replicas: 3`), and every
-//! one of them is replaced. The client reaches the Service through node A,
+//! one of them is replaced, by one rolling update in short mode and by three
+//! in a row in full mode (`--rollouts N`; seed 000 redeploys continually):
+//! v1 -> v2 -> v3 -> v4, each update once the monitor has seen the last one's
+//! version answer, while that update's old pods may still be terminating. The client reaches the Service through node A,
 //! whose kube-proxy sends the flows to node B's pods over the inter-node
 //! link. A rolling update (maxSurge 1, maxUnavailable 0) starts a new pod
-//! (version 2) on the node of the pod it replaces, adds it to the endpoints,
+//! (the next version) on the node of the pod it replaces, adds it to the endpoints,
 //! and deletes the old pod; the simulated kubelet then runs Kubernetes' order:
 //!
 //! deletion -> { endpoints update reaching the nodes' kube-proxy after the
@@ -111,9 +114,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Seed 000's monitor: its Go client's timeout, and how often it asks.
 const MONITOR_TIMEOUT: Duration = Duration::from_secs(5);
 const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
-/// The Deployment's version before and after the rolling update.
-const OLD_VERSION: u32 = 1;
-const NEW_VERSION: u32 = 2;
+/// The Deployment's first version; each rolling update adds one.
+const FIRST_VERSION: u32 = 1;
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -131,6 +133,9 @@ struct Config {
     /// The agent's `--udp-timeout`.
     udp_timeout: f64,
     replacements: usize,
+    /// Rolling updates one after the other (seed 000 redeploys continually):
+    /// v1 -> v2 -> ... -> v(rollouts + 1).
+    rollouts: usize,
     /// Between two deletions of the rolling update.
     step_gap: Duration,
     backend: Backend,
@@ -146,6 +151,7 @@ impl Config {
         let mut summary_out = None;
         let (mut propagation, mut sleep, mut grace, mut backend, mut only, mut keepalive) =
             (1.0_f64, None, None, Backend::Iptables, None, None);
+        let mut rollouts = None;
         while let Some(a) = args.next() {
             let mut val = |name: &str| -> Result<String> {
                 args.next().with_context(|| format!("{name} needs a value"))
@@ -158,6 +164,13 @@ impl Config {
                 "--nftables" => backend = Backend::Nftables,
                 "--summary-out" => summary_out = Some(val(&a)?),
                 "--keepalive-requests" => keepalive = Some(val(&a)?.parse::<u64>()?),
+                "--rollouts" => {
+                    let n: usize = val(&a)?.parse().context("--rollouts takes a number of rolling updates")?;
+                    if n == 0 {
+                        bail!("--rollouts must be at least 1");
+                    }
+                    rollouts = Some(n);
+                }
                 "--only" => {
                     only = Some(
                         val(&a)?
@@ -173,7 +186,7 @@ impl Config {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rollout [--short] [--propagation SECS] [--sleep N] [--grace SECS] [--keepalive-requests N (0: never)] [--nftables] [--only none,sleep,conndrain] [--summary-out FILE.md]"
+                        "rollout [--short] [--propagation SECS] [--sleep N] [--grace SECS] [--keepalive-requests N (0: never)] [--rollouts N] [--nftables] [--only none,sleep,conndrain] [--summary-out FILE.md]"
                     );
                     std::process::exit(0);
                 }
@@ -196,12 +209,19 @@ impl Config {
             },
             udp_timeout: 2.0,
             replacements: if short { 2 } else { 3 },
+            rollouts: rollouts.unwrap_or(if short { 1 } else { 3 }),
             step_gap: Duration::from_secs(if short { 0 } else { 10 }),
             backend,
             only: only
                 .unwrap_or_else(|| vec![Strategy::None, Strategy::Sleep, Strategy::Conndrain]),
             summary_out,
         })
+    }
+}
+
+impl Config {
+    fn last_version(&self) -> u32 {
+        FIRST_VERSION + u32::try_from(self.rollouts).unwrap_or(u32::MAX - 1)
     }
 }
 
@@ -237,11 +257,13 @@ fn run() -> Result<()> {
     require_root()?;
     let cfg = Config::parse()?;
     println!(
-        "Rolling update under load, {} mode: {} replacement(s), pods on node A and node B, kube-proxy {:?} mode, \
+        "Rolling updates under load, {} mode: {} update(s) of {} pod(s) each (v{FIRST_VERSION} to v{}), pods on node A and node B, kube-proxy {:?} mode, \
          endpoints propagation {:.1}s, grace period {}s, /slow {}s, streams and UDP sessions of {}s, \
          keep-alive connections closed by the app after {} requests.",
         if cfg.short { "short" } else { "full" },
+        cfg.rollouts,
         cfg.replacements,
+        cfg.last_version(),
         cfg.backend,
         cfg.propagation.as_secs_f64(),
         cfg.grace.as_secs(),
@@ -625,8 +647,10 @@ struct Shared {
     released: Mutex<Vec<String>>,
     timeline: Mutex<Vec<(f64, String)>>,
     seq: AtomicU64,
-    /// When the Deployment was updated to the new version (s since `t0`).
-    updated_at: Mutex<Option<f64>>,
+    /// When the Deployment was updated to each new version (s since `t0`).
+    updated_at: Mutex<Vec<f64>>,
+    /// The last version the Deployment will have: answers carry v1 to this.
+    last_version: u32,
 }
 
 impl Shared {
@@ -804,9 +828,8 @@ struct MonitorStats {
     /// Runs of consecutive requests without a good answer.
     gaps: u64,
     in_gap: bool,
-    /// The first answer from the new version, the last from the old one.
-    first_new: Option<f64>,
-    last_old: Option<f64>,
+    /// Per version: when it answered first and last.
+    answered: BTreeMap<u32, (f64, f64)>,
 }
 
 #[derive(Default)]
@@ -822,12 +845,11 @@ impl Monitor {
         }
         m.last_good = Some(at);
         m.in_gap = false;
-        if version == NEW_VERSION && m.first_new.is_none() {
-            m.first_new = Some(at);
-        }
-        if version == OLD_VERSION {
-            m.last_old = Some(at);
-        }
+        m.answered.entry(version).and_modify(|(_, last)| *last = at).or_insert((at, at));
+    }
+
+    fn has_answered(&self, version: u32) -> bool {
+        self.stats.lock().expect("monitor").answered.contains_key(&version)
     }
 
     fn missed(&self) {
@@ -851,11 +873,12 @@ impl Monitor {
 /// with) "and checks that no request is dropped": a Go `http.Client` (pooled
 /// keep-alive connections, 5 s timeout) GETs the Service in a loop, counts
 /// every error, and after each redeploy waits until the new number answers.
-/// Here the redeploy is the rolling update, and the loop runs 5 times a
-/// second rather than once, to sample the short run. Each request is
+/// Here each redeploy is a rolling update (`run_strategy` waits for the
+/// monitor to see the new version before the next one), and the loop runs 5
+/// times a second rather than once, to sample the short run. Each request is
 /// numbered 1, 2, 3, ...; every answer must echo its number (no gap), come
-/// from a pod not yet released, and carry the old or the new version. A gap
-/// is a run of requests without a good answer.
+/// from a pod not yet released, and carry a version the Deployment has had.
+/// A gap is a run of requests without a good answer.
 fn monitor_client(run: &Shared, load: &Load, mon: &Monitor) {
     let to = SocketAddr::new(VIP.into(), HTTP_PORT);
     let mut pool: Option<TcpStream> = None;
@@ -868,7 +891,7 @@ fn monitor_client(run: &Shared, load: &Load, mon: &Monitor) {
         let answer = pooled_request(&mut pool, to, &format!("/?seq={seq}"), MONITOR_TIMEOUT)
             .and_then(|body| {
                 run.check_answer(&body, &seq.to_string())?;
-                version_of(&body)
+                version_of(&body, run.last_version)
             });
         match answer {
             Ok(version) => {
@@ -885,19 +908,18 @@ fn monitor_client(run: &Shared, load: &Load, mon: &Monitor) {
     mon.end(run.since());
 }
 
-/// The version in an answer `<pod> v<version> <seq>`: the old or the new one.
-fn version_of(answer: &str) -> std::result::Result<u32, Fail> {
+/// The version in an answer `<pod> v<version> <seq>`: one the Deployment has
+/// had (v1 to `last`).
+fn version_of(answer: &str, last: u32) -> std::result::Result<u32, Fail> {
     answer
         .split_whitespace()
         .nth(1)
         .and_then(|v| v.strip_prefix('v')?.parse().ok())
-        .filter(|v| [OLD_VERSION, NEW_VERSION].contains(v))
+        .filter(|v| (FIRST_VERSION..=last).contains(v))
         .ok_or_else(|| {
             Fail(
                 Kind::WrongVersion,
-                format!(
-                    "answer {answer:?}: the Deployment has v{OLD_VERSION} and v{NEW_VERSION} only"
-                ),
+                format!("answer {answer:?}: the Deployment has v{FIRST_VERSION} to v{last} only"),
             )
         })
 }
@@ -1084,8 +1106,8 @@ struct Outcome {
     strategy: Strategy,
     loads: Vec<Arc<Load>>,
     monitor: MonitorStats,
-    /// When the Deployment was updated (s since the loads started).
-    updated_at: f64,
+    /// When the Deployment was updated to v2, v3, ... (s since the loads started).
+    updated_at: Vec<f64>,
     releases: Vec<Release>,
     timeline: Vec<(f64, String)>,
 }
@@ -1109,15 +1131,18 @@ impl Bed {
 }
 
 fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
-    let (old_pods, new_pods) = plan(cfg.replacements);
-    let layout: Vec<(&str, Node)> = old_pods
+    let generations = plan(cfg.replacements, cfg.rollouts);
+    let layout: Vec<(&str, Node)> = generations
         .iter()
-        .chain(&new_pods)
+        .flatten()
         .map(|(p, node)| (p.as_str(), *node))
         .collect();
     let cluster = Cluster::build(&layout)?;
-    let old: Vec<String> = old_pods.iter().map(|(p, _)| p.clone()).collect();
-    let new: Vec<String> = new_pods.iter().map(|(p, _)| p.clone()).collect();
+    let names: Vec<Vec<String>> = generations
+        .iter()
+        .map(|g| g.iter().map(|(p, _)| p.clone()).collect())
+        .collect();
+    let old = &names[0];
     let service = Service {
         namespace: "default".into(),
         name: "web".into(),
@@ -1169,11 +1194,12 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     };
 
     let apps: Mutex<HashMap<String, Arc<App>>> = Mutex::new(HashMap::new());
-    for p in &old {
-        let app = App::start(bed.cluster.pod(p), OLD_VERSION, cfg)?;
+    for p in old {
+        let app = App::start(bed.cluster.pod(p), FIRST_VERSION, cfg)?;
         apps.lock().expect("apps").insert(p.clone(), Arc::new(app));
     }
     let endpoints: Mutex<Vec<String>> = Mutex::new(old.clone());
+    let monitor = Monitor::default();
     bed.sync(&endpoints.lock().expect("endpoints"))?;
 
     let shared = Shared {
@@ -1182,7 +1208,8 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         released: Mutex::new(Vec::new()),
         timeline: Mutex::new(Vec::new()),
         seq: AtomicU64::new(0),
-        updated_at: Mutex::new(None),
+        updated_at: Mutex::new(Vec::new()),
+        last_version: cfg.last_version(),
     };
     let keepalive = Load::new(
         "HTTP keep-alive (4 conns, 20 req/s each)",
@@ -1196,7 +1223,6 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     let streams = Load::new("TCP streams (3 at a time)", Counted::Sessions);
     let udp = Load::new("UDP sessions (3 at a time)", Counted::Sessions);
     let monitor_load = Load::new("seed 000 monitor (keep-alive, 5 req/s)", Counted::Monitor);
-    let monitor = Monitor::default();
     let loads = vec![
         keepalive.clone(),
         close.clone(),
@@ -1269,34 +1295,49 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         let result = (|| -> Result<()> {
             conndrain_tests::sleep(Duration::from_secs(3))?;
             shared.event("loads running".into());
-            *shared.updated_at.lock().expect("updated_at") = Some(shared.since());
-            shared.event(format!(
-                    "Deployment updated from v{OLD_VERSION} to v{NEW_VERSION}: the rolling update starts"
-                ));
             let mut kubelets = Vec::new();
-            for (i, (o, nw)) in old.iter().zip(&new).enumerate() {
-                if i > 0 {
-                    conndrain_tests::sleep(cfg.step_gap)?;
+            for (version, pair) in (FIRST_VERSION + 1..).zip(names.windows(2)) {
+                let [old, new] = pair else { unreachable!("windows(2)") };
+                if version > FIRST_VERSION + 1 {
+                    // Seed 000's redeployer: the next update once the last one's
+                    // version answers (its old pods may still be terminating).
+                    let seen = wait_for(Duration::from_secs(30), || monitor.has_answered(version - 1))?;
+                    shared.event(if seen {
+                        format!("the monitor got answers from v{}: redeploying", version - 1)
+                    } else {
+                        format!("the monitor got no answer from v{} in 30s: redeploying anyway", version - 1)
+                    });
+                    conndrain_tests::sleep(Duration::from_secs(2))?;
                 }
-                // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
-                let app = App::start(bed.cluster.pod(nw), NEW_VERSION, cfg)?;
-                apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
-                {
-                    let mut eps = endpoints.lock().expect("endpoints");
-                    eps.push(nw.clone());
-                    bed.sync(&eps)?;
+                shared.updated_at.lock().expect("updated_at").push(shared.since());
+                shared.event(format!(
+                    "Deployment updated from v{} to v{version}: the rolling update starts",
+                    version - 1
+                ));
+                for (i, (o, nw)) in old.iter().zip(new).enumerate() {
+                    if i > 0 {
+                        conndrain_tests::sleep(cfg.step_gap)?;
+                    }
+                    // The new pod starts, becomes ready, and its endpoint reaches kube-proxy.
+                    let app = App::start(bed.cluster.pod(nw), version, cfg)?;
+                    apps.lock().expect("apps").insert(nw.clone(), Arc::new(app));
+                    {
+                        let mut eps = endpoints.lock().expect("endpoints");
+                        eps.push(nw.clone());
+                        bed.sync(&eps)?;
+                    }
+                    shared.event(format!("{nw} (v{version}) ready and in the endpoints"));
+                    conndrain_tests::sleep(Duration::from_secs(1))?;
+                    let app = apps.lock().expect("apps")[o].clone();
+                    let (bed, eps, sh) = (&bed, &endpoints, &shared);
+                    let clis = agents
+                        .as_ref()
+                        .map(|a| a.for_pod(bed.cluster.pod(o).node()));
+                    let o = o.clone();
+                    kubelets.push(scope.spawn(move || {
+                        kubelet(cfg, strategy, bed, eps, sh, clis.as_deref(), &o, &app)
+                    }));
                 }
-                shared.event(format!("{nw} (v2) ready and in the endpoints"));
-                conndrain_tests::sleep(Duration::from_secs(1))?;
-                let app = apps.lock().expect("apps")[o].clone();
-                let (bed, eps, sh) = (&bed, &endpoints, &shared);
-                let clis = agents
-                    .as_ref()
-                    .map(|a| a.for_pod(bed.cluster.pod(o).node()));
-                let o = o.clone();
-                kubelets.push(scope.spawn(move || {
-                    kubelet(cfg, strategy, bed, eps, sh, clis.as_deref(), &o, &app)
-                }));
             }
             for k in kubelets {
                 releases.push(
@@ -1320,11 +1361,7 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         strategy,
         loads,
         monitor: monitor.stats.into_inner().expect("monitor"),
-        updated_at: shared
-            .updated_at
-            .into_inner()
-            .expect("updated_at")
-            .unwrap_or(0.0),
+        updated_at: shared.updated_at.into_inner().expect("updated_at"),
         releases,
         timeline,
     })
@@ -1333,10 +1370,10 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
 /// A pod's name and node.
 type PodSpot = (String, Node);
 
-/// The Deployment's old pods and the new ones replacing them, index for
-/// index, each on the same node: alternately node A and node B, named by node
-/// (old a1, b1, a2; new a3, b2, a4).
-fn plan(replacements: usize) -> (Vec<PodSpot>, Vec<PodSpot>) {
+/// The Deployment's pods, one generation per version: each replaces the one
+/// before it index for index, on the same node: alternately node A and node
+/// B, named by node (v1 a1, b1, a2; v2 a3, b2, a4; v3 a5, b3, a6; ...).
+fn plan(replacements: usize, rollouts: usize) -> Vec<Vec<PodSpot>> {
     let nodes: Vec<Node> = (0..replacements)
         .map(|i| if i % 2 == 0 { Node::A } else { Node::B })
         .collect();
@@ -1349,9 +1386,21 @@ fn plan(replacements: usize) -> (Vec<PodSpot>, Vec<PodSpot>) {
         count[i] += 1;
         (format!("{letter}{}", count[i]), node)
     };
-    let old = nodes.iter().map(|&n| name(n)).collect();
-    let new = nodes.iter().map(|&n| name(n)).collect();
-    (old, new)
+    (0..=rollouts)
+        .map(|_| nodes.iter().map(|&n| name(n)).collect())
+        .collect()
+}
+
+/// Polls `done` until it holds or `within` passes; false then.
+fn wait_for(within: Duration, done: impl Fn() -> bool) -> Result<bool> {
+    let end = Instant::now() + within;
+    while !done() {
+        if Instant::now() >= end {
+            return Ok(false);
+        }
+        conndrain_tests::sleep(Duration::from_millis(100))?;
+    }
+    Ok(true)
 }
 
 /// The node IP of `node`, where its pods' preStop hooks reach its agent.
@@ -1637,21 +1686,22 @@ impl Outcome {
     fn monitor_line(&self) -> String {
         let m = &self.monitor;
         let (sent, failed) = self.monitor_counts();
-        let after = |t: Option<f64>| {
-            t.map_or_else(
-                || "never".to_owned(),
-                |t| format!("{:.1}s", t - self.updated_at),
-            )
-        };
-        format!(
+        let mut line = format!(
             "seed 000 monitor: {sent} requests, {failed} without a good answer in {} gap(s); longest time \
-             without a good answer {:.1}s; v{NEW_VERSION} first answered {} after the Deployment update, \
-             v{OLD_VERSION} last answered {} after it",
-            m.gaps,
-            m.longest_gap,
-            after(m.first_new),
-            after(m.last_old),
-        )
+             without a good answer {:.1}s",
+            m.gaps, m.longest_gap,
+        );
+        for (version, &at) in (FIRST_VERSION + 1..).zip(&self.updated_at) {
+            let after = |t: Option<f64>| t.map_or_else(|| "never".to_owned(), |t| format!("{:.1}s", t - at));
+            let _ = write!(
+                line,
+                "; update to v{version}: v{version} first answered {} after it, v{} last answered {} after it",
+                after(m.answered.get(&version).map(|a| a.0)),
+                version - 1,
+                after(m.answered.get(&(version - 1)).map(|a| a.1)),
+            );
+        }
+        line
     }
 
     /// Streams or sessions of the loads named `name_start...`: (opened, broken).
@@ -1706,14 +1756,17 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
     let _ = writeln!(
         out,
         "\nRelease: from `kubectl delete pod` to the pod's app ending (preStop + graceful shutdown), \
-         over {} pod(s) per strategy. Failed requests are HTTP requests (keep-alive, Connection: close, /slow); \
+         over {} pod(s) per strategy ({} rolling update(s) of {} pod(s), v{FIRST_VERSION} to v{}). Failed requests are HTTP requests (keep-alive, Connection: close, /slow); \
          a stream or UDP session is broken if it could not be opened, failed, or was answered by another pod. \
          Seed 000's monitor is counted apart: a pooled keep-alive client, like the seed's Go `http.Client`, \
          numbering its requests 1, 2, 3, ... every {} ms; a request fails unless its answer echoes its number, \
-         comes from a pod not yet released and carries the old or the new version (v{OLD_VERSION}, v{NEW_VERSION}). \
+         comes from a pod not yet released and carries a version the Deployment has had. \
          Its longest gap is the longest time it went without a good answer (one interval plus a round trip \
          when nothing fails).",
+        cfg.replacements * cfg.rollouts,
+        cfg.rollouts,
         cfg.replacements,
+        cfg.last_version(),
         MONITOR_INTERVAL.as_millis()
     );
     out
