@@ -205,9 +205,11 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
     if let Some(table) = std::env::var_os("CONNDRAIN_ROLLOUT_SUMMARY").and_then(|p| std::fs::read_to_string(p).ok()) {
         doc.push_str("## Rolling update: strategies compared\n\n");
         doc.push_str(
-            "The seeds' rolling update on the kube-proxy emulation (client, node A, node B; iptables rules), \
-             three pods (two on node A, one on node B) replaced one after another under the seeds' loads, \
-             once per strategy. The client reaches the Service through node A, whose kube-proxy sends flows \
+            "The seeds' rolling update on the kube-proxy emulation (client, node A, node B; iptables rules): \
+             a Deployment of three pods (two on node A, one on node B) redeployed three times in a row, as \
+             seed 000's monitor does (v1 to v4; each update replaces the pods one after another, and the next \
+             starts once the monitor sees the new version answer), under the seeds' loads, once per strategy. \
+             The client reaches the Service through node A, whose kube-proxy sends flows \
              to node B's pods over the inter-node link; with conndrain an agent runs on each node (node A's \
              pins the flows of a terminating pod of either node, the agent on the pod's own node answers its preStop). \
              Simplified: endpoints reach both nodes after the same delay (only node A's rules carry the \
