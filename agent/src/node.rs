@@ -447,7 +447,7 @@ impl Node {
                 inner.datapath.refresh_node_addrs();
             }
             let Inner { steering, datapath, .. } = &mut *inner;
-            steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
+            let over = steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
             if round % 5 == 0 {
                 let swept = datapath.sweep_held(now_ns(), self.settings.timeouts.udp_ns);
                 if swept > 0 {
@@ -455,6 +455,15 @@ impl Node {
                 }
             }
             inner.save();
+            drop(inner);
+            if !over.is_empty() {
+                let n = over.len();
+                match tokio::task::spawn_blocking(move || crate::steering::forget_translations(&over)).await {
+                    Ok(Ok(deleted)) => tracing::debug!(released = n, deleted, "stale conntrack entries of released flows deleted"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "deleting stale conntrack entries"),
+                    Err(e) => tracing::warn!(error = %e, "deleting stale conntrack entries"),
+                }
+            }
         }
     }
 

@@ -76,6 +76,69 @@ pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
         .collect())
 }
 
+/// Deletes the conntrack entries of these flows (by their original tuple).
+/// A pinned flow's packets bypass netfilter, so its entry never sees the flow
+/// close: it would stay ESTABLISHED for days, fill the table, and send a new
+/// connection that reuses the tuple to the old backend. Blocking: run it with
+/// `spawn_blocking`. The `conntrack` crate only dumps; the request is built
+/// with netlink-packet-netfilter. Returns how many entries were deleted
+/// (one already gone is no error).
+pub fn forget_translations(flows: &[Translation]) -> anyhow::Result<usize> {
+    use anyhow::Context as _;
+    use netlink_packet_core_09::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_netfilter::{
+        NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
+        conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
+    };
+    use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
+
+    if flows.is_empty() {
+        return Ok(0);
+    }
+    let mut socket = Socket::new(NETLINK_NETFILTER).context("opening ctnetlink")?;
+    socket.bind_auto().context("binding ctnetlink")?;
+    socket.connect(&NlAddr::new(0, 0)).context("connecting ctnetlink")?;
+    let mut deleted = 0;
+    for (seq, t) in (1u32..).zip(flows) {
+        let family = if t.orig_src.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
+        let proto = if t.proto == PROTO_TCP { Protocol::Tcp } else { Protocol::Udp };
+        let tuple = ConntrackAttribute::CtaTupleOrig(vec![
+            Tuple::Ip(vec![IPTuple::SourceAddress(t.orig_src.ip()), IPTuple::DestinationAddress(t.orig_dst.ip())]),
+            Tuple::Proto(vec![
+                ProtoTuple::Protocol(proto),
+                ProtoTuple::SourcePort(t.orig_src.port()),
+                ProtoTuple::DestinationPort(t.orig_dst.port()),
+            ]),
+        ]);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        header.sequence_number = seq;
+        let body = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), ConntrackMessage::Delete(vec![tuple]));
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(body));
+        msg.finalize();
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        socket.send(&buf, 0).context("sending a conntrack delete")?;
+        let mut reply = Vec::with_capacity(4096);
+        socket.recv(&mut reply, 0).context("reading conntrack's answer")?;
+        let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&reply)
+            .map_err(|e| anyhow::anyhow!("decoding conntrack's answer: {e}"))?;
+        if let NetlinkPayload::Error(e) = reply.payload {
+            match e.code {
+                None => deleted += 1,
+                Some(c) if c.get() == -libc::ENOENT => {}
+                Some(c) => anyhow::bail!(
+                    "deleting the conntrack entry of {} -> {}: {}",
+                    t.orig_src,
+                    t.orig_dst,
+                    std::io::Error::from_raw_os_error(-c.get())
+                ),
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PinView {
     pub proto: String,
@@ -280,8 +343,11 @@ impl Steering {
     }
 
     /// Releases pins whose flow closed, went idle (UDP), passed its deadline,
-    /// or whose pod is gone; forgets backends past their deadline.
-    pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) {
+    /// or whose pod is gone; forgets backends past their deadline. Returns the
+    /// released flows that are over (closed, idle or without a pod), whose
+    /// conntrack entries are stale: for [`forget_translations`].
+    #[must_use = "the stale conntrack entries of the released flows are to be forgotten"]
+    pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) -> Vec<Translation> {
         let before = self.backends.len();
         self.backends.retain(|_, b| now < b.deadline_ns);
         if self.backends.len() != before {
@@ -309,18 +375,25 @@ impl Steering {
             };
             if let Some(why) = why {
                 tracing::info!(client = %p.view.client, backend = %p.view.backend, why, "released pinned flow");
-                release.push(*fwd);
+                release.push((*fwd, why != "deadline"));
             }
         }
-        for fwd in release {
+        let mut over = Vec::new();
+        for (fwd, is_over) in release {
             if let Some(p) = self.pins.remove(&fwd) {
                 self.changes += 1;
                 self.by_rev.remove(&p.rev);
                 dp.pin_remove(&fwd);
                 dp.pin_remove(&p.rev);
+                // A flow released at its deadline may still be alive: its
+                // entry keeps sending it to the old backend, as without us.
+                if is_over {
+                    over.push(p.translation);
+                }
             }
         }
         dp.note_pins_gone();
+        over
     }
 
     /// The pin of a flow seen from its pod's side (pod → peer is the reverse direction).

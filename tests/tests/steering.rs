@@ -29,7 +29,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use conndrain_tests::{Agent, Cli, Netns, require_root, unique_tag};
+use conndrain_tests::{Agent, Cli, Netns, TIMEOUT, require_root, unique_tag, wait_until};
 use conndrain_tests::kubeproxy::{self, 
     Backend, CLIENT_V4, CLIENT_V6, Cluster, Conversation, KubeProxy, NODE_A_LINK_V4,
     NODE_A_LINK_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, PodApp, Protocol, Reply,
@@ -679,6 +679,44 @@ fn tcp_resets_when_pinned_pod_goes(backend: Backend) -> Result<()> {
     }
     let status = cli.status()?;
     ensure!(status["steering"]["resets_sent"].as_u64() >= Some(1), "{status:#}");
+    Ok(())
+}
+
+/// A pinned flow's packets bypass netfilter, so conntrack never sees it
+/// close. Once the pin of a closed flow is released, the agent deletes the
+/// stale entry: left alone it stays ESTABLISHED for days, fills the table, and
+/// a new connection reusing the tuple would follow it to the old pod.
+#[test]
+fn with_agent_a_closed_pinned_flow_leaves_no_conntrack_entry() -> Result<()> {
+    let bed = Bed::new(Backend::Iptables)?;
+    let (_agent, cli) = agent_for(&bed, "a1")?;
+    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
+    let conv = Conversation::landing_on(bed.client(), to, None, "a1")?;
+    conv.expect_steady(5)?;
+    let client = conv.local_addr();
+    terminate_and_check_pinned(&cli, "a1", to, client)?;
+    bed.sync(&["a2", "b1"])?;
+    conv.expect_steady(3)?;
+    let ct = bed.node_a().conntrack()?;
+    let entry = entry_of(&ct, client, to)
+        .with_context(|| format!("the pinned stream's conntrack entry is there:\n{ct}"))?;
+    ensure!(entry.contains("ESTABLISHED"), "the pinned stream's entry: {entry}");
+
+    // The client hangs up: FIN both ways, steered past netfilter.
+    drop(conv);
+    let pinned = |s: &Value| {
+        s["steering"]["pins"]
+            .as_array()
+            .is_some_and(|pins| pins.iter().any(|p| p["client"] == client.to_string()))
+    };
+    wait_until("the closed flow's pin to be released", TIMEOUT, || cli.status(), |s| !pinned(s))?;
+    wait_until(
+        "the closed flow's conntrack entry to be gone",
+        TIMEOUT,
+        || bed.node_a().conntrack(),
+        |ct| entry_of(ct, client, to).is_none(),
+    )
+    .context("the agent deletes the stale conntrack entry of a released pinned flow")?;
     Ok(())
 }
 
