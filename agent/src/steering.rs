@@ -180,6 +180,8 @@ struct Pinned {
     pinned_ns: u64,
     closed_ns: Option<u64>,
     dead_ns: Option<u64>,
+    /// Its conntrack entry was deleted (the flow is over).
+    ct_forgotten: bool,
 }
 
 /// How long a closed or dead pin lingers: late FIN/ACKs still go the pinned
@@ -255,7 +257,7 @@ impl Steering {
                 p.view.dead = true;
                 if let Some(mut pin) = dp.pin(fwd) {
                     pin.flags |= pin_flags::DEAD;
-                    if let Err(e) = dp.pin_insert(fwd, &pin) {
+                    if let Err(e) = dp.pin_update(fwd, &pin) {
                         tracing::warn!(error = %e, "marking pin dead");
                     }
                 }
@@ -297,6 +299,7 @@ impl Steering {
                     pinned_ns: now,
                     closed_ns: None,
                     dead_ns: None,
+                    ct_forgotten: false,
                 },
             );
         }
@@ -354,13 +357,28 @@ impl Steering {
             self.changes += 1;
         }
         let mut release = Vec::new();
+        let mut over = Vec::new();
         for (fwd, p) in &mut self.pins {
-            let (f, r) = (dp.pin(fwd).unwrap_or_default(), dp.pin(&p.rev).unwrap_or_default());
+            let Some(f) = dp.pin(fwd) else {
+                // The programs dropped it: a new connection (a pure SYN)
+                // reused the tuple. Its conntrack entry is the new one's now.
+                tracing::info!(client = %p.view.client, backend = %p.view.backend, why = "tuple reused", "released pinned flow");
+                release.push((*fwd, false));
+                continue;
+            };
+            let r = dp.pin(&p.rev).unwrap_or_default();
             let last = f.last_seen_ns.max(r.last_seen_ns).max(p.pinned_ns);
             let closed = (f.flags & r.flags & pin_flags::FIN != 0) || ((f.flags | r.flags) & pin_flags::RST != 0);
             if closed && p.closed_ns.is_none() {
                 p.closed_ns = Some(now);
                 self.changes += 1;
+            }
+            // Stale from the moment the flow is over (closed, or its pod
+            // gone), not only once the pin lingered out: a new connection
+            // that reuses the tuple meanwhile must not follow it.
+            if !p.ct_forgotten && (p.closed_ns.is_some() || p.dead_ns.is_some()) {
+                p.ct_forgotten = true;
+                over.push(p.translation.clone());
             }
             let why = if p.closed_ns.is_some_and(|c| now >= c + LINGER_NS) {
                 Some("closed")
@@ -378,7 +396,6 @@ impl Steering {
                 release.push((*fwd, why != "deadline"));
             }
         }
-        let mut over = Vec::new();
         for (fwd, is_over) in release {
             if let Some(p) = self.pins.remove(&fwd) {
                 self.changes += 1;
@@ -387,7 +404,7 @@ impl Steering {
                 dp.pin_remove(&p.rev);
                 // A flow released at its deadline may still be alive: its
                 // entry keeps sending it to the old backend, as without us.
-                if is_over {
+                if is_over && !p.ct_forgotten {
                     over.push(p.translation);
                 }
             }
@@ -477,6 +494,7 @@ impl Steering {
                     pinned_ns: p.pinned_ns,
                     closed_ns: p.closed_ns,
                     dead_ns: p.dead_ns,
+                    ct_forgotten: false,
                 },
             );
         }
@@ -535,6 +553,7 @@ impl Steering {
                     pinned_ns: now,
                     closed_ns: None,
                     dead_ns: (pin.flags & pin_flags::DEAD != 0).then_some(now),
+                    ct_forgotten: false,
                 },
             );
             adopted += 1;

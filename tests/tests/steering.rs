@@ -682,6 +682,18 @@ fn tcp_resets_when_pinned_pod_goes(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// A stream from the client through the ClusterIP to a1, pinned by the agent
+/// when a1 terminates, with kube-proxy synced without a1.
+fn pinned_stream_to_a1(bed: &Bed) -> Result<(Agent, Cli, Conversation, SocketAddr)> {
+    let (agent, cli) = agent_for(bed, "a1")?;
+    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
+    let conv = Conversation::landing_on(bed.client(), to, None, "a1")?;
+    conv.expect_steady(3)?;
+    terminate_and_check_pinned(&cli, "a1", to, conv.local_addr())?;
+    bed.sync(&["a2", "b1"])?;
+    Ok((agent, cli, conv, to))
+}
+
 /// A pinned flow's packets bypass netfilter, so conntrack never sees it
 /// close. Once the pin of a closed flow is released, the agent deletes the
 /// stale entry: left alone it stays ESTABLISHED for days, fills the table, and
@@ -689,13 +701,8 @@ fn tcp_resets_when_pinned_pod_goes(backend: Backend) -> Result<()> {
 #[test]
 fn with_agent_a_closed_pinned_flow_leaves_no_conntrack_entry() -> Result<()> {
     let bed = Bed::new(Backend::Iptables)?;
-    let (_agent, cli) = agent_for(&bed, "a1")?;
-    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
-    let conv = Conversation::landing_on(bed.client(), to, None, "a1")?;
-    conv.expect_steady(5)?;
+    let (_agent, cli, conv, to) = pinned_stream_to_a1(&bed)?;
     let client = conv.local_addr();
-    terminate_and_check_pinned(&cli, "a1", to, client)?;
-    bed.sync(&["a2", "b1"])?;
     conv.expect_steady(3)?;
     let ct = bed.node_a().conntrack()?;
     let entry = entry_of(&ct, client, to)
@@ -717,6 +724,46 @@ fn with_agent_a_closed_pinned_flow_leaves_no_conntrack_entry() -> Result<()> {
         |ct| entry_of(ct, client, to).is_none(),
     )
     .context("the agent deletes the stale conntrack entry of a released pinned flow")?;
+    Ok(())
+}
+
+/// Client ports come round again: a new connection from the port of a
+/// pinned flow whose pod is gone (its pin is dead, lingering to answer the old
+/// flow's segments with a RST) must be placed by kube-proxy's rules and not be
+/// reset. The programs drop the pin at the new connection's SYN, and the agent
+/// deleted the old flow's stale conntrack entry when the pod went.
+#[test]
+fn with_agent_a_new_connection_on_a_dead_pins_tuple_is_placed_by_the_rules() -> Result<()> {
+    let bed = Bed::new(Backend::Iptables)?;
+    let (_agent, cli, conv, to) = pinned_stream_to_a1(&bed)?;
+    let client = conv.local_addr();
+
+    // a1 goes: its veth is down and the agent is told; the pin turns dead.
+    let host_if = bed.cluster.pod("a1").host_if().to_owned();
+    bed.cluster.node_a().ip(&["link", "set", &host_if, "down"])?;
+    cli.ok(&["pod", "remove", "a1"])?;
+    let dead = |s: &Value| {
+        s["steering"]["pins"]
+            .as_array()
+            .is_some_and(|pins| pins.iter().any(|p| p["client"] == client.to_string() && p["dead"] == true))
+    };
+    wait_until("the pin to turn dead", TIMEOUT, || cli.status(), dead)?;
+    // The agent's next sweep (each second) deletes the old flow's conntrack
+    // entry, which never saw it end: else a SYN on its tuple would follow it.
+    wait_until(
+        "the dead flow's conntrack entry to be gone",
+        TIMEOUT,
+        || bed.node_a().conntrack(),
+        |ct| entry_of(ct, client, to).is_none(),
+    )?;
+    // The client gives up on the old flow (its FIN is answered with a RST,
+    // so the port is free at once), and the same port connects again.
+    drop(conv);
+    let again = Conversation::tcp_from(bed.client(), client, to)?;
+    ensure!(again.pod() != "a1", "the new connection is not sent to the removed pod");
+    again
+        .expect_steady(5)
+        .context("a new connection reusing a dead pin's tuple works (no RST from the dead pin)")?;
     Ok(())
 }
 

@@ -378,6 +378,13 @@ impl Datapath {
         self.pins_mut()?.insert(*key, *pin, 0).map_err(|source| Error::map(maps::PINS, source))
     }
 
+    /// Rewrites an existing pin only (`BPF_EXIST`): one the programs dropped
+    /// meanwhile (its tuple reused by a new connection) stays gone.
+    pub fn pin_update(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
+        const BPF_EXIST: u64 = 2;
+        self.pins_mut()?.insert(*key, *pin, BPF_EXIST).map_err(|source| Error::map(maps::PINS, source))
+    }
+
     /// Tells the programs whether they may skip the `PINS` lookup.
     fn set_no_pins(&mut self, none: bool) -> Result<(), Error> {
         let mut config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, maps::CONFIG)?)

@@ -19,7 +19,7 @@ use conndrain_common::{FAMILY_V4, PROTO_TCP, Pin, WireKey, pin_flags, stats};
 
 use crate::{
     maps::{CONFIG, PINS, count},
-    parse::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST},
+    parse::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const AF_INET: u32 = 2;
@@ -51,6 +51,14 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
     let pin = PINS.get_ptr_mut(&key)?;
     // SAFETY: a pointer into the map value; racing updates only blur the statistics.
     let pin = unsafe { &mut *pin };
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
+        // Only established flows are pinned, so a pure SYN is a new
+        // connection reusing the tuple (of a flow that closed, or whose pod
+        // is gone): it is kube-proxy's to place. Both directions go; the
+        // agent sees the pin gone and forgets it.
+        unpin(&key, pin);
+        return None;
+    }
     pin.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     pin.packets = pin.packets.wrapping_add(1);
     if pkt.proto == PROTO_TCP {
@@ -101,6 +109,23 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         bpf_redirect_neigh(pin.ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
     } as i32;
     Some(verdict)
+}
+
+/// Removes both directions of the pin `pin` found at `key`. Not inlined:
+/// the reverse key gets a stack frame of its own (`steer`'s is near the limit).
+#[inline(never)]
+fn unpin(key: &WireKey, pin: &Pin) {
+    let rev = WireKey {
+        src: pin.new_dst,
+        dst: pin.new_src,
+        sport: pin.new_dport,
+        dport: pin.new_sport,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    let _ = PINS.remove(&rev);
+    let _ = PINS.remove(key);
 }
 
 /// Offset of the L4 checksum field.

@@ -198,6 +198,21 @@ impl Conversation {
         Self::start(local, to, true, exchange)
     }
 
+    /// Like [`Conversation::tcp`], from the local address `local` (a client
+    /// port used before, to reuse a flow's tuple).
+    pub fn tcp_from(client: &Netns, local: SocketAddr, to: SocketAddr) -> Result<Self> {
+        let connect = || -> std::io::Result<TcpStream> {
+            let sock = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&local.into())?;
+            sock.connect_timeout(&to.into(), NO_REPLY)?;
+            Ok(sock.into())
+        };
+        let stream = run_in(client, connect)?.with_context(|| format!("connecting to {to} from {local}"))?;
+        let (local, exchange) = tcp_exchange_on(stream)?;
+        Self::start(local, to, true, exchange)
+    }
+
     /// Opens a UDP session (a connected socket, so one 5-tuple) from `client`
     /// to `to` with session id `session`, and starts talking once the first
     /// answer came. A request is sent up to three times, a second apart,
@@ -391,6 +406,11 @@ fn tcp_exchange(
 ) -> Result<(SocketAddr, impl FnMut() -> Reply + Send + 'static)> {
     let stream = run_in(client, || TcpStream::connect_timeout(&to, NO_REPLY))?
         .with_context(|| format!("connecting to {to} from {}", client.name()))?;
+    tcp_exchange_on(stream)
+}
+
+/// The request/answer step over a connected `stream`.
+fn tcp_exchange_on(stream: TcpStream) -> Result<(SocketAddr, impl FnMut() -> Reply + Send + 'static)> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(NO_REPLY))?;
     stream.set_write_timeout(Some(NO_REPLY))?;
