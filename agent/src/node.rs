@@ -458,9 +458,9 @@ impl Node {
             drop(inner);
             if !over.is_empty() {
                 let n = over.len();
-                match tokio::task::spawn_blocking(move || crate::steering::forget_translations(&over)).await {
-                    Ok(Ok(deleted)) => tracing::debug!(released = n, deleted, "stale conntrack entries of released flows deleted"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "deleting stale conntrack entries"),
+                let forgotten = tokio::task::spawn_blocking(move || crate::steering::forget_translations(&over)).await;
+                match forgotten.map_err(anyhow::Error::from).and_then(|r| r) {
+                    Ok(deleted) => tracing::debug!(over = n, deleted, "stale conntrack entries of finished flows deleted"),
                     Err(e) => tracing::warn!(error = %e, "deleting stale conntrack entries"),
                 }
             }

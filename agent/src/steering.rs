@@ -347,9 +347,9 @@ impl Steering {
 
     /// Releases pins whose flow closed, went idle (UDP), passed its deadline,
     /// or whose pod is gone; forgets backends past their deadline. Returns the
-    /// released flows that are over (closed, idle or without a pod), whose
+    /// flows that are over (closed, without a pod, or released idle), whose
     /// conntrack entries are stale: for [`forget_translations`].
-    #[must_use = "the stale conntrack entries of the released flows are to be forgotten"]
+    #[must_use = "the stale conntrack entries of finished flows are to be forgotten"]
     pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) -> Vec<Translation> {
         let before = self.backends.len();
         self.backends.retain(|_, b| now < b.deadline_ns);
@@ -393,18 +393,19 @@ impl Steering {
             };
             if let Some(why) = why {
                 tracing::info!(client = %p.view.client, backend = %p.view.backend, why, "released pinned flow");
-                release.push((*fwd, why != "deadline"));
+                // Closed and dead flows were forgotten above; one released
+                // at its deadline may still be alive: its entry keeps sending
+                // it to the old backend, as without us.
+                release.push((*fwd, why == "idle"));
             }
         }
-        for (fwd, is_over) in release {
+        for (fwd, idle) in release {
             if let Some(p) = self.pins.remove(&fwd) {
                 self.changes += 1;
                 self.by_rev.remove(&p.rev);
                 dp.pin_remove(&fwd);
                 dp.pin_remove(&p.rev);
-                // A flow released at its deadline may still be alive: its
-                // entry keeps sending it to the old backend, as without us.
-                if is_over && !p.ct_forgotten {
+                if idle && !p.ct_forgotten {
                     over.push(p.translation);
                 }
             }

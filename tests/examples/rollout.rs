@@ -1301,7 +1301,14 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                 if version > FIRST_VERSION + 1 {
                     // Seed 000's redeployer: the next update once the last one's
                     // version answers (its old pods may still be terminating).
-                    let seen = wait_for(Duration::from_secs(30), || monitor.has_answered(version - 1))?;
+                    let seen = conndrain_tests::wait_until(
+                        "the monitor to see the new version",
+                        Duration::from_secs(30),
+                        || Ok(monitor.has_answered(version - 1)),
+                        |seen| *seen,
+                    )
+                    .is_ok();
+                    check_interrupted()?;
                     shared.event(if seen {
                         format!("the monitor got answers from v{}: redeploying", version - 1)
                     } else {
@@ -1389,18 +1396,6 @@ fn plan(replacements: usize, rollouts: usize) -> Vec<Vec<PodSpot>> {
     (0..=rollouts)
         .map(|_| nodes.iter().map(|&n| name(n)).collect())
         .collect()
-}
-
-/// Polls `done` until it holds or `within` passes; false then.
-fn wait_for(within: Duration, done: impl Fn() -> bool) -> Result<bool> {
-    let end = Instant::now() + within;
-    while !done() {
-        if Instant::now() >= end {
-            return Ok(false);
-        }
-        conndrain_tests::sleep(Duration::from_millis(100))?;
-    }
-    Ok(true)
 }
 
 /// The node IP of `node`, where its pods' preStop hooks reach its agent.

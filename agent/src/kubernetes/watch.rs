@@ -1,6 +1,6 @@
 //! Watches this node's Pods (kube-rs watcher + reflector, with a shorter
-//! backoff than its default) and reconciles the node model with them after every change:
-//! register pod IPs, start draining on deletionTimestamp, forget removed pods.
+//! backoff than its default) and reconciles the node model with them after
+//! every change: register pod IPs, start draining on deletionTimestamp, forget removed pods.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,6 +17,7 @@ use kube::{
 };
 
 use super::{Settings, report::Reporter};
+use crate::{api::Terminate, node::Node};
 
 /// kube-rs' default backoff (client-go's: up to 30 s) lets the agent sleep
 /// through half a minute of pod deletions after an API server outage, and a
@@ -32,7 +33,6 @@ fn watch_backoff() -> watcher::ExponentialBackoff {
         .without_max_times()
         .into()
 }
-use crate::{api::Terminate, node::Node};
 
 /// What the node should know about one pod.
 #[derive(Debug, PartialEq)]
