@@ -11,6 +11,7 @@ pub mod cli;
 pub mod datapath;
 pub mod drain;
 pub mod error;
+pub mod flowindex;
 pub mod kubernetes;
 pub mod metrics;
 pub mod node;

@@ -17,9 +17,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::{
-    api::{FlowView, InterfaceView, MapFill, MapsView, PodView, StatsView, Status, SteeringView, WaitOutcome, Why},
+    api::{
+        FlowView, InterfaceView, MapFill, MapsView, PodView, SocketView, SocketsWhy, StatsView, Status, SteeringView,
+        WaitOutcome, Why,
+    },
     datapath::{self, Datapath},
-    drain::{self, FlowClass, FlowCounts, Observation, PodState, Termination, Timeouts},
+    drain::{self, FlowClass, Observation, PodState, Termination, Timeouts},
+    flowindex::{FlowIndex, SocketEvidence, SocketHold},
     metrics::{Metrics, OutcomeLabels, PodLabels},
 };
 
@@ -65,15 +69,49 @@ struct Pod {
     /// with a new, empty flow table waits one quiet period, for its live
     /// flows to be picked up again at their next packet.
     hold_until_ns: u64,
+    /// When it was registered (`CLOCK_MONOTONIC` ns); 0: it was already
+    /// running when this agent first saw it (its early sockets are unknown).
+    registered_ns: u64,
+    /// The kubelet's probe ports.
+    probes: Vec<u16>,
+    /// Why no attached interface sees its traffic, if none does: the pod
+    /// is then `skipped` and its preStop wait falls back to sleeping.
+    unseen: Option<String>,
+}
+
+impl Pod {
+    /// Why its sockets cannot confirm a drain, if they cannot: they are
+    /// known only if the sockets tracepoint has watched its IPs since
+    /// before its first connection.
+    fn sockets_unknown(&self, sockets_since_ns: u64) -> Option<String> {
+        if self.registered_ns == 0 {
+            Some("it was already running when conndrain first saw it: connections opened before are not known".into())
+        } else if self.registered_ns < sockets_since_ns {
+            Some("the sockets tracepoint was not attached all along since it was registered (agent restarted without its pinned link)".into())
+        } else {
+            None
+        }
+    }
+}
+
+/// How a pod is declared.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodSpec {
+    /// Ports the kubelet probes: new connections from the node's own
+    /// processes to them do not restart the quiet period.
+    pub probe_ports: Vec<u16>,
+    /// Already running before this agent could watch it (Kubernetes mode,
+    /// first sync): its sockets cannot confirm a drain.
+    pub preexisting: bool,
 }
 
 struct Inner {
     datapath: Datapath,
     pods: BTreeMap<String, Pod>,
     by_slot: HashMap<u32, String>,
-    /// Live flows per pod slot, with the `first_seen_ns` that identifies their
-    /// incarnation: built from events, so the drain path never scans the table.
-    index: HashMap<u32, HashMap<FlowKey, u64>>,
+    /// Live flows per pod slot: built from events, so the drain path never
+    /// scans the table (see `flowindex.rs`).
+    index: FlowIndex,
     events_received: u64,
     /// Pods we know of but do not track, with the reason.
     skipped: BTreeMap<String, String>,
@@ -128,6 +166,10 @@ struct SavedPod {
     name: String,
     slot: u32,
     ips: Vec<IpAddr>,
+    #[serde(default)]
+    registered_ns: u64,
+    #[serde(default)]
+    probes: Vec<u16>,
     termination: Option<SavedTermination>,
 }
 
@@ -230,7 +272,7 @@ impl Node {
                 datapath,
                 pods: BTreeMap::new(),
                 by_slot: HashMap::new(),
-                index: HashMap::new(),
+                index: FlowIndex::default(),
                 events_received: 0,
                 skipped: BTreeMap::new(),
                 steering: crate::steering::Steering::default(),
@@ -307,7 +349,7 @@ impl Node {
         }
     }
 
-    pub async fn add_pod(&self, name: &str, ips: &[IpAddr]) -> Result<(), PodError> {
+    pub async fn add_pod(&self, name: &str, ips: &[IpAddr], spec: &PodSpec) -> Result<(), PodError> {
         if !valid_name(name) {
             return Err(PodError::BadName(name.to_owned()));
         }
@@ -339,12 +381,28 @@ impl Node {
             .ok_or(PodError::Full(datapath::MAX_POD_SLOTS))?;
         let mut ips = ips.to_vec();
         ips.dedup();
-        let ifindexes = inner.datapath.register_pod(slot, &ips).await?;
-        tracing::info!(pod = name, ?ips, slot, "pod added");
+        let registered = inner.datapath.register_pod(slot, &ips, &spec.probe_ports).await?;
+        tracing::info!(pod = name, ?ips, slot, probes = ?spec.probe_ports, "pod added");
+        if let Some(why) = &registered.unseen {
+            tracing::warn!(pod = name, reason = %why, "pod skipped: conndrain cannot see its traffic");
+        }
         inner.by_slot.insert(slot, name.to_owned());
-        inner.index.insert(slot, HashMap::new());
-        let (state, _) = watch::channel(PodState::Serving);
-        inner.pods.insert(name.to_owned(), Pod { slot, ips, ifindexes, termination: None, state, hold_until_ns: 0 });
+        inner.index.add_slot(slot);
+        let (state, _) = watch::channel(if registered.unseen.is_some() { PodState::Skipped } else { PodState::Serving });
+        inner.pods.insert(
+            name.to_owned(),
+            Pod {
+                slot,
+                ips,
+                ifindexes: registered.ifindexes,
+                termination: None,
+                state,
+                hold_until_ns: 0,
+                registered_ns: if spec.preexisting { 0 } else { now_ns() },
+                probes: spec.probe_ports.clone(),
+                unseen: registered.unseen,
+            },
+        );
         inner.touch();
         inner.save();
         Ok(())
@@ -372,7 +430,9 @@ impl Node {
             new_inbound_at_start: counters.new_inbound_total,
             outcome: None,
         });
-        pod.state.send_replace(PodState::Draining);
+        if pod.unseen.is_none() {
+            pod.state.send_replace(PodState::Draining);
+        }
         let ips = pod.ips.clone();
         inner.hold(name, slot);
         inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
@@ -487,20 +547,7 @@ impl Node {
                 wake = true;
                 steer |= ev.kind == event_kind::NEW || ev.kind == event_kind::ESTABLISHED;
             }
-            let Some(flows) = inner.index.get_mut(&ev.pod_slot) else { continue };
-            match ev.kind {
-                // Half-open TCP flows are not indexed: a SYN flood must not grow it.
-                event_kind::NEW if ev.key.proto == PROTO_UDP => {
-                    flows.insert(ev.key, ev.first_seen_ns);
-                }
-                event_kind::ESTABLISHED => {
-                    flows.insert(ev.key, ev.first_seen_ns);
-                }
-                event_kind::CLOSED => {
-                    flows.remove(&ev.key);
-                }
-                _ => {}
-            }
+            inner.index.on_event(ev);
         }
         drop(inner);
         if wake {
@@ -537,21 +584,28 @@ impl Node {
             .filter(|(_, p)| p.termination.as_ref().is_some_and(|t| t.outcome.is_none()))
             .map(|(n, _)| n.clone())
             .collect();
+        let sockets_since = inner.datapath.sockets_since_ns;
         for name in names {
-            let Some(slot) = inner.pods.get(&name).map(|p| p.slot) else { continue };
+            let Some(slot) = inner.pods.get(&name).filter(|p| p.unseen.is_none()).map(|p| p.slot) else { continue };
             let Ok(counters) = inner.datapath.counters(slot) else { continue };
-            let (counts, flow_next, _) = inner.classify_pod(slot, now, t, false);
+            let Inner { index, datapath, .. } = &mut *inner;
+            // Sockets first: one whose event was lost is indexed by it, and counted below.
+            let sockets = index.sockets(datapath, slot, now, t);
+            let (counts, flow_next, _) = index.classify_pod(datapath, slot, now, t, false);
             let Some(pod) = inner.pods.get_mut(&name) else { continue };
             if now < pod.hold_until_ns {
                 next = Some(next.map_or(pod.hold_until_ns, |n: u64| n.min(pod.hold_until_ns)));
                 continue;
             }
+            let unknown = pod.sockets_unknown(sockets_since);
             let Some(term) = pod.termination.as_mut() else { continue };
             let verdict = term.evaluate(&Observation {
                 now_ns: now,
                 counts,
                 new_inbound_total: counters.new_inbound_total,
                 last_new_inbound_ns: counters.last_new_inbound_ns,
+                sockets_holding: sockets.holding.len() as u64,
+                sockets_complete: unknown.is_none() && sockets.incomplete.is_none(),
             });
             if verdict.state != *pod.state.borrow() {
                 tracing::info!(
@@ -559,6 +613,8 @@ impl Node {
                     state = ?verdict.state,
                     after_s = secs(now - term.started_ns),
                     active = counts.active,
+                    open_sockets = sockets.open,
+                    sockets_holding = sockets.holding.len(),
                     "drain state"
                 );
                 pod.state.send_replace(verdict.state);
@@ -573,6 +629,7 @@ impl Node {
                 next = Some(next.map_or(t, |n: u64| n.min(t)));
             }
         }
+        self.metrics.flows_evicted.inc_by(std::mem::take(&mut inner.index.evicted));
         if changed {
             inner.touch();
             inner.save();
@@ -598,6 +655,7 @@ impl Node {
             quiet_for_secs: None,
             quiet_period_secs: None,
             interfaces: Vec::new(),
+            open_sockets: 0,
             note: Some(reason.clone()),
         }));
         out
@@ -613,10 +671,24 @@ impl Node {
         let now = now_ns();
         let t = self.settings.timeouts;
         let pod = inner.view(name, now, t).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
-        let slot = inner.pods.get(name).map(|p| p.slot).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
-        let (_, _, flows) = inner.classify_pod(slot, now, t, true);
+        let (slot, probes, unknown) = inner
+            .pods
+            .get(name)
+            .map(|p| (p.slot, p.probes.clone(), p.sockets_unknown(inner.datapath.sockets_since_ns)))
+            .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        let Inner { index, datapath, .. } = &mut *inner;
+        let sockets = index.sockets(datapath, slot, now, t);
+        let (_, _, flows) = index.classify_pod(datapath, slot, now, t, true);
+        let flows: Vec<FlowView> = flows.iter().map(|(k, v, c)| flow_view(name, k, v, *c, now)).collect();
         let (holding, not_holding) = flows.into_iter().partition(|f| f.active);
-        Ok(Why { pod, holding, not_holding, idle_timeout_secs: secs(t.idle_ns) })
+        Ok(Why {
+            pod,
+            holding,
+            not_holding,
+            idle_timeout_secs: secs(t.idle_ns),
+            sockets: sockets_why(&sockets, unknown),
+            probe_ports: probes,
+        })
     }
 
     /// Every live flow of the registered pods (or of one), from a walk of the
@@ -703,8 +775,12 @@ impl Node {
             let inner = self.inner.lock().await;
             inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?.state.subscribe()
         };
+        // Skipped (its traffic cannot be seen) answers at once: the caller falls back.
         let waited = async {
-            rx.wait_for(|s| s.is_final()).await.map(|s| *s).map_err(|_| PodError::Removed(name.to_owned()))
+            rx.wait_for(|s| s.is_final() || *s == PodState::Skipped)
+                .await
+                .map(|s| *s)
+                .map_err(|_| PodError::Removed(name.to_owned()))
         };
         let (state, timed_out) = match timeout {
             Some(t) => match tokio::time::timeout(t, waited).await {
@@ -761,8 +837,8 @@ impl Node {
             Ok(flows) => {
                 for (k, v) in flows {
                     let live = k.proto == PROTO_UDP || tcp_state::is_active(v.state);
-                    if live && let Some(index) = inner.index.get_mut(&v.pod_slot) {
-                        index.insert(k, v.first_seen_ns);
+                    if live && inner.by_slot.contains_key(&v.pod_slot) {
+                        inner.index.insert(v.pod_slot, k, v.first_seen_ns);
                         indexed += 1;
                     }
                 }
@@ -851,7 +927,12 @@ impl Inner {
                 Some(t) => t.outcome.map_or(PodState::Draining, |(s, _)| s),
             };
             self.by_slot.insert(p.slot, p.name.clone());
-            self.index.insert(p.slot, HashMap::new());
+            self.index.add_slot(p.slot);
+            if !p.probes.is_empty()
+                && let Err(e) = self.datapath.set_probes(p.slot, &p.probes)
+            {
+                tracing::warn!(pod = %p.name, error = %e, "restoring the pod's probe ports");
+            }
             self.restored.insert(p.name.clone());
             if termination.is_some() {
                 self.restored_drains.insert(p.name.clone());
@@ -867,7 +948,20 @@ impl Inner {
                 }
                 _ => 0,
             };
-            self.pods.insert(p.name, Pod { slot: p.slot, ips: p.ips, ifindexes, termination, state, hold_until_ns });
+            self.pods.insert(
+                p.name,
+                Pod {
+                    slot: p.slot,
+                    ips: p.ips,
+                    ifindexes,
+                    termination,
+                    state,
+                    hold_until_ns,
+                    registered_ns: p.registered_ns,
+                    probes: p.probes,
+                    unseen: None,
+                },
+            );
         }
     }
 
@@ -881,7 +975,7 @@ impl Inner {
             steering.mark_dead(datapath, &pod.ips, now_ns());
         }
         self.by_slot.remove(&pod.slot);
-        let known: Vec<FlowKey> = self.index.remove(&pod.slot).map(|i| i.into_keys().collect()).unwrap_or_default();
+        let known: Vec<FlowKey> = self.index.remove_slot(pod.slot);
         self.datapath.unregister_pod(pod.slot, &pod.ips, &pod.ifindexes, &known);
         tracing::info!(pod = name, "pod removed");
         Ok(())
@@ -890,7 +984,7 @@ impl Inner {
     /// Keeps a draining pod's flows out of the LRU's reach (see
     /// `datapath/held.rs`).
     fn hold(&mut self, name: &str, slot: u32) {
-        let known: Vec<FlowKey> = self.index.get(&slot).map(|i| i.keys().copied().collect()).unwrap_or_default();
+        let known: Vec<FlowKey> = self.index.keys(slot);
         match self.datapath.hold_pod(slot, &known) {
             Ok(moved) => tracing::debug!(pod = name, moved, "flows held for the drain"),
             Err(e) => tracing::warn!(
@@ -928,6 +1022,8 @@ impl Inner {
                     name: name.clone(),
                     slot: pod.slot,
                     ips: pod.ips.clone(),
+                    registered_ns: pod.registered_ns,
+                    probes: pod.probes.clone(),
                     termination: pod.termination.as_ref().map(|t| SavedTermination {
                         started_ns: t.started_ns,
                         deadline_ns: t.deadline_ns,
@@ -960,60 +1056,12 @@ impl Inner {
         }
     }
 
-    /// Counts the pod's indexed flows by point lookups (never a table walk).
-    /// Drops index entries whose flow is gone or was replaced (evicted or
-    /// timed out). Returns the counts, the next time a flow changes class on
-    /// its own, and the flows themselves when `collect`.
-    fn classify_pod(&mut self, slot: u32, now: u64, t: Timeouts, collect: bool) -> (FlowCounts, Option<u64>, Vec<FlowView>) {
-        let mut counts = FlowCounts::default();
-        let mut next: Option<u64> = None;
-        let mut views = Vec::new();
-        let name = self.by_slot.get(&slot).cloned().unwrap_or_default();
-        let Some(flows) = self.index.get(&slot) else { return (counts, None, views) };
-        let mut gone = Vec::new();
-        for (key, first_seen) in flows {
-            let v = match self.datapath.flow(key) {
-                Ok(Some(v)) if v.first_seen_ns == *first_seen => v,
-                Ok(_) => {
-                    // Gone or replaced while we still counted it live: evicted.
-                    self.metrics.flows_evicted.inc();
-                    gone.push(*key);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "flow lookup");
-                    continue;
-                }
-            };
-            let (class, changes_at) = drain::classify(key.proto, &v, now, t);
-            match class {
-                FlowClass::Active => counts.active += 1,
-                FlowClass::Idle => counts.idle += 1,
-                FlowClass::Outbound => counts.outbound += 1,
-                FlowClass::Inactive => {
-                    gone.push(*key);
-                    continue;
-                }
-            }
-            if let Some(c) = changes_at {
-                next = Some(next.map_or(c, |n: u64| n.min(c)));
-            }
-            if collect {
-                views.push(flow_view(&name, key, &v, class, now));
-            }
-        }
-        if let Some(flows) = self.index.get_mut(&slot) {
-            for k in gone {
-                flows.remove(&k);
-            }
-        }
-        (counts, next, views)
-    }
-
     fn view(&mut self, name: &str, now: u64, t: Timeouts) -> Option<PodView> {
         let slot = self.pods.get(name)?.slot;
         let counters = self.datapath.counters(slot).unwrap_or_default();
-        let (counts, _, _) = self.classify_pod(slot, now, t, false);
+        let open_sockets = self.datapath.pod_sockets(slot).map(|s| s.open).unwrap_or(0);
+        let (counts, _, _) = self.index.classify_pod(&self.datapath, slot, now, t, false);
+        self.metrics.flows_evicted.inc_by(std::mem::take(&mut self.index.evicted));
         let pod = self.pods.get(name)?;
         let interfaces = pod
             .ifindexes
@@ -1042,8 +1090,31 @@ impl Inner {
             quiet_for_secs: quiet_since.map(|q| secs(now.saturating_sub(q))),
             quiet_period_secs: term.map(|t| secs(t.quiet_period_ns)),
             interfaces,
-            note: None,
+            note: pod.unseen.clone(),
+            open_sockets,
         })
+    }
+}
+
+fn sockets_why(ev: &SocketEvidence, unknown: Option<String>) -> SocketsWhy {
+    let addr = |k: &FlowKey, bytes, port| SocketAddr::new(datapath::ip_from_bytes(bytes, k.family), port).to_string();
+    SocketsWhy {
+        open: ev.open,
+        confirms_drain: unknown.is_none() && ev.incomplete.is_none(),
+        note: unknown.or_else(|| ev.incomplete.clone()),
+        holding: ev
+            .holding
+            .iter()
+            .map(|h| SocketView {
+                pod_addr: addr(&h.key, h.key.pod_addr, h.key.pod_port),
+                peer_addr: addr(&h.key, h.key.peer_addr, h.key.peer_port),
+                why: match h.why {
+                    SocketHold::Unseen => "open socket whose packets conndrain never saw (another path, or evicted)",
+                    SocketHold::Misread => "open socket the packet path has as closed or outbound",
+                }
+                .to_owned(),
+            })
+            .collect(),
     }
 }
 

@@ -442,10 +442,19 @@ impl Cli {
     /// `pod add NAME --ip v4 --ip v6`, then waits until the agent reports the
     /// pod with an interface (its programs are attached).
     pub fn add_pod(&self, pod: &Pod) -> Result<PodStatus> {
+        self.add_pod_probed(pod, &[])
+    }
+
+    /// `pod add` with `--probe-port` for each of `probe_ports`.
+    pub fn add_pod_probed(&self, pod: &Pod, probe_ports: &[u16]) -> Result<PodStatus> {
         let ips: Vec<String> = pod.ips().iter().map(ToString::to_string).collect();
+        let ports: Vec<String> = probe_ports.iter().map(ToString::to_string).collect();
         let mut args = vec!["pod", "add", pod.name()];
         for ip in &ips {
             args.extend(["--ip", ip]);
+        }
+        for p in &ports {
+            args.extend(["--probe-port", p]);
         }
         self.ok(&args)?;
         self.wait_pod(pod.name(), "the pod to be attached to an interface", |p| {

@@ -96,7 +96,8 @@ async fn pod(State(node): State<Arc<Node>>, UrlPath(name): UrlPath<String>) -> A
 }
 
 async fn add_pod(State(node): State<Arc<Node>>, Json(req): Json<AddPod>) -> ApiResult<super::PodView> {
-    node.add_pod(&req.name, &req.ips).await?;
+    let spec = crate::node::PodSpec { probe_ports: req.probe_ports, preexisting: false };
+    node.add_pod(&req.name, &req.ips, &spec).await?;
     Ok(Json(node.pod(&req.name).await?))
 }
 

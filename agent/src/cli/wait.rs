@@ -39,6 +39,7 @@ pub struct Args {
 
 pub const EXIT_DEADLINE: i32 = 2;
 pub const EXIT_TIMEOUT: i32 = 3;
+pub const EXIT_SKIPPED: i32 = 4;
 
 pub async fn run(client: &Client, args: Args) -> anyhow::Result<i32> {
     let Some(name) = &args.name else {
@@ -68,6 +69,10 @@ fn report(o: &WaitOutcome) -> i32 {
             println!("{} drained after {}", o.pod, human_secs(o.waited_secs));
             0
         }
+        (false, PodState::Skipped) => {
+            eprintln!("conndrain: {} is skipped: conndrain cannot see its traffic (conndrain why {})", o.pod, o.pod);
+            EXIT_SKIPPED
+        }
         (false, _) => {
             eprintln!(
                 "conndrain: {} reached its deadline with {} active flow(s) still open",
@@ -84,6 +89,13 @@ async fn pre_stop(args: &Args) -> i32 {
         None => Err("HOST_IP is not set (add it from the downward API: status.hostIP)".to_owned()),
         Some(host) => ask_agent(host, args.port, args.timeout).await,
     };
+    let result = result.and_then(|o| {
+        if o.state == PodState::Skipped {
+            Err(format!("the agent cannot see {}'s traffic (skipped)", o.pod))
+        } else {
+            Ok(o)
+        }
+    });
     match result {
         Ok(o) => {
             report(&o);

@@ -31,7 +31,14 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         ),
         PodState::Draining => {
             let deadline = p.deadline_in_secs.map_or_else(|| "?".into(), human_secs);
-            if w.holding.is_empty() {
+            if w.holding.is_empty() && !w.sockets.holding.is_empty() {
+                println!(
+                    "{} is held by {} open socket(s) its flows do not account for; deadline in {}:",
+                    p.name,
+                    w.sockets.holding.len(),
+                    deadline
+                );
+            } else if w.holding.is_empty() {
                 let quiet = p.quiet_for_secs.unwrap_or(0.0);
                 let period = p.quiet_period_secs.unwrap_or(0.0);
                 println!(
@@ -63,6 +70,24 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             f.bytes_in,
             f.bytes_out
         );
+    }
+    let s = &w.sockets;
+    if p.state != PodState::Skipped {
+        println!(
+            "Its own sockets: {} open inbound TCP connection(s){}.",
+            s.open,
+            if s.confirms_drain { "; a drain is confirmed against them" } else { "" }
+        );
+        if let Some(note) = &s.note {
+            println!("  They cannot confirm a drain, so it goes to its deadline: {note}.");
+        }
+        for h in &s.holding {
+            println!("  tcp from {} to {}: {}", h.peer_addr, h.pod_addr, h.why);
+        }
+    }
+    if !w.probe_ports.is_empty() {
+        let ports: Vec<String> = w.probe_ports.iter().map(u16::to_string).collect();
+        println!("Probe ports (the node's own connections to them do not restart the quiet period): {}", ports.join(", "));
     }
     if !w.not_holding.is_empty() {
         println!("Not holding it:");

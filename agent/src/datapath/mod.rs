@@ -7,6 +7,7 @@ pub mod features;
 mod held;
 mod pinning;
 mod route;
+mod sockets;
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
@@ -19,7 +20,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use conndrain_common::{
-    Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, WireKey, maps, stats,
+    Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue,
+    WireKey, maps, stats,
 };
 
 pub use attach::AttachMode;
@@ -70,6 +72,19 @@ pub struct Datapath {
     old_flows: Option<MapData>,
     /// On exit (drop), leave the programs attached for the next agent.
     keep_on_exit: bool,
+    /// The sockets tracepoint (`sockets.rs`).
+    sockets_link: Option<sockets::SocketsLink>,
+    /// Since when (`CLOCK_MONOTONIC` ns) the sockets tracepoint has run
+    /// without a gap: sockets opened before it are not known.
+    pub sockets_since_ns: u64,
+}
+
+/// What registering a pod found.
+#[derive(Debug)]
+pub struct Registered {
+    pub ifindexes: Vec<u32>,
+    /// Why no attached interface sees this pod's own traffic, if none does.
+    pub unseen: Option<String>,
 }
 
 impl Datapath {
@@ -99,17 +114,26 @@ impl Datapath {
                 "maps pinned"
             );
         }
+        let earlier_since = {
+            let config: Array<_, Config> = Array::try_from(map(&ebpf, maps::CONFIG)?)
+                .map_err(|source| Error::map(maps::CONFIG, source))?;
+            config.get(&0, 0).map(|c| c.sockets_since_ns).unwrap_or(0)
+        };
+        fill_node_addrs(&mut ebpf)?;
+        let mode = attach::load_programs(&mut ebpf, opts.attach)?;
+        let (sockets_link, continuous) = sockets::attach(&mut ebpf, pins.as_ref())?;
+        let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
+        let sockets_since_ns =
+            if continuous && kept && earlier_since != 0 { earlier_since } else { crate::node::now_ns() };
         {
             let mut config: Array<_, Config> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
             config
                 // no_pins 0: pins may be left from an earlier agent; the
                 // steering loop says otherwise once it knows.
-                .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0 }, 0)
+                .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0, sockets_since_ns }, 0)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
         }
-        fill_node_addrs(&mut ebpf)?;
-        let mode = attach::load_programs(&mut ebpf, opts.attach)?;
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
         let keep_on_exit = pins.is_some() && !opts.detach_on_exit;
@@ -126,6 +150,8 @@ impl Datapath {
                 reused: checked.reused,
                 old_flows: checked.old_flows,
                 keep_on_exit,
+                sockets_link: Some(sockets_link),
+                sockets_since_ns,
             },
             events,
         ))
@@ -164,9 +190,11 @@ impl Datapath {
     pub async fn restore_pod(&mut self, slot: u32, ips: &[IpAddr]) -> Vec<u32> {
         let mut ifindexes = Vec::new();
         for ip in ips {
-            match self.route.oif(*ip).await {
-                Ok(i) if !ifindexes.contains(&i) => ifindexes.push(i),
-                Ok(_) => {}
+            match self.attach_points(*ip).await {
+                Ok(route::AttachPoints::Interfaces(found)) => {
+                    ifindexes.extend(found.into_iter().filter(|i| !ifindexes.contains(i)).collect::<Vec<_>>());
+                }
+                Ok(route::AttachPoints::Unseen(_)) => {}
                 Err(e) => tracing::warn!(%ip, error = %e, "restoring a pod: no interface for this IP"),
             }
         }
@@ -251,19 +279,28 @@ impl Datapath {
     /// Registers a pod's IPs under `slot` and attaches to the interfaces that
     /// route to them. Returns the interface indexes, to hand back to
     /// `unregister_pod`. On error nothing stays registered.
-    pub async fn register_pod(&mut self, slot: u32, ips: &[IpAddr]) -> Result<Vec<u32>, Error> {
+    pub async fn register_pod(&mut self, slot: u32, ips: &[IpAddr], probes: &[u16]) -> Result<Registered, Error> {
         let mut ifindexes = Vec::new();
+        let mut unseen = None;
         for ip in ips {
-            let ifindex = self.route.oif(*ip).await?;
-            if !ifindexes.contains(&ifindex) {
-                ifindexes.push(ifindex);
+            match self.attach_points(*ip).await? {
+                route::AttachPoints::Interfaces(found) => {
+                    for i in found {
+                        if !ifindexes.contains(&i) {
+                            ifindexes.push(i);
+                        }
+                    }
+                }
+                route::AttachPoints::Unseen(why) => unseen = Some(why),
             }
         }
-        // Zero the counters and flags: the slot may have belonged to a removed pod.
+        // Zero the counters, sockets and flags: the slot may have belonged to a removed pod.
         self.pod_counters_mut()?
             .set(slot, PodCounters::default(), 0)
             .map_err(|source| Error::map(maps::POD_COUNTERS, source))?;
         self.set_pod_flags(slot, 0)?;
+        sockets::reset_slot(&mut self.ebpf, slot)?;
+        self.set_probes(slot, probes)?;
         let mut attached = Vec::new();
         for &ifindex in &ifindexes {
             if let Err(e) = self.attach(ifindex) {
@@ -287,7 +324,38 @@ impl Datapath {
                 return Err(Error::map(maps::POD_IPS, source));
             }
         }
-        Ok(ifindexes)
+        Ok(Registered { ifindexes, unseen })
+    }
+
+    /// Where to attach for `ip` (see `route::attach_points`).
+    async fn attach_points(&mut self, ip: IpAddr) -> Result<route::AttachPoints, Error> {
+        let oif = self.route.oif(ip).await?;
+        let links = self.route.links().await?;
+        Ok(route::attach_points(oif, &links))
+    }
+
+    /// The kubelet's probe ports of a pod (replacing any it had).
+    pub fn set_probes(&mut self, slot: u32, ports: &[u16]) -> Result<(), Error> {
+        let mut m: HashMap<_, ProbeKey, u8> = HashMap::try_from(map_mut(&mut self.ebpf, maps::PROBES)?)
+            .map_err(|source| Error::map(maps::PROBES, source))?;
+        let old: Vec<ProbeKey> = m.keys().filter_map(Result::ok).filter(|k| k.pod_slot == slot).collect();
+        for k in old {
+            let _ = m.remove(&k);
+        }
+        for &port in ports {
+            m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, 1, 0).map_err(|source| Error::map(maps::PROBES, source))?;
+        }
+        Ok(())
+    }
+
+    /// A pod's open inbound TCP sockets, as the sockets tracepoint counts them.
+    pub fn pod_sockets(&self, slot: u32) -> Result<PodSockets, Error> {
+        sockets::pod_sockets(&self.ebpf, slot)
+    }
+
+    /// A pod's open inbound TCP sockets themselves (a walk of `SOCKETS`).
+    pub fn open_sockets(&self, slot: u32) -> Result<Vec<SockValue>, Error> {
+        sockets::open_sockets(&self.ebpf, slot)
     }
 
     /// Unregisters a pod and removes its flows (`known`: the keys the agent
@@ -302,6 +370,9 @@ impl Datapath {
         }
         // After the IPs: the programs no longer create flows for it.
         self.forget_pod_flows(slot, known);
+        if let Err(e) = sockets::reset_slot(&mut self.ebpf, slot).and_then(|()| self.set_probes(slot, &[])) {
+            tracing::warn!(slot, error = %e, "forgetting a removed pod's sockets and probes");
+        }
         for &i in ifindexes {
             self.release(i);
         }
@@ -353,7 +424,10 @@ impl Datapath {
         unsafe {
             while (*p).if_index != 0 {
                 let name = std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy();
-                if name != "lo" {
+                // Not bridges: their ports are attached, and a packet must
+                // not meet the programs twice (on the bridge and its port).
+                let bridge = std::path::Path::new("/sys/class/net").join(&*name).join("bridge").exists();
+                if name != "lo" && !bridge {
                     indexes.push((*p).if_index);
                 }
                 p = p.add(1);
@@ -443,9 +517,12 @@ impl Datapath {
         a.get(&slot, 0).map_err(|source| Error::map(maps::POD_COUNTERS, source))
     }
 
-    /// Point lookup of one flow (`HELD` first: see `held.rs`).
+    /// Point lookup of one flow: `HELD`, `FLOWS`, then `HELD` again. Flows
+    /// only move from `FLOWS` to `HELD` (see `held.rs`), so a flow moved
+    /// between the first two reads is found by the third, instead of looking
+    /// evicted and leaving the index for good.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        for (name, table) in [(maps::HELD, self.held()?), (maps::FLOWS, self.flows()?)] {
+        for (name, table) in [(maps::HELD, self.held()?), (maps::FLOWS, self.flows()?), (maps::HELD, self.held()?)] {
             match table.get(key, 0) {
                 Ok(v) => return Ok(Some(v)),
                 Err(aya::maps::MapError::KeyNotFound) => {}
@@ -513,6 +590,9 @@ impl Datapath {
 impl Drop for Datapath {
     fn drop(&mut self) {
         let keep = self.keep_on_exit;
+        if let Some(link) = self.sockets_link.take() {
+            sockets::release(link, keep);
+        }
         for (_, iface) in self.interfaces.drain() {
             if keep {
                 attach::leave_attached(iface.links);

@@ -20,8 +20,8 @@ use std::{
 
 use aya::maps::{MapData, MapInfo, MapType};
 use conndrain_common::{
-    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey,
-    WireKey, maps, stats,
+    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, PINNED_MAPS, Pin,
+    PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, maps, stats,
 };
 
 use crate::error::Error;
@@ -112,6 +112,13 @@ impl PinDir {
         self.links.join(format!("{ifname}-{direction}"))
     }
 
+    /// Where the sockets tracepoint's link is pinned (not in `links/`, which
+    /// holds the TC links, one per interface and direction).
+    #[must_use]
+    pub fn sockets_link_path(&self) -> PathBuf {
+        self.dir.join("sockets-link")
+    }
+
     /// Every link pinned now.
     #[must_use]
     pub fn link_pins(&self) -> Vec<PathBuf> {
@@ -145,6 +152,9 @@ fn expected(name: &str, max_flows: u32) -> Option<Shape> {
         maps::PINS => s("hash", size::<WireKey>(), size::<Pin>(), MAX_PINS),
         maps::CONFIG => s("array", 4, size::<Config>(), 1),
         maps::STATS => s("percpu_array", 4, 8, stats::COUNT),
+        maps::SOCKETS => s("hash", 8, size::<SockValue>(), MAX_SOCKETS),
+        maps::POD_SOCKETS => s("array", 4, size::<PodSockets>(), MAX_PODS),
+        maps::PROBES => s("hash", size::<ProbeKey>(), 1, MAX_PODS * 4),
         _ => None,
     }
 }

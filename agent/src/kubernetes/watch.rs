@@ -17,7 +17,63 @@ use kube::{
 };
 
 use super::{Settings, report::Reporter};
-use crate::{api::Terminate, node::Node};
+use crate::{
+    api::Terminate,
+    node::{Node, PodSpec},
+};
+
+/// When this agent started: a pod whose containers started before it may
+/// have connections its sockets tracepoint never saw.
+static AGENT_START: std::sync::LazyLock<k8s_openapi::jiff::Timestamp> = std::sync::LazyLock::new(jiff_now);
+
+/// The ports the kubelet probes (readiness, liveness, startup; HTTP, TCP
+/// and gRPC), with named ports resolved through the containers' ports.
+fn probe_ports(pod: &Pod) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(spec) = pod.spec.as_ref() else { return Vec::new() };
+    let named = |name: &str| {
+        spec.containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+    };
+    let port = |p: &IntOrString| match p {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(s) => s.parse().ok().or_else(|| named(s)),
+    };
+    let mut out: Vec<u16> = spec
+        .containers
+        .iter()
+        .flat_map(|c| [&c.readiness_probe, &c.liveness_probe, &c.startup_probe])
+        .flatten()
+        .filter_map(|p| {
+            p.http_get
+                .as_ref()
+                .and_then(|h| port(&h.port))
+                .or_else(|| p.tcp_socket.as_ref().and_then(|t| port(&t.port)))
+                .or_else(|| p.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether the pod's containers (or the pod, without container statuses)
+/// started before this agent: taken as new when the API does not say.
+fn started_before_agent(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let started = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.running.as_ref()?.started_at.as_ref())
+        .map(|t| t.0)
+        .min()
+        .or_else(|| status.and_then(|s| s.start_time.as_ref()).map(|t| t.0));
+    started.is_some_and(|t| t < *AGENT_START)
+}
 
 /// kube-rs' default backoff (client-go's: up to 30 s) lets the agent sleep
 /// through half a minute of pod deletions after an API server outage, and a
@@ -37,7 +93,7 @@ fn watch_backoff() -> watcher::ExponentialBackoff {
 /// What the node should know about one pod.
 #[derive(Debug, PartialEq)]
 enum Desired {
-    Track { ips: Vec<IpAddr>, deadline_in: Option<Duration> },
+    Track { ips: Vec<IpAddr>, deadline_in: Option<Duration>, spec: PodSpec },
     Skip(&'static str),
     Ignore,
 }
@@ -68,7 +124,7 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
         let kill_in = Duration::try_from(ts.0.duration_since(jiff_now())).ok();
         kill_in.and_then(|d| d.checked_sub(margin)).unwrap_or(Duration::from_millis(100))
     });
-    Desired::Track { ips, deadline_in }
+    Desired::Track { ips, deadline_in, spec: PodSpec { probe_ports: probe_ports(pod), preexisting: started_before_agent(pod) } }
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {
@@ -82,6 +138,7 @@ pub async fn run(
     reporter: Reporter,
     synced: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    std::sync::LazyLock::force(&AGENT_START);
     let pods: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
     let (store, writer) = reflector::store();
@@ -192,9 +249,9 @@ async fn reconcile(
                     node.set_skipped(&name, Some(reason)).await;
                 }
             }
-            Desired::Track { ips, deadline_in } => {
+            Desired::Track { ips, deadline_in, spec } => {
                 if !known.contains(&name) {
-                    match node.add_pod(&name, &ips).await {
+                    match node.add_pod(&name, &ips, &spec).await {
                         Ok(()) => {
                             known.insert(name.clone());
                         }
@@ -248,12 +305,29 @@ mod tests {
             "spec": {"containers": []},
             "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "phase": "Running"}
         }));
-        let Desired::Track { ips, deadline_in } = desired(&p, Duration::from_secs(5)) else {
+        let Desired::Track { ips, deadline_in, .. } = desired(&p, Duration::from_secs(5)) else {
             panic!("expected Track");
         };
         assert_eq!(ips.len(), 2);
         let d = deadline_in.expect("deadline").as_secs_f64();
         assert!((23.0..=25.5).contains(&d), "deadline {d}");
+    }
+
+    #[test]
+    fn probe_ports_come_from_every_probe_and_named_ports() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n"},
+            "spec": {"containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"port": "http"}},
+                 "livenessProbe": {"tcpSocket": {"port": 9000}}},
+                {"name": "side", "startupProbe": {"grpc": {"port": 50051}}}
+            ]},
+            "status": {"podIP": "10.0.0.1", "startTime": "2020-01-01T00:00:00Z"}
+        }));
+        let Desired::Track { spec, .. } = desired(&p, Duration::ZERO) else { panic!("expected Track") };
+        assert_eq!(spec.probe_ports, vec![8080, 9000, 50051]);
+        assert!(spec.preexisting, "started long before this agent");
     }
 
     #[test]
