@@ -25,6 +25,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "wrk",
     "procps",
+    // Real pod networks for the tests: /usr/lib/cni/{bridge,ptp,macvlan,host-local}.
+    "containernetworking-plugins",
 ];
 
 /// Where setup installs its tools: `<workspace>/target/tools`.

@@ -230,10 +230,16 @@ pub(crate) fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 pub(crate) fn refuse_unknown(router: Router, serves: &'static str) -> Router {
     router
         .fallback(move |uri: Uri| async move {
-            error(StatusCode::NOT_FOUND, format!("no endpoint {}; {serves}", uri.path()))
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no endpoint {}; {serves}", uri.path()),
+            )
         })
         .method_not_allowed_fallback(move |method: Method, uri: Uri| async move {
-            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}; {serves}", uri.path()))
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {}; {serves}", uri.path()),
+            )
         })
 }
 
@@ -264,7 +270,10 @@ where
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // Once per spell at the limit: a flood must not flood the log too.
             if !std::mem::replace(&mut full, true) {
-                tracing::warn!(max_connections, "too many connections; closing new ones until some end");
+                tracing::warn!(
+                    max_connections,
+                    "too many connections; closing new ones until some end"
+                );
             }
             continue;
         };

@@ -32,7 +32,9 @@ use conndrain_common::stats;
 /// or (on uplinks) by clients. Tracked, then steered if their flow is pinned.
 #[classifier]
 pub fn conndrain_ingress(ctx: TcContext) -> i32 {
-    let Some(pkt) = parsed(&ctx) else { return TC_ACT_UNSPEC };
+    let Some(pkt) = parsed(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
     flow::track(&ctx, flow::Side::FromPod, &pkt);
     if !steer::any_pins() {
         return TC_ACT_UNSPEC;
