@@ -347,6 +347,11 @@ pub struct PodStatus {
     pub quiet_for_secs: Option<f64>,
     pub quiet_period_secs: Option<f64>,
     pub interfaces: Vec<String>,
+    /// Open inbound TCP sockets (the sockets tracepoint).
+    #[serde(default)]
+    pub open_sockets: u64,
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// One element of `conndrain flows -o json`.
