@@ -430,21 +430,10 @@ mod tests {
             size_of::<PodSockets>(),
             size_of::<ProbeKey>(),
         ];
-        let sizing = (
-            MAX_PODS,
-            MAX_PINS,
-            MAX_HELD,
-            MAX_SOCKETS,
-            stats::COUNT,
-            pod_flags::DRAINING,
-        );
+        let sizing = (MAX_PODS, MAX_PINS, MAX_HELD, MAX_SOCKETS, stats::COUNT, pod_flags::DRAINING);
         assert_eq!(
             (LAYOUT_VERSION, sizes, sizing),
-            (
-                3,
-                [40, 40, 16, 32, 24, 40, 80, 56, 16, 8],
-                (4096, 65_536, 65_536, 262_144, 11, 1)
-            ),
+            (3, [40, 40, 16, 32, 24, 40, 80, 56, 16, 8], (4096, 65_536, 65_536, 262_144, 11, 1)),
             "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
         );
     }
