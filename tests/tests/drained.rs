@@ -254,7 +254,7 @@ fn a_quiet_connection_the_flow_table_lost_still_holds_the_pod() -> Result<()> {
     let mut conn = TcpConn::connect(topo.client(), web.addr_v4(PORT))?;
     conn.send("GET /sleep/7")?;
     // Flows seen twice, so the LRU's active list turns over too.
-    udp_burst_twice(topo.client(), SocketAddr::new(dns.ipv4().into(), 53), 12_000)?;
+    udp_flows(topo.client(), SocketAddr::new(dns.ipv4().into(), 53), 12_000, 2)?;
     agent.cli().terminate("web", 1.0, 60.0)?;
     sleep(Duration::from_secs(3))?;
     let why = agent.cli().ok(&["why", "web"])?;
@@ -266,25 +266,19 @@ fn a_quiet_connection_the_flow_table_lost_still_holds_the_pod() -> Result<()> {
     Ok(())
 }
 
-/// Two UDP datagrams from each of `n` source ports.
-fn udp_burst_twice(from: &Netns, to: SocketAddr, n: usize) -> Result<()> {
-    conndrain_tests::run_in(from, || {
-        for _ in 0..n {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            s.send_to(b"q", to)?;
-            s.send_to(b"q", to)?;
-        }
-        Ok::<_, std::io::Error>(())
-    })?
-    .context("UDP burst")
-}
-
 /// `n` UDP datagrams from `n` source ports.
 fn udp_burst(from: &Netns, to: SocketAddr, n: usize) -> Result<()> {
+    udp_flows(from, to, n, 1)
+}
+
+/// `n` UDP flows of `each` datagrams.
+fn udp_flows(from: &Netns, to: SocketAddr, n: usize, each: usize) -> Result<()> {
     conndrain_tests::run_in(from, || {
         for _ in 0..n {
             let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            s.send_to(b"q", to)?;
+            for _ in 0..each {
+                s.send_to(b"q", to)?;
+            }
         }
         Ok::<_, std::io::Error>(())
     })?

@@ -73,22 +73,9 @@ fn ensure_tracefs() -> Result<(), Error> {
 pub fn attach(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(SocketsLink, bool), Error> {
     ensure_tracefs()?;
     let name = programs::SOCKETS;
-    let prog: &mut TracePoint = ebpf
-        .program_mut(name)
-        .ok_or(Error::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
-    prog.load().map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
-    let id = prog.attach(CATEGORY, EVENT).map_err(|source| Error::Program {
-        name,
-        op: "attaching",
-        source: Box::new(source),
-    })?;
-    let link =
-        prog.take_link(id).map_err(|source| Error::Program { name, op: "attaching", source: Box::new(source) })?;
-    let Some(pins) = pins else {
-        return Ok((SocketsLink::Owned(link), false));
-    };
+    program(ebpf)?.load().map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
+    let link = attach_link(ebpf)?;
+    let Some(pins) = pins else { return Ok((SocketsLink::Owned(link), false)) };
     let path = pins.sockets_link_path();
     // Ours runs now; the earlier agent's may go.
     let earlier = PinnedLink::from_pin(&path).ok().map(|old| {
@@ -102,30 +89,27 @@ pub fn attach(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(SocketsLink, bo
             // Kernels before 5.15 have no perf_event links to pin: the
             // tracepoint runs while we do, and a restart starts afresh.
             tracing::warn!(error = %e, "the sockets tracepoint cannot be pinned on this kernel: each restart starts its socket evidence afresh");
-            return reattach_unpinned(ebpf).map(|l| (l, false));
+            return attach_link(ebpf).map(|l| (SocketsLink::Owned(l), false));
         }
     };
     let pinned = fd.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
     Ok((SocketsLink::Pinned(pinned), earlier.is_some()))
 }
 
-fn reattach_unpinned(ebpf: &mut Ebpf) -> Result<SocketsLink, Error> {
+fn program(ebpf: &mut Ebpf) -> Result<&mut TracePoint, Error> {
     let name = programs::SOCKETS;
-    let prog: &mut TracePoint = ebpf
-        .program_mut(name)
+    ebpf.program_mut(name)
         .ok_or(Error::MissingProgram { name })?
         .try_into()
-        .map_err(|source| Error::Program { name, op: "attaching", source: Box::new(source) })?;
-    let id = prog.attach(CATEGORY, EVENT).map_err(|source| Error::Program {
-        name,
-        op: "attaching",
-        source: Box::new(source),
-    })?;
-    prog.take_link(id).map(SocketsLink::Owned).map_err(|source| Error::Program {
-        name,
-        op: "attaching",
-        source: Box::new(source),
-    })
+        .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })
+}
+
+fn attach_link(ebpf: &mut Ebpf) -> Result<aya::programs::trace_point::TracePointLink, Error> {
+    let name = programs::SOCKETS;
+    let err = |source| Error::Program { name, op: "attaching", source: Box::new(source) };
+    let prog = program(ebpf)?;
+    let id = prog.attach(CATEGORY, EVENT).map_err(err)?;
+    prog.take_link(id).map_err(err)
 }
 
 /// Leaves the pinned link attached for the next agent, or detaches it.
