@@ -57,6 +57,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub features: Features,
     pub mode: AttachMode,
+    /// The ingress program loaded: with steering, or tracking only.
+    ingress: &'static str,
     pub max_flows: u32,
     interfaces: StdHashMap<u32, Interface>,
     route: route::Router,
@@ -78,6 +80,7 @@ impl Datapath {
         if crate::EBPF_OBJECT.is_empty() {
             return Err(Error::NoEbpfObject);
         }
+        features::raise_memlock();
         let features = Features::detect();
         features.require()?;
         let pins = opts.bpffs.as_deref().map(pinning::PinDir::prepare).transpose()?;
@@ -109,7 +112,8 @@ impl Datapath {
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
         }
         fill_node_addrs(&mut ebpf)?;
-        let mode = attach::load_programs(&mut ebpf, opts.attach)?;
+        let ingress = attach::ingress_program(features.steering);
+        let mode = attach::load_programs(&mut ebpf, ingress, opts.attach)?;
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
         let keep_on_exit = pins.is_some() && !opts.detach_on_exit;
@@ -118,6 +122,7 @@ impl Datapath {
                 ebpf,
                 features,
                 mode,
+                ingress,
                 max_flows: opts.max_flows,
                 interfaces: StdHashMap::new(),
                 route,
@@ -313,7 +318,7 @@ impl Datapath {
             return Ok(());
         }
         let name = attach::ifname(ifindex)?;
-        let links = attach::attach(&mut self.ebpf, &name, ifindex, self.mode, self.pins.as_ref())?;
+        let links = attach::attach(&mut self.ebpf, self.ingress, &name, ifindex, self.mode, self.pins.as_ref())?;
         if links.adopted {
             tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached: took over the links an earlier agent pinned");
         } else {
