@@ -435,7 +435,9 @@ impl Node {
         }
         let ips = pod.ips.clone();
         inner.hold(name, slot);
-        inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
+        if inner.datapath.features.steering {
+            inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
+        }
         tracing::info!(pod = name, deadline_s = secs(deadline), quiet_s = secs(quiet), "drain started");
         inner.touch();
         inner.save();
@@ -452,6 +454,9 @@ impl Node {
     pub async fn pin_remote(&self, ip: IpAddr, limit: Duration) {
         {
             let mut inner = self.inner.lock().await;
+            if !inner.datapath.features.steering {
+                return;
+            }
             let deadline = now_ns().saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
             inner.steering.add_backend(&format!("remote {ip}"), &[ip], deadline);
             inner.save();

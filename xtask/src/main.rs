@@ -40,7 +40,9 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, build, then run every test (needs root). Args after `--` go to the test binaries.
+    /// Setup, build, then run every test (needs root), then the image stage (what
+    /// `image` does: the static musl build, checked with skopeo and umoci). Args
+    /// after `--` go to the test binaries; with any, the image stage is skipped.
     Test {
         /// Build and test with the release profile.
         #[arg(long)]
@@ -66,8 +68,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Setup, build a static (musl) release conndrain, and write the OCI image
-    /// tarball target/image/conndrain-<version>-oci.tar (no container engine needed).
+    /// Setup, build a static (musl) release conndrain, write the OCI image
+    /// tarball target/image/conndrain-<version>-oci.tar (no container engine
+    /// needed), and check it with skopeo and umoci.
     Image,
     /// Render deploy/install.yaml from the kustomize base in deploy/.
     Manifests {
@@ -109,7 +112,16 @@ fn run(command: Cmd) -> Result<()> {
             require_root("the tests create network namespaces and load BPF programs")?;
             setup::run(&root)?;
             build(&root, release)?;
-            test::run(&mut cargo(&root, "test", release), &args)
+            let tests = test::run(&mut cargo(&root, "test", release), &args);
+            // After the tests, not beside them: on 2 cores the release build
+            // would slow the timing-sensitive tests down.
+            let image = if args.is_empty() {
+                image::stage(&root)
+            } else {
+                println!("image: skipped (test arguments given; `cargo xtask image` runs it alone)");
+                Ok(())
+            };
+            tests.and(image)
         }
         Cmd::Demo { release, args } => {
             require_root("the demo creates network namespaces and loads BPF programs")?;
@@ -136,7 +148,7 @@ fn run(command: Cmd) -> Result<()> {
         }
         Cmd::Image => {
             setup::run(&root)?;
-            image::run(&root)
+            image::stage(&root)
         }
         Cmd::Manifests { check } => manifests::run(&root, check),
     }

@@ -2,7 +2,7 @@
 //!
 //! 1. `rust-src` for the nightly toolchain (aya-build builds `core` for the BPF target);
 //! 2. bpf-linker, built against the nightly's own libLLVM, in `target/tools`;
-//! 3. the Debian packages the tests and the demo use.
+//! 3. the Debian packages the tests, the demo and the image check use.
 
 use std::{
     fs, io,
@@ -27,6 +27,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     // Real pod networks for the tests: /usr/lib/cni/{bridge,ptp,macvlan,host-local}.
     "containernetworking-plugins",
+    // `cargo xtask image`: musl-gcc for the C code of `ring` in the static
+    // binary; skopeo and umoci read the image back as real tools would.
+    "musl-tools",
+    "skopeo",
+    "umoci",
 ];
 
 /// Where setup installs its tools: `<workspace>/target/tools`.
@@ -190,6 +195,8 @@ fn debian_packages() -> Result<()> {
     cmd::run(
         cmd::command("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
+            // Wait for another apt run to finish instead of failing at once.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
     )

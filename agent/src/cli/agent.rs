@@ -182,12 +182,16 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         kernel = %datapath.features.release,
         btf = datapath.features.btf,
         tcx = datapath.features.tcx,
+        steering = datapath.features.steering,
         attach = ?datapath.mode,
         max_flows = args.max_flows,
         socket = %socket.display(),
         mode,
         "agent started"
     );
+    if let Some(line) = datapath.features.steering_off() {
+        tracing::warn!("{line}");
+    }
     let node = Arc::new(Node::new(
         datapath,
         Settings {

@@ -11,12 +11,16 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!("conndrain {} ({} mode)", s.version, s.mode);
     println!(
-        "kernel:      {} (BTF: {}, tcx: {}); attach mode: {:?}",
+        "kernel:      {} (BTF: {}, tcx: {}, steering: {}); attach mode: {:?}",
         s.kernel.release,
         yes(s.kernel.btf),
         yes(s.kernel.tcx),
+        yes(s.kernel.steering),
         s.attach_mode
     );
+    if let Some(line) = s.kernel.steering_off() {
+        println!("steering:    off ({line})");
+    }
     println!(
         "privileges:  CAP_BPF {}, CAP_NET_ADMIN {}, CAP_PERFMON {}",
         yes(s.kernel.cap_bpf),

@@ -69,16 +69,24 @@ impl Links {
     }
 }
 
-/// Loads the programs, and says how they will be attached: `wanted`, or
-/// (`None`) tcx where the kernel has it, clsact otherwise.
-pub fn load_programs(ebpf: &mut Ebpf, wanted: Option<AttachMode>) -> Result<AttachMode, Error> {
+/// The ingress program: with steering, or (kernels without
+/// `bpf_redirect_neigh`, whose verifier refuses that one) tracking only.
+#[must_use]
+pub fn ingress_program(steering: bool) -> &'static str {
+    if steering { programs::INGRESS } else { programs::INGRESS_TRACK }
+}
+
+/// Loads the programs (`ingress`: see [`ingress_program`]), and says how they
+/// will be attached: `wanted`, or (`None`) tcx where the kernel has it,
+/// clsact otherwise.
+pub fn load_programs(ebpf: &mut Ebpf, ingress: &'static str, wanted: Option<AttachMode>) -> Result<AttachMode, Error> {
     let tcx = super::features::tcx_supported();
     if wanted == Some(AttachMode::Tcx) && !tcx {
         return Err(Error::Unsupported {
             missing: vec!["--attach tcx: this kernel has no tcx (Linux 6.6+); use --attach auto or --attach clsact".into()],
         });
     }
-    for name in [programs::INGRESS, programs::EGRESS] {
+    for name in [ingress, programs::EGRESS] {
         program(ebpf, name)?
             .load()
             .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
@@ -86,14 +94,22 @@ pub fn load_programs(ebpf: &mut Ebpf, wanted: Option<AttachMode>) -> Result<Atta
     Ok(wanted.unwrap_or(if tcx { AttachMode::Tcx } else { AttachMode::Clsact }))
 }
 
-pub fn attach(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMode, pins: Option<&PinDir>) -> Result<Links, Error> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    ingress: &'static str,
+    iface: &str,
+    ifindex: u32,
+    mode: AttachMode,
+    pins: Option<&PinDir>,
+) -> Result<Links, Error> {
     if mode == AttachMode::Clsact {
         // Adding clsact where it exists fails with EEXIST; that is fine.
         if let Err(e) = tc::qdisc_add_clsact(iface) {
             tracing::debug!(%iface, error = %e, "clsact qdisc (probably already there)");
         }
     }
-    let ingress = attach_one(ebpf, programs::INGRESS, iface, ifindex, TcAttachType::Ingress, mode, pins)?;
+    let ingress_name = ingress;
+    let ingress = attach_one(ebpf, ingress_name, iface, ifindex, TcAttachType::Ingress, mode, pins)?;
     let egress = match attach_one(ebpf, programs::EGRESS, iface, ifindex, TcAttachType::Egress, mode, pins) {
         Ok(l) => l,
         Err(e) => {
@@ -104,7 +120,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMode, pins
     if mode == AttachMode::Tcx {
         // Filters an earlier agent left on clsact (it ran with --attach
         // clsact): ours run on tcx now, and two copies would count twice.
-        for (ty, name) in [(TcAttachType::Ingress, programs::INGRESS), (TcAttachType::Egress, programs::EGRESS)] {
+        for (ty, name) in [(TcAttachType::Ingress, ingress_name), (TcAttachType::Egress, programs::EGRESS)] {
             if tc::qdisc_detach_program(iface, ty, name).is_ok() {
                 tracing::info!(interface = iface, program = name, "removed the clsact filter an earlier agent left");
             }

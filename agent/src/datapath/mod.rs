@@ -59,6 +59,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub features: Features,
     pub mode: AttachMode,
+    /// The ingress program loaded: with steering, or tracking only.
+    ingress: &'static str,
     pub max_flows: u32,
     interfaces: StdHashMap<u32, Interface>,
     route: route::Router,
@@ -93,6 +95,7 @@ impl Datapath {
         if crate::EBPF_OBJECT.is_empty() {
             return Err(Error::NoEbpfObject);
         }
+        features::raise_memlock();
         let features = Features::detect();
         features.require()?;
         let pins = opts.bpffs.as_deref().map(pinning::PinDir::prepare).transpose()?;
@@ -120,7 +123,8 @@ impl Datapath {
             config.get(&0, 0).map(|c| c.sockets_since_ns).unwrap_or(0)
         };
         fill_node_addrs(&mut ebpf)?;
-        let mode = attach::load_programs(&mut ebpf, opts.attach)?;
+        let ingress = attach::ingress_program(features.steering);
+        let mode = attach::load_programs(&mut ebpf, ingress, opts.attach)?;
         let (sockets_link, continuous) = sockets::attach(&mut ebpf, pins.as_ref())?;
         let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
         let sockets_since_ns =
@@ -142,6 +146,7 @@ impl Datapath {
                 ebpf,
                 features,
                 mode,
+                ingress,
                 max_flows: opts.max_flows,
                 interfaces: StdHashMap::new(),
                 route,
@@ -388,7 +393,7 @@ impl Datapath {
             return Ok(());
         }
         let name = attach::ifname(ifindex)?;
-        let links = attach::attach(&mut self.ebpf, &name, ifindex, self.mode, self.pins.as_ref())?;
+        let links = attach::attach(&mut self.ebpf, self.ingress, &name, ifindex, self.mode, self.pins.as_ref())?;
         if links.adopted {
             tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached: took over the links an earlier agent pinned");
         } else {

@@ -93,6 +93,10 @@ pub const PINNED_MAPS: [&str; 11] = [
 pub mod programs {
     /// Sees packets entering the host from the interface (sent by the pods behind it).
     pub const INGRESS: &str = "conndrain_ingress";
+    /// `INGRESS` without steering, for kernels without `bpf_redirect_neigh`
+    /// (before 5.10), where the verifier refuses `INGRESS`. At most 15
+    /// characters, so the kernel keeps the whole name.
+    pub const INGRESS_TRACK: &str = "conndrain_track";
     /// Sees packets leaving the host through the interface (to the pods behind it).
     pub const EGRESS: &str = "conndrain_egress";
     /// Tracepoint `sock:inet_sock_set_state`: the pods' TCP sockets themselves.
