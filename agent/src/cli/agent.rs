@@ -16,6 +16,7 @@ use crate::{
     datapath::{
         AttachMode, Datapath, Features, LoadOptions,
         features::Wanted,
+        intercept::{self, Intercept, InterceptOptions},
     },
     drain::Timeouts,
     node::{Node, Settings},
@@ -73,6 +74,18 @@ pub struct Args {
     /// Port of the preStop API (`/v1/wait`).
     #[arg(long, env = "CONNDRAIN_WAIT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
     pub wait_port: u16,
+    /// The preStop intercept: the kubelet's `preStop.httpGet` to a registered pod's
+    /// IP on this port is answered by the agent, like `/v1/wait` for that pod
+    /// (docs/prestop.md). 0: off.
+    #[arg(long, env = "CONNDRAIN_INTERCEPT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
+    pub intercept_port: u16,
+    /// The loopback port (127.0.0.1 and ::1) the intercepted connections are sent to.
+    #[arg(long, env = "CONNDRAIN_INTERCEPT_LISTEN_PORT", default_value_t = crate::api::DEFAULT_INTERCEPT_LISTEN_PORT)]
+    pub intercept_listen_port: u16,
+    /// The cgroup (v2 directory) whose processes' connects are intercepted, the kubelet's
+    /// or an ancestor of it; default: the cgroup2 root, from /proc/mounts.
+    #[arg(long, env = "CONNDRAIN_INTERCEPT_CGROUP")]
+    pub intercept_cgroup: Option<std::path::PathBuf>,
     /// Port of /metrics, /healthz and /readyz (all addresses).
     #[arg(long, env = "CONNDRAIN_METRICS_PORT", default_value_t = crate::api::DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
@@ -192,6 +205,14 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     if let Some(line) = datapath.features.steering_off() {
         tracing::warn!("{line}");
     }
+    let mut datapath = datapath;
+    let intercept = match start_intercept(&args, &mut datapath).await {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(socket);
+            return Err(e);
+        }
+    };
     let node = Arc::new(Node::new(
         datapath,
         Settings {
@@ -212,6 +233,13 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         ready: ready.clone(),
     });
 
+    let intercept_api = node_api.clone();
+    let intercept_task = async move {
+        let Some((listeners, _intercept)) = intercept else { return std::future::pending().await };
+        let serving =
+            listeners.into_iter().map(|l| node_api::serve(l, node_api::intercept_router(intercept_api.clone())));
+        futures::future::try_join_all(serving).await.map(drop)
+    };
     let events_node = node.clone();
     let events_task = async move {
         loop {
@@ -232,6 +260,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let result = tokio::select! {
         r = server::serve(listener, node.clone()) => r.context("local API"),
         r = node_api::serve(wait_listener, node_api::wait_router(node_api.clone())) => r.context("preStop API"),
+        r = intercept_task => r.context("preStop intercept"),
         r = node_api::serve(metrics_listener, node_api::metrics_router(node_api.clone())) => r.context("metrics API"),
         r = events_task => r.context("reading datapath events"),
         r = kube_task => r.context("Kubernetes"),
@@ -243,6 +272,67 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     shut_down(&node, args.bpffs.is_some()).await;
     result
+}
+
+/// Starts the preStop intercept unless it is off (`--intercept-port 0`) or
+/// the kernel or node cannot have it (then one line, and the agent runs on:
+/// the exec hook still works). Its listeners taken, a port in use is an error.
+async fn start_intercept(
+    args: &Args,
+    datapath: &mut Datapath,
+) -> anyhow::Result<Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>> {
+    if args.intercept_port == 0 {
+        return Ok(None);
+    }
+    if let Some(line) = datapath.features.intercept_off() {
+        tracing::warn!("{line}");
+        return Ok(None);
+    }
+    let port = args.intercept_listen_port;
+    let what = || {
+        format!("cannot listen on 127.0.0.1:{port} for the preStop intercept; choose another --intercept-listen-port")
+    };
+    let v4 = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).await.with_context(what)?;
+    let mut listeners = vec![v4];
+    match tokio::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)).await {
+        Ok(v6) => listeners.push(v6),
+        Err(e) => {
+            tracing::warn!(error = %e, port, "no ::1 listener for the preStop intercept: IPv6 pod IPs are not intercepted")
+        }
+    }
+    let cgroup = match (&args.intercept_cgroup, intercept::cgroup2_root()) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some((root, true))) => root,
+        (None, Some((dir, false))) => {
+            tracing::warn!(
+                cgroup = %dir.display(),
+                "the only cgroup2 mount is not the node's root cgroup (a cgroup namespace?): only processes \
+                 under it are intercepted; mount the node's /sys/fs/cgroup (see deploy/daemonset.yaml) or set \
+                 --intercept-cgroup"
+            );
+            dir
+        }
+        (None, None) => {
+            tracing::warn!("preStop intercept disabled: no cgroup2 mount in /proc/mounts; set --intercept-cgroup");
+            return Ok(None);
+        }
+    };
+    let opts = InterceptOptions { pod_port: args.intercept_port, listen_port: port, cgroup };
+    match datapath.intercept(&opts) {
+        Ok(i) => {
+            tracing::info!(cgroup = %i.cgroup.display(), pod_port = opts.pod_port, listen_port = port, "preStop intercept attached");
+            let i = Arc::new(i);
+            let listeners = listeners
+                .into_iter()
+                .map(|listener| node_api::InterceptListener { listener, intercept: i.clone() })
+                .collect();
+            Ok(Some((listeners, i)))
+        }
+        Err(e) => {
+            tracing::warn!("preStop intercept disabled: {e}");
+            Ok(None)
+        }
+    }
 }
 
 /// The node name, in Kubernetes mode (`None`: standalone).
