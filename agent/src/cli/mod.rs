@@ -2,7 +2,9 @@
 //! client of the agent's local API.
 
 mod agent;
+mod cleanup;
 mod flows;
+mod install;
 mod pod;
 mod pods;
 mod status;
@@ -42,6 +44,10 @@ pub enum Command {
     Why(why::Args),
     /// Wait until a pod is drained (exit 0), at its deadline (2) or the timeout passes (3).
     Wait(wait::Args),
+    /// Copy this binary to DIR/conndrain (an init container's job: see deploy/examples).
+    Install(install::Args),
+    /// Remove what agents leave on this node (pinned maps and programs, clsact filters, saved state).
+    Cleanup(cleanup::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +74,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Flows(args) => flows::run(&client, args).await.map(|()| 0),
         Command::Why(args) => why::run(&client, args).await.map(|()| 0),
         Command::Wait(args) => wait::run(&client, args).await,
+        Command::Install(args) => install::run(&args).map(|()| 0),
+        Command::Cleanup(args) => cleanup::run(&args, &cli.socket).await.map(|()| 0),
     }
 }
 
@@ -94,11 +102,7 @@ pub(crate) fn human_secs(s: f64) -> String {
 pub(crate) fn seg(name: &str) -> String {
     name.bytes()
         .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
+            if b.is_ascii_alphanumeric() || b"-._".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }
         })
         .collect()
 }
