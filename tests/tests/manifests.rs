@@ -47,7 +47,7 @@ use serde_json::Value;
 const ALLOWED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
 
 /// Variables conndrain reads without clap, and the source file that reads them.
-const NOT_CLAP: &[(&str, &str)] = &[("CONNDRAIN_LOG", "agent/src/main.rs")];
+const NOT_CLAP: &[(&str, &str)] = &[("CONNDRAIN_LOG", "agent/src/telemetry.rs")];
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

@@ -85,6 +85,9 @@ pub struct Args {
     /// Longest seconds the flows to a terminating pod on another node stay pinned.
     #[arg(long, env = "CONNDRAIN_REMOTE_PIN_LIMIT", default_value_t = 600.0, value_parser = positive_secs)]
     pub remote_pin_limit: f64,
+    /// Log lines as text, or as JSON objects, one per line (for log collectors).
+    #[arg(long, env = "CONNDRAIN_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
     /// Least seconds between two progress updates of a pod's condition.
     #[arg(long, env = "CONNDRAIN_MIN_WRITE_INTERVAL", default_value_t = 1.0, value_parser = positive_secs)]
     pub min_write_interval: f64,
