@@ -38,31 +38,39 @@ pub fn render(deploy: &Path) -> Result<String> {
 
 /// `kubectl kustomize DIR`, with kustomize v5.
 pub fn kustomize(dir: &Path) -> Result<String> {
-    const INSTALL_KUBECTL: &str = "install kubectl 1.27 or newer (it carries kustomize v5), e.g. from \
-                                   https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/";
-    let run = |args: &[&str], dir: Option<&Path>| -> Result<String> {
-        let mut cmd = Command::new("kubectl");
-        cmd.args(args).args(dir);
-        let out = match cmd.output() {
-            Ok(out) => out,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                bail!("kubectl not found: deploy/ is rendered with `kubectl kustomize`; {INSTALL_KUBECTL}")
-            }
-            Err(e) => return Err(e).context("running kubectl"),
-        };
-        if !out.status.success() {
-            bail!("`kubectl {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        String::from_utf8(out.stdout).context("kubectl printed something that is not UTF-8")
-    };
-    let version = run(&["version", "--client"], None)?;
+    kustomize_version()?;
+    kubectl(&["kustomize"], Some(dir)).with_context(|| format!("rendering {}", dir.display()))
+}
+
+/// The kustomize version kubectl carries, if it is the one `install.yaml` is
+/// rendered with (`cargo xtask setup` checks it too).
+pub fn kustomize_version() -> Result<String> {
+    let version = kubectl(&["version", "--client"], None)?;
     let kustomize = version.lines().find_map(|l| l.strip_prefix("Kustomize Version: ")).unwrap_or("none");
     if !kustomize.starts_with(KUSTOMIZE) {
         bail!(
             "kubectl carries kustomize {kustomize}, and install.yaml is rendered with {KUSTOMIZE}x; {INSTALL_KUBECTL}"
         );
     }
-    run(&["kustomize"], Some(dir)).with_context(|| format!("rendering {}", dir.display()))
+    Ok(kustomize.to_owned())
+}
+
+const INSTALL_KUBECTL: &str = "install kubectl 1.27 or newer (it carries kustomize v5), e.g. from \
+                               https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/";
+
+/// `kubectl ARGS [DIR]`: its stdout.
+fn kubectl(args: &[&str], dir: Option<&Path>) -> Result<String> {
+    let out = match Command::new("kubectl").args(args).args(dir).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("kubectl not found: deploy/ is rendered with `kubectl kustomize`; {INSTALL_KUBECTL}")
+        }
+        Err(e) => return Err(e).context("running kubectl"),
+    };
+    if !out.status.success() {
+        bail!("`kubectl {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    String::from_utf8(out.stdout).context("kubectl printed something that is not UTF-8")
 }
 
 /// Writes `deploy/install.yaml`, or with `check` only compares it.
