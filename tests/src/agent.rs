@@ -623,6 +623,22 @@ impl Running {
         }
     }
 
+    /// What it has printed on stdout so far.
+    #[must_use]
+    pub fn stdout_so_far(&self) -> String {
+        self.output_so_far(-1).stdout
+    }
+
+    /// Sends it SIGINT, as Ctrl-C would.
+    pub fn interrupt(&self) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill with a pid we own and a valid signal.
+        if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
+            bail!("SIGINT to `{}`: {}", self.shown, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The command line, for messages.
     #[must_use]
     pub fn shown(&self) -> &str {

@@ -252,22 +252,28 @@ fn our_tcx_programs(ns: &Netns, iface: &str) -> Result<usize> {
     })?
 }
 
+/// Another tool's filter on `iface`'s clsact ingress, there before us: ours
+/// go next to it, never replace it. (Classic BPF that never matches: the
+/// kernel here may have no matchall nor actions.) Returns whether it is
+/// still there, to ask again later.
+fn foreign_filter<'a>(node: &'a Netns, iface: &str) -> Result<impl Fn() -> Result<bool> + 'a> {
+    node.exec("tc", &["qdisc", "add", "dev", iface, "clsact"])?;
+    let foreign = ["dev", iface, "ingress", "pref", "50000", "bpf", "bytecode", "1,6 0 0 0,"];
+    node.exec("tc", &[&["filter", "add"][..], &foreign].concat())?;
+    let iface = iface.to_owned();
+    Ok(move || -> Result<bool> {
+        let shown = node.exec("tc", &["filter", "show", "dev", &iface, "ingress"])?;
+        Ok(shown.contains("pref 50000 bpf chain 0 handle"))
+    })
+}
+
 #[test]
 fn clsact_path_tracks_drains_and_removes_its_filters_on_exit() -> Result<()> {
     require_root()?;
     let topo = Topology::builder().pod("web").build()?;
     let web = topo.pod("web");
-    // Another tool's filter, there before us: ours go next to it, never
-    // replace it. (Classic BPF that never matches: the kernel here may have
-    // no matchall nor actions.)
     let node = topo.node();
-    node.exec("tc", &["qdisc", "add", "dev", web.node_if(), "clsact"])?;
-    let foreign = ["dev", web.node_if(), "ingress", "pref", "50000", "bpf", "bytecode", "1,6 0 0 0,"];
-    node.exec("tc", &[&["filter", "add"][..], &foreign].concat())?;
-    let foreign_there = || -> Result<bool> {
-        let shown = node.exec("tc", &["filter", "show", "dev", web.node_if(), "ingress"])?;
-        Ok(shown.contains("pref 50000 bpf chain 0 handle"))
-    };
+    let foreign_there = foreign_filter(node, web.node_if())?;
     let mut agent = Agent::start(node, &["--attach", "clsact"])?;
     let cli = agent.cli();
     ensure!(
@@ -540,4 +546,32 @@ fn elf_section<'a>(elf: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
         }
     }
     Ok(None)
+}
+
+/// `conndrain cleanup` after a clsact agent died (kill -9): its filters,
+/// which no pin holds and which outlive it, are removed from every interface
+/// and named; another tool's filter stays.
+#[test]
+fn cleanup_removes_the_clsact_filters_a_dead_agent_left() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let web = topo.pod("web");
+    let node = topo.node();
+    let foreign_there = foreign_filter(node, web.node_if())?;
+    let mut agent = Agent::start(node, &["--attach", "clsact"])?;
+    agent.cli().add_pod(web)?;
+    agent.kill9()?;
+    ensure!(our_filters(node, web.node_if())?.len() == 2, "kill -9 leaves the filters");
+    let mut cmd = node.command(&conndrain_bin().to_string_lossy());
+    cmd.arg("--socket").arg(agent.socket()).args(["cleanup", "--bpffs", "/nonexistent/conndrain"]);
+    let out = run_with_timeout(cmd, TIMEOUT)?;
+    ensure!(out.code == 0, "cleanup: {out:?}");
+    let iface = web.node_if();
+    ensure!(
+        out.stdout.contains(&format!("removed conndrain's clsact filters: {iface} ingress, {iface} egress")),
+        "names what it removed: {out:?}"
+    );
+    no_filters_left(node)?;
+    ensure!(foreign_there()?, "the other tool's filter stays");
+    Ok(())
 }

@@ -441,3 +441,67 @@ fn kubernetes_mode_restart_keeps_the_drain_and_forgets_pods_deleted_meanwhile() 
     ensure!(denied.is_empty(), "only calls its RBAC allows: {denied:#?}");
     Ok(())
 }
+
+/// `conndrain cleanup ARGS` on `node` (its network namespace: the clsact
+/// filters it removes are per namespace).
+fn cleanup(node: &Netns, socket: &std::path::Path, args: &[&str]) -> Result<conndrain_tests::Output> {
+    let mut cmd = node.command(&conndrain_tests::conndrain_bin().to_string_lossy());
+    cmd.arg("--socket").arg(socket).arg("cleanup").args(args);
+    conndrain_tests::run_with_timeout(cmd, conndrain_tests::TIMEOUT)
+}
+
+/// `conndrain cleanup` (the uninstall of a node): refused, touching nothing,
+/// while an agent runs, whether it answers on the socket or only holds the
+/// --bpffs directory; once the agent is gone (kill -9 leaves everything:
+/// pins, programs, saved state, socket), it removes them all and says what it
+/// did; a second run finds nothing.
+#[test]
+fn cleanup_refuses_while_an_agent_runs_then_removes_pins_programs_and_state() -> Result<()> {
+    require_root()?;
+    let bpffs = Bpffs::mount()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let web = topo.pod("web");
+    let veth = web.node_if().to_owned();
+    let bpf = bpffs.arg();
+    let mut agent = Agent::start(topo.node(), &["--bpffs", &bpf])?;
+    agent.cli().add_pod(web)?;
+    ensure!(our_programs(topo.node(), &veth)? == (1, 1), "attached");
+    let socket = agent.socket().to_owned();
+    let elsewhere = agent.dir().join("other.sock");
+    for (socket, why) in [(&socket, "answers on"), (&elsewhere, "with --bpffs")] {
+        let out = cleanup(topo.node(), socket, &["--bpffs", &bpf])?;
+        ensure!(out.code == 1, "refused while the agent runs: {out:?}");
+        ensure!(
+            out.stderr.starts_with("conndrain: an agent is running on this node")
+                && out.stderr.contains(why)
+                && out.stderr.contains("nothing was removed"),
+            "says why and what to do: {out:?}"
+        );
+        ensure!(bpffs.links().len() == 2 && our_programs(topo.node(), &veth)? == (1, 1), "nothing removed");
+    }
+    ensure!(agent.cli().pod("web")?.state == "serving", "the agent still works");
+
+    agent.kill9()?;
+    let state = agent.dir().join("state.json");
+    ensure!(state.exists() && socket.exists(), "kill -9 leaves the state and the socket");
+    ensure!(our_programs(topo.node(), &veth)? == (1, 1), "and the programs");
+    let out = cleanup(topo.node(), &socket, &["--bpffs", &bpf])?;
+    ensure!(out.code == 0, "cleanup: {out:?}");
+    let layout = bpffs.layout_dir().display().to_string();
+    for said in [
+        format!("removed {layout}"),
+        "3 pinned link(s) removed (".to_owned(),
+        format!("{veth}-egress"),
+        format!("{veth}-ingress"),
+        "sockets-link".to_owned(),
+        format!("removed the saved state {}", state.display()),
+        format!("removed the stale socket {}", socket.display()),
+    ] {
+        ensure!(out.stdout.contains(&said), "says {said:?}: {out:?}");
+    }
+    ensure!(!bpffs.layout_dir().exists() && !state.exists() && !socket.exists(), "all gone");
+    ensure!(our_programs(topo.node(), &veth)? == (0, 0), "the programs are detached");
+    let again = cleanup(topo.node(), &socket, &["--bpffs", &bpf])?;
+    ensure!(again.code == 0 && again.stdout.starts_with("nothing to clean up"), "{again:?}");
+    Ok(())
+}

@@ -2,7 +2,8 @@
 //!
 //! 1. `rust-src` for the nightly toolchain (aya-build builds `core` for the BPF target);
 //! 2. bpf-linker, built against the nightly's own libLLVM, in `target/tools`;
-//! 3. the Debian packages the tests, the demo and the image check use.
+//! 3. the Debian packages the tests, the demo and the image check use;
+//! 4. a check (not an install) of kubectl with kustomize v5, which renders `deploy/`.
 
 use std::{
     fs, io,
@@ -42,7 +43,17 @@ pub fn tools_dir(root: &Path) -> PathBuf {
 pub fn run(root: &Path) -> Result<()> {
     rust_src()?;
     bpf_linker(&tools_dir(root))?;
-    debian_packages()
+    debian_packages()?;
+    // Not installed here: Debian's kubectl (bookworm: 1.20) is too old, and
+    // the machine image has a recent one. Only `cargo xtask manifests` and
+    // the manifests test need it, so its absence is a warning.
+    match crate::manifests::kustomize_version() {
+        Ok(v) => eprintln!("setup: kubectl with kustomize {v} ok"),
+        Err(e) => eprintln!(
+            "setup: warning: {e:#} (`cargo xtask manifests` and tests/tests/manifests.rs need it)"
+        ),
+    }
+    Ok(())
 }
 
 fn rust_src() -> Result<()> {

@@ -13,10 +13,7 @@ use crate::{
         node::{self as node_api, NodeApi},
         server,
     },
-    datapath::{
-        AttachMode, Datapath, Features, LoadOptions,
-        features::Wanted,
-    },
+    datapath::{AttachMode, Datapath, Features, LoadOptions, features::Wanted},
     drain::Timeouts,
     node::{Node, Settings},
 };
@@ -88,6 +85,9 @@ pub struct Args {
     /// Longest seconds the flows to a terminating pod on another node stay pinned.
     #[arg(long, env = "CONNDRAIN_REMOTE_PIN_LIMIT", default_value_t = 600.0, value_parser = positive_secs)]
     pub remote_pin_limit: f64,
+    /// Log lines as text, or as JSON objects, one per line (for log collectors).
+    #[arg(long, env = "CONNDRAIN_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
     /// Least seconds between two progress updates of a pod's condition.
     #[arg(long, env = "CONNDRAIN_MIN_WRITE_INTERVAL", default_value_t = 1.0, value_parser = positive_secs)]
     pub min_write_interval: f64,
@@ -123,8 +123,13 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 /// datapath outlives the agent, so there is nothing to take back).
 fn state_file(args: &Args, socket: &Path) -> Option<std::path::PathBuf> {
     args.bpffs.as_ref()?;
-    let dir = args.state_dir.clone().or_else(|| socket.parent().map(Path::to_path_buf));
-    Some(dir.unwrap_or_else(|| "/run/conndrain".into()).join("state.json"))
+    Some(state_path(args.state_dir.as_deref(), socket))
+}
+
+/// The saved state's file: in `--state-dir`, by default the socket's directory.
+pub(crate) fn state_path(state_dir: Option<&Path>, socket: &Path) -> std::path::PathBuf {
+    let dir = state_dir.or_else(|| socket.parent()).unwrap_or(Path::new("/run/conndrain"));
+    dir.join("state.json")
 }
 
 fn ns(secs: f64) -> u64 {
