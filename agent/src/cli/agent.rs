@@ -10,6 +10,7 @@ use anyhow::Context as _;
 
 use crate::{
     api::{
+        access::{BindAddress, MetricsAllow},
         node::{self as node_api, NodeApi},
         server,
     },
@@ -73,9 +74,19 @@ pub struct Args {
     /// Port of the preStop API (`/v1/wait`).
     #[arg(long, env = "CONNDRAIN_WAIT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
     pub wait_port: u16,
-    /// Port of /metrics, /healthz and /readyz (all addresses).
+    /// Port of /metrics, /healthz and /readyz, unless --metrics-bind-address names one.
     #[arg(long, env = "CONNDRAIN_METRICS_PORT", default_value_t = crate::api::DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
+    /// Where /metrics, /healthz and /readyz listen, like kube-proxy's flag: IP or
+    /// IP:PORT ([IPv6]:PORT). The default, ::, is every address, IPv4 and IPv6.
+    /// The kubelet probes /healthz and /readyz on the node IP: keep it reachable.
+    #[arg(long, env = "CONNDRAIN_METRICS_BIND_ADDRESS", default_value = "::")]
+    pub metrics_bind_address: BindAddress,
+    /// Who may read /metrics: a comma-separated list of networks (10.244.0.0/16,
+    /// fd00::/8, 192.0.2.7), for pods of this node like for anyone else. The
+    /// metrics name this node's pods and count their flows.
+    #[arg(long, env = "CONNDRAIN_METRICS_ALLOW", default_value = "0.0.0.0/0,::/0")]
+    pub metrics_allow: MetricsAllow,
     /// Seconds before the kubelet's kill time (deletionTimestamp) at which a drain gives up.
     #[arg(long, env = "CONNDRAIN_DEADLINE_MARGIN", default_value_t = 2.0, value_parser = positive_secs)]
     pub deadline_margin: f64,
@@ -148,14 +159,16 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         None => None,
     };
     let listener = server::bind(socket).await?;
-    let bind_tcp = |ip: std::net::IpAddr, port: u16, what: &'static str| async move {
-        tokio::net::TcpListener::bind((ip, port))
+    let bind_tcp = |addr: std::net::SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("cannot listen on {ip}:{port} for {what}; choose another port"))
+            .with_context(|| format!("cannot listen on {addr} for {what}; choose another address or port"))
     };
     let any = std::net::IpAddr::from([0u8; 16]);
-    let wait_listener = bind_tcp(args.host_ip.unwrap_or(any), args.wait_port, "the preStop API (--wait-port)").await;
-    let metrics_listener = bind_tcp(any, args.metrics_port, "metrics (--metrics-port)").await;
+    let wait_addr = (args.host_ip.unwrap_or(any), args.wait_port).into();
+    let wait_listener = bind_tcp(wait_addr, "the preStop API (--wait-port)").await;
+    let metrics_addr = args.metrics_bind_address.with_default_port(args.metrics_port);
+    let metrics_listener = bind_tcp(metrics_addr, "metrics (--metrics-bind-address, --metrics-port)").await;
     let (wait_listener, metrics_listener) = match (wait_listener, metrics_listener) {
         (Ok(w), Ok(m)) => (w, m),
         (Err(e), _) | (_, Err(e)) => {
@@ -186,6 +199,8 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         attach = ?datapath.mode,
         max_flows = args.max_flows,
         socket = %socket.display(),
+        metrics = %metrics_addr,
+        metrics_allow = %args.metrics_allow,
         mode,
         "agent started"
     );
@@ -210,6 +225,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         per_pod: std::sync::Mutex::default(),
         per_pod_limit: args.max_waiters_per_pod,
         ready: ready.clone(),
+        metrics_allow: args.metrics_allow.clone(),
     });
 
     let events_node = node.clone();
