@@ -1,6 +1,8 @@
 //! The node API that pods reach on the node's IP: `conndrain wait` as a
 //! preStop hook releases the calling pod, and only that pod; callers that are
-//! not pods of this node are refused; the preStop client fails open.
+//! not pods of this node are refused; the preStop client fails open. The
+//! metrics listener answers whom its policy allows, a pod of this node like
+//! any other, and counts how each wait ended.
 //!
 //! Runs the agent in standalone mode (pods declared with the CLI), which
 //! serves the same node API as the Kubernetes mode.

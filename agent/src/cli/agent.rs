@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use tokio::net::TcpListener;
 
 use crate::{
     api::{
@@ -82,9 +83,9 @@ pub struct Args {
     /// The kubelet probes /healthz and /readyz on the node IP: keep it reachable.
     #[arg(long, env = "CONNDRAIN_METRICS_BIND_ADDRESS", default_value = "::")]
     pub metrics_bind_address: BindAddress,
-    /// Who may read /metrics: a comma-separated list of networks (10.244.0.0/16,
-    /// fd00::/8, 192.0.2.7), for pods of this node like for anyone else. The
-    /// metrics name this node's pods and count their flows.
+    /// Who may read /metrics: comma-separated IPv4 or IPv6 networks such as
+    /// 10.244.0.0/16, or single addresses; pods of this node like anyone else.
+    /// The metrics name this node's pods and count their flows.
     #[arg(long, env = "CONNDRAIN_METRICS_ALLOW", default_value = "0.0.0.0/0,::/0")]
     pub metrics_allow: MetricsAllow,
     /// Seconds before the kubelet's kill time (deletionTimestamp) at which a drain gives up.
@@ -159,19 +160,9 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         None => None,
     };
     let listener = server::bind(socket).await?;
-    let bind_tcp = |addr: std::net::SocketAddr, what: &'static str| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for {what}; choose another address or port"))
-    };
-    let any = std::net::IpAddr::from([0u8; 16]);
-    let wait_addr = (args.host_ip.unwrap_or(any), args.wait_port).into();
-    let wait_listener = bind_tcp(wait_addr, "the preStop API (--wait-port)").await;
-    let metrics_addr = args.metrics_bind_address.with_default_port(args.metrics_port);
-    let metrics_listener = bind_tcp(metrics_addr, "metrics (--metrics-bind-address, --metrics-port)").await;
-    let (wait_listener, metrics_listener) = match (wait_listener, metrics_listener) {
-        (Ok(w), Ok(m)) => (w, m),
-        (Err(e), _) | (_, Err(e)) => {
+    let (wait_listener, metrics_listener) = match node_api_listeners(&args).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
             let _ = std::fs::remove_file(socket);
             return Err(e);
         }
@@ -199,8 +190,6 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         attach = ?datapath.mode,
         max_flows = args.max_flows,
         socket = %socket.display(),
-        metrics = %metrics_addr,
-        metrics_allow = %args.metrics_allow,
         mode,
         "agent started"
     );
@@ -259,6 +248,22 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     shut_down(&node, args.bpffs.is_some()).await;
     result
+}
+
+/// The node API's listeners: `/v1/wait` on `--host-ip` (else every address),
+/// and the metrics on `--metrics-bind-address`.
+async fn node_api_listeners(args: &Args) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let listen = |addr: std::net::SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for {what}; choose another address or port"))
+    };
+    let any = std::net::IpAddr::from([0u8; 16]);
+    let wait = listen((args.host_ip.unwrap_or(any), args.wait_port).into(), "the preStop API (--wait-port)").await?;
+    let metrics_addr = args.metrics_bind_address.with_default_port(args.metrics_port);
+    let metrics = listen(metrics_addr, "metrics (--metrics-bind-address, --metrics-port)").await?;
+    tracing::info!(%metrics_addr, allow = %args.metrics_allow, "serving /metrics");
+    Ok((wait, metrics))
 }
 
 /// The node name, in Kubernetes mode (`None`: standalone).
