@@ -277,11 +277,13 @@ fn metrics_are_for_whoever_the_policy_allows_a_pod_of_the_node_too() -> Result<(
 
 /// Every way a preStop wait ends is counted, after real `conndrain wait`
 /// hooks: drained, deadline, cancelled (the hook's own timeout), refused
-/// (no pod), busy (the pod's bound), and the drains themselves.
+/// (no pod), busy (the pod's bound), error (the pod removed mid-wait), and
+/// the drains themselves. (skipped needs a pod the agent cannot track, such
+/// as a macvlan one, that still reaches the node's API: not set up here.)
 #[test]
 fn pre_stop_wait_outcomes_are_counted() -> Result<()> {
-    let (topo, agent, cli) = setup(&["web", "slow", "idle"], &["--max-waiters-per-pod", "1"])?;
-    let (web, slow, idle) = (topo.pod("web"), topo.pod("slow"), topo.pod("idle"));
+    let (topo, agent, cli) = setup(&["web", "slow", "idle", "gone"], &["--max-waiters-per-pod", "1"])?;
+    let (web, slow, idle, gone) = (topo.pod("web"), topo.pod("slow"), topo.pod("idle"), topo.pod("gone"));
     let server = TcpServer::start(slow.ns(), slow.addr_v4(PORT))?;
     let _held = TcpConn::connect(topo.client(), server.addr())?;
     cli.wait_pod("slow", "1 active flow", |p| p.active_flows == 1)?;
@@ -304,7 +306,7 @@ fn pre_stop_wait_outcomes_are_counted() -> Result<()> {
         ensure!(out.code == 0 && said.contains(says), "{}'s hook: {out:?}", pod.name());
     }
     // busy: a second wait of a pod that may have one; then cancelled: the first hook gives up.
-    let mut hook = pre_stop(idle.ns(), &["--timeout", "2", "--fallback-sleep", "0"])?;
+    let mut hook = pre_stop(idle.ns(), &["--timeout", "5", "--fallback-sleep", "0"])?;
     conndrain_tests::wait_until(
         "the agent to accept idle's wait",
         TIMEOUT,
@@ -316,6 +318,18 @@ fn pre_stop_wait_outcomes_are_counted() -> Result<()> {
     let out = hook.wait_exit(TIMEOUT)?;
     ensure!(out.stderr.contains("did not answer within"), "idle's hook gave up: {out:?}");
 
+    // error: the pod is removed while its hook waits.
+    let mut hook = pre_stop(gone.ns(), &["--fallback-sleep", "0"])?;
+    conndrain_tests::wait_until(
+        "the agent to accept gone's wait",
+        TIMEOUT,
+        || Ok(agent.log().contains("preStop wait pod=gone")),
+        |accepted| *accepted,
+    )?;
+    cli.ok(&["pod", "remove", "gone"])?;
+    let out = hook.wait_exit(TIMEOUT)?;
+    ensure!(out.stderr.contains("409") && out.stderr.contains("falling back"), "gone's hook: {out:?}");
+
     let page = conndrain_tests::wait_until(
         "the cancelled wait to be counted",
         TIMEOUT,
@@ -323,7 +337,7 @@ fn pre_stop_wait_outcomes_are_counted() -> Result<()> {
         |page| waits(page, "cancelled") == Some(1.0),
     )?;
     for (outcome, n) in
-        [("drained", 1.0), ("deadline", 1.0), ("skipped", 0.0), ("cancelled", 1.0), ("refused", 1.0), ("busy", 1.0), ("error", 0.0)]
+        [("drained", 1.0), ("deadline", 1.0), ("skipped", 0.0), ("cancelled", 1.0), ("refused", 1.0), ("busy", 1.0), ("error", 1.0)]
     {
         ensure!(waits(&page, outcome) == Some(n), "{n} preStop wait(s) {outcome}: {page}");
     }
