@@ -27,6 +27,7 @@ mod bpffs;
 pub mod cni;
 pub mod fakeapi;
 pub mod kubeproxy;
+pub mod metrics;
 mod netns;
 mod topology;
 mod traffic;

@@ -157,6 +157,7 @@ fn every_document_round_trips_through_its_k8s_openapi_type() {
             ("apps/v1", "Deployment") => round_trip::<Deployment>(&doc.value),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(&doc.value),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round_trip::<ClusterRoleBinding>(&doc.value),
+            ("monitoring.coreos.com/v1", "PodMonitor") => round_trip::<PodMonitor>(&doc.value),
             (api, kind) => Err(format!("unexpected apiVersion {api:?} kind {kind:?}: add its type to this test")),
         };
         match back {
@@ -623,6 +624,84 @@ fn every_pre_stop_wait_reaches_the_agent_and_can_drain() {
         }
     }
     assert!(checked >= 1, "the example's preStop runs `conndrain wait`");
+}
+
+/// The Prometheus operator's PodMonitor (monitoring.coreos.com/v1), as far as
+/// `deploy/examples` uses it. k8s-openapi has no types for CRDs, so the fields
+/// are listed here; an unknown one fails the round trip like any other.
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PodMonitor {
+    api_version: String,
+    kind: String,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: PodMonitorSpec,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PodMonitorSpec {
+    selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    namespace_selector: NamespaceSelector,
+    pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NamespaceSelector {
+    match_names: Vec<String>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PodMetricsEndpoint {
+    port: String,
+    path: String,
+    interval: String,
+    #[serde(default)]
+    relabelings: Vec<Relabeling>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Relabeling {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source_labels: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target_label: Option<String>,
+}
+
+#[test]
+fn the_pod_monitor_scrapes_every_agent_on_its_metrics_port() {
+    let docs = documents();
+    let monitors = documents_of::<PodMonitor>(&docs, "PodMonitor");
+    assert!(!monitors.is_empty(), "an example PodMonitor under deploy/examples");
+    for (at, pm) in &monitors {
+        assert!(at.starts_with("deploy/examples/"), "{at}: it needs the operator's CRDs, so only as an example");
+        for (ds_at, ds) in documents_of::<DaemonSet>(&docs, "DaemonSet") {
+            let ns = ds.metadata.namespace.clone().unwrap();
+            assert!(pm.spec.namespace_selector.match_names.contains(&ns), "{at}: selects {ds_at}'s namespace");
+            let pod_labels = ds.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap();
+            let wanted = pm.spec.selector.match_labels.clone().unwrap_or_default();
+            assert!(!wanted.is_empty() && pm.spec.selector.match_expressions.is_none(), "{at}");
+            for (k, v) in &wanted {
+                assert_eq!(pod_labels.get(k), Some(v), "{at}: selects {ds_at}'s pods ({k})");
+            }
+            let pod = ds.spec.template.spec.unwrap();
+            let agent = pod.containers.iter().find(|c| c.name == "agent").unwrap();
+            for e in &pm.spec.pod_metrics_endpoints {
+                // `port` panics unless the agent has a port of that name.
+                assert_eq!(port(agent, &e.port), port(agent, "metrics"), "{at}: scrapes the metrics port");
+                assert_eq!(e.path, "/metrics", "{at}");
+            }
+        }
+    }
+    let install = std::fs::read_to_string(workspace().join(manifests::INSTALL)).unwrap();
+    assert!(!install.contains("kind: PodMonitor"), "the install works without the operator's CRDs");
 }
 
 #[test]
