@@ -309,6 +309,10 @@ fn tcp_breaks(backend: Backend, front: Front, v6: bool, target: &str, clear: Cle
             // (it subscribes asynchronously, and the new entry dies at once),
             // so it is checked only when it was captured.
             match remapped_to(&events, conv.local_addr(), to, &bed) {
+                // IPVS keeps its own connection table: the new conntrack
+                // entry goes to the same pod, but the masquerade picked a new
+                // source port, which the pod does not know.
+                Some(p) if backend == Backend::Ipvs => eprintln!("IPVS re-forwarded the stream to {p} with a new masquerade port"),
                 Some(p) => ensure!(p != target, "a new conntrack entry maps the stream to another pod, not {p}"),
                 None => eprintln!("note: conntrack -E captured no event for the stream: {events:?}"),
             }
@@ -357,8 +361,15 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         .filter(|p| *p != target)
         .collect();
     bed.sync(&rest)?;
-    conv.expect_steady(5)
-        .context("after the sync, before kube-proxy's UDP cleanup")?;
+    if backend != Backend::Ipvs {
+        conv.expect_steady(5)
+            .context("after the sync, before kube-proxy's UDP cleanup")?;
+    }
+    // In IPVS mode the sync itself deleted the UDP real server (no graceful
+    // termination for UDP), and kube-proxy runs the cleanup at the end of
+    // the same sync: the session's next datagrams meet a connection without
+    // a destination (expire_nodest_conn) whose conntrack entry is still
+    // confirmed, and IPVS drops them until the entry goes.
 
     // kube-proxy's cleanup runs on every node; only node A has the entry.
     let events = bed.node_a().watch_conntrack()?;
@@ -567,6 +578,92 @@ both_backends! {
         |b| udp_stays(b, Front::NodePort, false, "b1");
     with_agent_pinned_pod_deleted_client_gets_rst =>
         |b| tcp_resets_when_pinned_pod_goes(b);
+}
+
+/// kube-proxy's IPVS mode: each test first checks that this kernel has IPVS
+/// (the host's has none: there they print `skipped: no IPVS in this kernel`
+/// and pass; the guest stage sets `CONNDRAIN_REQUIRE_IPVS=1`, so there they
+/// fail without it).
+macro_rules! ipvs_tests {
+    ($($name:ident => $body:expr;)*) => {
+        mod ipvs {
+            use super::*;
+            $(#[test] fn $name() -> Result<()> {
+                if !kubeproxy::ipvs_or_skip()? {
+                    return Ok(());
+                }
+                $body
+            })*
+        }
+    };
+}
+
+ipvs_tests! {
+    clusterip_tcp_stream_keeps_its_pod_through_graceful_termination =>
+        ipvs_tcp_clusterip_graceful();
+    clusterip_udp_v4_session_moves_after_kube_proxy_cleanup =>
+        udp_moves(Backend::Ipvs, Front::ClusterIp, false, "a1");
+    nodeport_remote_udp_session_moves_after_kube_proxy_cleanup =>
+        udp_moves(Backend::Ipvs, Front::NodePort, false, "b1");
+    nodeport_remote_tcp_breaks_on_conntrack_flush =>
+        tcp_breaks(Backend::Ipvs, Front::NodePort, false, "b1", Clear::Flush);
+    new_flows_land_only_on_remaining_pods =>
+        new_flows_avoid_removed(Backend::Ipvs);
+
+    with_agent_clusterip_tcp_v4_holds_when_conntrack_entries_go =>
+        tcp_holds(Backend::Ipvs, Front::ClusterIp, false, "a1", Clear::DeleteEndpoint);
+    with_agent_nodeport_remote_tcp_holds_on_conntrack_flush =>
+        tcp_holds(Backend::Ipvs, Front::NodePort, false, "b1", Clear::Flush);
+    with_agent_clusterip_udp_v4_session_stays_after_kube_proxy_cleanup =>
+        udp_stays(Backend::Ipvs, Front::ClusterIp, false, "a1");
+    with_agent_nodeport_remote_udp_session_stays_after_kube_proxy_cleanup =>
+        udp_stays(Backend::Ipvs, Front::NodePort, false, "b1");
+}
+
+/// IPVS mode, TCP through the ClusterIP, no agent: kube-proxy's graceful
+/// termination gives the terminating pod's real server weight 0 while it has
+/// connections, and IPVS keeps forwarding the stream from its own
+/// connection table, also after the stream's conntrack entry is deleted (the
+/// next segment gets a new entry, which IPVS points at the same pod). The
+/// UDP real server is deleted at once.
+fn ipvs_tcp_clusterip_graceful() -> Result<()> {
+    let bed = Bed::new(Backend::Ipvs)?;
+    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
+    let a1 = bed.cluster.pod("a1").ip_like(to.ip());
+    let conv = Conversation::landing_on(bed.client(), to, None, "a1")?;
+    conv.expect_steady(3)?;
+    let ct = bed.show_conntrack("a1 serving the stream")?;
+    let line = entry_of(&ct, conv.local_addr(), to)
+        .with_context(|| format!("with net.ipv4.vs.conntrack=1, IPVS's connection has a conntrack entry:\n{ct}"))?;
+    ensure!(
+        reply_part(line).contains(&format!("src={a1} ")),
+        "the entry maps the stream to a1 ({a1}), as an iptables DNAT would: {line}"
+    );
+    eprintln!("--- node A IPVS connections ---\n{}", bed.node_a().ipvs_connections()?);
+
+    bed.sync(&["a2", "b1"])?;
+    let table = bed.node_a().ipvs_table()?;
+    eprintln!("--- node A rules after removing a1 ---\n{}", bed.node_a().ruleset()?);
+    let rs = |proto: Protocol, port: u16| {
+        table
+            .iter()
+            .find(|(vs, _)| vs.protocol == proto && vs.addr == SocketAddr::new(to.ip(), port))
+            .and_then(|(_, rss)| rss.iter().find(|r| r.addr.ip() == a1).copied())
+    };
+    let tcp = rs(Protocol::Tcp, TCP_PORT).context("a1 stays a TCP real server while it has a connection")?;
+    ensure!(tcp.weight == 0 && tcp.active >= 1, "a1's TCP real server: weight 0, the stream active: {tcp:?}");
+    ensure!(rs(Protocol::Udp, UDP_PORT).is_none(), "a1's UDP real server is deleted at once");
+    conv.expect_steady(5).context("weight 0: the stream goes on")?;
+
+    let n = bed.node_a().delete_conntrack_of(a1)?;
+    ensure!(n >= 1, "conntrack -D --reply-src {a1} deleted the stream's entry");
+    conv.expect_steady(5)
+        .context("IPVS's own connection table keeps the stream on a1 after its conntrack entry is deleted")?;
+    let ct = bed.show_conntrack("after conntrack -D")?;
+    if let Some(line) = entry_of(&ct, conv.local_addr(), to) {
+        eprintln!("the stream's new conntrack entry: {line}");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 
 mod bench;
 mod cmd;
+mod guest;
 mod image;
 mod manifests;
 mod setup;
@@ -40,13 +41,27 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, build, then run every test (needs root). Args after `--` go to the test binaries.
+    /// Setup, build, then run every test (needs root): on this machine's
+    /// kernel, then the kernel tests again in a Linux 6.1 guest (the guest
+    /// stage, see `test-guest`). Args after `--` go to the test binaries.
     Test {
         /// Build and test with the release profile.
         #[arg(long)]
         release: bool,
         /// Passed to every test binary, e.g. a name filter or `--nocapture`
         /// (`--test-threads=2` unless given).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then only the guest stage (needs root): boot Debian's
+    /// Linux 6.1 under qemu (virtme-ng) and run the kernel tests inside it
+    /// (clsact attach, tracking and drain, restarts, steering under the
+    /// iptables, nftables and IPVS modes). Args after `--` go to the test binaries.
+    TestGuest {
+        /// Build and test with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Passed to every test binary in the guest, e.g. a name filter.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -83,6 +98,7 @@ fn main() -> ExitCode {
         Cmd::Setup => "setup",
         Cmd::Build { .. } => "build",
         Cmd::Test { .. } => "test",
+        Cmd::TestGuest { .. } => "test-guest",
         Cmd::Demo { .. } => "demo",
         Cmd::Bench { .. } => "bench",
         Cmd::Image => "image",
@@ -109,7 +125,32 @@ fn run(command: Cmd) -> Result<()> {
             require_root("the tests create network namespaces and load BPF programs")?;
             setup::run(&root)?;
             build(&root, release)?;
-            test::run(&mut cargo(&root, "test", release), &args)
+            let (host, host_result) = test::run(&mut cargo(&root, "test", release), &args);
+            if let Err(e) = &host_result {
+                eprintln!("xtask test: {e:#}");
+            }
+            let (guest, guest_result) = if std::env::var_os("CONNDRAIN_SKIP_GUEST").is_some_and(|v| v == "1") {
+                println!("guest: skipped (CONNDRAIN_SKIP_GUEST=1): the kernel tests did not run on Linux 6.1");
+                (test::Totals::default(), Ok(()))
+            } else {
+                test_guest(&root, release, &args)
+            };
+            let all = host.plus(guest);
+            println!("total: {} passed, {} failed, {} skipped", all.passed, all.failed, all.ignored);
+            match (host_result, guest_result) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), Ok(())) => Err(e),
+                (Ok(()), Err(e)) => Err(e),
+                (Err(h), Err(g)) => Err(h.context(format!("and the guest stage failed too: {g:#}"))),
+            }
+        }
+        Cmd::TestGuest { release, args } => {
+            require_root("the tests create network namespaces and load BPF programs")?;
+            setup::run(&root)?;
+            build(&root, release)?;
+            let (guest, result) = test_guest(&root, release, &args);
+            println!("total: {} passed, {} failed, {} skipped", guest.passed, guest.failed, guest.ignored);
+            result
         }
         Cmd::Demo { release, args } => {
             require_root("the demo creates network namespaces and loads BPF programs")?;
@@ -140,6 +181,16 @@ fn run(command: Cmd) -> Result<()> {
         }
         Cmd::Manifests { check } => manifests::run(&root, check),
     }
+}
+
+/// The guest stage: builds the test binaries it runs, boots the guest, runs them.
+fn test_guest(root: &Path, release: bool, args: &[String]) -> (test::Totals, Result<()>) {
+    let binaries = match guest::build(&mut cargo(root, "test", release)) {
+        Ok(b) => b,
+        Err(e) => return (test::Totals::default(), Err(e)),
+    };
+    let conndrain = root.join("target").join(if release { "release" } else { "debug" }).join("conndrain");
+    guest::run(root, &conndrain, &binaries, args)
 }
 
 fn build(root: &Path, release: bool) -> Result<()> {
