@@ -118,8 +118,9 @@ impl Agent {
                     agent.echo_log = true;
                     return Ok(agent);
                 }
-                Ok(out) if start.elapsed() >= TIMEOUT => bail!(
-                    "`{shown}` did not answer `conndrain status` within {TIMEOUT:?} (last: exit {}, {}); its log:\n{}",
+                Ok(out) if start.elapsed() >= TIMEOUT * crate::time_scale() => bail!(
+                    "`{shown}` did not answer `conndrain status` within {:?} (last: exit {}, {}); its log:\n{}",
+                    TIMEOUT * crate::time_scale(),
                     out.code,
                     out.stderr.trim(),
                     agent.log()
@@ -235,8 +236,9 @@ impl Agent {
             }
             match cli.run(&["status"]) {
                 Ok(out) if out.code == 0 => return Ok(()),
-                Ok(out) if start.elapsed() >= TIMEOUT => bail!(
-                    "`{shown}` did not answer `conndrain status` within {TIMEOUT:?} (last: exit {}, {}); its log:\n{}",
+                Ok(out) if start.elapsed() >= TIMEOUT * crate::time_scale() => bail!(
+                    "`{shown}` did not answer `conndrain status` within {:?} (last: exit {}, {}); its log:\n{}",
+                    TIMEOUT * crate::time_scale(),
                     out.code,
                     out.stderr.trim(),
                     self.log()

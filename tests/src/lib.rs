@@ -54,6 +54,19 @@ pub use traffic::{Repeat, TcpConn, TcpServer, UdpClient, UdpServer};
 /// assert on durations, only on states and their order.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How much slower this machine is than the one the timeouts were made for:
+/// `CONNDRAIN_TIME_SCALE` (default 1). The guest stage runs under qemu's TCG,
+/// several times slower, and sets it; [`wait_until`] and the agent's start
+/// stretch their timeouts by it.
+#[must_use]
+pub fn time_scale() -> u32 {
+    std::env::var("CONNDRAIN_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
 /// How often [`wait_until`] looks again.
 pub const POLL: Duration = Duration::from_millis(25);
 
@@ -130,6 +143,7 @@ pub fn wait_until<T: Debug>(
     mut probe: impl FnMut() -> Result<T>,
     mut done: impl FnMut(&T) -> bool,
 ) -> Result<T> {
+    let timeout = timeout * time_scale();
     let start = Instant::now();
     loop {
         check_interrupted()?;

@@ -104,8 +104,23 @@ fn our_programs(ns: &Netns, iface: &str) -> Result<(usize, usize)> {
     let iface = iface.to_owned();
     ns.run(move || -> Result<(usize, usize)> {
         let count = |ty, prefix: &str| -> Result<usize> {
-            let (_, progs) = SchedClassifier::query_tcx(&iface, ty)
-                .with_context(|| format!("querying the tcx programs of {iface}"))?;
+            let progs = match SchedClassifier::query_tcx(&iface, ty) {
+                Ok((_, progs)) => progs,
+                // No tcx (before 6.6, e.g. the guest stage's 6.1): the
+                // agent is on the clsact path; count its filters there.
+                Err(_) if !has_tcx() => {
+                    let dir = if matches!(ty, TcAttachType::Ingress) { "ingress" } else { "egress" };
+                    let out = std::process::Command::new("tc")
+                        .args(["filter", "show", "dev", &iface, dir])
+                        .output()
+                        .context("running tc filter show")?;
+                    return Ok(String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.contains(prefix) && l.contains("direct-action"))
+                        .count());
+                }
+                Err(e) => return Err(e).with_context(|| format!("querying the tcx programs of {iface}")),
+            };
             // Kernel program names are cut at 15 bytes: conndrain_ingre, conndrain_egres.
             Ok(progs.iter().filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(prefix))).count())
         };
@@ -429,4 +444,13 @@ fn kubernetes_mode_restart_keeps_the_drain_and_forgets_pods_deleted_meanwhile() 
     let denied: Vec<_> = api.requests().into_iter().filter(|r| r.status == 403).collect();
     ensure!(denied.is_empty(), "only calls its RBAC allows: {denied:#?}");
     Ok(())
+}
+
+/// Whether this kernel has tcx (6.6+): `conndrain status` says which path
+/// the agent took, but these helpers run without it; the kernel release is
+/// enough.
+fn has_tcx() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut nums = release.trim().split(['.', '-']).map(|n| n.parse::<u32>().unwrap_or(0));
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0)) >= (6, 6)
 }

@@ -250,7 +250,7 @@ fn script(
          mkdir -p /run/netns /var/run/netns\n\
          ulimit -l unlimited\n\
          ulimit -n 65536\n\
-         export CONNDRAIN_BIN={} CONNDRAIN_GUEST=1 CONNDRAIN_REQUIRE_IPVS=1 RUST_BACKTRACE=1\n\
+         export CONNDRAIN_BIN={} CONNDRAIN_GUEST=1 CONNDRAIN_REQUIRE_IPVS=1 CONNDRAIN_TIME_SCALE=5 RUST_BACKTRACE=1\n\
          export TMPDIR=/tmp\n\
          cd {}\n\
          set +x",
