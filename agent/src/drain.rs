@@ -3,7 +3,7 @@
 //!
 //! Times are `CLOCK_MONOTONIC` nanoseconds, the clock of `bpf_ktime_get_ns`.
 
-use conndrain_common::{FlowValue, PROTO_TCP, direction, tcp_state};
+use conndrain_common::{FlowValue, PROTO_TCP, direction, flow_flags, tcp_state};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,8 +13,9 @@ pub enum PodState {
     Draining,
     Drained,
     Deadline,
-    /// Known but not tracked (Kubernetes mode: a hostNetwork pod shares the
-    /// node's IPs and cannot be told apart).
+    /// Known but not tracked: a hostNetwork pod shares the node's IPs, or
+    /// the pod's traffic passes no interface conndrain can attach to. Its
+    /// preStop `wait` falls back to sleeping.
     Skipped,
 }
 
@@ -39,7 +40,9 @@ pub struct Timeouts {
 pub enum FlowClass {
     /// Inbound and live: holds the pod.
     Active,
-    /// Inbound TCP established but idle past the idle timeout: does not hold the pod.
+    /// Inbound TCP established or half-closed, idle past the idle timeout,
+    /// with no request in flight (its last data came from the pod): does not
+    /// hold the pod.
     Idle,
     /// The pod is the client: does not hold the pod.
     Outbound,
@@ -66,7 +69,12 @@ pub fn classify(proto: u8, v: &FlowValue, now: u64, t: Timeouts) -> (FlowClass, 
     if v.direction == direction::OUTBOUND {
         return (FlowClass::Outbound, live_until);
     }
-    if proto == PROTO_TCP && v.state == tcp_state::ESTABLISHED {
+    if proto == PROTO_TCP {
+        // Data went to the pod last and none came back: a request in
+        // flight (a slow handler, a long poll), however long it is quiet.
+        if v.flags & flow_flags::AWAITING_REPLY != 0 {
+            return (FlowClass::Active, None);
+        }
         if quiet > t.idle_ns {
             return (FlowClass::Idle, None);
         }
@@ -101,7 +109,17 @@ pub struct Observation {
     pub counts: FlowCounts,
     pub new_inbound_total: u64,
     pub last_new_inbound_ns: u64,
+    /// Open inbound sockets of the pod that no active or idle flow accounts
+    /// for (the sockets tracepoint's ground truth against the flow index).
+    pub sockets_holding: u64,
+    /// The sockets can confirm a drain: the tracepoint has watched this pod
+    /// since before its first connection and lost none of its sockets.
+    pub sockets_complete: bool,
 }
+
+/// How often a pod whose verdict waits on its sockets is looked at again
+/// when no event comes (the close events are a wake-up, not the truth).
+pub const SOCKET_RECHECK_NS: u64 = 250_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -118,8 +136,10 @@ impl Termination {
         new_inbound_total.saturating_sub(self.new_inbound_at_start)
     }
 
-    /// Applies the drain rule: drained when no inbound flow is active and none
-    /// has arrived for the quiet period; otherwise `deadline` once it passes.
+    /// Applies the drain rule: drained when no inbound flow is active, no
+    /// open inbound socket is unaccounted for, the sockets can confirm it,
+    /// and no new flow has arrived for the quiet period; otherwise
+    /// `deadline` once it passes. Missing evidence means "still draining".
     pub fn evaluate(&mut self, obs: &Observation) -> Verdict {
         let quiet_since_ns = if obs.new_inbound_total > self.new_inbound_at_start {
             self.started_ns.max(obs.last_new_inbound_ns)
@@ -127,19 +147,44 @@ impl Termination {
             self.started_ns
         };
         if let Some((state, _)) = self.outcome {
-            return Verdict { state, quiet_since_ns, next_check_ns: None };
+            return Verdict {
+                state,
+                quiet_since_ns,
+                next_check_ns: None,
+            };
         }
         let quiet_end = quiet_since_ns + self.quiet_period_ns;
-        if obs.counts.active == 0 && obs.now_ns >= quiet_end {
+        let flows_done = obs.counts.active == 0 && obs.now_ns >= quiet_end;
+        let confirmed = obs.sockets_complete && obs.sockets_holding == 0;
+        if flows_done && confirmed {
             self.outcome = Some((PodState::Drained, obs.now_ns));
-            return Verdict { state: PodState::Drained, quiet_since_ns, next_check_ns: None };
+            return Verdict {
+                state: PodState::Drained,
+                quiet_since_ns,
+                next_check_ns: None,
+            };
         }
         if obs.now_ns >= self.deadline_ns {
             self.outcome = Some((PodState::Deadline, obs.now_ns));
-            return Verdict { state: PodState::Deadline, quiet_since_ns, next_check_ns: None };
+            return Verdict {
+                state: PodState::Deadline,
+                quiet_since_ns,
+                next_check_ns: None,
+            };
         }
-        let next = if obs.counts.active == 0 { quiet_end.min(self.deadline_ns) } else { self.deadline_ns };
-        Verdict { state: PodState::Draining, quiet_since_ns, next_check_ns: Some(next) }
+        let next = if flows_done && obs.sockets_complete {
+            // Only sockets hold it: look again soon (their closes also wake us).
+            (obs.now_ns + SOCKET_RECHECK_NS).min(self.deadline_ns)
+        } else if obs.counts.active == 0 {
+            quiet_end.min(self.deadline_ns)
+        } else {
+            self.deadline_ns
+        };
+        Verdict {
+            state: PodState::Draining,
+            quiet_since_ns,
+            next_check_ns: Some(next),
+        }
     }
 }
 
@@ -162,10 +207,42 @@ mod tests {
     fn obs(now: u64, active: u64, new_total: u64, last_new: u64) -> Observation {
         Observation {
             now_ns: now,
-            counts: FlowCounts { active, idle: 0, outbound: 0 },
+            counts: FlowCounts {
+                active,
+                idle: 0,
+                outbound: 0,
+            },
             new_inbound_total: new_total,
             last_new_inbound_ns: last_new,
+            sockets_holding: 0,
+            sockets_complete: true,
         }
+    }
+
+    #[test]
+    fn an_open_socket_the_flows_do_not_explain_holds_the_pod() {
+        let mut t = term();
+        let o = Observation {
+            sockets_holding: 1,
+            ..obs(104 * S, 0, 5, 0)
+        };
+        let v = t.evaluate(&o);
+        assert_eq!(
+            (v.state, v.next_check_ns),
+            (PodState::Draining, Some(104 * S + SOCKET_RECHECK_NS))
+        );
+        assert_eq!(t.evaluate(&obs(105 * S, 0, 5, 0)).state, PodState::Drained);
+    }
+
+    #[test]
+    fn incomplete_socket_evidence_never_drains() {
+        let mut t = term();
+        let o = |now| Observation {
+            sockets_complete: false,
+            ..obs(now, 0, 5, 0)
+        };
+        assert_eq!(t.evaluate(&o(110 * S)).state, PodState::Draining);
+        assert_eq!(t.evaluate(&o(130 * S)).state, PodState::Deadline);
     }
 
     #[test]
@@ -174,14 +251,20 @@ mod tests {
         let v = t.evaluate(&obs(101 * S, 0, 5, 50 * S));
         assert_eq!(v.state, PodState::Draining);
         assert_eq!(v.next_check_ns, Some(103 * S));
-        assert_eq!(t.evaluate(&obs(103 * S, 0, 5, 50 * S)).state, PodState::Drained);
+        assert_eq!(
+            t.evaluate(&obs(103 * S, 0, 5, 50 * S)).state,
+            PodState::Drained
+        );
     }
 
     #[test]
     fn active_flow_holds_until_deadline() {
         let mut t = term();
         let v = t.evaluate(&obs(110 * S, 1, 5, 0));
-        assert_eq!((v.state, v.next_check_ns), (PodState::Draining, Some(130 * S)));
+        assert_eq!(
+            (v.state, v.next_check_ns),
+            (PodState::Draining, Some(130 * S))
+        );
         assert_eq!(t.evaluate(&obs(130 * S, 1, 5, 0)).state, PodState::Deadline);
         // Final: closing the flow afterwards does not turn it into drained.
         assert_eq!(t.evaluate(&obs(131 * S, 0, 5, 0)).state, PodState::Deadline);
@@ -193,35 +276,84 @@ mod tests {
         let v = t.evaluate(&obs(103 * S, 0, 6, 102 * S));
         assert_eq!(v.state, PodState::Draining);
         assert_eq!(v.quiet_since_ns, 102 * S);
-        assert_eq!(t.evaluate(&obs(105 * S, 0, 6, 102 * S)).state, PodState::Drained);
+        assert_eq!(
+            t.evaluate(&obs(105 * S, 0, 6, 102 * S)).state,
+            PodState::Drained
+        );
     }
 
     #[test]
     fn old_new_inbound_time_is_ignored() {
         // last_new_inbound_ns from before termination must not shorten the quiet period.
         let mut t = term();
-        assert_eq!(t.evaluate(&obs(102 * S, 0, 5, 99 * S)).state, PodState::Draining);
+        assert_eq!(
+            t.evaluate(&obs(102 * S, 0, 5, 99 * S)).state,
+            PodState::Draining
+        );
     }
 
     fn flow(state: u8, dir: u8, last_seen: u64) -> FlowValue {
-        FlowValue { state, direction: dir, last_seen_ns: last_seen, ..FlowValue::default() }
+        FlowValue {
+            state,
+            direction: dir,
+            last_seen_ns: last_seen,
+            ..FlowValue::default()
+        }
     }
 
     #[test]
     fn classification() {
-        let t = Timeouts { idle_ns: 30 * S, udp_ns: 10 * S };
+        let t = Timeouts {
+            idle_ns: 30 * S,
+            udp_ns: 10 * S,
+        };
         let now = 100 * S;
         let tcp = PROTO_TCP;
         let udp = conndrain_common::PROTO_UDP;
         let ib = direction::INBOUND;
         let ob = direction::OUTBOUND;
-        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t).0, FlowClass::Active);
-        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 60 * S), now, t).0, FlowClass::Idle);
-        assert_eq!(classify(tcp, &flow(tcp_state::CLOSING, ib, 10 * S), now, t).0, FlowClass::Active);
-        assert_eq!(classify(tcp, &flow(tcp_state::SYN_SENT, ib, now), now, t).0, FlowClass::Inactive);
-        assert_eq!(classify(tcp, &flow(tcp_state::CLOSED, ib, now), now, t).0, FlowClass::Inactive);
-        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ob, now), now, t).0, FlowClass::Outbound);
-        assert_eq!(classify(udp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t), (FlowClass::Active, Some(105 * S + 1)));
-        assert_eq!(classify(udp, &flow(tcp_state::ESTABLISHED, ib, 80 * S), now, t).0, FlowClass::Inactive);
+        assert_eq!(
+            classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t).0,
+            FlowClass::Active
+        );
+        assert_eq!(
+            classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 60 * S), now, t).0,
+            FlowClass::Idle
+        );
+        // Half-closed and quiet with the last word the pod's: idle, like a keep-alive.
+        assert_eq!(
+            classify(tcp, &flow(tcp_state::CLOSING, ib, 10 * S), now, t).0,
+            FlowClass::Idle
+        );
+        assert_eq!(
+            classify(tcp, &flow(tcp_state::CLOSING, ib, 95 * S), now, t).0,
+            FlowClass::Active
+        );
+        // A request in flight holds however long the handler takes.
+        let waiting = FlowValue {
+            flags: flow_flags::AWAITING_REPLY,
+            ..flow(tcp_state::ESTABLISHED, ib, 10 * S)
+        };
+        assert_eq!(classify(tcp, &waiting, now, t), (FlowClass::Active, None));
+        assert_eq!(
+            classify(tcp, &flow(tcp_state::SYN_SENT, ib, now), now, t).0,
+            FlowClass::Inactive
+        );
+        assert_eq!(
+            classify(tcp, &flow(tcp_state::CLOSED, ib, now), now, t).0,
+            FlowClass::Inactive
+        );
+        assert_eq!(
+            classify(tcp, &flow(tcp_state::ESTABLISHED, ob, now), now, t).0,
+            FlowClass::Outbound
+        );
+        assert_eq!(
+            classify(udp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t),
+            (FlowClass::Active, Some(105 * S + 1))
+        );
+        assert_eq!(
+            classify(udp, &flow(tcp_state::ESTABLISHED, ib, 80 * S), now, t).0,
+            FlowClass::Inactive
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod datapath;
 pub mod drain;
 pub mod error;
+pub mod flowindex;
 pub mod kubernetes;
 pub mod metrics;
 pub mod node;
@@ -18,4 +19,5 @@ pub mod steering;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.
 /// Empty when the binary was built without the eBPF toolchain (see build.rs).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conndrain-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conndrain-ebpf"));

@@ -69,10 +69,7 @@ impl Agent {
         let log = dir.path().join("agent.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = node.command(&bin.to_string_lossy());
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("agent")
-            .args(args);
+        cmd.arg("--socket").arg(&socket).arg("agent").args(args);
         cmd.env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -179,6 +176,20 @@ impl Agent {
         terminate(&mut child)
     }
 
+    /// Sends `signal` to the agent (e.g. SIGSTOP to stall it, SIGCONT to resume).
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("the agent is not running"))?;
+        let pid = i32::try_from(child.id())?;
+        // SAFETY: sending a signal to our own child process.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
     /// Kills the agent with SIGKILL (no chance to clean up: a crash, an OOM
     /// kill) and returns how it exited.
     pub fn kill9(&mut self) -> Result<ExitStatus> {
@@ -211,7 +222,10 @@ impl Agent {
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
         let mut cmd = node.command(&bin.to_string_lossy());
-        cmd.arg("--socket").arg(&self.socket).arg("agent").args(args);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("agent")
+            .args(args);
         cmd.env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -230,9 +244,16 @@ impl Agent {
         let cli = self.cli();
         let start = Instant::now();
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
-                bail!("`{shown}` exited with {status} before answering; its log:\n{}", self.log());
+                bail!(
+                    "`{shown}` exited with {status} before answering; its log:\n{}",
+                    self.log()
+                );
             }
             match cli.run(&["status"]) {
                 Ok(out) if out.code == 0 => return Ok(()),
@@ -244,7 +265,9 @@ impl Agent {
                     self.log()
                 ),
                 Err(e) if start.elapsed() >= TIMEOUT => {
-                    return Err(e.context(format!("waiting for `{shown}`; its log:\n{}", self.log())));
+                    return Err(
+                        e.context(format!("waiting for `{shown}`; its log:\n{}", self.log()))
+                    );
                 }
                 _ => thread::sleep(Duration::from_millis(50)),
             }
@@ -444,10 +467,19 @@ impl Cli {
     /// `pod add NAME --ip v4 --ip v6`, then waits until the agent reports the
     /// pod with an interface (its programs are attached).
     pub fn add_pod(&self, pod: &Pod) -> Result<PodStatus> {
+        self.add_pod_probed(pod, &[])
+    }
+
+    /// `pod add` with `--probe-port` for each of `probe_ports`.
+    pub fn add_pod_probed(&self, pod: &Pod, probe_ports: &[u16]) -> Result<PodStatus> {
         let ips: Vec<String> = pod.ips().iter().map(ToString::to_string).collect();
+        let ports: Vec<String> = probe_ports.iter().map(ToString::to_string).collect();
         let mut args = vec!["pod", "add", pod.name()];
         for ip in &ips {
             args.extend(["--ip", ip]);
+        }
+        for p in &ports {
+            args.extend(["--probe-port", p]);
         }
         self.ok(&args)?;
         self.wait_pod(pod.name(), "the pod to be attached to an interface", |p| {

@@ -24,6 +24,7 @@
 
 mod agent;
 mod bpffs;
+pub mod cni;
 pub mod fakeapi;
 pub mod kubeproxy;
 mod netns;

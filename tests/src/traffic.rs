@@ -145,6 +145,12 @@ fn serve(stream: &TcpStream) {
                 thread::sleep(SLOW);
                 "200 /slow".to_owned()
             }
+            // A handler that takes N seconds (a report, a long poll).
+            Some(path) if path.starts_with("/sleep/") => {
+                let secs: u64 = path["/sleep/".len()..].parse().unwrap_or(1);
+                thread::sleep(Duration::from_secs(secs));
+                format!("200 {path}")
+            }
             Some(path) => format!("200 {path}"),
             None => request.to_owned(),
         };
@@ -213,6 +219,22 @@ impl TcpConn {
                 self.peer()
             );
         }
+        Ok(reply.trim_end().to_owned())
+    }
+
+    /// Sends one line without waiting for the reply (a request in flight).
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .with_context(|| format!("sending {line:?} to {}", self.peer()))
+    }
+
+    /// Reads one reply line (after [`send`](Self::send)).
+    pub fn reply(&mut self) -> Result<String> {
+        let mut reply = String::new();
+        self.reader
+            .read_line(&mut reply)
+            .with_context(|| format!("reading a reply from {}", self.peer()))?;
         Ok(reply.trim_end().to_owned())
     }
 

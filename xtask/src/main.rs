@@ -156,7 +156,10 @@ fn run(command: Cmd) -> Result<()> {
             require_root("the demo creates network namespaces and loads BPF programs")?;
             setup::run(&root)?;
             build(&root, release)?;
-            let bin = root.join("target").join(if release { "release" } else { "debug" }).join("conndrain");
+            let bin = root
+                .join("target")
+                .join(if release { "release" } else { "debug" })
+                .join("conndrain");
             let mut demo = cargo(&root, "run", release);
             demo.env("CONNDRAIN_BIN", &bin)
                 .args(["--package", "conndrain-tests", "--example", "demo", "--"])
@@ -164,16 +167,26 @@ fn run(command: Cmd) -> Result<()> {
             cmd::run(&mut demo)?;
             // The seeds' rolling update, short: no mitigation vs preStop sleep vs conndrain.
             let mut rollout = cargo(&root, "run", release);
-            rollout
-                .env("CONNDRAIN_BIN", &bin)
-                .args(["--package", "conndrain-tests", "--example", "rollout", "--", "--short"]);
+            rollout.env("CONNDRAIN_BIN", &bin).args([
+                "--package",
+                "conndrain-tests",
+                "--example",
+                "rollout",
+                "--",
+                "--short",
+            ]);
             cmd::run(&mut rollout)
         }
         Cmd::Bench { args } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
             setup::run(&root)?;
             build(&root, true)?;
-            bench::run(&root, cargo(&root, "run", true), cargo(&root, "run", true), &args)
+            bench::run(
+                &root,
+                cargo(&root, "run", true),
+                cargo(&root, "run", true),
+                &args,
+            )
         }
         Cmd::Image => {
             setup::run(&root)?;

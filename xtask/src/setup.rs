@@ -28,6 +28,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "wrk",
     "procps",
+    // Real pod networks for the tests: /usr/lib/cni/{bridge,ptp,macvlan,host-local}.
+    "containernetworking-plugins",
     // The guest stage (`cargo xtask test-guest`): Linux 6.1 under qemu, booted by
     // virtme-ng over this machine's root filesystem, and IPVS's admin tool.
     "qemu-system-x86",

@@ -36,6 +36,10 @@ pub const DEFAULT_METRICS_PORT: u16 = 9465;
 pub struct AddPod {
     pub name: String,
     pub ips: Vec<IpAddr>,
+    /// Ports the kubelet probes (new connections from the node's own
+    /// processes to them do not restart the quiet period).
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -58,6 +62,9 @@ pub struct PodView {
     pub quiet_for_secs: Option<f64>,
     pub quiet_period_secs: Option<f64>,
     pub interfaces: Vec<String>,
+    /// Open inbound TCP sockets, as the sockets tracepoint counts them.
+    #[serde(default)]
+    pub open_sockets: u64,
     /// Why a pod is `skipped`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -90,6 +97,32 @@ pub struct Why {
     /// Flows that exist but do not hold it (idle keep-alives, outbound).
     pub not_holding: Vec<FlowView>,
     pub idle_timeout_secs: f64,
+    /// What the pod's own sockets say (the ground truth a drain is confirmed against).
+    #[serde(default)]
+    pub sockets: SocketsWhy,
+    /// Ports whose connections from the node's own processes are probes.
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SocketsWhy {
+    /// Open inbound TCP sockets of the pod.
+    pub open: u64,
+    /// Whether the sockets can confirm a drain (else the pod goes to its deadline).
+    pub confirms_drain: bool,
+    /// Why they cannot, if they cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Open sockets no active or idle flow accounts for: each holds the pod.
+    pub holding: Vec<SocketView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SocketView {
+    pub pod_addr: String,
+    pub peer_addr: String,
+    pub why: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -197,10 +230,16 @@ pub(crate) fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 pub(crate) fn refuse_unknown(router: Router, serves: &'static str) -> Router {
     router
         .fallback(move |uri: Uri| async move {
-            error(StatusCode::NOT_FOUND, format!("no endpoint {}; {serves}", uri.path()))
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no endpoint {}; {serves}", uri.path()),
+            )
         })
         .method_not_allowed_fallback(move |method: Method, uri: Uri| async move {
-            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}; {serves}", uri.path()))
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {}; {serves}", uri.path()),
+            )
         })
 }
 
@@ -231,7 +270,10 @@ where
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // Once per spell at the limit: a flood must not flood the log too.
             if !std::mem::replace(&mut full, true) {
-                tracing::warn!(max_connections, "too many connections; closing new ones until some end");
+                tracing::warn!(
+                    max_connections,
+                    "too many connections; closing new ones until some end"
+                );
             }
             continue;
         };

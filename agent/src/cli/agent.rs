@@ -13,10 +13,7 @@ use crate::{
         node::{self as node_api, NodeApi},
         server,
     },
-    datapath::{
-        AttachMode, Datapath, Features, LoadOptions,
-        features::Wanted,
-    },
+    datapath::{AttachMode, Datapath, Features, LoadOptions, features::Wanted},
     drain::Timeouts,
     node::{Node, Settings},
 };
@@ -123,8 +120,14 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 /// datapath outlives the agent, so there is nothing to take back).
 fn state_file(args: &Args, socket: &Path) -> Option<std::path::PathBuf> {
     args.bpffs.as_ref()?;
-    let dir = args.state_dir.clone().or_else(|| socket.parent().map(Path::to_path_buf));
-    Some(dir.unwrap_or_else(|| "/run/conndrain".into()).join("state.json"))
+    let dir = args
+        .state_dir
+        .clone()
+        .or_else(|| socket.parent().map(Path::to_path_buf));
+    Some(
+        dir.unwrap_or_else(|| "/run/conndrain".into())
+            .join("state.json"),
+    )
 }
 
 fn ns(secs: f64) -> u64 {
@@ -139,22 +142,35 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     // The APIs may hold 2 x 1024 + 128 connections (see api::serve), more
     // than the 1024 open files containers often start with.
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) if n < 4096 => tracing::warn!(limit = n, "few open files allowed: the APIs may refuse connections"),
+        Ok(n) if n < 4096 => tracing::warn!(
+            limit = n,
+            "few open files allowed: the APIs may refuse connections"
+        ),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "raising the open-file limit"),
     }
     let kube = match node_name {
-        Some(node_name) => Some((crate::kubernetes::client(args.kubeconfig.as_ref()).await?, node_name)),
+        Some(node_name) => Some((
+            crate::kubernetes::client(args.kubeconfig.as_ref()).await?,
+            node_name,
+        )),
         None => None,
     };
     let listener = server::bind(socket).await?;
     let bind_tcp = |ip: std::net::IpAddr, port: u16, what: &'static str| async move {
         tokio::net::TcpListener::bind((ip, port))
             .await
-            .with_context(|| format!("cannot listen on {ip}:{port} for {what}; choose another port"))
+            .with_context(|| {
+                format!("cannot listen on {ip}:{port} for {what}; choose another port")
+            })
     };
     let any = std::net::IpAddr::from([0u8; 16]);
-    let wait_listener = bind_tcp(args.host_ip.unwrap_or(any), args.wait_port, "the preStop API (--wait-port)").await;
+    let wait_listener = bind_tcp(
+        args.host_ip.unwrap_or(any),
+        args.wait_port,
+        "the preStop API (--wait-port)",
+    )
+    .await;
     let metrics_listener = bind_tcp(any, args.metrics_port, "metrics (--metrics-port)").await;
     let (wait_listener, metrics_listener) = match (wait_listener, metrics_listener) {
         (Ok(w), Ok(m)) => (w, m),
@@ -177,7 +193,11 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let mode = if args.standalone { "standalone" } else { "kubernetes" };
+    let mode = if args.standalone {
+        "standalone"
+    } else {
+        "kubernetes"
+    };
     tracing::info!(
         kernel = %datapath.features.release,
         btf = datapath.features.btf,
@@ -191,7 +211,10 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let node = Arc::new(Node::new(
         datapath,
         Settings {
-            timeouts: Timeouts { idle_ns: ns(args.idle_timeout), udp_ns: ns(args.udp_timeout) },
+            timeouts: Timeouts {
+                idle_ns: ns(args.idle_timeout),
+                udp_ns: ns(args.udp_timeout),
+            },
             default_deadline: Duration::from_secs_f64(args.deadline),
             default_quiet_period: Duration::from_secs_f64(args.quiet_period),
             mode,
@@ -219,7 +242,9 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     };
     let kube_task = async {
         match kube {
-            Some((client, node_name)) => kubernetes(client, node_name, &args, node.clone(), ready.clone()).await,
+            Some((client, node_name)) => {
+                kubernetes(client, node_name, &args, node.clone(), ready.clone()).await
+            }
             None => std::future::pending().await,
         }
     };

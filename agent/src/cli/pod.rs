@@ -15,6 +15,10 @@ pub enum PodCommand {
         /// A pod IP (IPv4 or IPv6); repeat for dual-stack.
         #[arg(long = "ip", required = true)]
         ips: Vec<IpAddr>,
+        /// A port the kubelet probes; repeat for several. New connections
+        /// from the node's own processes to it do not restart the quiet period.
+        #[arg(long = "probe-port")]
+        probe_ports: Vec<u16>,
     },
     /// Start draining a pod.
     Terminate {
@@ -32,18 +36,49 @@ pub enum PodCommand {
 
 pub async fn run(client: &Client, cmd: PodCommand) -> anyhow::Result<()> {
     match cmd {
-        PodCommand::Add { name, ips } => {
-            let pod: PodView = client.post("/v1/pods", &AddPod { name, ips }).await?;
-            println!("pod {} added ({}) on {}", pod.name, join(&pod.ips), pod.interfaces.join(", "));
+        PodCommand::Add {
+            name,
+            ips,
+            probe_ports,
+        } => {
+            let pod: PodView = client
+                .post(
+                    "/v1/pods",
+                    &AddPod {
+                        name,
+                        ips,
+                        probe_ports,
+                    },
+                )
+                .await?;
+            println!(
+                "pod {} added ({}) on {}",
+                pod.name,
+                join(&pod.ips),
+                pod.interfaces.join(", ")
+            );
+            if let Some(note) = &pod.note {
+                eprintln!("conndrain: pod {} is skipped: {note}", pod.name);
+            }
         }
-        PodCommand::Terminate { name, deadline, quiet_period } => {
-            let req = Terminate { deadline_secs: deadline, quiet_period_secs: quiet_period };
-            let pod: PodView = client.post(&format!("/v1/pods/{}/terminate", seg(&name)), &req).await?;
+        PodCommand::Terminate {
+            name,
+            deadline,
+            quiet_period,
+        } => {
+            let req = Terminate {
+                deadline_secs: deadline,
+                quiet_period_secs: quiet_period,
+            };
+            let pod: PodView = client
+                .post(&format!("/v1/pods/{}/terminate", seg(&name)), &req)
+                .await?;
             println!(
                 "pod {} is draining: {} active flows, deadline in {}",
                 pod.name,
                 pod.active_flows,
-                pod.deadline_in_secs.map_or_else(|| "-".into(), super::human_secs)
+                pod.deadline_in_secs
+                    .map_or_else(|| "-".into(), super::human_secs)
             );
         }
         PodCommand::Remove { name } => {
@@ -55,5 +90,8 @@ pub async fn run(client: &Client, cmd: PodCommand) -> anyhow::Result<()> {
 }
 
 fn join(ips: &[IpAddr]) -> String {
-    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -12,26 +12,44 @@ pub struct Args {
 }
 
 pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
-    let w: Why = client.get(&format!("/v1/pods/{}/why", seg(&args.name))).await?;
+    let w: Why = client
+        .get(&format!("/v1/pods/{}/why", seg(&args.name)))
+        .await?;
     let p = &w.pod;
     match p.state {
         PodState::Serving => {
-            println!("{} is serving: it is not terminating, so nothing is draining it.", p.name);
-            println!("{} active inbound flow(s) would hold it if it were.", p.active_flows);
+            println!(
+                "{} is serving: it is not terminating, so nothing is draining it.",
+                p.name
+            );
+            println!(
+                "{} active inbound flow(s) would hold it if it were.",
+                p.active_flows
+            );
         }
         PodState::Skipped => println!(
             "{} is not tracked: {}.",
             p.name,
             p.note.as_deref().unwrap_or("skipped")
         ),
-        PodState::Drained => println!("{} is drained: no active inbound flow and no new one for the quiet period.", p.name),
+        PodState::Drained => println!(
+            "{} is drained: no active inbound flow and no new one for the quiet period.",
+            p.name
+        ),
         PodState::Deadline => println!(
             "{} reached its deadline with {} active inbound flow(s) still open.",
             p.name, p.active_flows
         ),
         PodState::Draining => {
             let deadline = p.deadline_in_secs.map_or_else(|| "?".into(), human_secs);
-            if w.holding.is_empty() {
+            if w.holding.is_empty() && !w.sockets.holding.is_empty() {
+                println!(
+                    "{} is held by {} open socket(s) its flows do not account for; deadline in {}:",
+                    p.name,
+                    w.sockets.holding.len(),
+                    deadline
+                );
+            } else if w.holding.is_empty() {
                 let quiet = p.quiet_for_secs.unwrap_or(0.0);
                 let period = p.quiet_period_secs.unwrap_or(0.0);
                 println!(
@@ -64,15 +82,47 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             f.bytes_out
         );
     }
+    let s = &w.sockets;
+    if p.state != PodState::Skipped {
+        println!(
+            "Its own sockets: {} open inbound TCP connection(s){}.",
+            s.open,
+            if s.confirms_drain {
+                "; a drain is confirmed against them"
+            } else {
+                ""
+            }
+        );
+        if let Some(note) = &s.note {
+            println!("  They cannot confirm a drain, so it goes to its deadline: {note}.");
+        }
+        for h in &s.holding {
+            println!("  tcp from {} to {}: {}", h.peer_addr, h.pod_addr, h.why);
+        }
+    }
+    if !w.probe_ports.is_empty() {
+        let ports: Vec<String> = w.probe_ports.iter().map(u16::to_string).collect();
+        println!(
+            "Probe ports (the node's own connections to them do not restart the quiet period): {}",
+            ports.join(", ")
+        );
+    }
     if !w.not_holding.is_empty() {
         println!("Not holding it:");
         for f in &w.not_holding {
             let why = if f.idle {
-                format!("idle keep-alive, quiet for {} (> {}s)", human_secs(f.idle_secs), w.idle_timeout_secs)
+                format!(
+                    "idle keep-alive, quiet for {} (> {}s)",
+                    human_secs(f.idle_secs),
+                    w.idle_timeout_secs
+                )
             } else {
                 "outbound: the pod is the client".to_owned()
             };
-            println!("  {} {} {} -> {}: {}", f.proto, f.direction, f.pod_addr, f.peer_addr, why);
+            println!(
+                "  {} {} {} -> {}: {}",
+                f.proto, f.direction, f.pod_addr, f.peer_addr, why
+            );
         }
     }
     Ok(())

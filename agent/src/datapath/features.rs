@@ -46,7 +46,10 @@ const CAP_BPF: u32 = 39;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[expect(clippy::struct_excessive_bools, reason = "independent yes/no facts, shown as such in `conndrain status`")]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent yes/no facts, shown as such in `conndrain status`"
+)]
 pub struct Features {
     pub release: String,
     /// `/sys/kernel/btf/vmlinux` exists (informational: see the module comment).
@@ -123,10 +126,16 @@ impl Features {
             missing.push(lack("CAP_BPF", "to load the programs and create the maps"));
         }
         if !self.cap_net_admin {
-            missing.push(lack("CAP_NET_ADMIN", "to attach the TC programs and read routes"));
+            missing.push(lack(
+                "CAP_NET_ADMIN",
+                "to attach the TC programs and read routes",
+            ));
         }
         if !self.cap_perfmon {
-            missing.push(lack("CAP_PERFMON", "without it the verifier refuses the programs' pointer arithmetic"));
+            missing.push(lack(
+                "CAP_PERFMON",
+                "without it the verifier refuses the programs' pointer arithmetic",
+            ));
         }
         if !kernel_at_least(5, 8) {
             missing.push(format!(
@@ -139,7 +148,11 @@ impl Features {
 }
 
 fn failed(missing: Vec<String>) -> Result<(), Error> {
-    if missing.is_empty() { Ok(()) } else { Err(Error::Unsupported { missing }) }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Unsupported { missing })
+    }
 }
 
 #[must_use]
@@ -154,7 +167,9 @@ pub fn kernel_at_least(major: u8, minor: u8) -> bool {
 pub(super) fn tcx_supported() -> bool {
     match SchedClassifier::query_tcx("lo", TcAttachType::Ingress) {
         Ok(_) => true,
-        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => false,
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {
+            false
+        }
         Err(_) => kernel_at_least(6, 6),
     }
 }
@@ -175,9 +190,15 @@ fn effective_caps() -> u64 {
 /// `dir` (or, while it does not exist yet, its nearest existing ancestor) is
 /// on a bpffs.
 pub fn require_bpffs(dir: &Path) -> Result<(), Error> {
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::NotBpffs { path: dir.to_path_buf() })?;
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).map_err(|_| {
+        Error::NotBpffs {
+            path: dir.to_path_buf(),
+        }
+    })?;
     // SAFETY: zeroed statfs is a valid out-parameter.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid NUL-terminated path; st is writable.
@@ -188,9 +209,14 @@ pub fn require_bpffs(dir: &Path) -> Result<(), Error> {
             source: std::io::Error::last_os_error(),
         });
     }
-    #[allow(clippy::useless_conversion, reason = "f_type is i64 on x86_64, narrower or unsigned elsewhere")]
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i64 on x86_64, narrower or unsigned elsewhere"
+    )]
     if i64::from(st.f_type) != BPF_FS_MAGIC {
-        return Err(Error::NotBpffs { path: dir.to_path_buf() });
+        return Err(Error::NotBpffs {
+            path: dir.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -228,5 +254,11 @@ fn netns_problems(wanted: &Wanted<'_>) -> Vec<String> {
 fn interfaces() -> Option<Vec<String>> {
     let dev = std::fs::read_to_string("/proc/self/net/dev").ok()?;
     // Two header lines, then `  name: counters...`.
-    Some(dev.lines().skip(2).filter_map(|l| l.split_once(':')).map(|(name, _)| name.trim().to_owned()).collect())
+    Some(
+        dev.lines()
+            .skip(2)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(name, _)| name.trim().to_owned())
+            .collect(),
+    )
 }

@@ -20,8 +20,8 @@ use std::{
 
 use aya::maps::{MapData, MapInfo, MapType};
 use conndrain_common::{
-    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey,
-    WireKey, maps, stats,
+    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS,
+    PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, maps, stats,
 };
 
 use crate::error::Error;
@@ -36,7 +36,11 @@ pub struct PinDir {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io { op, path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl PinDir {
@@ -52,11 +56,19 @@ impl PinDir {
         let current = format!("v{LAYOUT_VERSION}");
         let mut legacy = Vec::new();
         let mut others = Vec::new();
-        for entry in std::fs::read_dir(root).map_err(io("reading", root))?.flatten() {
+        for entry in std::fs::read_dir(root)
+            .map_err(io("reading", root))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir && name != current && name.strip_prefix('v').is_some_and(|n| n.parse::<u32>().is_ok()) {
+            if is_dir
+                && name != current
+                && name
+                    .strip_prefix('v')
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            {
                 tracing::warn!(
                     dir = %path.display(),
                     "replacing maps of layout {name}: this agent uses layout {current} and does not read them; \
@@ -91,8 +103,12 @@ impl PinDir {
     pub fn remove_other_layouts(&mut self) {
         for path in self.others.drain(..) {
             match std::fs::remove_dir_all(&path) {
-                Ok(()) => tracing::info!(dir = %path.display(), "removed the maps and links of the other layout"),
-                Err(e) => tracing::warn!(dir = %path.display(), error = %e, "removing maps of another layout"),
+                Ok(()) => {
+                    tracing::info!(dir = %path.display(), "removed the maps and links of the other layout")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "removing maps of another layout")
+                }
             }
         }
     }
@@ -110,6 +126,13 @@ impl PinDir {
     #[must_use]
     pub fn link_path(&self, ifname: &str, direction: &str) -> PathBuf {
         self.links.join(format!("{ifname}-{direction}"))
+    }
+
+    /// Where the sockets tracepoint's link is pinned (not in `links/`, which
+    /// holds the TC links, one per interface and direction).
+    #[must_use]
+    pub fn sockets_link_path(&self) -> PathBuf {
+        self.dir.join("sockets-link")
     }
 
     /// Every link pinned now.
@@ -135,9 +158,21 @@ fn size<T>() -> u32 {
 }
 
 fn expected(name: &str, max_flows: u32) -> Option<Shape> {
-    let s = |ty, key, value, entries| Some(Shape { ty, key, value, entries });
+    let s = |ty, key, value, entries| {
+        Some(Shape {
+            ty,
+            key,
+            value,
+            entries,
+        })
+    };
     match name {
-        maps::FLOWS => s("lru_hash", size::<FlowKey>(), size::<FlowValue>(), max_flows),
+        maps::FLOWS => s(
+            "lru_hash",
+            size::<FlowKey>(),
+            size::<FlowValue>(),
+            max_flows,
+        ),
         maps::HELD => s("hash", size::<FlowKey>(), size::<FlowValue>(), MAX_HELD),
         maps::POD_FLAGS => s("array", 4, 4, MAX_PODS),
         maps::POD_IPS => s("hash", size::<PodIpKey>(), 4, MAX_PODS * 2),
@@ -145,6 +180,9 @@ fn expected(name: &str, max_flows: u32) -> Option<Shape> {
         maps::PINS => s("hash", size::<WireKey>(), size::<Pin>(), MAX_PINS),
         maps::CONFIG => s("array", 4, size::<Config>(), 1),
         maps::STATS => s("percpu_array", 4, 8, stats::COUNT),
+        maps::SOCKETS => s("hash", 8, size::<SockValue>(), MAX_SOCKETS),
+        maps::POD_SOCKETS => s("array", 4, size::<PodSockets>(), MAX_PODS),
+        maps::PROBES => s("hash", size::<ProbeKey>(), 1, MAX_PODS * 4),
         _ => None,
     }
 }
@@ -160,7 +198,12 @@ fn type_name(t: &Result<MapType, aya::maps::MapError>) -> &'static str {
 }
 
 fn shape_of(info: &MapInfo) -> Shape {
-    Shape { ty: type_name(&info.map_type()), key: info.key_size(), value: info.value_size(), entries: info.max_entries() }
+    Shape {
+        ty: type_name(&info.map_type()),
+        key: info.key_size(),
+        value: info.value_size(),
+        entries: info.max_entries(),
+    }
 }
 
 /// The outcome of checking the pins before loading.
@@ -184,7 +227,9 @@ pub fn check_maps(dir: &PinDir, max_flows: u32) -> Checked {
         if !path.exists() {
             continue;
         }
-        let Some(want) = expected(name, max_flows) else { continue };
+        let Some(want) = expected(name, max_flows) else {
+            continue;
+        };
         let found = match MapInfo::from_pin(&path) {
             Ok(info) => shape_of(&info),
             Err(e) => {
@@ -197,7 +242,12 @@ pub fn check_maps(dir: &PinDir, max_flows: u32) -> Checked {
             out.reused.insert(name);
             continue;
         }
-        if name == maps::FLOWS && (Shape { entries: want.entries, ..found }) == want {
+        if name == maps::FLOWS
+            && (Shape {
+                entries: want.entries,
+                ..found
+            }) == want
+        {
             tracing::warn!(
                 map = name,
                 entries = found.entries,
@@ -208,7 +258,9 @@ pub fn check_maps(dir: &PinDir, max_flows: u32) -> Checked {
             );
             match MapData::from_pin(&path) {
                 Ok(old) => out.old_flows = Some(old),
-                Err(e) => tracing::warn!(error = %e, "opening the old flow table; its flows are dropped"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "opening the old flow table; its flows are dropped")
+                }
             }
         } else {
             tracing::warn!(

@@ -17,7 +17,66 @@ use kube::{
 };
 
 use super::{Settings, report::Reporter};
-use crate::{api::Terminate, node::Node};
+use crate::{
+    api::Terminate,
+    node::{Node, PodSpec},
+};
+
+/// When this agent started: a pod whose containers started before it may
+/// have connections its sockets tracepoint never saw.
+static AGENT_START: std::sync::LazyLock<k8s_openapi::jiff::Timestamp> =
+    std::sync::LazyLock::new(jiff_now);
+
+/// The ports the kubelet probes (readiness, liveness, startup; HTTP, TCP
+/// and gRPC), with named ports resolved through the containers' ports.
+fn probe_ports(pod: &Pod) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    let named = |name: &str| {
+        spec.containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+    };
+    let port = |p: &IntOrString| match p {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(s) => s.parse().ok().or_else(|| named(s)),
+    };
+    let mut out: Vec<u16> = spec
+        .containers
+        .iter()
+        .flat_map(|c| [&c.readiness_probe, &c.liveness_probe, &c.startup_probe])
+        .flatten()
+        .filter_map(|p| {
+            p.http_get
+                .as_ref()
+                .and_then(|h| port(&h.port))
+                .or_else(|| p.tcp_socket.as_ref().and_then(|t| port(&t.port)))
+                .or_else(|| p.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether the pod's containers (or the pod, without container statuses)
+/// started before this agent: taken as new when the API does not say.
+fn started_before_agent(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let started = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.running.as_ref()?.started_at.as_ref())
+        .map(|t| t.0)
+        .min()
+        .or_else(|| status.and_then(|s| s.start_time.as_ref()).map(|t| t.0));
+    started.is_some_and(|t| t < *AGENT_START)
+}
 
 /// kube-rs' default backoff (client-go's: up to 30 s) lets the agent sleep
 /// through half a minute of pod deletions after an API server outage, and a
@@ -37,7 +96,11 @@ fn watch_backoff() -> watcher::ExponentialBackoff {
 /// What the node should know about one pod.
 #[derive(Debug, PartialEq)]
 enum Desired {
-    Track { ips: Vec<IpAddr>, deadline_in: Option<Duration> },
+    Track {
+        ips: Vec<IpAddr>,
+        deadline_in: Option<Duration>,
+        spec: PodSpec,
+    },
     Skip(&'static str),
     Ignore,
 }
@@ -46,9 +109,14 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
-        return Desired::Skip("hostNetwork pod: it shares the node's IPs, so its flows cannot be told apart");
+        return Desired::Skip(
+            "hostNetwork pod: it shares the node's IPs, so its flows cannot be told apart",
+        );
     }
-    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
         return Desired::Ignore;
     }
     let mut ips: Vec<IpAddr> = status
@@ -56,7 +124,9 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
         .map(|v| v.iter().filter_map(|p| p.ip.parse().ok()).collect())
         .unwrap_or_default();
     if ips.is_empty()
-        && let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|ip| ip.parse().ok())
     {
         ips.push(ip);
     }
@@ -66,9 +136,18 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
     let deadline_in = pod.metadata.deletion_timestamp.as_ref().map(|ts| {
         // deletionTimestamp is when the kubelet kills the pod (deletion time + grace period).
         let kill_in = Duration::try_from(ts.0.duration_since(jiff_now())).ok();
-        kill_in.and_then(|d| d.checked_sub(margin)).unwrap_or(Duration::from_millis(100))
+        kill_in
+            .and_then(|d| d.checked_sub(margin))
+            .unwrap_or(Duration::from_millis(100))
     });
-    Desired::Track { ips, deadline_in }
+    Desired::Track {
+        ips,
+        deadline_in,
+        spec: PodSpec {
+            probe_ports: probe_ports(pod),
+            preexisting: started_before_agent(pod),
+        },
+    }
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {
@@ -82,10 +161,15 @@ pub async fn run(
     reporter: Reporter,
     synced: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    std::sync::LazyLock::force(&AGENT_START);
     let pods: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
+    let config =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
     let (store, writer) = reflector::store();
-    let mut stream = watcher(pods, config).backoff(watch_backoff()).reflect(writer).boxed();
+    let mut stream = watcher(pods, config)
+        .backoff(watch_backoff())
+        .reflect(writer)
+        .boxed();
     let mut known: BTreeSet<String> = BTreeSet::new();
     let mut skipped: BTreeMap<String, &'static str> = BTreeMap::new();
     // Registration can fail for a moment (the CNI has not set up the route yet): retry on a timer too.
@@ -120,7 +204,10 @@ pub async fn run(
 pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> anyhow::Result<()> {
     let api: Api<EndpointSlice> = Api::all(client);
     let (store, writer) = reflector::store();
-    let mut stream = watcher(api, watcher::Config::default()).backoff(watch_backoff()).reflect(writer).boxed();
+    let mut stream = watcher(api, watcher::Config::default())
+        .backoff(watch_backoff())
+        .reflect(writer)
+        .boxed();
     let mut terminating: BTreeSet<IpAddr> = BTreeSet::new();
     loop {
         match stream.next().await {
@@ -136,11 +223,18 @@ pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> a
         let mut present = BTreeSet::new();
         for slice in store.state() {
             for ep in slice.endpoints.iter().flatten() {
-                let remote = ep.node_name.as_deref().is_some_and(|n| n != settings.node_name);
+                let remote = ep
+                    .node_name
+                    .as_deref()
+                    .is_some_and(|n| n != settings.node_name);
                 let ips = ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok());
                 for ip in ips {
                     present.insert(ip);
-                    let term = ep.conditions.as_ref().and_then(|c| c.terminating).unwrap_or(false);
+                    let term = ep
+                        .conditions
+                        .as_ref()
+                        .and_then(|c| c.terminating)
+                        .unwrap_or(false);
                     if remote && term {
                         now_terminating.insert(ip);
                     }
@@ -169,13 +263,27 @@ async fn reconcile(
 ) {
     let pods: Vec<(String, &Arc<Pod>, Desired)> = pods
         .iter()
-        .map(|pod| (format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()), pod, desired(pod, settings.deadline_margin)))
+        .map(|pod| {
+            (
+                format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+                pod,
+                desired(pod, settings.deadline_margin),
+            )
+        })
         .collect();
     // Forget the pods that are gone first: after a relist, a new pod may
     // have the IP of one deleted meanwhile, and registering it needs that IP free.
-    let tracked: BTreeSet<&String> =
-        pods.iter().filter(|(_, _, d)| matches!(d, Desired::Track { .. })).map(|(name, _, _)| name).collect();
-    for gone in known.iter().filter(|k| !tracked.contains(k)).cloned().collect::<Vec<_>>() {
+    let tracked: BTreeSet<&String> = pods
+        .iter()
+        .filter(|(_, _, d)| matches!(d, Desired::Track { .. }))
+        .map(|(name, _, _)| name)
+        .collect();
+    for gone in known
+        .iter()
+        .filter(|k| !tracked.contains(k))
+        .cloned()
+        .collect::<Vec<_>>()
+    {
         known.remove(&gone);
         if let Err(e) = node.remove_pod(&gone).await {
             tracing::debug!(pod = %gone, error = %e, "removing pod");
@@ -192,9 +300,13 @@ async fn reconcile(
                     node.set_skipped(&name, Some(reason)).await;
                 }
             }
-            Desired::Track { ips, deadline_in } => {
+            Desired::Track {
+                ips,
+                deadline_in,
+                spec,
+            } => {
                 if !known.contains(&name) {
-                    match node.add_pod(&name, &ips).await {
+                    match node.add_pod(&name, &ips, &spec).await {
                         Ok(()) => {
                             known.insert(name.clone());
                         }
@@ -207,7 +319,10 @@ async fn reconcile(
                 if let Some(d) = deadline_in
                     && !node.is_terminating(&name).await
                 {
-                    let req = Terminate { deadline_secs: Some(d.as_secs_f64().max(0.1)), quiet_period_secs: None };
+                    let req = Terminate {
+                        deadline_secs: Some(d.as_secs_f64().max(0.1)),
+                        quiet_period_secs: None,
+                    };
                     match node.terminate(&name, &req).await {
                         Ok(()) => reporter.start(pod.clone(), name.clone()),
                         Err(e) => tracing::warn!(pod = %name, error = %e, "starting drain"),
@@ -216,7 +331,12 @@ async fn reconcile(
             }
         }
     }
-    for gone in skipped.keys().filter(|k| !seen_skipped.contains(*k)).cloned().collect::<Vec<_>>() {
+    for gone in skipped
+        .keys()
+        .filter(|k| !seen_skipped.contains(*k))
+        .cloned()
+        .collect::<Vec<_>>()
+    {
         skipped.remove(&gone);
         node.set_skipped(&gone, None).await;
     }
@@ -242,13 +362,17 @@ mod tests {
 
     #[test]
     fn dual_stack_ips_and_deadline() {
-        let kill = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(30);
+        let kill =
+            k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(30);
         let p = pod(serde_json::json!({
             "metadata": {"name": "a", "namespace": "n", "deletionTimestamp": kill.to_string()},
             "spec": {"containers": []},
             "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "phase": "Running"}
         }));
-        let Desired::Track { ips, deadline_in } = desired(&p, Duration::from_secs(5)) else {
+        let Desired::Track {
+            ips, deadline_in, ..
+        } = desired(&p, Duration::from_secs(5))
+        else {
             panic!("expected Track");
         };
         assert_eq!(ips.len(), 2);
@@ -257,8 +381,29 @@ mod tests {
     }
 
     #[test]
+    fn probe_ports_come_from_every_probe_and_named_ports() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n"},
+            "spec": {"containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"port": "http"}},
+                 "livenessProbe": {"tcpSocket": {"port": 9000}}},
+                {"name": "side", "startupProbe": {"grpc": {"port": 50051}}}
+            ]},
+            "status": {"podIP": "10.0.0.1", "startTime": "2020-01-01T00:00:00Z"}
+        }));
+        let Desired::Track { spec, .. } = desired(&p, Duration::ZERO) else {
+            panic!("expected Track")
+        };
+        assert_eq!(spec.probe_ports, vec![8080, 9000, 50051]);
+        assert!(spec.preexisting, "started long before this agent");
+    }
+
+    #[test]
     fn pods_without_ip_or_finished_are_ignored() {
-        let p = pod(serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": []}, "status": {}}));
+        let p = pod(
+            serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": []}, "status": {}}),
+        );
         assert_eq!(desired(&p, Duration::ZERO), Desired::Ignore);
         let p = pod(serde_json::json!({
             "metadata": {"name": "a"}, "spec": {"containers": []},

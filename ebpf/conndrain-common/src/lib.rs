@@ -28,7 +28,22 @@ pub mod maps {
     pub const PINS: &str = "PINS";
     /// `HashMap<PodIpKey, u8>`: the node's own addresses (not pinned: refilled at start).
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// `HashMap<u64, SockValue>`: the open inbound TCP sockets of registered
+    /// pods, by kernel socket address, kept by the `sock:inet_sock_set_state`
+    /// tracepoint whatever path their packets take.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// `Array<PodSockets>`: per pod slot, how many of its sockets `SOCKETS` holds.
+    pub const POD_SOCKETS: &str = "POD_SOCKETS";
+    /// `HashMap<ProbeKey, u8>`: the ports the kubelet probes, per pod slot:
+    /// new connections from the node's own processes to them do not restart
+    /// the quiet period.
+    pub const PROBES: &str = "PROBES";
 }
+
+/// Size of the `SOCKETS` map (allocated per entry). When it is full, a pod's
+/// further sockets are counted in `PodSockets::lost`, and that pod can no
+/// longer be confirmed drained.
+pub const MAX_SOCKETS: u32 = 262_144;
 
 /// Size of the `PINS` map (two entries per pinned flow).
 pub const MAX_PINS: u32 = 65_536;
@@ -55,12 +70,12 @@ pub mod pod_flags {
 /// layout then replaces the pinned maps (and says so in one log line)
 /// instead of misreading them. The sizes alone are checked too, but they do
 /// not catch a reordered field.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The maps `--bpffs` pins: everything that holds state the agent or the
 /// programs need after a restart. `EVENTS` is not among them: each agent
 /// reads its own ring buffer, and rebuilds what it missed from `FLOWS`.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 11] = [
     maps::FLOWS,
     maps::HELD,
     maps::POD_IPS,
@@ -69,6 +84,9 @@ pub const PINNED_MAPS: [&str; 8] = [
     maps::PINS,
     maps::CONFIG,
     maps::STATS,
+    maps::SOCKETS,
+    maps::POD_SOCKETS,
+    maps::PROBES,
 ];
 
 /// Program names in the object.
@@ -77,6 +95,8 @@ pub mod programs {
     pub const INGRESS: &str = "conndrain_ingress";
     /// Sees packets leaving the host through the interface (to the pods behind it).
     pub const EGRESS: &str = "conndrain_egress";
+    /// Tracepoint `sock:inet_sock_set_state`: the pods' TCP sockets themselves.
+    pub const SOCKETS: &str = "conndrain_sockets";
 }
 
 /// Number of pod slots; `POD_COUNTERS` has this many entries.
@@ -132,6 +152,10 @@ pub mod flow_flags {
     pub const PICKED_UP: u8 = 4;
     /// Closed by RST rather than FIN.
     pub const RESET: u8 = 8;
+    /// The last TCP segment that carried data went to the pod: a request is
+    /// in flight, however long the pod takes to answer it. Cleared by the
+    /// next segment with data from the pod.
+    pub const AWAITING_REPLY: u8 = 16;
 }
 
 /// Indexes into the `STATS` per-CPU array.
@@ -234,6 +258,10 @@ pub struct Config {
     /// fresh maps, means "look".
     pub no_pins: u32,
     pub _pad: u32,
+    /// `CLOCK_MONOTONIC` ns since when the sockets tracepoint has been
+    /// attached without a gap (agent-written; kept across restarts while its
+    /// link stays pinned). Sockets opened before it are not in `SOCKETS`.
+    pub sockets_since_ns: u64,
 }
 
 /// Event kinds in `FlowEvent::kind`.
@@ -245,6 +273,9 @@ pub mod event_kind {
     pub const ESTABLISHED: u8 = 2;
     /// A TCP flow closed (FIN both ways or RST).
     pub const CLOSED: u8 = 3;
+    /// A draining pod's inbound TCP socket closed (from the sockets
+    /// tracepoint): the agent looks at the pod again.
+    pub const SOCKET_CLOSED: u8 = 4;
 }
 
 /// Sent through the `EVENTS` ring buffer on every flow state change, so the
@@ -312,6 +343,41 @@ pub struct Pin {
     pub _pad: u32,
 }
 
+/// One open inbound TCP socket of a pod, as the kernel's socket layer
+/// reports it (the `SOCKETS` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockValue {
+    /// The connection, from the pod's side, as in `FLOWS`.
+    pub key: FlowKey,
+    /// `bpf_ktime_get_ns` when the socket was created (SYN_RECV).
+    pub opened_ns: u64,
+    pub pod_slot: u32,
+    pub _pad: u32,
+}
+
+/// Per pod slot: its open inbound TCP sockets, kept with atomic adds by the
+/// sockets tracepoint (the `POD_SOCKETS` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodSockets {
+    /// Entries of this slot in `SOCKETS`.
+    pub open: u64,
+    /// Sockets `SOCKETS` had no room for: never decremented, so a pod with
+    /// any cannot be confirmed drained.
+    pub lost: u64,
+}
+
+/// A pod's probe port (the `PROBES` key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ProbeKey {
+    pub pod_slot: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all of these are `repr(C)`, `Copy`, made only of integers and
@@ -324,6 +390,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::WireKey {}
     unsafe impl aya::Pod for super::Pin {}
+    unsafe impl aya::Pod for super::SockValue {}
+    unsafe impl aya::Pod for super::PodSockets {}
+    unsafe impl aya::Pod for super::ProbeKey {}
 }
 
 #[cfg(test)]
@@ -340,6 +409,9 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<WireKey>(), 40);
         assert_eq!(size_of::<Pin>(), 80);
+        assert_eq!(size_of::<SockValue>(), 56);
+        assert_eq!(size_of::<PodSockets>(), 16);
+        assert_eq!(size_of::<ProbeKey>(), 8);
     }
 
     /// Pinned maps outlive the agent: a layout change must come with a new
@@ -354,11 +426,25 @@ mod tests {
             size_of::<Config>(),
             size_of::<WireKey>(),
             size_of::<Pin>(),
+            size_of::<SockValue>(),
+            size_of::<PodSockets>(),
+            size_of::<ProbeKey>(),
         ];
-        let sizing = (MAX_PODS, MAX_PINS, MAX_HELD, stats::COUNT, pod_flags::DRAINING);
+        let sizing = (
+            MAX_PODS,
+            MAX_PINS,
+            MAX_HELD,
+            MAX_SOCKETS,
+            stats::COUNT,
+            pod_flags::DRAINING,
+        );
         assert_eq!(
             (LAYOUT_VERSION, sizes, sizing),
-            (2, [40, 40, 16, 32, 16, 40, 80], (4096, 65_536, 65_536, 11, 1)),
+            (
+                3,
+                [40, 40, 16, 32, 24, 40, 80, 56, 16, 8],
+                (4096, 65_536, 65_536, 262_144, 11, 1)
+            ),
             "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
         );
     }

@@ -9,12 +9,14 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, direction, event_kind, flow_flags, pod_flags, stats,
-    tcp_state,
+    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, ProbeKey, direction, event_kind,
+    flow_flags, pod_flags, stats, tcp_state,
 };
 
 use crate::{
-    maps::{CONFIG, EVENTS, FLOWS, HELD, NODE_ADDRS, POD_COUNTERS, POD_FLAGS, POD_IPS, count},
+    maps::{
+        CONFIG, EVENTS, FLOWS, HELD, NODE_ADDRS, POD_COUNTERS, POD_FLAGS, POD_IPS, PROBES, count,
+    },
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -26,9 +28,12 @@ pub enum Side {
 }
 
 /// BPF_NOEXIST: two CPUs racing to create one flow must not both count it.
-const BPF_NOEXIST: u64 = 1;
+pub const BPF_NOEXIST: u64 = 1;
 /// What a map insert returns when the key exists (-EEXIST).
-const EEXIST: i32 = -17;
+pub const EEXIST: i32 = -17;
+/// Ports from here up are the kernel's default ephemeral range (the
+/// `ip_local_port_range` default starts at 32768): a client's side.
+const EPHEMERAL_PORTS: u16 = 32768;
 
 // Not inlined: its frame and steering's are separate BPF stack frames, each
 // well under the 512-byte limit.
@@ -67,9 +72,21 @@ pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
     create(&key, slot, draining, pkt, from_pod, now, len);
 }
 
+/// Whether the packet was sent by a local socket: `skb->sk` is set for
+/// packets a process of this network namespace sent, and empty for
+/// forwarded ones. What a kubelet probe is, and masqueraded Service traffic
+/// from another host is not.
+#[inline(always)]
+pub fn local_origin(ctx: &TcContext) -> bool {
+    // SAFETY: reading a context field; the verifier turns it into a load of `skb->sk`.
+    !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null()
+}
+
 #[inline(always)]
 fn is_draining(slot: u32) -> bool {
-    POD_FLAGS.get(slot).is_some_and(|f| f & pod_flags::DRAINING != 0)
+    POD_FLAGS
+        .get(slot)
+        .is_some_and(|f| f & pod_flags::DRAINING != 0)
 }
 
 /// A draining pod's flow still in `FLOWS` (the agent moves the ones it
@@ -142,7 +159,15 @@ fn udp_timeout_ns() -> u64 {
 }
 
 #[inline(always)]
-fn create(key: &FlowKey, slot: u32, draining: bool, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
+fn create(
+    key: &FlowKey,
+    slot: u32,
+    draining: bool,
+    pkt: &Packet,
+    from_pod: bool,
+    now: u64,
+    len: u64,
+) {
     let opened_by_peer = if pkt.proto == PROTO_TCP {
         let f = pkt.tcp_flags;
         if f & TCP_RST != 0 || (f & TCP_SYN != 0 && f & (TCP_ACK | TCP_FIN) != 0) {
@@ -157,31 +182,54 @@ fn create(key: &FlowKey, slot: u32, draining: bool, pkt: &Packet, from_pod: bool
     } else {
         !from_pod
     };
-    let state = if pkt.proto == PROTO_TCP { tcp_state::SYN_SENT } else { tcp_state::ESTABLISHED };
-    let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
-    let v = new_value(slot, state, dir, 0, from_pod, now, len);
+    let state = if pkt.proto == PROTO_TCP {
+        tcp_state::SYN_SENT
+    } else {
+        tcp_state::ESTABLISHED
+    };
+    let dir = if opened_by_peer {
+        direction::INBOUND
+    } else {
+        direction::OUTBOUND
+    };
+    let v = new_value(slot, state, dir, 0, pkt, from_pod, now, len);
     if !insert(key, &v, draining) {
         return;
     }
     if opened_by_peer {
-        note_new_inbound(key, slot, now);
+        note_new_inbound(key, slot, pkt, now);
     }
     emit(key, &v, event_kind::NEW, now);
 }
 
 /// A TCP packet of a flow we have no entry for (agent restart, eviction):
-/// take it as established. The side with the lower port is guessed to be the
-/// server; a wrong guess only moves the flow between inbound and outbound.
+/// take it as established. Its direction is a guess, made to err on the
+/// side that holds the pod: inbound, unless the pod's port is in the
+/// ephemeral range and the peer's is not (the pod is then a client). A gRPC
+/// server on 50051 talking to a client's 45000 is inbound; the sockets
+/// tracepoint knows the truth and the agent confirms a drain against it.
 #[inline(always)]
-fn pickup(key: &FlowKey, slot: u32, draining: bool, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
-    let dir = if key.pod_port <= key.peer_port { direction::INBOUND } else { direction::OUTBOUND };
+fn pickup(
+    key: &FlowKey,
+    slot: u32,
+    draining: bool,
+    pkt: &Packet,
+    from_pod: bool,
+    now: u64,
+    len: u64,
+) {
+    let dir = if key.pod_port >= EPHEMERAL_PORTS && key.peer_port < EPHEMERAL_PORTS {
+        direction::OUTBOUND
+    } else {
+        direction::INBOUND
+    };
     let mut flags = flow_flags::PICKED_UP;
     let mut state = tcp_state::ESTABLISHED;
     if pkt.tcp_flags & TCP_FIN != 0 {
         flags |= fin_bit(dir, from_pod);
         state = tcp_state::CLOSING;
     }
-    let v = new_value(slot, state, dir, flags, from_pod, now, len);
+    let v = new_value(slot, state, dir, flags, pkt, from_pod, now, len);
     if !insert(key, &v, draining) {
         return;
     }
@@ -195,15 +243,28 @@ fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u
         if now.saturating_sub(v.last_seen_ns) > udp_timeout_ns() {
             // The old UDP flow timed out: this packet opens a new one.
             let opened_by_peer = !from_pod;
-            let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
-            *v = new_value(v.pod_slot, tcp_state::ESTABLISHED, dir, 0, from_pod, now, len);
+            let dir = if opened_by_peer {
+                direction::INBOUND
+            } else {
+                direction::OUTBOUND
+            };
+            *v = new_value(
+                v.pod_slot,
+                tcp_state::ESTABLISHED,
+                dir,
+                0,
+                pkt,
+                from_pod,
+                now,
+                len,
+            );
             if opened_by_peer {
-                note_new_inbound(key, v.pod_slot, now);
+                note_new_inbound(key, v.pod_slot, pkt, now);
             }
             emit(key, v, event_kind::NEW, now);
             return;
         }
-        account(v, from_pod, now, len);
+        account(v, pkt, from_pod, now, len);
         return;
     }
 
@@ -215,19 +276,32 @@ fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u
         // Port reuse: a fresh SYN after the old flow closed starts a new flow.
         if f & TCP_SYN != 0 && f & (TCP_ACK | TCP_RST | TCP_FIN) == 0 {
             let opened_by_peer = !from_pod;
-            let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
-            *v = new_value(v.pod_slot, tcp_state::SYN_SENT, dir, 0, from_pod, now, len);
+            let dir = if opened_by_peer {
+                direction::INBOUND
+            } else {
+                direction::OUTBOUND
+            };
+            *v = new_value(
+                v.pod_slot,
+                tcp_state::SYN_SENT,
+                dir,
+                0,
+                pkt,
+                from_pod,
+                now,
+                len,
+            );
             if opened_by_peer {
-                note_new_inbound(key, v.pod_slot, now);
+                note_new_inbound(key, v.pod_slot, pkt, now);
             }
             emit(key, v, event_kind::NEW, now);
         } else {
-            account(v, from_pod, now, len);
+            account(v, pkt, from_pod, now, len);
         }
         return;
     }
 
-    account(v, from_pod, now, len);
+    account(v, pkt, from_pod, now, len);
     let mut state = old;
     if f & TCP_RST != 0 {
         v.flags |= flow_flags::RESET;
@@ -279,7 +353,17 @@ fn fin_bit(dir: u8, from_pod: bool) -> u8 {
 }
 
 #[inline(always)]
-fn new_value(slot: u32, state: u8, dir: u8, flags: u8, from_pod: bool, now: u64, len: u64) -> FlowValue {
+#[expect(clippy::too_many_arguments, reason = "every field of a new entry")]
+fn new_value(
+    slot: u32,
+    state: u8,
+    dir: u8,
+    flags: u8,
+    pkt: &Packet,
+    from_pod: bool,
+    now: u64,
+    len: u64,
+) -> FlowValue {
     let mut v = FlowValue {
         first_seen_ns: now,
         last_seen_ns: now,
@@ -289,17 +373,26 @@ fn new_value(slot: u32, state: u8, dir: u8, flags: u8, from_pod: bool, now: u64,
         flags,
         ..FlowValue::default()
     };
-    account(&mut v, from_pod, now, len);
+    account(&mut v, pkt, from_pod, now, len);
     v
 }
 
 #[inline(always)]
-fn account(v: &mut FlowValue, from_pod: bool, now: u64, len: u64) {
+fn account(v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
     v.last_seen_ns = now;
     if from_pod {
         v.bytes_out = v.bytes_out.wrapping_add(len);
     } else {
         v.bytes_in = v.bytes_in.wrapping_add(len);
+    }
+    // Data towards the pod is a request until data comes back: a slow
+    // handler's connection is quiet but not idle.
+    if pkt.data {
+        if from_pod {
+            v.flags &= !flow_flags::AWAITING_REPLY;
+        } else {
+            v.flags |= flow_flags::AWAITING_REPLY;
+        }
     }
 }
 
@@ -334,7 +427,7 @@ fn insert(key: &FlowKey, v: &FlowValue, draining: bool) -> bool {
 /// handled on several CPUs at once and the counters must stay exact.
 /// `core::sync::atomic` has no `fetch_add` on the BPF target, hence the intrinsic.
 #[inline(always)]
-fn atomic_add(p: *mut u64, delta: u64) {
+pub fn atomic_add(p: *mut u64, delta: u64) {
     // SAFETY: `p` points into a map value that outlives this program run.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
 }
@@ -354,13 +447,31 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
     }
 }
 
-/// Counts a new inbound flow for the quiet period, unless it comes from the
-/// node itself: the kubelet keeps probing a terminating pod from the node's
-/// addresses, and those probes must not hold the pod forever.
+/// Counts a new inbound flow for the quiet period, unless it is one of the
+/// kubelet's probes: the kubelet keeps probing a terminating pod, and its
+/// probes must not hold the pod forever. A probe is sent by a process of
+/// the node (not forwarded), from a node address, to one of the pod's probe
+/// ports. Service traffic masqueraded to a node address is forwarded, so it
+/// restarts the quiet period like any other client.
 #[inline(always)]
-fn note_new_inbound(key: &FlowKey, slot: u32, now: u64) {
-    // SAFETY: read-only lookup of a plain byte.
-    if unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some() {
+fn note_new_inbound(key: &FlowKey, slot: u32, pkt: &Packet, now: u64) {
+    // SAFETY: read-only lookups of plain bytes.
+    if pkt.local
+        && unsafe {
+            NODE_ADDRS.get(&PodIpKey {
+                addr: key.peer_addr,
+            })
+        }
+        .is_some()
+        && unsafe {
+            PROBES.get(&ProbeKey {
+                pod_slot: slot,
+                port: key.pod_port,
+                _pad: 0,
+            })
+        }
+        .is_some()
+    {
         return;
     }
     if let Some(p) = POD_COUNTERS.get_ptr_mut(slot) {

@@ -1,12 +1,15 @@
-//! conndrain's TC programs: attached on the host side of the interface that
-//! routes to a pod, they track every TCP/UDP flow of the registered pods.
+//! conndrain's programs. The two TC programs, attached on the host side of
+//! the interfaces that lead to the pods (a pod's veth, or each port of a
+//! bridge), track every TCP/UDP flow of the registered pods; the sockets
+//! tracepoint keeps the pods' open inbound TCP sockets, the ground truth a
+//! drain is confirmed against.
 //!
-//! They never change a packet and always return `TC_ACT_UNSPEC`: "no verdict,
+//! Tracking never changes a packet and returns `TC_ACT_UNSPEC`: "no verdict,
 //! go on". With tcx that is `TCX_NEXT` and with clsact it continues the filter
 //! chain, so programs other tools attached after ours still run, and with
-//! none left the packet takes its normal path. The datapath fails open: a bug
-//! here can lose tracking but never traffic. (`TC_ACT_OK` would also pass the
-//! packet, but would end the chain and silently skip those other programs.)
+//! none left the packet takes its normal path. Only the packets of a pinned
+//! flow are changed: steering rewrites and redirects them (`steer.rs`). The
+//! datapath fails open: a bug here can lose tracking but never traffic.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -15,16 +18,23 @@
 mod flow;
 mod maps;
 mod parse;
+mod sockets;
 mod steer;
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    macros::{classifier, tracepoint},
+    programs::{TcContext, TracePointContext},
+};
 use conndrain_common::stats;
 
 /// Packets entering the host from the interface: sent by a pod behind it,
 /// or (on uplinks) by clients. Tracked, then steered if their flow is pinned.
 #[classifier]
 pub fn conndrain_ingress(ctx: TcContext) -> i32 {
-    let Some(pkt) = parsed(&ctx) else { return TC_ACT_UNSPEC };
+    let Some(pkt) = parsed(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
     flow::track(&ctx, flow::Side::FromPod, &pkt);
     if !steer::any_pins() {
         return TC_ACT_UNSPEC;
@@ -35,10 +45,19 @@ pub fn conndrain_ingress(ctx: TcContext) -> i32 {
 /// Packets leaving the host through the interface: sent to a pod behind it.
 #[classifier]
 pub fn conndrain_egress(ctx: TcContext) -> i32 {
-    if let Some(pkt) = parsed(&ctx) {
+    if let Some(mut pkt) = parsed(&ctx) {
+        pkt.local = flow::local_origin(&ctx);
         flow::track(&ctx, flow::Side::ToPod, &pkt);
     }
     TC_ACT_UNSPEC
+}
+
+/// `sock:inet_sock_set_state`: every TCP socket state change on the node,
+/// in every network namespace.
+#[tracepoint]
+pub fn conndrain_sockets(ctx: TracePointContext) -> u32 {
+    let _ = sockets::on_state(&ctx);
+    0
 }
 
 #[inline(always)]

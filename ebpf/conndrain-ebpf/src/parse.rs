@@ -37,6 +37,12 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Offset of the TCP/UDP header.
     pub l4_off: usize,
+    /// A TCP segment that carries data (not a bare ACK, SYN or FIN): what
+    /// tells a request in flight from an idle connection.
+    pub data: bool,
+    /// Sent by a process of the node itself (set by the egress program),
+    /// not forwarded.
+    pub local: bool,
 }
 
 // Not inlined: the headers it loads get a stack frame of their own, leaving
@@ -77,7 +83,7 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
     if ETH_HLEN + ihl + l4_min(proto) > ETH_HLEN + usize::from(total_len) {
         return None;
     }
-    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, ETH_HLEN + ihl)?;
+    let (sport, dport, tcp_flags, l4_len) = parse_l4(ctx, proto, ETH_HLEN + ihl)?;
     Some(Packet {
         family: FAMILY_V4,
         proto,
@@ -87,6 +93,8 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
         dport,
         tcp_flags,
         l4_off: ETH_HLEN + ihl,
+        data: proto == PROTO_TCP && usize::from(total_len) > ihl + l4_len,
+        local: false,
     })
 }
 
@@ -124,7 +132,7 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
     if off + l4_min(next) > ETH_HLEN + 40 + payload_len {
         return None;
     }
-    let (sport, dport, tcp_flags) = parse_l4(ctx, next, off)?;
+    let (sport, dport, tcp_flags, l4_len) = parse_l4(ctx, next, off)?;
     Some(Packet {
         family: FAMILY_V6,
         proto: next,
@@ -134,6 +142,8 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
         dport,
         tcp_flags,
         l4_off: off,
+        data: next == PROTO_TCP && ETH_HLEN + 40 + payload_len > off + l4_len,
+        local: false,
     })
 }
 
@@ -158,7 +168,8 @@ fn l4_min(proto: u8) -> usize {
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8)> {
+/// Ports, TCP flags and the L4 header's length.
+fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8, usize)> {
     match proto {
         PROTO_TCP => {
             // Ports, then the flags byte at offset 13; a header cut short fails a load.
@@ -168,12 +179,12 @@ fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8)> {
                 return None;
             }
             let (s, d) = ports_of(ports);
-            Some((s, d, doff_flags[1]))
+            Some((s, d, doff_flags[1], usize::from(doff_flags[0] >> 4) * 4))
         }
         PROTO_UDP => {
             let hdr: [u8; 8] = load(ctx, off)?;
             let (s, d) = ports_of([hdr[0], hdr[1], hdr[2], hdr[3]]);
-            Some((s, d, 0))
+            Some((s, d, 0, 8))
         }
         _ => None,
     }
@@ -181,10 +192,15 @@ fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8)> {
 
 #[inline(always)]
 fn ports_of(b: [u8; 4]) -> (u16, u16) {
-    (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]))
+    (
+        u16::from_be_bytes([b[0], b[1]]),
+        u16::from_be_bytes([b[2], b[3]]),
+    )
 }
 
 #[inline(always)]
 fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }

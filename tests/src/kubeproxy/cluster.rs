@@ -363,4 +363,3 @@ impl Cluster {
         SocketAddr::new(Self::node_a_ip(like), port)
     }
 }
-

@@ -116,8 +116,12 @@ impl Harness {
     /// Marks the pod in `slot` draining (or not), as the agent does when its
     /// drain starts (without moving its flows: that is the agent's part).
     pub fn set_draining(&mut self, slot: u32, draining: bool) {
-        let mut flags: Array<_, u32> =
-            Array::try_from(self.ebpf.map_mut(maps::POD_FLAGS).expect("no POD_FLAGS map")).unwrap();
+        let mut flags: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(maps::POD_FLAGS)
+                .expect("no POD_FLAGS map"),
+        )
+        .unwrap();
         let value = if draining { pod_flags::DRAINING } else { 0 };
         flags.set(slot, value, 0).expect("writing POD_FLAGS");
     }
@@ -126,7 +130,14 @@ impl Harness {
         let mut config: Array<_, Config> =
             Array::try_from(self.ebpf.map_mut(maps::CONFIG).expect("no CONFIG map")).unwrap();
         config
-            .set(0, Config { udp_timeout_ns, ..Config::default() }, 0)
+            .set(
+                0,
+                Config {
+                    udp_timeout_ns,
+                    ..Config::default()
+                },
+                0,
+            )
             .expect("writing CONFIG[0]");
     }
 

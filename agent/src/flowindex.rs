@@ -1,0 +1,483 @@
+//! The flow index and the evidence a verdict rests on, over any [`Tables`]:
+//! the kernel maps in the agent, an in-memory stand-in in the unit tests
+//! below (the way kube-runtime tests its reflector store).
+//!
+//! Two sources, one rule. The index is fed by the programs' events and
+//! counts each pod's flows by point lookups in the flow tables (never a
+//! walk); it is fast, but it only knows what passed an attached interface
+//! and what the event ring had room for. The sockets tracepoint keeps the
+//! pods' open inbound TCP sockets whatever path their packets took. A pod
+//! is confirmed drained only when every one of its open inbound sockets is
+//! a flow the index knows as an idle keep-alive: any other open socket
+//! holds it. See `docs/drained.md`.
+
+use std::collections::HashMap;
+
+use conndrain_common::{
+    FlowEvent, FlowKey, FlowValue, PROTO_UDP, PodSockets, SockValue, event_kind,
+};
+
+use crate::{
+    drain::{self, FlowClass, FlowCounts, Timeouts},
+    error::Error,
+};
+
+/// What the index reads from the kernel.
+pub trait Tables {
+    /// One flow, from `HELD` or `FLOWS`.
+    fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error>;
+    /// A pod's socket counters.
+    fn pod_sockets(&self, slot: u32) -> Result<PodSockets, Error>;
+    /// A pod's open inbound sockets.
+    fn open_sockets(&self, slot: u32) -> Result<Vec<SockValue>, Error>;
+}
+
+impl Tables for crate::datapath::Datapath {
+    fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
+        Self::flow(self, key)
+    }
+    fn pod_sockets(&self, slot: u32) -> Result<PodSockets, Error> {
+        Self::pod_sockets(self, slot)
+    }
+    fn open_sockets(&self, slot: u32) -> Result<Vec<SockValue>, Error> {
+        Self::open_sockets(self, slot)
+    }
+}
+
+/// Live flows per pod slot, with the `first_seen_ns` that identifies their
+/// incarnation.
+#[derive(Default)]
+pub struct FlowIndex {
+    by_slot: HashMap<u32, HashMap<FlowKey, u64>>,
+    /// Flows found gone or replaced while still indexed (LRU evictions).
+    pub evicted: u64,
+    /// Flows found in the tables through an open socket, that no event had
+    /// brought (the event ring was full).
+    pub reconciled: u64,
+}
+
+/// One open inbound socket that holds its pod, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldBySocket {
+    pub key: FlowKey,
+    pub why: SocketHold,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketHold {
+    /// The packet path never saw this connection (another path, or evicted).
+    Unseen,
+    /// The packet path has it as closed or as the pod's own outbound flow,
+    /// but the socket says it is open and was opened by a peer.
+    Misread,
+}
+
+/// What the pod's sockets say.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketEvidence {
+    /// Open inbound TCP sockets.
+    pub open: u64,
+    /// Those not accounted for by an active or idle flow of the index.
+    pub holding: Vec<HeldBySocket>,
+    /// Why the sockets cannot confirm a drain at all, if they cannot.
+    pub incomplete: Option<String>,
+}
+
+impl FlowIndex {
+    pub fn add_slot(&mut self, slot: u32) {
+        self.by_slot.insert(slot, HashMap::new());
+    }
+
+    /// Forgets a slot; returns the keys it had.
+    pub fn remove_slot(&mut self, slot: u32) -> Vec<FlowKey> {
+        self.by_slot
+            .remove(&slot)
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn keys(&self, slot: u32) -> Vec<FlowKey> {
+        self.by_slot
+            .get(&slot)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self, slot: u32) -> bool {
+        self.by_slot.get(&slot).is_none_or(HashMap::is_empty)
+    }
+
+    pub fn insert(&mut self, slot: u32, key: FlowKey, first_seen_ns: u64) {
+        if let Some(flows) = self.by_slot.get_mut(&slot) {
+            flows.insert(key, first_seen_ns);
+        }
+    }
+
+    /// Applies one datapath event.
+    pub fn on_event(&mut self, ev: &FlowEvent) {
+        let Some(flows) = self.by_slot.get_mut(&ev.pod_slot) else {
+            return;
+        };
+        match ev.kind {
+            // Half-open TCP flows are not indexed: a SYN flood must not grow it.
+            event_kind::NEW if ev.key.proto == PROTO_UDP => {
+                flows.insert(ev.key, ev.first_seen_ns);
+            }
+            event_kind::ESTABLISHED => {
+                flows.insert(ev.key, ev.first_seen_ns);
+            }
+            event_kind::CLOSED => {
+                flows.remove(&ev.key);
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts the pod's indexed flows by point lookups. Drops entries whose
+    /// flow is gone or was replaced (evicted or timed out). Returns the
+    /// counts, the next time a flow changes class on its own, and the flows
+    /// themselves when `collect`.
+    pub fn classify_pod(
+        &mut self,
+        tables: &impl Tables,
+        slot: u32,
+        now: u64,
+        t: Timeouts,
+        collect: bool,
+    ) -> (
+        FlowCounts,
+        Option<u64>,
+        Vec<(FlowKey, FlowValue, FlowClass)>,
+    ) {
+        let mut counts = FlowCounts::default();
+        let mut next: Option<u64> = None;
+        let mut seen = Vec::new();
+        let Some(flows) = self.by_slot.get_mut(&slot) else {
+            return (counts, None, seen);
+        };
+        let mut gone = Vec::new();
+        for (key, first_seen) in flows.iter() {
+            let v = match tables.flow(key) {
+                Ok(Some(v)) if v.first_seen_ns == *first_seen => v,
+                Ok(_) => {
+                    self.evicted += 1;
+                    gone.push(*key);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "flow lookup");
+                    // Unknown: count it as holding rather than lose it.
+                    counts.active += 1;
+                    continue;
+                }
+            };
+            let (class, changes_at) = drain::classify(key.proto, &v, now, t);
+            match class {
+                FlowClass::Active => counts.active += 1,
+                FlowClass::Idle => counts.idle += 1,
+                FlowClass::Outbound => counts.outbound += 1,
+                FlowClass::Inactive => {
+                    gone.push(*key);
+                    continue;
+                }
+            }
+            if let Some(c) = changes_at {
+                next = Some(next.map_or(c, |n: u64| n.min(c)));
+            }
+            if collect {
+                seen.push((*key, v, class));
+            }
+        }
+        for k in gone {
+            flows.remove(&k);
+        }
+        (counts, next, seen)
+    }
+
+    /// Checks the pod's open inbound sockets against the index. A socket
+    /// whose flow the tables hold but the index lacks (its event was lost)
+    /// is indexed now. Reads `SOCKETS` only when the pod's counter says it
+    /// has open sockets.
+    pub fn sockets(
+        &mut self,
+        tables: &impl Tables,
+        slot: u32,
+        now: u64,
+        t: Timeouts,
+    ) -> SocketEvidence {
+        let counters = match tables.pod_sockets(slot) {
+            Ok(c) => c,
+            Err(e) => return incomplete(format!("its socket counters cannot be read ({e})")),
+        };
+        if counters.lost > 0 {
+            return incomplete(format!(
+                "{} of its sockets did not fit the sockets table (SOCKETS is full)",
+                counters.lost
+            ));
+        }
+        let mut ev = SocketEvidence {
+            open: counters.open,
+            ..SocketEvidence::default()
+        };
+        if counters.open == 0 {
+            return ev;
+        }
+        let open = match tables.open_sockets(slot) {
+            Ok(o) => o,
+            Err(e) => return incomplete(format!("its sockets cannot be read ({e})")),
+        };
+        ev.open = open.len() as u64;
+        for s in open {
+            let indexed = self.by_slot.get(&slot).and_then(|m| m.get(&s.key)).copied();
+            let flow = match tables.flow(&s.key) {
+                Ok(f) => f,
+                Err(e) => return incomplete(format!("a flow cannot be read ({e})")),
+            };
+            let why = match flow {
+                None => Some(SocketHold::Unseen),
+                Some(v) => {
+                    if indexed != Some(v.first_seen_ns) {
+                        self.insert(slot, s.key, v.first_seen_ns);
+                        self.reconciled += 1;
+                    }
+                    match drain::classify(s.key.proto, &v, now, t).0 {
+                        // Already counted as active flows.
+                        FlowClass::Active | FlowClass::Idle => None,
+                        FlowClass::Outbound | FlowClass::Inactive => Some(SocketHold::Misread),
+                    }
+                }
+            };
+            if let Some(why) = why {
+                ev.holding.push(HeldBySocket { key: s.key, why });
+            }
+        }
+        ev
+    }
+}
+
+fn incomplete(why: String) -> SocketEvidence {
+    SocketEvidence {
+        incomplete: Some(why),
+        ..SocketEvidence::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use conndrain_common::{PROTO_TCP, direction, flow_flags, tcp_state};
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const T: Timeouts = Timeouts {
+        idle_ns: 30 * S,
+        udp_ns: 30 * S,
+    };
+
+    /// The kernel tables in memory.
+    #[derive(Default)]
+    struct Mem {
+        flows: RefCell<HashMap<FlowKey, FlowValue>>,
+        sockets: Vec<SockValue>,
+        lost: u64,
+    }
+
+    impl Tables for Mem {
+        fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
+            Ok(self.flows.borrow().get(key).copied())
+        }
+        fn pod_sockets(&self, slot: u32) -> Result<PodSockets, Error> {
+            let open = self.sockets.iter().filter(|s| s.pod_slot == slot).count() as u64;
+            Ok(PodSockets {
+                open,
+                lost: self.lost,
+            })
+        }
+        fn open_sockets(&self, slot: u32) -> Result<Vec<SockValue>, Error> {
+            Ok(self
+                .sockets
+                .iter()
+                .filter(|s| s.pod_slot == slot)
+                .copied()
+                .collect())
+        }
+    }
+
+    fn key(peer_port: u16) -> FlowKey {
+        FlowKey {
+            pod_port: 8080,
+            peer_port,
+            proto: PROTO_TCP,
+            family: 4,
+            ..FlowKey::default()
+        }
+    }
+
+    fn tcp(first: u64, last: u64, dir: u8, flags: u8) -> FlowValue {
+        FlowValue {
+            first_seen_ns: first,
+            last_seen_ns: last,
+            state: tcp_state::ESTABLISHED,
+            direction: dir,
+            flags,
+            ..FlowValue::default()
+        }
+    }
+
+    fn socket(peer_port: u16) -> SockValue {
+        SockValue {
+            key: key(peer_port),
+            opened_ns: S,
+            pod_slot: 1,
+            _pad: 0,
+        }
+    }
+
+    fn event(kind: u8, k: FlowKey, first: u64) -> FlowEvent {
+        FlowEvent {
+            key: k,
+            first_seen_ns: first,
+            pod_slot: 1,
+            kind,
+            ..FlowEvent::default()
+        }
+    }
+
+    #[test]
+    fn events_build_the_index_and_lookups_count_it() {
+        let mem = Mem::default();
+        mem.flows
+            .borrow_mut()
+            .insert(key(1), tcp(S, 99 * S, direction::INBOUND, 0));
+        mem.flows
+            .borrow_mut()
+            .insert(key(2), tcp(S, 10 * S, direction::INBOUND, 0));
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        ix.on_event(&event(event_kind::ESTABLISHED, key(1), S));
+        ix.on_event(&event(event_kind::ESTABLISHED, key(2), S));
+        ix.on_event(&event(event_kind::NEW, key(3), S)); // half-open TCP: not indexed
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        assert_eq!((c.active, c.idle), (1, 1));
+        ix.on_event(&event(event_kind::CLOSED, key(1), S));
+        assert_eq!(ix.keys(1), vec![key(2)]);
+    }
+
+    #[test]
+    fn a_replaced_flow_counts_as_evicted() {
+        let mem = Mem::default();
+        mem.flows
+            .borrow_mut()
+            .insert(key(1), tcp(5 * S, 99 * S, direction::INBOUND, 0));
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        ix.insert(1, key(1), S);
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        assert_eq!((c.active, ix.evicted, ix.is_empty(1)), (0, 1, true));
+    }
+
+    #[test]
+    fn no_open_socket_means_nothing_holds() {
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        let ev = ix.sockets(&Mem::default(), 1, 100 * S, T);
+        assert_eq!(ev, SocketEvidence::default());
+    }
+
+    #[test]
+    fn a_socket_the_packet_path_never_saw_holds_the_pod() {
+        // Pod to pod across a bridge, or a CNI that bypasses the hook.
+        let mem = Mem {
+            sockets: vec![socket(7)],
+            ..Mem::default()
+        };
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        let ev = ix.sockets(&mem, 1, 100 * S, T);
+        assert_eq!(
+            ev.holding,
+            vec![HeldBySocket {
+                key: key(7),
+                why: SocketHold::Unseen
+            }]
+        );
+    }
+
+    #[test]
+    fn a_lost_event_is_reconciled_from_the_socket() {
+        // The flow is in the table but its ESTABLISHED event was lost.
+        let mem = Mem {
+            sockets: vec![socket(7)],
+            ..Mem::default()
+        };
+        mem.flows
+            .borrow_mut()
+            .insert(key(7), tcp(S, 99 * S, direction::INBOUND, 0));
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        let ev = ix.sockets(&mem, 1, 100 * S, T);
+        assert!(ev.holding.is_empty(), "active: counted by the index now");
+        assert_eq!(ix.reconciled, 1);
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        assert_eq!(c.active, 1);
+    }
+
+    #[test]
+    fn an_idle_keep_alive_socket_does_not_hold_but_a_request_in_flight_does() {
+        let mem = Mem {
+            sockets: vec![socket(7), socket(8)],
+            ..Mem::default()
+        };
+        mem.flows
+            .borrow_mut()
+            .insert(key(7), tcp(S, 10 * S, direction::INBOUND, 0));
+        mem.flows.borrow_mut().insert(
+            key(8),
+            tcp(S, 10 * S, direction::INBOUND, flow_flags::AWAITING_REPLY),
+        );
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        assert!(ix.sockets(&mem, 1, 100 * S, T).holding.is_empty());
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        assert_eq!(
+            (c.active, c.idle),
+            (1, 1),
+            "the slow request is active, the keep-alive idle"
+        );
+    }
+
+    #[test]
+    fn a_socket_misread_as_outbound_or_closed_holds() {
+        let mem = Mem {
+            sockets: vec![socket(7), socket(8)],
+            ..Mem::default()
+        };
+        mem.flows.borrow_mut().insert(
+            key(7),
+            tcp(S, 99 * S, direction::OUTBOUND, flow_flags::PICKED_UP),
+        );
+        let mut closed = tcp(S, 99 * S, direction::INBOUND, 0);
+        closed.state = tcp_state::CLOSED;
+        mem.flows.borrow_mut().insert(key(8), closed);
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        let ev = ix.sockets(&mem, 1, 100 * S, T);
+        assert_eq!(ev.holding.len(), 2);
+        assert!(ev.holding.iter().all(|h| h.why == SocketHold::Misread));
+    }
+
+    #[test]
+    fn lost_sockets_make_the_evidence_incomplete() {
+        let mem = Mem {
+            lost: 1,
+            ..Mem::default()
+        };
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        assert!(ix.sockets(&mem, 1, 100 * S, T).incomplete.is_some());
+    }
+}
