@@ -129,7 +129,11 @@ fn our_programs(ns: &Netns, iface: &str) -> Result<(usize, usize)> {
                 // No tcx (before 6.6, e.g. the guest stage's 6.1): the
                 // agent is on the clsact path; count its filters there.
                 Err(_) if !has_tcx() => {
-                    let dir = if matches!(ty, TcAttachType::Ingress) { "ingress" } else { "egress" };
+                    let dir = if matches!(ty, TcAttachType::Ingress) {
+                        "ingress"
+                    } else {
+                        "egress"
+                    };
                     let out = std::process::Command::new("tc")
                         .args(["filter", "show", "dev", &iface, dir])
                         .output()
@@ -139,7 +143,9 @@ fn our_programs(ns: &Netns, iface: &str) -> Result<(usize, usize)> {
                         .filter(|l| l.contains(prefix) && l.contains("direct-action"))
                         .count());
                 }
-                Err(e) => return Err(e).with_context(|| format!("querying the tcx programs of {iface}")),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("querying the tcx programs of {iface}"));
+                }
             };
             // Kernel program names are cut at 15 bytes: conndrain_ingre, conndrain_egres.
             Ok(progs
@@ -646,6 +652,9 @@ fn kubernetes_mode_restart_keeps_the_drain_and_forgets_pods_deleted_meanwhile() 
 /// enough.
 fn has_tcx() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut nums = release.trim().split(['.', '-']).map(|n| n.parse::<u32>().unwrap_or(0));
+    let mut nums = release
+        .trim()
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
     (nums.next().unwrap_or(0), nums.next().unwrap_or(0)) >= (6, 6)
 }

@@ -647,32 +647,51 @@ fn ipvs_tcp_clusterip_graceful() -> Result<()> {
     let conv = Conversation::landing_on(bed.client(), to, None, "a1")?;
     conv.expect_steady(3)?;
     let ct = bed.show_conntrack("a1 serving the stream")?;
-    let line = entry_of(&ct, conv.local_addr(), to)
-        .with_context(|| format!("with net.ipv4.vs.conntrack=1, IPVS's connection has a conntrack entry:\n{ct}"))?;
+    let line = entry_of(&ct, conv.local_addr(), to).with_context(|| {
+        format!("with net.ipv4.vs.conntrack=1, IPVS's connection has a conntrack entry:\n{ct}")
+    })?;
     ensure!(
         reply_part(line).contains(&format!("src={a1} ")),
         "the entry maps the stream to a1 ({a1}), as an iptables DNAT would: {line}"
     );
-    eprintln!("--- node A IPVS connections ---\n{}", bed.node_a().ipvs_connections()?);
+    eprintln!(
+        "--- node A IPVS connections ---\n{}",
+        bed.node_a().ipvs_connections()?
+    );
 
     bed.sync(&["a2", "b1"])?;
     let table = bed.node_a().ipvs_table()?;
-    eprintln!("--- node A rules after removing a1 ---\n{}", bed.node_a().ruleset()?);
+    eprintln!(
+        "--- node A rules after removing a1 ---\n{}",
+        bed.node_a().ruleset()?
+    );
     let rs = |proto: Protocol, port: u16| {
         table
             .iter()
             .find(|(vs, _)| vs.protocol == proto && vs.addr == SocketAddr::new(to.ip(), port))
             .and_then(|(_, rss)| rss.iter().find(|r| r.addr.ip() == a1).copied())
     };
-    let tcp = rs(Protocol::Tcp, TCP_PORT).context("a1 stays a TCP real server while it has a connection")?;
-    ensure!(tcp.weight == 0 && tcp.active >= 1, "a1's TCP real server: weight 0, the stream active: {tcp:?}");
-    ensure!(rs(Protocol::Udp, UDP_PORT).is_none(), "a1's UDP real server is deleted at once");
-    conv.expect_steady(5).context("weight 0: the stream goes on")?;
+    let tcp = rs(Protocol::Tcp, TCP_PORT)
+        .context("a1 stays a TCP real server while it has a connection")?;
+    ensure!(
+        tcp.weight == 0 && tcp.active >= 1,
+        "a1's TCP real server: weight 0, the stream active: {tcp:?}"
+    );
+    ensure!(
+        rs(Protocol::Udp, UDP_PORT).is_none(),
+        "a1's UDP real server is deleted at once"
+    );
+    conv.expect_steady(5)
+        .context("weight 0: the stream goes on")?;
 
     let n = bed.node_a().delete_conntrack_of(a1)?;
-    ensure!(n >= 1, "conntrack -D --reply-src {a1} deleted the stream's entry");
-    conv.expect_steady(5)
-        .context("IPVS's own connection table keeps the stream on a1 after its conntrack entry is deleted")?;
+    ensure!(
+        n >= 1,
+        "conntrack -D --reply-src {a1} deleted the stream's entry"
+    );
+    conv.expect_steady(5).context(
+        "IPVS's own connection table keeps the stream on a1 after its conntrack entry is deleted",
+    )?;
     let ct = bed.show_conntrack("after conntrack -D")?;
     if let Some(line) = entry_of(&ct, conv.local_addr(), to) {
         eprintln!("the stream's new conntrack entry: {line}");
@@ -749,6 +768,48 @@ fn terminate_and_check_pinned(
     Ok(())
 }
 
+/// In IPVS mode, the packet counters (in, out) of node A's virtual server
+/// for `to`; `None` in the other modes.
+fn ipvs_packets(
+    bed: &Bed,
+    backend: Backend,
+    protocol: Protocol,
+    to: SocketAddr,
+) -> Result<Option<(u64, u64)>> {
+    if backend != Backend::Ipvs {
+        return Ok(None);
+    }
+    bed.node_a()
+        .ipvs_packets(kubeproxy::VirtualServer { protocol, addr: to })
+        .map(Some)
+}
+
+/// Pinned packets are not translated twice: in IPVS mode the virtual
+/// server's counters stand still while the pinned flow goes on (the programs
+/// redirect its packets past netfilter, so IPVS's LOCAL_IN and FORWARD hooks
+/// never see them), and the datapath counted them as steered.
+fn ensure_ipvs_saw_none(
+    before: Option<(u64, u64)>,
+    after: Option<(u64, u64)>,
+    steered: (u64, u64),
+) -> Result<()> {
+    if let (Some(before), Some(after)) = (before, after) {
+        eprintln!(
+            "IPVS virtual server packets (in, out): {before:?} -> {after:?}; steered packets: {} -> {}",
+            steered.0, steered.1
+        );
+        ensure!(
+            after == before,
+            "IPVS forwarded none of the pinned flow's packets: its counters (in, out) went {before:?} -> {after:?}"
+        );
+        ensure!(
+            steered.1 > steered.0,
+            "the datapath steered the flow's packets meanwhile"
+        );
+    }
+    Ok(())
+}
+
 fn steered_packets(cli: &Cli) -> Result<u64> {
     Ok(cli.status()?["steering"]["steered_packets"]
         .as_u64()
@@ -777,8 +838,15 @@ fn tcp_holds(backend: Backend, front: Front, v6: bool, target: &str, clear: Clea
         }
         Clear::Flush => bed.node_a().flush_conntrack()?,
     }
+    let ipvs_before = ipvs_packets(&bed, backend, Protocol::Tcp, to)?;
+    let steered_before = steered_packets(&cli)?;
     conv.expect_steady(20).context(
         "with the agent, the stream keeps its pod after its endpoint and conntrack state are gone",
+    )?;
+    ensure_ipvs_saw_none(
+        ipvs_before,
+        ipvs_packets(&bed, backend, Protocol::Tcp, to)?,
+        (steered_before, steered_packets(&cli)?),
     )?;
     ensure!(
         steered_packets(&cli)? > 0,
@@ -812,8 +880,15 @@ fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         deleted >= 1,
         "kube-proxy's UDP cleanup deleted the session's entry"
     );
+    let ipvs_before = ipvs_packets(&bed, backend, Protocol::Udp, to)?;
+    let steered_before = steered_packets(&cli)?;
     conv.expect_steady(20)
         .context("with the agent, the UDP session keeps its pod after kube-proxy's cleanup")?;
+    ensure_ipvs_saw_none(
+        ipvs_before,
+        ipvs_packets(&bed, backend, Protocol::Udp, to)?,
+        (steered_before, steered_packets(&cli)?),
+    )?;
     ensure!(
         steered_packets(&cli)? > 0,
         "the datapath steered the session's packets"

@@ -129,19 +129,28 @@ fn run(command: Cmd) -> Result<()> {
             if let Err(e) = &host_result {
                 eprintln!("xtask test: {e:#}");
             }
-            let (guest, guest_result) = if std::env::var_os("CONNDRAIN_SKIP_GUEST").is_some_and(|v| v == "1") {
-                println!("guest: skipped (CONNDRAIN_SKIP_GUEST=1): the kernel tests did not run on Linux 6.1");
+            let (guest, guest_result) = if std::env::var_os("CONNDRAIN_SKIP_GUEST")
+                .is_some_and(|v| v == "1")
+            {
+                println!(
+                    "guest: skipped (CONNDRAIN_SKIP_GUEST=1): the kernel tests did not run on Linux 6.1"
+                );
                 (test::Totals::default(), Ok(()))
             } else {
                 test_guest(&root, release, &args)
             };
             let all = host.plus(guest);
-            println!("total: {} passed, {} failed, {} skipped", all.passed, all.failed, all.ignored);
+            println!(
+                "total: {} passed, {} failed, {} skipped",
+                all.passed, all.failed, all.ignored
+            );
             match (host_result, guest_result) {
                 (Ok(()), Ok(())) => Ok(()),
                 (Err(e), Ok(())) => Err(e),
                 (Ok(()), Err(e)) => Err(e),
-                (Err(h), Err(g)) => Err(h.context(format!("and the guest stage failed too: {g:#}"))),
+                (Err(h), Err(g)) => {
+                    Err(h.context(format!("and the guest stage failed too: {g:#}")))
+                }
             }
         }
         Cmd::TestGuest { release, args } => {
@@ -149,7 +158,10 @@ fn run(command: Cmd) -> Result<()> {
             setup::run(&root)?;
             build(&root, release)?;
             let (guest, result) = test_guest(&root, release, &args);
-            println!("total: {} passed, {} failed, {} skipped", guest.passed, guest.failed, guest.ignored);
+            println!(
+                "total: {} passed, {} failed, {} skipped",
+                guest.passed, guest.failed, guest.ignored
+            );
             result
         }
         Cmd::Demo { release, args } => {
@@ -202,7 +214,10 @@ fn test_guest(root: &Path, release: bool, args: &[String]) -> (test::Totals, Res
         Ok(b) => b,
         Err(e) => return (test::Totals::default(), Err(e)),
     };
-    let conndrain = root.join("target").join(if release { "release" } else { "debug" }).join("conndrain");
+    let conndrain = root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("conndrain");
     guest::run(root, &conndrain, &binaries, args)
 }
 

@@ -68,10 +68,17 @@ fn virtme_ng(tools: &Path) -> Result<()> {
         eprintln!("setup: virtme-ng {VIRTME_NG_VERSION} ok");
         return Ok(());
     }
-    eprintln!("setup: installing virtme-ng {VIRTME_NG_VERSION} in {}", venv.display());
+    eprintln!(
+        "setup: installing virtme-ng {VIRTME_NG_VERSION} in {}",
+        venv.display()
+    );
     // Debian's own python3 (python3-venv is one of the packages above), so a
     // python3 of another origin first on PATH does not matter.
-    cmd::run(cmd::command("/usr/bin/python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+    cmd::run(
+        cmd::command("/usr/bin/python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )?;
     cmd::run(
         cmd::command(venv.join("bin").join("pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])

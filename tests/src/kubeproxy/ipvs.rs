@@ -116,19 +116,29 @@ pub fn parse_table(text: &str) -> Result<Vec<(VirtualServer, Vec<RealServer>)>> 
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             [proto @ ("TCP" | "UDP"), addr, ..] => {
-                let protocol = if *proto == "TCP" { Protocol::Tcp } else { Protocol::Udp };
-                let addr = addr.parse().with_context(|| format!("ipvsadm -Ln: {line}"))?;
+                let protocol = if *proto == "TCP" {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                };
+                let addr = addr
+                    .parse()
+                    .with_context(|| format!("ipvsadm -Ln: {line}"))?;
                 out.push((VirtualServer { protocol, addr }, Vec::new()));
             }
             ["->", addr, _forward, weight, active, inactive] if *addr != "RemoteAddress:Port" => {
                 let rs = RealServer {
-                    addr: addr.parse().with_context(|| format!("ipvsadm -Ln: {line}"))?,
+                    addr: addr
+                        .parse()
+                        .with_context(|| format!("ipvsadm -Ln: {line}"))?,
                     weight: weight.parse()?,
                     active: active.parse()?,
                     inactive: inactive.parse()?,
                 };
                 out.last_mut()
-                    .with_context(|| format!("ipvsadm -Ln: a real server before any virtual server: {line}"))?
+                    .with_context(|| {
+                        format!("ipvsadm -Ln: a real server before any virtual server: {line}")
+                    })?
                     .1
                     .push(rs);
             }
@@ -138,9 +148,30 @@ pub fn parse_table(text: &str) -> Result<Vec<(VirtualServer, Vec<RealServer>)>> 
     Ok(out)
 }
 
+/// The `InPkts` and `OutPkts` of virtual server `vs` in `ipvsadm -Ln --stats --exact`.
+pub fn parse_stats(text: &str, vs: VirtualServer) -> Option<(u64, u64)> {
+    let proto = match vs.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    text.lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [p, addr, _conns, inpkts, outpkts, ..]
+                if *p == proto && addr.parse::<SocketAddr>().ok() == Some(vs.addr) =>
+            {
+                Some((inpkts.parse().ok()?, outpkts.parse().ok()?))
+            }
+            _ => None,
+        }
+    })
+}
+
 /// The kernel releases from which kube-proxy leaves `conn_reuse_mode` alone.
 fn conn_reuse_fixed(release: &str) -> bool {
-    let mut nums = release.split(['.', '-']).map(|n| n.parse::<u32>().unwrap_or(0));
+    let mut nums = release
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
     let (major, minor) = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
     (major, minor) >= (5, 9)
 }
@@ -149,7 +180,9 @@ impl KubeProxy {
     /// `NewProxier` and the one-time setup of the IPVS mode (see the module doc).
     pub(super) fn ipvs_start(&self) -> Result<()> {
         if !ipvs_available() {
-            bail!("kube-proxy's IPVS mode needs IPVS, and this kernel has none (ip_vs does not load)");
+            bail!(
+                "kube-proxy's IPVS mode needs IPVS, and this kernel has none (ip_vs does not load)"
+            );
         }
         let mut sysctls = vec![
             "net.ipv4.vs.conntrack=1",
@@ -169,7 +202,10 @@ impl KubeProxy {
         // local routes, which is all IPVS needs.
         for vip in &self.service().cluster_ips {
             let prefix = if vip.is_ipv6() { "128" } else { "32" };
-            self.exec("ip", &["addr", "add", &format!("{vip}/{prefix}"), "dev", DUMMY])?;
+            self.exec(
+                "ip",
+                &["addr", "add", &format!("{vip}/{prefix}"), "dev", DUMMY],
+            )?;
         }
         for v6 in [false, true] {
             self.restore(v6, &self.ipvs_iptables_rules(v6))
@@ -239,11 +275,17 @@ impl KubeProxy {
         let mut out = Vec::new();
         for port in &svc.ports {
             for vip in &svc.cluster_ips {
-                out.push(VirtualServer { protocol: port.protocol, addr: SocketAddr::new(*vip, port.port) });
+                out.push(VirtualServer {
+                    protocol: port.protocol,
+                    addr: SocketAddr::new(*vip, port.port),
+                });
             }
             if let Some(np) = port.node_port {
                 for ip in self.node_ips() {
-                    out.push(VirtualServer { protocol: port.protocol, addr: SocketAddr::new(*ip, np) });
+                    out.push(VirtualServer {
+                        protocol: port.protocol,
+                        addr: SocketAddr::new(*ip, np),
+                    });
                 }
             }
         }
@@ -266,7 +308,10 @@ impl KubeProxy {
                 .service()
                 .ports
                 .iter()
-                .find(|p| p.protocol == vs.protocol && (p.port == vs.addr.port() || p.node_port == Some(vs.addr.port())))
+                .find(|p| {
+                    p.protocol == vs.protocol
+                        && (p.port == vs.addr.port() || p.node_port == Some(vs.addr.port()))
+                })
                 .map(|p| p.target_port)
                 .context("a virtual server of a Service port")?;
             let current: &[RealServer] = match table.iter().find(|(v, _)| *v == vs) {
@@ -292,7 +337,12 @@ impl KubeProxy {
                         continue;
                     }
                 }
-                let _ = writeln!(cmds, "-a {} -r {} -m -w 1", vs.arg(), sock(rs.ip(), rs.port()));
+                let _ = writeln!(
+                    cmds,
+                    "-a {} -r {} -m -w 1",
+                    vs.arg(),
+                    sock(rs.ip(), rs.port())
+                );
             }
             for rs in current.iter().filter(|c| !wanted.contains(&c.addr)) {
                 if graceful.iter().any(|(v, r)| *v == vs && *r == rs.addr) {
@@ -300,9 +350,19 @@ impl KubeProxy {
                 }
                 // GracefulDeleteRS: at once for UDP or without connections.
                 if vs.protocol == Protocol::Udp || rs.active + rs.inactive == 0 {
-                    let _ = writeln!(cmds, "-d {} -r {}", vs.arg(), sock(rs.addr.ip(), rs.addr.port()));
+                    let _ = writeln!(
+                        cmds,
+                        "-d {} -r {}",
+                        vs.arg(),
+                        sock(rs.addr.ip(), rs.addr.port())
+                    );
                 } else {
-                    let _ = writeln!(cmds, "-e {} -r {} -m -w 0", vs.arg(), sock(rs.addr.ip(), rs.addr.port()));
+                    let _ = writeln!(
+                        cmds,
+                        "-e {} -r {} -m -w 0",
+                        vs.arg(),
+                        sock(rs.addr.ip(), rs.addr.port())
+                    );
                     graceful.push((vs, rs.addr));
                 }
             }
@@ -310,7 +370,8 @@ impl KubeProxy {
         if !cmds.is_empty() {
             let mut cmd = self.command("ipvsadm");
             cmd.arg("-R");
-            super::proxy::run_with_stdin(&mut cmd, &cmds).context("applying the IPVS changes of a sync")?;
+            super::proxy::run_with_stdin(&mut cmd, &cmds)
+                .context("applying the IPVS changes of a sync")?;
         }
         Ok(cmds)
     }
@@ -347,6 +408,17 @@ impl KubeProxy {
         Ok(deleted)
     }
 
+    /// The packet counters of one virtual server (`ipvsadm -Ln --stats
+    /// --exact`): packets in (client to real server) and out (replies), over
+    /// all its real servers, deleted ones included. IPVS counts every packet
+    /// it forwards at LOCAL_IN or FORWARD, so a flow whose packets do not
+    /// move them never went through IPVS.
+    pub fn ipvs_packets(&self, vs: VirtualServer) -> Result<(u64, u64)> {
+        let text = self.exec("ipvsadm", &["-Ln", "--stats", "--exact"])?;
+        parse_stats(&text, vs)
+            .with_context(|| format!("no virtual server {vs:?} in ipvsadm --stats:\n{text}"))
+    }
+
     /// IPVS's own connection table (`ipvsadm -Lnc`).
     pub fn ipvs_connections(&self) -> Result<String> {
         self.exec("ipvsadm", &["-Lnc"])
@@ -378,6 +450,32 @@ TCP  172.18.0.10:30080 rr
         assert_eq!(t[1].0.addr, "[fd00:96::10]:53".parse().unwrap());
         assert_eq!(t[1].1[0].addr, "[fd00:244:1::2]:5353".parse().unwrap());
         assert!(t[2].1.is_empty());
+    }
+
+    #[test]
+    fn parses_ipvsadm_stats() {
+        let text = "IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes
+  -> RemoteAddress:Port
+TCP  10.96.0.10:80                       3     1234      987    81234    65432
+  -> 10.244.1.2:8080                     1     1000      900    60000    50000
+UDP  10.96.0.10:53                       1        5        5      300      300
+";
+        let tcp = VirtualServer {
+            protocol: Protocol::Tcp,
+            addr: "10.96.0.10:80".parse().unwrap(),
+        };
+        let udp = VirtualServer {
+            protocol: Protocol::Udp,
+            addr: "10.96.0.10:53".parse().unwrap(),
+        };
+        let other = VirtualServer {
+            protocol: Protocol::Udp,
+            addr: "10.96.0.10:80".parse().unwrap(),
+        };
+        assert_eq!(parse_stats(text, tcp), Some((1234, 987)));
+        assert_eq!(parse_stats(text, udp), Some((5, 5)));
+        assert_eq!(parse_stats(text, other), None);
     }
 
     #[test]

@@ -194,8 +194,9 @@ impl KubeProxy {
     /// `endpoints`, with kube-proxy's graceful termination for the others.
     pub fn sync(&self, endpoints: &[IpAddr]) -> Result<()> {
         if self.backend == Backend::Ipvs {
-            self.ipvs_sync(endpoints)
-                .with_context(|| format!("syncing IPVS for endpoints {endpoints:?} in {}", self.ns))?;
+            self.ipvs_sync(endpoints).with_context(|| {
+                format!("syncing IPVS for endpoints {endpoints:?} in {}", self.ns)
+            })?;
             return Ok(());
         }
         let mut synced = self.synced.lock().expect("kube-proxy sync lock");
