@@ -590,8 +590,10 @@ impl Running {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Waits up to `timeout` for the exit; kills it and fails after that.
+    /// Waits up to `timeout` (stretched by [`crate::time_scale`]) for the
+    /// exit; kills it and fails after that.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Output> {
+        let timeout = timeout * crate::time_scale();
         let start = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait()? {

@@ -68,6 +68,19 @@ pub fn time_scale() -> u32 {
         .unwrap_or(1)
 }
 
+/// Whether this kernel has tcx (6.6+). The agent probes it and `conndrain
+/// status` says which path it took; helpers that run without an agent look
+/// at the kernel release, which is enough.
+#[must_use]
+pub fn kernel_has_tcx() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut nums = release
+        .trim()
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0)) >= (6, 6)
+}
+
 /// How often [`wait_until`] looks again.
 pub const POLL: Duration = Duration::from_millis(25);
 

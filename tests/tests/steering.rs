@@ -367,15 +367,12 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         .filter(|p| *p != target)
         .collect();
     bed.sync(&rest)?;
-    if backend != Backend::Ipvs {
+    if backend == Backend::Ipvs {
+        ipvs_drops_the_entry(&bed, conv.local_addr(), to, pod_ip)?;
+    } else {
         conv.expect_steady(5)
             .context("after the sync, before kube-proxy's UDP cleanup")?;
     }
-    // In IPVS mode the sync itself deleted the UDP real server (no graceful
-    // termination for UDP), and kube-proxy runs the cleanup at the end of
-    // the same sync: the session's next datagrams meet a connection without
-    // a destination (expire_nodest_conn) whose conntrack entry is still
-    // confirmed, and IPVS drops them until the entry goes.
 
     // kube-proxy's cleanup runs on every node; only node A has the entry.
     let events = bed.node_a().watch_conntrack()?;
@@ -385,7 +382,7 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         .map(|p| p.cleanup_udp_conntrack(pod_ip))
         .sum::<Result<usize>>()?;
     ensure!(
-        deleted >= 1,
+        deleted >= 1 || backend == Backend::Ipvs,
         "kube-proxy's UDP cleanup deleted the session's entry"
     );
 
@@ -429,6 +426,33 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
              UDP cleanup: the scenario does not reproduce"
         ),
     }
+}
+
+/// IPVS mode: the sync deleted the session's UDP real server at once (no
+/// graceful termination for UDP), and IPVS, with `expire_nodest_conn=1`
+/// (kernels from 5.9 flush a deleted real server's connections right away),
+/// expires its connections and, with `vs.conntrack=1`, their conntrack
+/// entries: the session's entry to `pod_ip` goes before kube-proxy's UDP
+/// cleanup runs, which then finds nothing left. Seen in the guest (6.1):
+/// the cleanup deleted no entry.
+fn ipvs_drops_the_entry(
+    bed: &Bed,
+    client: SocketAddr,
+    to: SocketAddr,
+    pod_ip: IpAddr,
+) -> Result<()> {
+    let to_pod = format!("src={pod_ip} ");
+    wait_until(
+        "IPVS to drop the conntrack entry of the deleted UDP real server's session",
+        TIMEOUT,
+        || bed.node_a().conntrack(),
+        |ct| entry_of(ct, client, to).is_none_or(|l| !reply_part(l).contains(&to_pod)),
+    )?;
+    eprintln!(
+        "--- node A IPVS connections after the sync ---\n{}",
+        bed.node_a().ipvs_connections()?
+    );
+    Ok(())
 }
 
 /// New flows go only to serving endpoints: kube-proxy already does this.
@@ -871,13 +895,16 @@ fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         .filter(|p| *p != target)
         .collect();
     bed.sync(&rest)?;
+    if backend == Backend::Ipvs {
+        ipvs_drops_the_entry(&bed, conv.local_addr(), to, pod_ip)?;
+    }
     let deleted: usize = bed
         .proxies
         .iter()
         .map(|p| p.cleanup_udp_conntrack(pod_ip))
         .sum::<Result<usize>>()?;
     ensure!(
-        deleted >= 1,
+        deleted >= 1 || backend == Backend::Ipvs,
         "kube-proxy's UDP cleanup deleted the session's entry"
     );
     let ipvs_before = ipvs_packets(&bed, backend, Protocol::Udp, to)?;
