@@ -18,26 +18,19 @@ fn main() -> anyhow::Result<()> {
     let out = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
     let object = out.join("conndrain-ebpf");
 
-    let have_linker = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let have_linker = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
     if !have_linker && !required {
         println!(
             "cargo:warning=bpf-linker not found: building conndrain without its eBPF programs \
              (run `cargo xtask build` for a working binary)"
         );
-        fs::write(&object, [])
-            .with_context(|| format!("writing placeholder {}", object.display()))?;
+        fs::write(&object, []).with_context(|| format!("writing placeholder {}", object.display()))?;
         return Ok(());
     }
 
-    let root =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("no manifest dir"))?)
-            .join("../ebpf/conndrain-ebpf");
-    let root = root
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("no manifest dir"))?)
+        .join("../ebpf/conndrain-ebpf");
+    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     aya_build::build_ebpf(
         [Package { name: "conndrain-ebpf", root_dir: root, ..Package::default() }],
         Toolchain::default(),

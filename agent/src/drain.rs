@@ -147,30 +147,18 @@ impl Termination {
             self.started_ns
         };
         if let Some((state, _)) = self.outcome {
-            return Verdict {
-                state,
-                quiet_since_ns,
-                next_check_ns: None,
-            };
+            return Verdict { state, quiet_since_ns, next_check_ns: None };
         }
         let quiet_end = quiet_since_ns + self.quiet_period_ns;
         let flows_done = obs.counts.active == 0 && obs.now_ns >= quiet_end;
         let confirmed = obs.sockets_complete && obs.sockets_holding == 0;
         if flows_done && confirmed {
             self.outcome = Some((PodState::Drained, obs.now_ns));
-            return Verdict {
-                state: PodState::Drained,
-                quiet_since_ns,
-                next_check_ns: None,
-            };
+            return Verdict { state: PodState::Drained, quiet_since_ns, next_check_ns: None };
         }
         if obs.now_ns >= self.deadline_ns {
             self.outcome = Some((PodState::Deadline, obs.now_ns));
-            return Verdict {
-                state: PodState::Deadline,
-                quiet_since_ns,
-                next_check_ns: None,
-            };
+            return Verdict { state: PodState::Deadline, quiet_since_ns, next_check_ns: None };
         }
         let next = if flows_done && obs.sockets_complete {
             // Only sockets hold it: look again soon (their closes also wake us).
@@ -180,11 +168,7 @@ impl Termination {
         } else {
             self.deadline_ns
         };
-        Verdict {
-            state: PodState::Draining,
-            quiet_since_ns,
-            next_check_ns: Some(next),
-        }
+        Verdict { state: PodState::Draining, quiet_since_ns, next_check_ns: Some(next) }
     }
 }
 
@@ -207,11 +191,7 @@ mod tests {
     fn obs(now: u64, active: u64, new_total: u64, last_new: u64) -> Observation {
         Observation {
             now_ns: now,
-            counts: FlowCounts {
-                active,
-                idle: 0,
-                outbound: 0,
-            },
+            counts: FlowCounts { active, idle: 0, outbound: 0 },
             new_inbound_total: new_total,
             last_new_inbound_ns: last_new,
             sockets_holding: 0,
@@ -222,25 +202,16 @@ mod tests {
     #[test]
     fn an_open_socket_the_flows_do_not_explain_holds_the_pod() {
         let mut t = term();
-        let o = Observation {
-            sockets_holding: 1,
-            ..obs(104 * S, 0, 5, 0)
-        };
+        let o = Observation { sockets_holding: 1, ..obs(104 * S, 0, 5, 0) };
         let v = t.evaluate(&o);
-        assert_eq!(
-            (v.state, v.next_check_ns),
-            (PodState::Draining, Some(104 * S + SOCKET_RECHECK_NS))
-        );
+        assert_eq!((v.state, v.next_check_ns), (PodState::Draining, Some(104 * S + SOCKET_RECHECK_NS)));
         assert_eq!(t.evaluate(&obs(105 * S, 0, 5, 0)).state, PodState::Drained);
     }
 
     #[test]
     fn incomplete_socket_evidence_never_drains() {
         let mut t = term();
-        let o = |now| Observation {
-            sockets_complete: false,
-            ..obs(now, 0, 5, 0)
-        };
+        let o = |now| Observation { sockets_complete: false, ..obs(now, 0, 5, 0) };
         assert_eq!(t.evaluate(&o(110 * S)).state, PodState::Draining);
         assert_eq!(t.evaluate(&o(130 * S)).state, PodState::Deadline);
     }
@@ -251,20 +222,14 @@ mod tests {
         let v = t.evaluate(&obs(101 * S, 0, 5, 50 * S));
         assert_eq!(v.state, PodState::Draining);
         assert_eq!(v.next_check_ns, Some(103 * S));
-        assert_eq!(
-            t.evaluate(&obs(103 * S, 0, 5, 50 * S)).state,
-            PodState::Drained
-        );
+        assert_eq!(t.evaluate(&obs(103 * S, 0, 5, 50 * S)).state, PodState::Drained);
     }
 
     #[test]
     fn active_flow_holds_until_deadline() {
         let mut t = term();
         let v = t.evaluate(&obs(110 * S, 1, 5, 0));
-        assert_eq!(
-            (v.state, v.next_check_ns),
-            (PodState::Draining, Some(130 * S))
-        );
+        assert_eq!((v.state, v.next_check_ns), (PodState::Draining, Some(130 * S)));
         assert_eq!(t.evaluate(&obs(130 * S, 1, 5, 0)).state, PodState::Deadline);
         // Final: closing the flow afterwards does not turn it into drained.
         assert_eq!(t.evaluate(&obs(131 * S, 0, 5, 0)).state, PodState::Deadline);
@@ -276,84 +241,43 @@ mod tests {
         let v = t.evaluate(&obs(103 * S, 0, 6, 102 * S));
         assert_eq!(v.state, PodState::Draining);
         assert_eq!(v.quiet_since_ns, 102 * S);
-        assert_eq!(
-            t.evaluate(&obs(105 * S, 0, 6, 102 * S)).state,
-            PodState::Drained
-        );
+        assert_eq!(t.evaluate(&obs(105 * S, 0, 6, 102 * S)).state, PodState::Drained);
     }
 
     #[test]
     fn old_new_inbound_time_is_ignored() {
         // last_new_inbound_ns from before termination must not shorten the quiet period.
         let mut t = term();
-        assert_eq!(
-            t.evaluate(&obs(102 * S, 0, 5, 99 * S)).state,
-            PodState::Draining
-        );
+        assert_eq!(t.evaluate(&obs(102 * S, 0, 5, 99 * S)).state, PodState::Draining);
     }
 
     fn flow(state: u8, dir: u8, last_seen: u64) -> FlowValue {
-        FlowValue {
-            state,
-            direction: dir,
-            last_seen_ns: last_seen,
-            ..FlowValue::default()
-        }
+        FlowValue { state, direction: dir, last_seen_ns: last_seen, ..FlowValue::default() }
     }
 
     #[test]
     fn classification() {
-        let t = Timeouts {
-            idle_ns: 30 * S,
-            udp_ns: 10 * S,
-        };
+        let t = Timeouts { idle_ns: 30 * S, udp_ns: 10 * S };
         let now = 100 * S;
         let tcp = PROTO_TCP;
         let udp = conndrain_common::PROTO_UDP;
         let ib = direction::INBOUND;
         let ob = direction::OUTBOUND;
-        assert_eq!(
-            classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t).0,
-            FlowClass::Active
-        );
-        assert_eq!(
-            classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 60 * S), now, t).0,
-            FlowClass::Idle
-        );
+        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t).0, FlowClass::Active);
+        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ib, 60 * S), now, t).0, FlowClass::Idle);
         // Half-closed and quiet with the last word the pod's: idle, like a keep-alive.
-        assert_eq!(
-            classify(tcp, &flow(tcp_state::CLOSING, ib, 10 * S), now, t).0,
-            FlowClass::Idle
-        );
-        assert_eq!(
-            classify(tcp, &flow(tcp_state::CLOSING, ib, 95 * S), now, t).0,
-            FlowClass::Active
-        );
+        assert_eq!(classify(tcp, &flow(tcp_state::CLOSING, ib, 10 * S), now, t).0, FlowClass::Idle);
+        assert_eq!(classify(tcp, &flow(tcp_state::CLOSING, ib, 95 * S), now, t).0, FlowClass::Active);
         // A request in flight holds however long the handler takes.
-        let waiting = FlowValue {
-            flags: flow_flags::AWAITING_REPLY,
-            ..flow(tcp_state::ESTABLISHED, ib, 10 * S)
-        };
+        let waiting = FlowValue { flags: flow_flags::AWAITING_REPLY, ..flow(tcp_state::ESTABLISHED, ib, 10 * S) };
         assert_eq!(classify(tcp, &waiting, now, t), (FlowClass::Active, None));
-        assert_eq!(
-            classify(tcp, &flow(tcp_state::SYN_SENT, ib, now), now, t).0,
-            FlowClass::Inactive
-        );
-        assert_eq!(
-            classify(tcp, &flow(tcp_state::CLOSED, ib, now), now, t).0,
-            FlowClass::Inactive
-        );
-        assert_eq!(
-            classify(tcp, &flow(tcp_state::ESTABLISHED, ob, now), now, t).0,
-            FlowClass::Outbound
-        );
+        assert_eq!(classify(tcp, &flow(tcp_state::SYN_SENT, ib, now), now, t).0, FlowClass::Inactive);
+        assert_eq!(classify(tcp, &flow(tcp_state::CLOSED, ib, now), now, t).0, FlowClass::Inactive);
+        assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ob, now), now, t).0, FlowClass::Outbound);
         assert_eq!(
             classify(udp, &flow(tcp_state::ESTABLISHED, ib, 95 * S), now, t),
             (FlowClass::Active, Some(105 * S + 1))
         );
-        assert_eq!(
-            classify(udp, &flow(tcp_state::ESTABLISHED, ib, 80 * S), now, t).0,
-            FlowClass::Inactive
-        );
+        assert_eq!(classify(udp, &flow(tcp_state::ESTABLISHED, ib, 80 * S), now, t).0, FlowClass::Inactive);
     }
 }

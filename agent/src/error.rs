@@ -18,21 +18,11 @@ pub enum Error {
     #[error("eBPF object has no program {name}")]
     MissingProgram { name: &'static str },
     #[error("{op} program {name}: {source}")]
-    Program {
-        name: &'static str,
-        op: &'static str,
-        source: Box<aya::programs::ProgramError>,
-    },
+    Program { name: &'static str, op: &'static str, source: Box<aya::programs::ProgramError> },
     #[error("attaching to interface {iface}: {source}")]
-    Attach {
-        iface: String,
-        source: Box<aya::programs::ProgramError>,
-    },
+    Attach { iface: String, source: Box<aya::programs::ProgramError> },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: Box<aya::maps::MapError>,
-    },
+    Map { name: &'static str, source: Box<aya::maps::MapError> },
     #[error("pinning map at {}: {reason}", path.display())]
     Pin { path: PathBuf, reason: String },
     #[error(
@@ -47,24 +37,14 @@ pub enum Error {
     )]
     NoRoute { ip: IpAddr, reason: String },
     #[error("interface index {ifindex}: {source}")]
-    Interface {
-        ifindex: u32,
-        source: std::io::Error,
-    },
+    Interface { ifindex: u32, source: std::io::Error },
     #[error("{op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
 }
 
 impl Error {
     #[must_use]
     pub fn map(name: &'static str, source: aya::maps::MapError) -> Self {
-        Self::Map {
-            name,
-            source: Box::new(source),
-        }
+        Self::Map { name, source: Box::new(source) }
     }
 }

@@ -13,9 +13,7 @@
 
 use std::collections::HashMap;
 
-use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, PROTO_UDP, PodSockets, SockValue, event_kind,
-};
+use conndrain_common::{FlowEvent, FlowKey, FlowValue, PROTO_UDP, PodSockets, SockValue, event_kind};
 
 use crate::{
     drain::{self, FlowClass, FlowCounts, Timeouts},
@@ -90,18 +88,12 @@ impl FlowIndex {
 
     /// Forgets a slot; returns the keys it had.
     pub fn remove_slot(&mut self, slot: u32) -> Vec<FlowKey> {
-        self.by_slot
-            .remove(&slot)
-            .map(|m| m.into_keys().collect())
-            .unwrap_or_default()
+        self.by_slot.remove(&slot).map(|m| m.into_keys().collect()).unwrap_or_default()
     }
 
     #[must_use]
     pub fn keys(&self, slot: u32) -> Vec<FlowKey> {
-        self.by_slot
-            .get(&slot)
-            .map(|m| m.keys().copied().collect())
-            .unwrap_or_default()
+        self.by_slot.get(&slot).map(|m| m.keys().copied().collect()).unwrap_or_default()
     }
 
     #[must_use]
@@ -146,11 +138,7 @@ impl FlowIndex {
         now: u64,
         t: Timeouts,
         collect: bool,
-    ) -> (
-        FlowCounts,
-        Option<u64>,
-        Vec<(FlowKey, FlowValue, FlowClass)>,
-    ) {
+    ) -> (FlowCounts, Option<u64>, Vec<(FlowKey, FlowValue, FlowClass)>) {
         let mut counts = FlowCounts::default();
         let mut next: Option<u64> = None;
         let mut seen = Vec::new();
@@ -200,13 +188,7 @@ impl FlowIndex {
     /// whose flow the tables hold but the index lacks (its event was lost)
     /// is indexed now. Reads `SOCKETS` only when the pod's counter says it
     /// has open sockets.
-    pub fn sockets(
-        &mut self,
-        tables: &impl Tables,
-        slot: u32,
-        now: u64,
-        t: Timeouts,
-    ) -> SocketEvidence {
+    pub fn sockets(&mut self, tables: &impl Tables, slot: u32, now: u64, t: Timeouts) -> SocketEvidence {
         let counters = match tables.pod_sockets(slot) {
             Ok(c) => c,
             Err(e) => return incomplete(format!("its socket counters cannot be read ({e})")),
@@ -217,10 +199,7 @@ impl FlowIndex {
                 counters.lost
             ));
         }
-        let mut ev = SocketEvidence {
-            open: counters.open,
-            ..SocketEvidence::default()
-        };
+        let mut ev = SocketEvidence { open: counters.open, ..SocketEvidence::default() };
         if counters.open == 0 {
             return ev;
         }
@@ -258,10 +237,7 @@ impl FlowIndex {
 }
 
 fn incomplete(why: String) -> SocketEvidence {
-    SocketEvidence {
-        incomplete: Some(why),
-        ..SocketEvidence::default()
-    }
+    SocketEvidence { incomplete: Some(why), ..SocketEvidence::default() }
 }
 
 #[cfg(test)]
@@ -273,10 +249,7 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
-    const T: Timeouts = Timeouts {
-        idle_ns: 30 * S,
-        udp_ns: 30 * S,
-    };
+    const T: Timeouts = Timeouts { idle_ns: 30 * S, udp_ns: 30 * S };
 
     /// The kernel tables in memory.
     #[derive(Default)]
@@ -292,29 +265,15 @@ mod tests {
         }
         fn pod_sockets(&self, slot: u32) -> Result<PodSockets, Error> {
             let open = self.sockets.iter().filter(|s| s.pod_slot == slot).count() as u64;
-            Ok(PodSockets {
-                open,
-                lost: self.lost,
-            })
+            Ok(PodSockets { open, lost: self.lost })
         }
         fn open_sockets(&self, slot: u32) -> Result<Vec<SockValue>, Error> {
-            Ok(self
-                .sockets
-                .iter()
-                .filter(|s| s.pod_slot == slot)
-                .copied()
-                .collect())
+            Ok(self.sockets.iter().filter(|s| s.pod_slot == slot).copied().collect())
         }
     }
 
     fn key(peer_port: u16) -> FlowKey {
-        FlowKey {
-            pod_port: 8080,
-            peer_port,
-            proto: PROTO_TCP,
-            family: 4,
-            ..FlowKey::default()
-        }
+        FlowKey { pod_port: 8080, peer_port, proto: PROTO_TCP, family: 4, ..FlowKey::default() }
     }
 
     fn tcp(first: u64, last: u64, dir: u8, flags: u8) -> FlowValue {
@@ -329,33 +288,18 @@ mod tests {
     }
 
     fn socket(peer_port: u16) -> SockValue {
-        SockValue {
-            key: key(peer_port),
-            opened_ns: S,
-            pod_slot: 1,
-            _pad: 0,
-        }
+        SockValue { key: key(peer_port), opened_ns: S, pod_slot: 1, _pad: 0 }
     }
 
     fn event(kind: u8, k: FlowKey, first: u64) -> FlowEvent {
-        FlowEvent {
-            key: k,
-            first_seen_ns: first,
-            pod_slot: 1,
-            kind,
-            ..FlowEvent::default()
-        }
+        FlowEvent { key: k, first_seen_ns: first, pod_slot: 1, kind, ..FlowEvent::default() }
     }
 
     #[test]
     fn events_build_the_index_and_lookups_count_it() {
         let mem = Mem::default();
-        mem.flows
-            .borrow_mut()
-            .insert(key(1), tcp(S, 99 * S, direction::INBOUND, 0));
-        mem.flows
-            .borrow_mut()
-            .insert(key(2), tcp(S, 10 * S, direction::INBOUND, 0));
+        mem.flows.borrow_mut().insert(key(1), tcp(S, 99 * S, direction::INBOUND, 0));
+        mem.flows.borrow_mut().insert(key(2), tcp(S, 10 * S, direction::INBOUND, 0));
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         ix.on_event(&event(event_kind::ESTABLISHED, key(1), S));
@@ -370,9 +314,7 @@ mod tests {
     #[test]
     fn a_replaced_flow_counts_as_evicted() {
         let mem = Mem::default();
-        mem.flows
-            .borrow_mut()
-            .insert(key(1), tcp(5 * S, 99 * S, direction::INBOUND, 0));
+        mem.flows.borrow_mut().insert(key(1), tcp(5 * S, 99 * S, direction::INBOUND, 0));
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         ix.insert(1, key(1), S);
@@ -391,32 +333,18 @@ mod tests {
     #[test]
     fn a_socket_the_packet_path_never_saw_holds_the_pod() {
         // Pod to pod across a bridge, or a CNI that bypasses the hook.
-        let mem = Mem {
-            sockets: vec![socket(7)],
-            ..Mem::default()
-        };
+        let mem = Mem { sockets: vec![socket(7)], ..Mem::default() };
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         let ev = ix.sockets(&mem, 1, 100 * S, T);
-        assert_eq!(
-            ev.holding,
-            vec![HeldBySocket {
-                key: key(7),
-                why: SocketHold::Unseen
-            }]
-        );
+        assert_eq!(ev.holding, vec![HeldBySocket { key: key(7), why: SocketHold::Unseen }]);
     }
 
     #[test]
     fn a_lost_event_is_reconciled_from_the_socket() {
         // The flow is in the table but its ESTABLISHED event was lost.
-        let mem = Mem {
-            sockets: vec![socket(7)],
-            ..Mem::default()
-        };
-        mem.flows
-            .borrow_mut()
-            .insert(key(7), tcp(S, 99 * S, direction::INBOUND, 0));
+        let mem = Mem { sockets: vec![socket(7)], ..Mem::default() };
+        mem.flows.borrow_mut().insert(key(7), tcp(S, 99 * S, direction::INBOUND, 0));
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         let ev = ix.sockets(&mem, 1, 100 * S, T);
@@ -428,38 +356,20 @@ mod tests {
 
     #[test]
     fn an_idle_keep_alive_socket_does_not_hold_but_a_request_in_flight_does() {
-        let mem = Mem {
-            sockets: vec![socket(7), socket(8)],
-            ..Mem::default()
-        };
-        mem.flows
-            .borrow_mut()
-            .insert(key(7), tcp(S, 10 * S, direction::INBOUND, 0));
-        mem.flows.borrow_mut().insert(
-            key(8),
-            tcp(S, 10 * S, direction::INBOUND, flow_flags::AWAITING_REPLY),
-        );
+        let mem = Mem { sockets: vec![socket(7), socket(8)], ..Mem::default() };
+        mem.flows.borrow_mut().insert(key(7), tcp(S, 10 * S, direction::INBOUND, 0));
+        mem.flows.borrow_mut().insert(key(8), tcp(S, 10 * S, direction::INBOUND, flow_flags::AWAITING_REPLY));
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         assert!(ix.sockets(&mem, 1, 100 * S, T).holding.is_empty());
         let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
-        assert_eq!(
-            (c.active, c.idle),
-            (1, 1),
-            "the slow request is active, the keep-alive idle"
-        );
+        assert_eq!((c.active, c.idle), (1, 1), "the slow request is active, the keep-alive idle");
     }
 
     #[test]
     fn a_socket_misread_as_outbound_or_closed_holds() {
-        let mem = Mem {
-            sockets: vec![socket(7), socket(8)],
-            ..Mem::default()
-        };
-        mem.flows.borrow_mut().insert(
-            key(7),
-            tcp(S, 99 * S, direction::OUTBOUND, flow_flags::PICKED_UP),
-        );
+        let mem = Mem { sockets: vec![socket(7), socket(8)], ..Mem::default() };
+        mem.flows.borrow_mut().insert(key(7), tcp(S, 99 * S, direction::OUTBOUND, flow_flags::PICKED_UP));
         let mut closed = tcp(S, 99 * S, direction::INBOUND, 0);
         closed.state = tcp_state::CLOSED;
         mem.flows.borrow_mut().insert(key(8), closed);
@@ -472,10 +382,7 @@ mod tests {
 
     #[test]
     fn lost_sockets_make_the_evidence_incomplete() {
-        let mem = Mem {
-            lost: 1,
-            ..Mem::default()
-        };
+        let mem = Mem { lost: 1, ..Mem::default() };
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         assert!(ix.sockets(&mem, 1, 100 * S, T).incomplete.is_some());

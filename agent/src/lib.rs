@@ -19,5 +19,4 @@ pub mod steering;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.
 /// Empty when the binary was built without the eBPF toolchain (see build.rs).
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conndrain-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conndrain-ebpf"));

@@ -5,9 +5,7 @@ fn main() {
     let cli = conndrain::cli::Cli::parse();
     // Logs go to stderr so that `-o json` output stays clean.
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("CONNDRAIN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("CONNDRAIN_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -48,9 +48,7 @@ impl Default for Metrics {
             new_flows_after_termination: Family::default(),
             drains: Family::default(),
             // 0.1 s to ~100 s: drains end between "no connections at all" and long deadlines.
-            drain_duration: Histogram::new([
-                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-            ]),
+            drain_duration: Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
             flow_table_used: Gauge::default(),
             flow_table_max: Gauge::default(),
             flows_evicted: Counter::default(),
@@ -62,77 +60,33 @@ impl Default for Metrics {
             resets_sent: Gauge::default(),
         };
         let r = &mut m.registry;
-        r.register(
-            "pod_active_flows",
-            "Active inbound flows that hold the pod",
-            m.active_flows.clone(),
-        );
-        r.register(
-            "pod_idle_flows",
-            "Idle keep-alive inbound flows (do not hold the pod)",
-            m.idle_flows.clone(),
-        );
-        r.register(
-            "pod_outbound_flows",
-            "Flows the pod opened",
-            m.outbound_flows.clone(),
-        );
+        r.register("pod_active_flows", "Active inbound flows that hold the pod", m.active_flows.clone());
+        r.register("pod_idle_flows", "Idle keep-alive inbound flows (do not hold the pod)", m.idle_flows.clone());
+        r.register("pod_outbound_flows", "Flows the pod opened", m.outbound_flows.clone());
         r.register(
             "pod_new_flows_after_termination",
             "New inbound flows since the pod began terminating",
             m.new_flows_after_termination.clone(),
         );
         r.register("drains", "Finished drains by outcome", m.drains.clone());
-        r.register(
-            "drain_duration_seconds",
-            "Time from termination to drained or deadline",
-            m.drain_duration.clone(),
-        );
-        r.register(
-            "flow_table_entries",
-            "Entries in the flow table",
-            m.flow_table_used.clone(),
-        );
-        r.register(
-            "flow_table_max_entries",
-            "Size of the flow table",
-            m.flow_table_max.clone(),
-        );
-        r.register(
-            "flows_evicted",
-            "Live flows lost from the flow table (LRU eviction)",
-            m.flows_evicted.clone(),
-        );
-        r.register(
-            "held_flows",
-            "Flows of draining pods in the held table (never evicted)",
-            m.held_flows.clone(),
-        );
+        r.register("drain_duration_seconds", "Time from termination to drained or deadline", m.drain_duration.clone());
+        r.register("flow_table_entries", "Entries in the flow table", m.flow_table_used.clone());
+        r.register("flow_table_max_entries", "Size of the flow table", m.flow_table_max.clone());
+        r.register("flows_evicted", "Live flows lost from the flow table (LRU eviction)", m.flows_evicted.clone());
+        r.register("held_flows", "Flows of draining pods in the held table (never evicted)", m.held_flows.clone());
         r.register(
             "hold_failed",
             "Flows of draining pods the held table had no room for (left in the LRU flow table)",
             m.hold_failed.clone(),
         );
-        r.register(
-            "events_lost",
-            "Datapath events the ring buffer had no room for",
-            m.events_lost.clone(),
-        );
-        r.register(
-            "pinned_flows",
-            "Flows pinned to a terminating backend",
-            m.pinned_flows.clone(),
-        );
+        r.register("events_lost", "Datapath events the ring buffer had no room for", m.events_lost.clone());
+        r.register("pinned_flows", "Flows pinned to a terminating backend", m.pinned_flows.clone());
         r.register(
             "steered_packets",
             "Packets of pinned flows rewritten and redirected since the maps were created",
             m.steered_packets.clone(),
         );
-        r.register(
-            "resets_sent",
-            "RSTs sent for pinned flows whose pod is gone",
-            m.resets_sent.clone(),
-        );
+        r.register("resets_sent", "RSTs sent for pinned flows whose pod is gone", m.resets_sent.clone());
         m
     }
 }

@@ -10,16 +10,15 @@ use std::{
 };
 
 use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, direction, event_kind,
-    maps, stats, tcp_state,
+    FlowEvent, FlowKey, FlowValue, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, direction, event_kind, maps, stats, tcp_state,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::{
     api::{
-        FlowView, InterfaceView, MapFill, MapsView, PodView, SocketView, SocketsWhy, StatsView,
-        Status, SteeringView, WaitOutcome, Why,
+        FlowView, InterfaceView, MapFill, MapsView, PodView, SocketView, SocketsWhy, StatsView, Status, SteeringView,
+        WaitOutcome, Why,
     },
     datapath::{self, Datapath},
     drain::{self, FlowClass, Observation, PodState, Termination, Timeouts},
@@ -215,18 +214,12 @@ fn read_saved(path: &std::path::Path, boot_id: &str) -> Option<Saved> {
 /// Writes a file only root can read, like the socket next to it.
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(bytes)
 }
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map_or_else(|_| String::new(), |s| s.trim().to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map_or_else(|_| String::new(), |s| s.trim().to_owned())
 }
 
 pub struct Node {
@@ -241,10 +234,7 @@ pub struct Node {
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
 #[must_use]
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: ts is a valid out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
@@ -268,9 +258,7 @@ fn duration_ns(what: &'static str, secs: Option<f64>, default: Duration) -> Resu
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-./".contains(&b))
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-./".contains(&b))
 }
 
 impl Node {
@@ -315,11 +303,7 @@ impl Node {
             v4 @ IpAddr::V4(_) => v4,
         };
         let inner = self.inner.lock().await;
-        inner
-            .pods
-            .iter()
-            .find(|(_, p)| p.ips.contains(&ip))
-            .map(|(n, _)| n.clone())
+        inner.pods.iter().find(|(_, p)| p.ips.contains(&ip)).map(|(n, _)| n.clone())
     }
 
     pub async fn names(&self) -> Vec<String> {
@@ -330,71 +314,41 @@ impl Node {
     /// saved state counts once declared again: see `Inner::restored_drains`).
     pub async fn is_terminating(&self, name: &str) -> bool {
         let inner = self.inner.lock().await;
-        !inner.restored_drains.contains(name)
-            && inner
-                .pods
-                .get(name)
-                .is_some_and(|p| p.termination.is_some())
+        !inner.restored_drains.contains(name) && inner.pods.get(name).is_some_and(|p| p.termination.is_some())
     }
 
     /// Follows a pod's state; `None` if there is no such pod.
     pub async fn subscribe(&self, name: &str) -> Option<watch::Receiver<PodState>> {
-        self.inner
-            .lock()
-            .await
-            .pods
-            .get(name)
-            .map(|p| p.state.subscribe())
+        self.inner.lock().await.pods.get(name).map(|p| p.state.subscribe())
     }
 
     /// Refreshes the gauges from the current state, for a scrape.
     pub async fn refresh_metrics(&self) {
         let pods = self.pods().await;
         let m = &self.metrics;
-        for f in [
-            &m.active_flows,
-            &m.idle_flows,
-            &m.outbound_flows,
-            &m.new_flows_after_termination,
-        ] {
+        for f in [&m.active_flows, &m.idle_flows, &m.outbound_flows, &m.new_flows_after_termination] {
             f.clear();
         }
         for p in pods.iter().filter(|p| p.state != PodState::Skipped) {
-            let l = PodLabels {
-                pod: p.name.clone(),
-            };
+            let l = PodLabels { pod: p.name.clone() };
             let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             m.active_flows.get_or_create(&l).set(g(p.active_flows));
             m.idle_flows.get_or_create(&l).set(g(p.idle_flows));
             m.outbound_flows.get_or_create(&l).set(g(p.outbound_flows));
-            m.new_flows_after_termination
-                .get_or_create(&l)
-                .set(g(p.new_flows_since_termination));
+            m.new_flows_after_termination.get_or_create(&l).set(g(p.new_flows_since_termination));
         }
         if let Ok(s) = self.status().await {
-            m.flow_table_used
-                .set(i64::try_from(s.maps.flows.used).unwrap_or(i64::MAX));
-            m.held_flows
-                .set(i64::try_from(s.maps.held.used).unwrap_or(i64::MAX));
-            m.hold_failed
-                .set(i64::try_from(s.stats.hold_failed).unwrap_or(i64::MAX));
-            m.events_lost
-                .set(i64::try_from(s.events_lost).unwrap_or(i64::MAX));
-            m.pinned_flows
-                .set(i64::try_from(s.steering.pinned_flows).unwrap_or(i64::MAX));
-            m.steered_packets
-                .set(i64::try_from(s.steering.steered_packets).unwrap_or(i64::MAX));
-            m.resets_sent
-                .set(i64::try_from(s.steering.resets_sent).unwrap_or(i64::MAX));
+            m.flow_table_used.set(i64::try_from(s.maps.flows.used).unwrap_or(i64::MAX));
+            m.held_flows.set(i64::try_from(s.maps.held.used).unwrap_or(i64::MAX));
+            m.hold_failed.set(i64::try_from(s.stats.hold_failed).unwrap_or(i64::MAX));
+            m.events_lost.set(i64::try_from(s.events_lost).unwrap_or(i64::MAX));
+            m.pinned_flows.set(i64::try_from(s.steering.pinned_flows).unwrap_or(i64::MAX));
+            m.steered_packets.set(i64::try_from(s.steering.steered_packets).unwrap_or(i64::MAX));
+            m.resets_sent.set(i64::try_from(s.steering.resets_sent).unwrap_or(i64::MAX));
         }
     }
 
-    pub async fn add_pod(
-        &self,
-        name: &str,
-        ips: &[IpAddr],
-        spec: &PodSpec,
-    ) -> Result<(), PodError> {
+    pub async fn add_pod(&self, name: &str, ips: &[IpAddr], spec: &PodSpec) -> Result<(), PodError> {
         if !valid_name(name) {
             return Err(PodError::BadName(name.to_owned()));
         }
@@ -405,19 +359,12 @@ impl Node {
         if inner.restored.remove(name)
             && let Some(pod) = inner.pods.get(name)
         {
-            let (had, has): (BTreeSet<&IpAddr>, BTreeSet<&IpAddr>) =
-                (pod.ips.iter().collect(), ips.iter().collect());
+            let (had, has): (BTreeSet<&IpAddr>, BTreeSet<&IpAddr>) = (pod.ips.iter().collect(), ips.iter().collect());
             if had == has {
-                tracing::info!(
-                    pod = name,
-                    "pod declared again after a restart: keeping its saved state"
-                );
+                tracing::info!(pod = name, "pod declared again after a restart: keeping its saved state");
                 return Ok(());
             }
-            tracing::info!(
-                pod = name,
-                "a new pod under the name of a restored one: the restored one is removed"
-            );
+            tracing::info!(pod = name, "a new pod under the name of a restored one: the restored one is removed");
             inner.remove(name)?;
         }
         if inner.pods.contains_key(name) {
@@ -425,10 +372,7 @@ impl Node {
         }
         for ip in ips {
             if let Some((other, _)) = inner.pods.iter().find(|(_, p)| p.ips.contains(ip)) {
-                return Err(PodError::IpTaken {
-                    ip: *ip,
-                    pod: other.clone(),
-                });
+                return Err(PodError::IpTaken { ip: *ip, pod: other.clone() });
             }
         }
         let slot = (0..datapath::MAX_POD_SLOTS)
@@ -436,21 +380,15 @@ impl Node {
             .ok_or(PodError::Full(datapath::MAX_POD_SLOTS))?;
         let mut ips = ips.to_vec();
         ips.dedup();
-        let registered = inner
-            .datapath
-            .register_pod(slot, &ips, &spec.probe_ports)
-            .await?;
+        let registered = inner.datapath.register_pod(slot, &ips, &spec.probe_ports).await?;
         tracing::info!(pod = name, ?ips, slot, probes = ?spec.probe_ports, "pod added");
         if let Some(why) = &registered.unseen {
             tracing::warn!(pod = name, reason = %why, "pod skipped: conndrain cannot see its traffic");
         }
         inner.by_slot.insert(slot, name.to_owned());
         inner.index.add_slot(slot);
-        let (state, _) = watch::channel(if registered.unseen.is_some() {
-            PodState::Skipped
-        } else {
-            PodState::Serving
-        });
+        let (state, _) =
+            watch::channel(if registered.unseen.is_some() { PodState::Skipped } else { PodState::Serving });
         inner.pods.insert(
             name.to_owned(),
             Pod {
@@ -471,34 +409,16 @@ impl Node {
     }
 
     pub async fn terminate(&self, name: &str, req: &crate::api::Terminate) -> Result<(), PodError> {
-        let deadline = duration_ns(
-            "deadline",
-            req.deadline_secs,
-            self.settings.default_deadline,
-        )?;
-        let quiet = duration_ns(
-            "quiet period",
-            req.quiet_period_secs,
-            self.settings.default_quiet_period,
-        )?;
+        let deadline = duration_ns("deadline", req.deadline_secs, self.settings.default_deadline)?;
+        let quiet = duration_ns("quiet period", req.quiet_period_secs, self.settings.default_quiet_period)?;
         let mut inner = self.inner.lock().await;
-        let slot = inner
-            .pods
-            .get(name)
-            .ok_or_else(|| PodError::Unknown(name.to_owned()))?
-            .slot;
+        let slot = inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?.slot;
         if inner.restored_drains.remove(name) {
-            tracing::info!(
-                pod = name,
-                "termination declared again after a restart: the saved drain goes on"
-            );
+            tracing::info!(pod = name, "termination declared again after a restart: the saved drain goes on");
             return Ok(());
         }
         let counters = inner.datapath.counters(slot)?;
-        let pod = inner
-            .pods
-            .get_mut(name)
-            .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        let pod = inner.pods.get_mut(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
         if pod.termination.is_some() {
             return Err(PodError::AlreadyTerminating(name.to_owned()));
         }
@@ -515,15 +435,10 @@ impl Node {
         }
         let ips = pod.ips.clone();
         inner.hold(name, slot);
-        inner
-            .steering
-            .add_backend(name, &ips, now.saturating_add(deadline));
-        tracing::info!(
-            pod = name,
-            deadline_s = secs(deadline),
-            quiet_s = secs(quiet),
-            "drain started"
-        );
+        if inner.datapath.features.steering {
+            inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
+        }
+        tracing::info!(pod = name, deadline_s = secs(deadline), quiet_s = secs(quiet), "drain started");
         inner.touch();
         inner.save();
         drop(inner);
@@ -539,11 +454,11 @@ impl Node {
     pub async fn pin_remote(&self, ip: IpAddr, limit: Duration) {
         {
             let mut inner = self.inner.lock().await;
-            let deadline =
-                now_ns().saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
-            inner
-                .steering
-                .add_backend(&format!("remote {ip}"), &[ip], deadline);
+            if !inner.datapath.features.steering {
+                return;
+            }
+            let deadline = now_ns().saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
+            inner.steering.add_backend(&format!("remote {ip}"), &[ip], deadline);
             inner.save();
         }
         self.refresh_pins().await;
@@ -553,9 +468,7 @@ impl Node {
     /// TCP flows get a RST on their next segment.
     pub async fn remote_gone(&self, ip: IpAddr) {
         let mut inner = self.inner.lock().await;
-        let Inner {
-            steering, datapath, ..
-        } = &mut *inner;
+        let Inner { steering, datapath, .. } = &mut *inner;
         steering.mark_dead(datapath, &[ip], now_ns());
         inner.save();
     }
@@ -566,22 +479,19 @@ impl Node {
         if !self.inner.lock().await.steering.has_backends() {
             return;
         }
-        let translations =
-            match tokio::task::spawn_blocking(crate::steering::dump_translations).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "reading conntrack");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading conntrack");
-                    return;
-                }
-            };
+        let translations = match tokio::task::spawn_blocking(crate::steering::dump_translations).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading conntrack");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading conntrack");
+                return;
+            }
+        };
         let mut inner = self.inner.lock().await;
-        let Inner {
-            steering, datapath, ..
-        } = &mut *inner;
+        let Inner { steering, datapath, .. } = &mut *inner;
         steering.apply(datapath, &translations, now_ns()).await;
         inner.save();
     }
@@ -601,9 +511,7 @@ impl Node {
             if round % 30 == 0 {
                 inner.datapath.refresh_node_addrs();
             }
-            let Inner {
-                steering, datapath, ..
-            } = &mut *inner;
+            let Inner { steering, datapath, .. } = &mut *inner;
             let over = steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
             if round % 5 == 0 {
                 let swept = datapath.sweep_held(now_ns(), self.settings.timeouts.udp_ns);
@@ -615,16 +523,11 @@ impl Node {
             drop(inner);
             if !over.is_empty() {
                 let n = over.len();
-                let forgotten = tokio::task::spawn_blocking(move || {
-                    crate::steering::forget_translations(&over)
-                })
-                .await;
+                let forgotten = tokio::task::spawn_blocking(move || crate::steering::forget_translations(&over)).await;
                 match forgotten.map_err(anyhow::Error::from).and_then(|r| r) {
-                    Ok(deleted) => tracing::debug!(
-                        over = n,
-                        deleted,
-                        "stale conntrack entries of finished flows deleted"
-                    ),
+                    Ok(deleted) => {
+                        tracing::debug!(over = n, deleted, "stale conntrack entries of finished flows deleted")
+                    }
                     Err(e) => tracing::warn!(error = %e, "deleting stale conntrack entries"),
                 }
             }
@@ -649,11 +552,7 @@ impl Node {
             let Some(name) = inner.by_slot.get(&ev.pod_slot) else {
                 continue;
             };
-            if inner
-                .pods
-                .get(name)
-                .is_some_and(|p| p.termination.is_some())
-            {
+            if inner.pods.get(name).is_some_and(|p| p.termination.is_some()) {
                 wake = true;
                 steer |= ev.kind == event_kind::NEW || ev.kind == event_kind::ESTABLISHED;
             }
@@ -674,9 +573,7 @@ impl Node {
     pub async fn run_evaluator(&self) {
         loop {
             let next = self.evaluate().await;
-            let sleep = next.map_or(Duration::from_secs(3600), |t| {
-                Duration::from_nanos(t.saturating_sub(now_ns()))
-            });
+            let sleep = next.map_or(Duration::from_secs(3600), |t| Duration::from_nanos(t.saturating_sub(now_ns())));
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(sleep) => {}
@@ -698,20 +595,13 @@ impl Node {
             .collect();
         let sockets_since = inner.datapath.sockets_since_ns;
         for name in names {
-            let Some(slot) = inner
-                .pods
-                .get(&name)
-                .filter(|p| p.unseen.is_none())
-                .map(|p| p.slot)
-            else {
+            let Some(slot) = inner.pods.get(&name).filter(|p| p.unseen.is_none()).map(|p| p.slot) else {
                 continue;
             };
             let Ok(counters) = inner.datapath.counters(slot) else {
                 continue;
             };
-            let Inner {
-                index, datapath, ..
-            } = &mut *inner;
+            let Inner { index, datapath, .. } = &mut *inner;
             // Sockets first: one whose event was lost is indexed by it, and counted below.
             let sockets = index.sockets(datapath, slot, now, t);
             let (counts, flow_next, _) = index.classify_pod(datapath, slot, now, t, false);
@@ -747,39 +637,18 @@ impl Node {
                 pod.state.send_replace(verdict.state);
                 changed = true;
                 if verdict.state.is_final() {
-                    let outcome = if verdict.state == PodState::Drained {
-                        "drained"
-                    } else {
-                        "deadline"
-                    };
-                    self.metrics
-                        .drains
-                        .get_or_create(&OutcomeLabels {
-                            outcome: outcome.into(),
-                        })
-                        .inc();
-                    self.metrics
-                        .drain_duration
-                        .observe(secs(now - term.started_ns));
+                    let outcome = if verdict.state == PodState::Drained { "drained" } else { "deadline" };
+                    self.metrics.drains.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+                    self.metrics.drain_duration.observe(secs(now - term.started_ns));
                 }
             }
-            for t in [
-                verdict.next_check_ns,
-                if verdict.state.is_final() {
-                    None
-                } else {
-                    flow_next
-                },
-            ]
-            .into_iter()
-            .flatten()
+            for t in
+                [verdict.next_check_ns, if verdict.state.is_final() { None } else { flow_next }].into_iter().flatten()
             {
                 next = Some(next.map_or(t, |n: u64| n.min(t)));
             }
         }
-        self.metrics
-            .flows_evicted
-            .inc_by(std::mem::take(&mut inner.index.evicted));
+        self.metrics.flows_evicted.inc_by(std::mem::take(&mut inner.index.evicted));
         if changed {
             inner.touch();
             inner.save();
@@ -791,10 +660,7 @@ impl Node {
         let mut inner = self.inner.lock().await;
         let now = now_ns();
         let names: Vec<String> = inner.pods.keys().cloned().collect();
-        let mut out: Vec<PodView> = names
-            .iter()
-            .filter_map(|n| inner.view(n, now, self.settings.timeouts))
-            .collect();
+        let mut out: Vec<PodView> = names.iter().filter_map(|n| inner.view(n, now, self.settings.timeouts)).collect();
         out.extend(inner.skipped.iter().map(|(name, reason)| PodView {
             name: name.clone(),
             ips: Vec::new(),
@@ -816,38 +682,23 @@ impl Node {
 
     pub async fn pod(&self, name: &str) -> Result<PodView, PodError> {
         let mut inner = self.inner.lock().await;
-        inner
-            .view(name, now_ns(), self.settings.timeouts)
-            .ok_or_else(|| PodError::Unknown(name.to_owned()))
+        inner.view(name, now_ns(), self.settings.timeouts).ok_or_else(|| PodError::Unknown(name.to_owned()))
     }
 
     pub async fn why(&self, name: &str) -> Result<Why, PodError> {
         let mut inner = self.inner.lock().await;
         let now = now_ns();
         let t = self.settings.timeouts;
-        let pod = inner
-            .view(name, now, t)
-            .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        let pod = inner.view(name, now, t).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
         let (slot, probes, unknown) = inner
             .pods
             .get(name)
-            .map(|p| {
-                (
-                    p.slot,
-                    p.probes.clone(),
-                    p.sockets_unknown(inner.datapath.sockets_since_ns),
-                )
-            })
+            .map(|p| (p.slot, p.probes.clone(), p.sockets_unknown(inner.datapath.sockets_since_ns)))
             .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
-        let Inner {
-            index, datapath, ..
-        } = &mut *inner;
+        let Inner { index, datapath, .. } = &mut *inner;
         let sockets = index.sockets(datapath, slot, now, t);
         let (_, _, flows) = index.classify_pod(datapath, slot, now, t, true);
-        let flows: Vec<FlowView> = flows
-            .iter()
-            .map(|(k, v, c)| flow_view(name, k, v, *c, now))
-            .collect();
+        let flows: Vec<FlowView> = flows.iter().map(|(k, v, c)| flow_view(name, k, v, *c, now)).collect();
         let (holding, not_holding) = flows.into_iter().partition(|f| f.active);
         Ok(Why {
             pod,
@@ -864,13 +715,7 @@ impl Node {
     pub async fn flows(&self, pod: Option<&str>) -> Result<Vec<FlowView>, PodError> {
         let inner = self.inner.lock().await;
         let slot = match pod {
-            Some(name) => Some(
-                inner
-                    .pods
-                    .get(name)
-                    .ok_or_else(|| PodError::Unknown(name.to_owned()))?
-                    .slot,
-            ),
+            Some(name) => Some(inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?.slot),
             None => None,
         };
         let now = now_ns();
@@ -886,20 +731,14 @@ impl Node {
                 let open = k.proto == PROTO_TCP && !matches!(v.state, tcp_state::CLOSED);
                 (class != FlowClass::Inactive || open).then(|| {
                     let mut view = flow_view(name, &k, &v, class, now);
-                    let pod =
-                        SocketAddr::new(datapath::ip_from_bytes(k.pod_addr, k.family), k.pod_port);
-                    let peer = SocketAddr::new(
-                        datapath::ip_from_bytes(k.peer_addr, k.family),
-                        k.peer_port,
-                    );
+                    let pod = SocketAddr::new(datapath::ip_from_bytes(k.pod_addr, k.family), k.pod_port);
+                    let peer = SocketAddr::new(datapath::ip_from_bytes(k.peer_addr, k.family), k.peer_port);
                     view.pinned = inner.steering.for_pod_flow(pod, peer, k.proto).cloned();
                     view
                 })
             })
             .collect();
-        out.sort_by(|a, b| {
-            (&a.pod, &a.pod_addr, &a.peer_addr).cmp(&(&b.pod, &b.pod_addr, &b.peer_addr))
-        });
+        out.sort_by(|a, b| (&a.pod, &a.pod_addr, &a.peer_addr).cmp(&(&b.pod, &b.pod_addr, &b.peer_addr)));
         Ok(out)
     }
 
@@ -908,14 +747,8 @@ impl Node {
         let dp = &inner.datapath;
         let s = dp.stats()?;
         let used_flows = dp.all_flows()?.len() as u64;
-        let mut interfaces: Vec<InterfaceView> = dp
-            .interfaces()
-            .map(|i| InterfaceView {
-                name: i.name.clone(),
-                ifindex: i.ifindex,
-                pods: i.pods,
-            })
-            .collect();
+        let mut interfaces: Vec<InterfaceView> =
+            dp.interfaces().map(|i| InterfaceView { name: i.name.clone(), ifindex: i.ifindex, pods: i.pods }).collect();
         interfaces.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -924,18 +757,9 @@ impl Node {
             attach_mode: dp.mode,
             interfaces,
             maps: MapsView {
-                flows: MapFill {
-                    max: u64::from(dp.max_flows),
-                    used: used_flows,
-                },
-                held: MapFill {
-                    max: u64::from(conndrain_common::MAX_HELD),
-                    used: dp.held_count() as u64,
-                },
-                pods: MapFill {
-                    max: u64::from(datapath::MAX_POD_SLOTS),
-                    used: inner.pods.len() as u64,
-                },
+                flows: MapFill { max: u64::from(dp.max_flows), used: used_flows },
+                held: MapFill { max: u64::from(conndrain_common::MAX_HELD), used: dp.held_count() as u64 },
+                pods: MapFill { max: u64::from(datapath::MAX_POD_SLOTS), used: inner.pods.len() as u64 },
             },
             stats: StatsView {
                 packets: s[stats::PACKETS as usize],
@@ -962,20 +786,11 @@ impl Node {
     }
 
     /// Blocks until the pod is drained or at its deadline, or `timeout` passes.
-    pub async fn wait(
-        &self,
-        name: &str,
-        timeout: Option<Duration>,
-    ) -> Result<WaitOutcome, PodError> {
+    pub async fn wait(&self, name: &str, timeout: Option<Duration>) -> Result<WaitOutcome, PodError> {
         let start = now_ns();
         let mut rx = {
             let inner = self.inner.lock().await;
-            inner
-                .pods
-                .get(name)
-                .ok_or_else(|| PodError::Unknown(name.to_owned()))?
-                .state
-                .subscribe()
+            inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?.state.subscribe()
         };
         // Skipped (its traffic cannot be seen) answers at once: the caller falls back.
         let waited = async {
@@ -992,13 +807,7 @@ impl Node {
             None => (waited.await?, false),
         };
         let active_flows = self.pod(name).await.map(|p| p.active_flows).unwrap_or(0);
-        Ok(WaitOutcome {
-            pod: name.to_owned(),
-            state,
-            active_flows,
-            waited_secs: secs(now_ns() - start),
-            timed_out,
-        })
+        Ok(WaitOutcome { pod: name.to_owned(), state, active_flows, waited_secs: secs(now_ns() - start), timed_out })
     }
 }
 
@@ -1016,18 +825,11 @@ impl Node {
         let mut inner = self.inner.lock().await;
         let boot_id = boot_id();
         let saved = read_saved(&path, &boot_id);
-        inner.persist = Some(Persist {
-            path,
-            boot_id,
-            dirty: true,
-            steering_changes: 0,
-        });
+        inner.persist = Some(Persist { path, boot_id, dirty: true, steering_changes: 0 });
         let now = now_ns();
         if let Some(saved) = saved {
             inner.restore_pods(saved.pods, now).await;
-            let Inner {
-                steering, datapath, ..
-            } = &mut *inner;
+            let Inner { steering, datapath, .. } = &mut *inner;
             *steering = crate::steering::Steering::restore(saved.steering, datapath, now).await;
             if (saved.everywhere || steering.pinned() > 0)
                 && let Err(e) = datapath.attach_everywhere()
@@ -1038,14 +840,9 @@ impl Node {
         // IPs of pods the state does not know (it was lost, or we were killed
         // between registering and saving) would count into slots that may be
         // handed out again.
-        let known: HashMap<IpAddr, u32> = inner
-            .pods
-            .values()
-            .flat_map(|p| p.ips.iter().map(|ip| (*ip, p.slot)))
-            .collect();
-        inner
-            .datapath
-            .retain_pod_ips(|ip, slot| known.get(&ip) == Some(&slot));
+        let known: HashMap<IpAddr, u32> =
+            inner.pods.values().flat_map(|p| p.ips.iter().map(|ip| (*ip, p.slot))).collect();
+        inner.datapath.retain_pod_ips(|ip, slot| known.get(&ip) == Some(&slot));
         inner.datapath.finish_restore();
         // The flow index, as the events built it: live UDP flows and
         // established or closing TCP flows of our pods. This walk of FLOWS,
@@ -1068,22 +865,14 @@ impl Node {
             }
         }
         // The flags are pinned with the maps, but not across a layout change.
-        let draining: Vec<(String, u32)> = inner
-            .pods
-            .iter()
-            .filter(|(_, p)| p.termination.is_some())
-            .map(|(n, p)| (n.clone(), p.slot))
-            .collect();
+        let draining: Vec<(String, u32)> =
+            inner.pods.iter().filter(|(_, p)| p.termination.is_some()).map(|(n, p)| (n.clone(), p.slot)).collect();
         for (name, slot) in draining {
             inner.hold(&name, slot);
         }
         tracing::info!(
             pods = inner.pods.len(),
-            terminating = inner
-                .pods
-                .values()
-                .filter(|p| p.termination.is_some())
-                .count(),
+            terminating = inner.pods.values().filter(|p| p.termination.is_some()).count(),
             pinned_flows = inner.steering.pinned(),
             indexed_flows = indexed,
             interfaces = inner.datapath.interfaces().count(),
@@ -1152,11 +941,7 @@ impl Inner {
                 started_ns: t.started_ns,
                 deadline_ns: t.deadline_ns,
                 quiet_period_ns: t.quiet_period_ns,
-                new_inbound_at_start: if counters_kept {
-                    t.new_inbound_at_start
-                } else {
-                    0
-                },
+                new_inbound_at_start: if counters_kept { t.new_inbound_at_start } else { 0 },
                 outcome: t.outcome,
             });
             let state = match &termination {
@@ -1203,23 +988,17 @@ impl Inner {
     }
 
     fn remove(&mut self, name: &str) -> Result<(), PodError> {
-        let pod = self
-            .pods
-            .remove(name)
-            .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        let pod = self.pods.remove(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
         self.restored.remove(name);
         self.restored_drains.remove(name);
         self.touch();
         {
-            let Inner {
-                steering, datapath, ..
-            } = &mut *self;
+            let Inner { steering, datapath, .. } = &mut *self;
             steering.mark_dead(datapath, &pod.ips, now_ns());
         }
         self.by_slot.remove(&pod.slot);
         let known: Vec<FlowKey> = self.index.remove_slot(pod.slot);
-        self.datapath
-            .unregister_pod(pod.slot, &pod.ips, &pod.ifindexes, &known);
+        self.datapath.unregister_pod(pod.slot, &pod.ips, &pod.ifindexes, &known);
         tracing::info!(pod = name, "pod removed");
         Ok(())
     }
@@ -1291,8 +1070,7 @@ impl Inner {
             return;
         };
         let tmp = p.path.with_extension("json.tmp");
-        let written =
-            write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &p.path));
+        let written = write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &p.path));
         match written {
             Ok(()) => {
                 p.dirty = false;
@@ -1307,19 +1085,12 @@ impl Inner {
         let counters = self.datapath.counters(slot).unwrap_or_default();
         let open_sockets = self.datapath.pod_sockets(slot).map(|s| s.open).unwrap_or(0);
         let (counts, _, _) = self.index.classify_pod(&self.datapath, slot, now, t, false);
-        self.metrics
-            .flows_evicted
-            .inc_by(std::mem::take(&mut self.index.evicted));
+        self.metrics.flows_evicted.inc_by(std::mem::take(&mut self.index.evicted));
         let pod = self.pods.get(name)?;
         let interfaces = pod
             .ifindexes
             .iter()
-            .filter_map(|i| {
-                self.datapath
-                    .interfaces()
-                    .find(|x| x.ifindex == *i)
-                    .map(|x| x.name.clone())
-            })
+            .filter_map(|i| self.datapath.interfaces().find(|x| x.ifindex == *i).map(|x| x.name.clone()))
             .collect();
         let state = *pod.state.borrow();
         let term = pod.termination.as_ref();
@@ -1337,8 +1108,7 @@ impl Inner {
             active_flows: counts.active,
             idle_flows: counts.idle,
             outbound_flows: counts.outbound,
-            new_flows_since_termination: term
-                .map_or(0, |t| t.new_since(counters.new_inbound_total)),
+            new_flows_since_termination: term.map_or(0, |t| t.new_since(counters.new_inbound_total)),
             terminating_for_secs: term.map(|t| secs(now.saturating_sub(t.started_ns))),
             deadline_in_secs: term.map(|t| secs(t.deadline_ns.saturating_sub(now))),
             quiet_for_secs: quiet_since.map(|q| secs(now.saturating_sub(q))),
@@ -1351,9 +1121,7 @@ impl Inner {
 }
 
 fn sockets_why(ev: &SocketEvidence, unknown: Option<String>) -> SocketsWhy {
-    let addr = |k: &FlowKey, bytes, port| {
-        SocketAddr::new(datapath::ip_from_bytes(bytes, k.family), port).to_string()
-    };
+    let addr = |k: &FlowKey, bytes, port| SocketAddr::new(datapath::ip_from_bytes(bytes, k.family), port).to_string();
     SocketsWhy {
         open: ev.open,
         confirms_drain: unknown.is_none() && ev.incomplete.is_none(),
@@ -1365,9 +1133,7 @@ fn sockets_why(ev: &SocketEvidence, unknown: Option<String>) -> SocketsWhy {
                 pod_addr: addr(&h.key, h.key.pod_addr, h.key.pod_port),
                 peer_addr: addr(&h.key, h.key.peer_addr, h.key.peer_port),
                 why: match h.why {
-                    SocketHold::Unseen => {
-                        "open socket whose packets conndrain never saw (another path, or evicted)"
-                    }
+                    SocketHold::Unseen => "open socket whose packets conndrain never saw (another path, or evicted)",
                     SocketHold::Misread => "open socket the packet path has as closed or outbound",
                 }
                 .to_owned(),
@@ -1377,17 +1143,11 @@ fn sockets_why(ev: &SocketEvidence, unknown: Option<String>) -> SocketsWhy {
 }
 
 fn flow_view(pod: &str, k: &FlowKey, v: &FlowValue, class: FlowClass, now: u64) -> FlowView {
-    let addr =
-        |bytes, port| SocketAddr::new(datapath::ip_from_bytes(bytes, k.family), port).to_string();
+    let addr = |bytes, port| SocketAddr::new(datapath::ip_from_bytes(bytes, k.family), port).to_string();
     FlowView {
         pod: pod.to_owned(),
         proto: if k.proto == PROTO_TCP { "tcp" } else { "udp" }.to_owned(),
-        direction: if v.direction == direction::INBOUND {
-            "inbound"
-        } else {
-            "outbound"
-        }
-        .to_owned(),
+        direction: if v.direction == direction::INBOUND { "inbound" } else { "outbound" }.to_owned(),
         state: match (k.proto, v.state) {
             (PROTO_UDP, _) if class == FlowClass::Inactive => "timed_out",
             (PROTO_UDP, _) => "active",

@@ -46,11 +46,8 @@ pub struct Translation {
 /// with `spawn_blocking`. The `conntrack` crate wraps ctnetlink's dump.
 pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
     use conntrack::model::{IpProto, TcpState};
-    let ct =
-        conntrack::Conntrack::connect().map_err(|e| anyhow::anyhow!("opening ctnetlink: {e:?}"))?;
-    let flows = ct
-        .dump()
-        .map_err(|e| anyhow::anyhow!("dumping conntrack: {e:?}"))?;
+    let ct = conntrack::Conntrack::connect().map_err(|e| anyhow::anyhow!("opening ctnetlink: {e:?}"))?;
+    let flows = ct.dump().map_err(|e| anyhow::anyhow!("dumping conntrack: {e:?}"))?;
     Ok(flows
         .into_iter()
         .filter_map(|f| {
@@ -66,10 +63,7 @@ pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
             // session starting now, and pinning it costs nothing if it never
             // answers (it goes idle and is released).
             let live = proto == PROTO_UDP
-                || matches!(
-                    f.proto_info.and_then(|p| p.tcp).and_then(|t| t.state),
-                    Some(TcpState::Established)
-                );
+                || matches!(f.proto_info.and_then(|p| p.tcp).and_then(|t| t.state), Some(TcpState::Established));
             Some(Translation {
                 proto,
                 orig_src: SocketAddr::new(o.src?, op.src_port?),
@@ -91,9 +85,7 @@ pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
 /// (one already gone is no error).
 pub fn forget_translations(flows: &[Translation]) -> anyhow::Result<usize> {
     use anyhow::Context as _;
-    use netlink_packet_core_09::{
-        NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    };
+    use netlink_packet_core_09::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
     use netlink_packet_netfilter::{
         NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
         conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
@@ -105,26 +97,13 @@ pub fn forget_translations(flows: &[Translation]) -> anyhow::Result<usize> {
     }
     let mut socket = Socket::new(NETLINK_NETFILTER).context("opening ctnetlink")?;
     socket.bind_auto().context("binding ctnetlink")?;
-    socket
-        .connect(&NlAddr::new(0, 0))
-        .context("connecting ctnetlink")?;
+    socket.connect(&NlAddr::new(0, 0)).context("connecting ctnetlink")?;
     let mut deleted = 0;
     for (seq, t) in (1u32..).zip(flows) {
-        let family = if t.orig_src.is_ipv4() {
-            NetfilterProtoFamily::IPv4
-        } else {
-            NetfilterProtoFamily::IPv6
-        };
-        let proto = if t.proto == PROTO_TCP {
-            Protocol::Tcp
-        } else {
-            Protocol::Udp
-        };
+        let family = if t.orig_src.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
+        let proto = if t.proto == PROTO_TCP { Protocol::Tcp } else { Protocol::Udp };
         let tuple = ConntrackAttribute::CtaTupleOrig(vec![
-            Tuple::Ip(vec![
-                IPTuple::SourceAddress(t.orig_src.ip()),
-                IPTuple::DestinationAddress(t.orig_dst.ip()),
-            ]),
+            Tuple::Ip(vec![IPTuple::SourceAddress(t.orig_src.ip()), IPTuple::DestinationAddress(t.orig_dst.ip())]),
             Tuple::Proto(vec![
                 ProtoTuple::Protocol(proto),
                 ProtoTuple::SourcePort(t.orig_src.port()),
@@ -134,19 +113,14 @@ pub fn forget_translations(flows: &[Translation]) -> anyhow::Result<usize> {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_ACK;
         header.sequence_number = seq;
-        let body = NetfilterMessage::new(
-            NetfilterHeader::new(family, 0, 0),
-            ConntrackMessage::Delete(vec![tuple]),
-        );
+        let body = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), ConntrackMessage::Delete(vec![tuple]));
         let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(body));
         msg.finalize();
         let mut buf = vec![0; msg.buffer_len()];
         msg.serialize(&mut buf);
         socket.send(&buf, 0).context("sending a conntrack delete")?;
         let mut reply = Vec::with_capacity(4096);
-        socket
-            .recv(&mut reply, 0)
-            .context("reading conntrack's answer")?;
+        socket.recv(&mut reply, 0).context("reading conntrack's answer")?;
         let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&reply)
             .map_err(|e| anyhow::anyhow!("decoding conntrack's answer: {e}"))?;
         if let NetlinkPayload::Error(e) = reply.payload {
@@ -240,9 +214,7 @@ fn wire_key(proto: u8, src: SocketAddr, dst: SocketAddr) -> WireKey {
 
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
         IpAddr::V4(_) => a,
     }
 }
@@ -266,13 +238,7 @@ impl Steering {
     /// Starts pinning the flows of `ips` (a terminating pod) until `deadline_ns`.
     pub fn add_backend(&mut self, pod: &str, ips: &[IpAddr], deadline_ns: u64) {
         for ip in ips {
-            self.backends.insert(
-                *ip,
-                Backend {
-                    pod: pod.to_owned(),
-                    deadline_ns,
-                },
-            );
+            self.backends.insert(*ip, Backend { pod: pod.to_owned(), deadline_ns });
         }
         self.changes += 1;
     }
@@ -303,9 +269,7 @@ impl Steering {
     pub async fn apply(&mut self, dp: &mut Datapath, translations: &[Translation], now: u64) {
         for t in translations {
             let backend_ip = canonical(t.reply_src).ip();
-            let Some(b) = self.backends.get(&backend_ip) else {
-                continue;
-            };
+            let Some(b) = self.backends.get(&backend_ip) else { continue };
             // Only flows the kernel translated (a Service), and only live ones.
             if !t.live || canonical(t.orig_dst) == canonical(t.reply_src) || now >= b.deadline_ns {
                 continue;
@@ -404,8 +368,7 @@ impl Steering {
             };
             let r = dp.pin(&p.rev).unwrap_or_default();
             let last = f.last_seen_ns.max(r.last_seen_ns).max(p.pinned_ns);
-            let closed = (f.flags & r.flags & pin_flags::FIN != 0)
-                || ((f.flags | r.flags) & pin_flags::RST != 0);
+            let closed = (f.flags & r.flags & pin_flags::FIN != 0) || ((f.flags | r.flags) & pin_flags::RST != 0);
             if closed && p.closed_ns.is_none() {
                 p.closed_ns = Some(now);
                 self.changes += 1;
@@ -455,10 +418,7 @@ impl Steering {
     #[must_use]
     pub fn for_pod_flow(&self, pod: SocketAddr, peer: SocketAddr, proto: u8) -> Option<&PinView> {
         let rev = wire_key(proto, pod, peer);
-        self.by_rev
-            .get(&rev)
-            .and_then(|f| self.pins.get(f))
-            .map(|p| &p.view)
+        self.by_rev.get(&rev).and_then(|f| self.pins.get(f)).map(|p| &p.view)
     }
 
     pub fn views(&self) -> Vec<PinView> {
@@ -473,11 +433,7 @@ impl Steering {
         let mut backends: Vec<SavedBackend> = self
             .backends
             .iter()
-            .map(|(ip, b)| SavedBackend {
-                ip: *ip,
-                pod: b.pod.clone(),
-                deadline_ns: b.deadline_ns,
-            })
+            .map(|(ip, b)| SavedBackend { ip: *ip, pod: b.pod.clone(), deadline_ns: b.deadline_ns })
             .collect();
         backends.sort_by_key(|b| b.ip);
         let mut pins: Vec<SavedPin> = self
@@ -504,13 +460,7 @@ impl Steering {
     pub async fn restore(saved: SavedSteering, dp: &mut Datapath, now: u64) -> Self {
         let mut s = Self::default();
         for b in saved.backends {
-            s.backends.insert(
-                b.ip,
-                Backend {
-                    pod: b.pod,
-                    deadline_ns: b.deadline_ns,
-                },
-            );
+            s.backends.insert(b.ip, Backend { pod: b.pod, deadline_ns: b.deadline_ns });
         }
         let mut rewritten = 0;
         for p in saved.pins {
@@ -586,9 +536,7 @@ impl Steering {
             };
             let backend_ip = canonical(t.reply_src).ip();
             let rev = wire_key(t.proto, t.reply_src, t.reply_dst);
-            let Some(b) = self.backends.get(&backend_ip) else {
-                continue;
-            };
+            let Some(b) = self.backends.get(&backend_ip) else { continue };
             if !present.contains(&rev) {
                 continue;
             }

@@ -49,14 +49,7 @@ use conndrain_tests::{require_root, stop_on_signals};
 
 use report::{Machine, Section};
 
-const SECTIONS: &[&str] = &[
-    "testrun",
-    "flowtable",
-    "agentmem",
-    "live",
-    "steered",
-    "drain",
-];
+const SECTIONS: &[&str] = &["testrun", "flowtable", "agentmem", "live", "steered", "drain"];
 
 struct Args {
     quick: bool,
@@ -76,21 +69,14 @@ fn parse_args() -> Result<Args> {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--sections" => {
-                let list = it
-                    .next()
-                    .context("--sections needs a list, e.g. testrun,drain")?;
+                let list = it.next().context("--sections needs a list, e.g. testrun,drain")?;
                 args.sections = list.split(',').map(|s| s.trim().to_owned()).collect();
                 for s in &args.sections {
                     if !SECTIONS.contains(&s.as_str()) {
-                        bail!(
-                            "unknown section {s:?}; the sections are {}",
-                            SECTIONS.join(", ")
-                        );
+                        bail!("unknown section {s:?}; the sections are {}", SECTIONS.join(", "));
                     }
                 }
-                all = SECTIONS
-                    .iter()
-                    .all(|s| args.sections.iter().any(|a| a == s));
+                all = SECTIONS.iter().all(|s| args.sections.iter().any(|a| a == s));
             }
             "--out" => args.out = Some(it.next().context("--out needs a path")?.into()),
             "-h" | "--help" => {
@@ -105,10 +91,7 @@ fn parse_args() -> Result<Args> {
         }
     }
     if args.out.is_none() && all && !args.quick {
-        args.out = Some(PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../BENCHMARKS.md"
-        )));
+        args.out = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md")));
     }
     Ok(args)
 }
@@ -140,17 +123,9 @@ fn run() -> Result<()> {
     if want("testrun") {
         eprintln!("bench: BPF_PROG_TEST_RUN");
         let sizes = if args.quick {
-            testrun::Sizes {
-                repeat: 10_000,
-                rounds: 3,
-                singles: 300,
-            }
+            testrun::Sizes { repeat: 10_000, rounds: 3, singles: 300 }
         } else {
-            testrun::Sizes {
-                repeat: 100_000,
-                rounds: 11,
-                singles: 5_000,
-            }
+            testrun::Sizes { repeat: 100_000, rounds: 11, singles: 5_000 }
         };
         let (section, results) = testrun::run(&sizes)?;
         new_flow_ns = Some((results.new_syn_ns, results.new_syn_idle_ns));
@@ -158,36 +133,20 @@ fn run() -> Result<()> {
     }
     if want("flowtable") {
         eprintln!("bench: flow table");
-        let sizes: &[u32] = if args.quick {
-            &[10_000, 100_000]
-        } else {
-            &[100_000, 1_000_000]
-        };
+        let sizes: &[u32] = if args.quick { &[10_000, 100_000] } else { &[100_000, 1_000_000] };
         emit(flowtable::run(sizes, new_flow_ns)?);
     }
     if want("agentmem") {
         eprintln!("bench: agent memory");
-        let stages: &[u32] = if args.quick {
-            &[10_000, 50_000]
-        } else {
-            &[100_000, 1_000_000]
-        };
+        let stages: &[u32] = if args.quick { &[10_000, 50_000] } else { &[100_000, 1_000_000] };
         emit(agentmem::run(stages)?);
     }
     if want("live") {
         eprintln!("bench: live traffic");
         let sizes = if args.quick {
-            live::Sizes {
-                iperf_runs: 2,
-                iperf_secs: 2,
-                round_trips: 2_000,
-            }
+            live::Sizes { iperf_runs: 2, iperf_secs: 2, round_trips: 2_000 }
         } else {
-            live::Sizes {
-                iperf_runs: 6,
-                iperf_secs: 4,
-                round_trips: 20_000,
-            }
+            live::Sizes { iperf_runs: 6, iperf_secs: 4, round_trips: 20_000 }
         };
         let (perf, stats) = live::run(&sizes)?;
         emit(perf);
@@ -196,17 +155,9 @@ fn run() -> Result<()> {
     if want("steered") {
         eprintln!("bench: steered flows on live traffic");
         let sizes = if args.quick {
-            live::Sizes {
-                iperf_runs: 1,
-                iperf_secs: 2,
-                round_trips: 2_000,
-            }
+            live::Sizes { iperf_runs: 1, iperf_secs: 2, round_trips: 2_000 }
         } else {
-            live::Sizes {
-                iperf_runs: 4,
-                iperf_secs: 4,
-                round_trips: 10_000,
-            }
+            live::Sizes { iperf_runs: 4, iperf_secs: 4, round_trips: 10_000 }
         };
         let (perf, stats) = steered::run(&sizes)?;
         emit(perf);
@@ -251,9 +202,7 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
         doc.push('\n');
     }
     // `cargo xtask bench` runs the rolling-update comparison (tests/examples/rollout.rs) first.
-    if let Some(table) =
-        std::env::var_os("CONNDRAIN_ROLLOUT_SUMMARY").and_then(|p| std::fs::read_to_string(p).ok())
-    {
+    if let Some(table) = std::env::var_os("CONNDRAIN_ROLLOUT_SUMMARY").and_then(|p| std::fs::read_to_string(p).ok()) {
         doc.push_str("## Rolling update: strategies compared\n\n");
         doc.push_str(
             "The seeds' rolling update on the kube-proxy emulation (client, node A, node B; iptables rules): \

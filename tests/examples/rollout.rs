@@ -165,9 +165,7 @@ impl Config {
                 "--summary-out" => summary_out = Some(val(&a)?),
                 "--keepalive-requests" => keepalive = Some(val(&a)?.parse::<u64>()?),
                 "--rollouts" => {
-                    let n: usize = val(&a)?
-                        .parse()
-                        .context("--rollouts takes a number of rolling updates")?;
+                    let n: usize = val(&a)?.parse().context("--rollouts takes a number of rolling updates")?;
                     if n == 0 {
                         bail!("--rollouts must be at least 1");
                     }
@@ -847,18 +845,11 @@ impl Monitor {
         }
         m.last_good = Some(at);
         m.in_gap = false;
-        m.answered
-            .entry(version)
-            .and_modify(|(_, last)| *last = at)
-            .or_insert((at, at));
+        m.answered.entry(version).and_modify(|(_, last)| *last = at).or_insert((at, at));
     }
 
     fn has_answered(&self, version: u32) -> bool {
-        self.stats
-            .lock()
-            .expect("monitor")
-            .answered
-            .contains_key(&version)
+        self.stats.lock().expect("monitor").answered.contains_key(&version)
     }
 
     fn missed(&self) {
@@ -1306,9 +1297,7 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
             shared.event("loads running".into());
             let mut kubelets = Vec::new();
             for (version, pair) in (FIRST_VERSION + 1..).zip(names.windows(2)) {
-                let [old, new] = pair else {
-                    unreachable!("windows(2)")
-                };
+                let [old, new] = pair else { unreachable!("windows(2)") };
                 if version > FIRST_VERSION + 1 {
                     // Seed 000's redeployer: the next update once the last one's
                     // version answers (its old pods may still be terminating).
@@ -1323,18 +1312,11 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                     shared.event(if seen {
                         format!("the monitor got answers from v{}: redeploying", version - 1)
                     } else {
-                        format!(
-                            "the monitor got no answer from v{} in 30s: redeploying anyway",
-                            version - 1
-                        )
+                        format!("the monitor got no answer from v{} in 30s: redeploying anyway", version - 1)
                     });
                     conndrain_tests::sleep(Duration::from_secs(2))?;
                 }
-                shared
-                    .updated_at
-                    .lock()
-                    .expect("updated_at")
-                    .push(shared.since());
+                shared.updated_at.lock().expect("updated_at").push(shared.since());
                 shared.event(format!(
                     "Deployment updated from v{} to v{version}: the rolling update starts",
                     version - 1
@@ -1705,9 +1687,7 @@ impl Outcome {
             m.gaps, m.longest_gap,
         );
         for (version, &at) in (FIRST_VERSION + 1..).zip(&self.updated_at) {
-            let after = |t: Option<f64>| {
-                t.map_or_else(|| "never".to_owned(), |t| format!("{:.1}s", t - at))
-            };
+            let after = |t: Option<f64>| t.map_or_else(|| "never".to_owned(), |t| format!("{:.1}s", t - at));
             let _ = write!(
                 line,
                 "; update to v{version}: v{version} first answered {} after it, v{} last answered {} after it",

@@ -69,7 +69,10 @@ impl Agent {
         let log = dir.path().join("agent.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = node.command(&bin.to_string_lossy());
-        cmd.arg("--socket").arg(&socket).arg("agent").args(args);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("agent")
+            .args(args);
         cmd.env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -222,10 +225,7 @@ impl Agent {
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
         let mut cmd = node.command(&bin.to_string_lossy());
-        cmd.arg("--socket")
-            .arg(&self.socket)
-            .arg("agent")
-            .args(args);
+        cmd.arg("--socket").arg(&self.socket).arg("agent").args(args);
         cmd.env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -244,16 +244,9 @@ impl Agent {
         let cli = self.cli();
         let start = Instant::now();
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
-                bail!(
-                    "`{shown}` exited with {status} before answering; its log:\n{}",
-                    self.log()
-                );
+                bail!("`{shown}` exited with {status} before answering; its log:\n{}", self.log());
             }
             match cli.run(&["status"]) {
                 Ok(out) if out.code == 0 => return Ok(()),
@@ -265,9 +258,7 @@ impl Agent {
                     self.log()
                 ),
                 Err(e) if start.elapsed() >= TIMEOUT => {
-                    return Err(
-                        e.context(format!("waiting for `{shown}`; its log:\n{}", self.log()))
-                    );
+                    return Err(e.context(format!("waiting for `{shown}`; its log:\n{}", self.log())));
                 }
                 _ => thread::sleep(Duration::from_millis(50)),
             }
@@ -349,6 +340,11 @@ pub struct PodStatus {
     pub quiet_for_secs: Option<f64>,
     pub quiet_period_secs: Option<f64>,
     pub interfaces: Vec<String>,
+    /// Open inbound TCP sockets (the sockets tracepoint).
+    #[serde(default)]
+    pub open_sockets: u64,
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// One element of `conndrain flows -o json`.

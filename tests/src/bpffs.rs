@@ -17,12 +17,8 @@ pub struct Bpffs(TempDir);
 impl Bpffs {
     pub fn mount() -> Result<Self> {
         let dir = TempDir::new()?;
-        run_cmd(
-            Command::new("mount")
-                .args(["-t", "bpf", "bpf"])
-                .arg(dir.path()),
-        )
-        .context("mounting a bpffs for the test")?;
+        run_cmd(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()))
+            .context("mounting a bpffs for the test")?;
         Ok(Self(dir))
     }
 
@@ -47,11 +43,7 @@ impl Bpffs {
     #[must_use]
     pub fn links(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(self.layout_dir().join("links"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         names.sort();
         names

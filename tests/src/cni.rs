@@ -55,42 +55,28 @@ impl CniNetwork {
         });
         plugin["cniVersion"] = "1.0.0".into();
         plugin["name"] = name.into();
-        Ok(Self {
-            plugin,
-            name: name.to_owned(),
-            state,
-        })
+        Ok(Self { plugin, name: name.to_owned(), state })
     }
 
     /// Creates a pod namespace and runs the plugin's ADD for it in `node`.
     pub fn add(&self, node: &Netns, pod: &str) -> Result<CniPod> {
         let ns = Netns::unique(pod)?;
         let config = self.plugin.to_string();
-        let out = cni(node.name(), "ADD", &ns, &config)
-            .with_context(|| format!("CNI ADD of {pod} on {}", self.name))?;
-        let result: serde_json::Value =
-            serde_json::from_str(&out).with_context(|| format!("CNI result {out}"))?;
+        let out =
+            cni(node.name(), "ADD", &ns, &config).with_context(|| format!("CNI ADD of {pod} on {}", self.name))?;
+        let result: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("CNI result {out}"))?;
         let ip = result["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
             .with_context(|| format!("no IPv4 address in the CNI result {out}"))?;
         let _ = &self.state;
-        Ok(CniPod {
-            name: pod.to_owned(),
-            ip,
-            ns,
-            config,
-            node: node.name().to_owned(),
-        })
+        Ok(CniPod { name: pod.to_owned(), ip, ns, config, node: node.name().to_owned() })
     }
 }
 
 fn cni(node: &str, command: &str, pod: &Netns, config: &str) -> Result<String> {
-    let plugin = serde_json::from_str::<serde_json::Value>(config)?["type"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let plugin = serde_json::from_str::<serde_json::Value>(config)?["type"].as_str().unwrap_or_default().to_owned();
     let mut child = Command::new("ip")
         .args(["netns", "exec", node, &format!("{CNI_PATH}/{plugin}")])
         .env("CNI_COMMAND", command)
@@ -103,18 +89,11 @@ fn cni(node: &str, command: &str, pod: &Netns, config: &str) -> Result<String> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {CNI_PATH}/{plugin}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(config.as_bytes())?;
+    child.stdin.take().context("stdin")?.write_all(config.as_bytes())?;
     let out = child.wait_with_output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!(
-            "{plugin} {command} failed: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{plugin} {command} failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(stdout)
 }
@@ -123,13 +102,7 @@ impl CniPod {
     /// The `conndrain pod add` arguments for this pod.
     #[must_use]
     pub fn add_args(&self) -> Vec<String> {
-        vec![
-            "pod".into(),
-            "add".into(),
-            self.name.clone(),
-            "--ip".into(),
-            self.ip.to_string(),
-        ]
+        vec!["pod".into(), "add".into(), self.name.clone(), "--ip".into(), self.ip.to_string()]
     }
 }
 

@@ -280,6 +280,7 @@ impl TopologyBuilder {
     }
 }
 
+
 fn make_bridge(node: &Netns, bridge: &str) -> Result<()> {
     // No multicast snooping: neighbor discovery must reach every port at once.
     node.ip(&[

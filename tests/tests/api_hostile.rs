@@ -19,12 +19,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use conndrain::api::{
-    CLIENT_TIMEOUT, node::MAX_CONNECTIONS as NODE_MAX_CONNECTIONS,
-    server::MAX_CONNECTIONS as LOCAL_MAX_CONNECTIONS,
+    CLIENT_TIMEOUT, node::MAX_CONNECTIONS as NODE_MAX_CONNECTIONS, server::MAX_CONNECTIONS as LOCAL_MAX_CONNECTIONS,
 };
 use conndrain_tests::{
-    Agent, Cli, NODE_V4, NODE_V6, Netns, Pod, Running, TIMEOUT, Topology, conndrain_bin,
-    require_root, run_in, wait_until,
+    Agent, Cli, NODE_V4, NODE_V6, Netns, Pod, Running, TIMEOUT, Topology, conndrain_bin, require_root, run_in,
+    wait_until,
 };
 
 const WAIT_PORT: u16 = 9464;
@@ -38,10 +37,7 @@ const DROP_WITHIN: Duration = Duration::from_secs(CLIENT_TIMEOUT.as_secs() * 3 +
 /// and the pods registered.
 fn setup(pods: &[&str], extra: &[&str]) -> Result<(Topology, Agent, Cli)> {
     require_root()?;
-    let topo = pods
-        .iter()
-        .fold(Topology::builder(), |b, p| b.pod(p))
-        .build()?;
+    let topo = pods.iter().fold(Topology::builder(), |b, p| b.pod(p)).build()?;
     let (wait, metrics) = (WAIT_PORT.to_string(), METRICS_PORT.to_string());
     // No --host-ip: the node API listens on all addresses, v4 and v6.
     let mut args = vec!["--wait-port", &wait, "--metrics-port", &metrics];
@@ -87,8 +83,8 @@ fn connections(ns: &Netns, addr: SocketAddr, n: usize, bytes: &[u8]) -> Result<V
     run_in(ns, || {
         (0..n)
             .map(|i| {
-                let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
-                    .with_context(|| format!("connection {i} to {addr}"))?;
+                let mut s =
+                    TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connection {i} to {addr}"))?;
                 s.write_all(bytes)?;
                 Ok(s)
             })
@@ -101,8 +97,7 @@ fn tcp(ns: &Netns, addr: SocketAddr) -> Result<TcpStream> {
 }
 
 fn unix(agent: &Agent) -> Result<UnixStream> {
-    UnixStream::connect(agent.socket())
-        .with_context(|| format!("connecting to {}", agent.socket().display()))
+    UnixStream::connect(agent.socket()).with_context(|| format!("connecting to {}", agent.socket().display()))
 }
 
 /// Sends `request` on a new connection from inside `ns` to `to`; see [`exchange`].
@@ -166,11 +161,7 @@ fn exchange<S: Read + Write + ReadTimeout>(mut s: S, request: &[u8]) -> Result<R
 /// Everything the server sends until it closes the connection (a reset after
 /// some bytes counts as closing); fails if it is still open after `within`.
 fn read_until_closed<S: Read + ReadTimeout>(s: &mut S, within: Duration) -> Result<Vec<u8>> {
-    s.set_timeout(
-        within
-            .min(Duration::from_secs(1))
-            .max(Duration::from_millis(10)),
-    )?;
+    s.set_timeout(within.min(Duration::from_secs(1)).max(Duration::from_millis(10)))?;
     let start = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 8192];
@@ -187,9 +178,7 @@ fn read_until_closed<S: Read + ReadTimeout>(s: &mut S, within: Duration) -> Resu
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
-                return Ok(got);
-            }
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => return Ok(got),
             Err(e) => return Err(e.into()),
         }
     }
@@ -217,10 +206,7 @@ fn still_serving(agent: &mut Agent, cli: &Cli) -> Result<()> {
         agent.log()
     );
     let log = agent.log();
-    ensure!(
-        !log.contains("panicked"),
-        "no panic in the agent's log:\n{log}"
-    );
+    ensure!(!log.contains("panicked"), "no panic in the agent's log:\n{log}");
     cli.status().context("the local API still answers")?;
     Ok(())
 }
@@ -259,8 +245,7 @@ fn many_headers(path: &str) -> Vec<u8> {
         .map(|i| format!("X-H{i}: {i}"))
         .collect::<Vec<_>>()
         .join("\r\n");
-    format!("GET {path} HTTP/1.1\r\nHost: node\r\n{lines}\r\nConnection: close\r\n\r\n")
-        .into_bytes()
+    format!("GET {path} HTTP/1.1\r\nHost: node\r\n{lines}\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 /// A request that announces a body of 100 GB and sends none of it.
@@ -316,11 +301,7 @@ impl Case {
             "{}: expected {:?}{}{}, got {reply:?}",
             self.what,
             self.codes,
-            if self.closed_ok {
-                " or a closed connection"
-            } else {
-                ""
-            },
+            if self.closed_ok { " or a closed connection" } else { "" },
             self.says
                 .map(|s| format!(" with a JSON error saying {s:?}"))
                 .unwrap_or_default()
@@ -338,23 +319,14 @@ fn garbage() -> Vec<Case> {
             &[400],
         )
         .or_closed(),
-        case(
-            "binary garbage",
-            b"\x00\xff\xfe\x00\x01\x02\r\n\r\n".to_vec(),
-            &[400],
-        )
-        .or_closed(),
+        case("binary garbage", b"\x00\xff\xfe\x00\x01\x02\r\n\r\n".to_vec(), &[400]).or_closed(),
         case(
             "an HTTP/2 preface without HTTP/2",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
             &[400, 505],
         )
         .or_closed(),
-        case(
-            "a request line without a path",
-            b"GET\r\n\r\n".to_vec(),
-            &[400],
-        ),
+        case("a request line without a path", b"GET\r\n\r\n".to_vec(), &[400]),
         case(
             "an unknown HTTP version",
             b"GET / HTTP/7.1\r\nHost: node\r\n\r\n".to_vec(),
@@ -396,10 +368,8 @@ fn malformed_requests_to_the_node_api_are_refused_and_it_keeps_serving() -> Resu
             &[405],
         )
         .saying("this port serves GET /v1/wait"),
-        case("an unknown path", get("/v1/pods/web/terminate"), &[404])
-            .saying("this port serves GET /v1/wait"),
-        case("a path with a bad escape", get("/v1/%zz%00"), &[404])
-            .saying("this port serves GET /v1/wait"),
+        case("an unknown path", get("/v1/pods/web/terminate"), &[404]).saying("this port serves GET /v1/wait"),
+        case("a path with a bad escape", get("/v1/%zz%00"), &[404]).saying("this port serves GET /v1/wait"),
         case("a header of 64 KiB", huge_header("/v1/wait"), &[431]),
         case("200 header lines", many_headers("/v1/wait"), &[431]),
         case(
@@ -407,12 +377,7 @@ fn malformed_requests_to_the_node_api_are_refused_and_it_keeps_serving() -> Resu
             announced_huge_body("GET", "/v1/wait"),
             &[413],
         ),
-        case(
-            "a query string naming nothing",
-            get("/v1/wait?%ff%fe=&&="),
-            &[400],
-        )
-        .saying("takes no parameters"),
+        case("a query string naming nothing", get("/v1/wait?%ff%fe=&&="), &[400]).saying("takes no parameters"),
     ]);
     // From the pod itself: a request that got through would be its own wait.
     for c in &cases {
@@ -420,18 +385,8 @@ fn malformed_requests_to_the_node_api_are_refused_and_it_keeps_serving() -> Resu
     }
     // The metrics listener is served by the same code; a few there too.
     for c in [
-        case(
-            "an unknown path on the metrics port",
-            get("/v1/wait"),
-            &[404],
-        )
-        .saying("serves GET /metrics"),
-        case(
-            "POST /metrics",
-            post("/metrics", Some("text/plain"), b"x"),
-            &[405],
-        )
-        .saying("serves GET /metrics"),
+        case("an unknown path on the metrics port", get("/v1/wait"), &[404]).saying("serves GET /metrics"),
+        case("POST /metrics", post("/metrics", Some("text/plain"), b"x"), &[405]).saying("serves GET /metrics"),
         case(
             "a header of 64 KiB on the metrics port",
             huge_header("/metrics"),
@@ -462,20 +417,14 @@ fn malformed_requests_to_the_local_api_are_refused_and_it_keeps_serving() -> Res
     cases.extend([
         case(
             "a method /v1/pods does not take",
-            b"PUT /v1/pods HTTP/1.1\r\nHost: c\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                .to_vec(),
+            b"PUT /v1/pods HTTP/1.1\r\nHost: c\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
             &[405],
         )
         .saying("the local API is for the conndrain CLI"),
-        case("an unknown path", get("/v2/everything"), &[404])
-            .saying("the local API is for the conndrain CLI"),
+        case("an unknown path", get("/v2/everything"), &[404]).saying("the local API is for the conndrain CLI"),
         case("a header of 64 KiB", huge_header("/v1/status"), &[431]),
         case("200 header lines", many_headers("/v1/status"), &[431]),
-        case(
-            "a body that is not JSON",
-            post("/v1/pods", json, b"{not json"),
-            &[400],
-        ),
+        case("a body that is not JSON", post("/v1/pods", json, b"{not json"), &[400]),
         case(
             "JSON of the wrong shape",
             post("/v1/pods", json, br#"{"name": 5, "ips": "all"}"#),
@@ -496,11 +445,7 @@ fn malformed_requests_to_the_local_api_are_refused_and_it_keeps_serving() -> Res
             post(
                 "/v1/pods",
                 json,
-                format!(
-                    r#"{{"name":"{}","ips":["10.9.9.9"]}}"#,
-                    "a".repeat(10 * 1024)
-                )
-                .as_bytes(),
+                format!(r#"{{"name":"{}","ips":["10.9.9.9"]}}"#, "a".repeat(10 * 1024)).as_bytes(),
             ),
             &[400],
         ),
@@ -523,36 +468,17 @@ fn malformed_requests_to_the_local_api_are_refused_and_it_keeps_serving() -> Res
             get("/v1/pods/web/wait?timeout_secs=soon"),
             &[400],
         ),
-        case(
-            "a negative timeout",
-            get("/v1/pods/web/wait?timeout_secs=-1"),
-            &[400],
-        )
-        .saying("timeout"),
-        case(
-            "a NaN timeout",
-            get("/v1/pods/web/wait?timeout_secs=NaN"),
-            &[400],
-        )
-        .saying("timeout"),
+        case("a negative timeout", get("/v1/pods/web/wait?timeout_secs=-1"), &[400]).saying("timeout"),
+        case("a NaN timeout", get("/v1/pods/web/wait?timeout_secs=NaN"), &[400]).saying("timeout"),
         case(
             "an endless timeout",
             get("/v1/pods/web/wait?timeout_secs=1e999"),
             &[400],
         )
         .saying("timeout"),
-        case(
-            "a pod name that is not UTF-8",
-            get("/v1/pods/%ff%fe/wait"),
-            &[400],
-        ),
+        case("a pod name that is not UTF-8", get("/v1/pods/%ff%fe/wait"), &[400]),
         // Query strings are decoded lossily: this names a pod that cannot exist.
-        case(
-            "a filter that is not UTF-8",
-            get("/v1/flows?pod=%ff"),
-            &[404],
-        )
-        .saying("no pod named"),
+        case("a filter that is not UTF-8", get("/v1/flows?pod=%ff"), &[404]).saying("no pod named"),
     ]);
     for c in &cases {
         c.check(&ask_local(&agent, &c.request).with_context(|| c.what)?)?;
@@ -574,9 +500,7 @@ fn malformed_requests_to_the_local_api_are_refused_and_it_keeps_serving() -> Res
 /// A connection that sends a request head one byte at a time and never ends
 /// it, on its own thread; returns once the server closes it, or fails after
 /// [`DROP_WITHIN`].
-fn trickle<S: Read + Write + ReadTimeout + Send + 'static>(
-    mut s: S,
-) -> thread::JoinHandle<Result<usize>> {
+fn trickle<S: Read + Write + ReadTimeout + Send + 'static>(mut s: S) -> thread::JoinHandle<Result<usize>> {
     thread::spawn(move || {
         // The read timeout paces the bytes: one per round.
         s.set_timeout(Duration::from_millis(100))?;
@@ -636,17 +560,11 @@ fn slow_clients_of_the_node_api_are_dropped_and_block_no_one() -> Result<()> {
         b"GET /v1/wait HTTP/1.1\r\nHost: node\r\n\r\n",
     )?;
     let trickler = trickle(tcp(b.ns(), node_addr(WAIT_PORT))?);
-    let slow_metrics = connections(
-        b.ns(),
-        node_addr(METRICS_PORT),
-        20,
-        b"GET /metrics HTTP/1.1\r\n",
-    )?;
+    let slow_metrics = connections(b.ns(), node_addr(METRICS_PORT), 20, b"GET /metrics HTTP/1.1\r\n")?;
 
     // Meanwhile, everyone else is served.
     healthy(&topo)?;
-    cli.status()
-        .context("the local API answers during the flood")?;
+    cli.status().context("the local API answers during the flood")?;
     pre_stop_drains(&cli, topo.pod("a"))?;
 
     // And every slow connection is dropped in bounded time.
@@ -654,13 +572,8 @@ fn slow_clients_of_the_node_api_are_dropped_and_block_no_one() -> Result<()> {
     all_closed("a connection that sent nothing", silent)?;
     all_closed("a caller that never reads", deaf)?;
     all_closed("a request head cut short on the metrics port", slow_metrics)?;
-    let sent = trickler
-        .join()
-        .expect("the trickling thread does not panic")?;
-    ensure!(
-        sent > 0,
-        "the trickling client sent something before it was dropped"
-    );
+    let sent = trickler.join().expect("the trickling thread does not panic")?;
+    ensure!(sent > 0, "the trickling client sent something before it was dropped");
     ensure!(
         !agent.log().contains("preStop wait pod=b"),
         "no slow request got as far as a wait:\n{}",
@@ -705,9 +618,7 @@ fn slow_clients_of_the_local_api_are_dropped_and_block_no_one() -> Result<()> {
         got.is_empty() || got.starts_with("HTTP/1.1 4"),
         "a body sent in part is refused or dropped, not served: {got:?}"
     );
-    trickler
-        .join()
-        .expect("the trickling thread does not panic")?;
+    trickler.join().expect("the trickling thread does not panic")?;
 
     let pods = cli.pods()?;
     ensure!(pods.len() == 1, "the partial POST added no pod: {pods:?}");
@@ -735,12 +646,9 @@ fn callers_that_never_read_their_answers_lose_their_slots() -> Result<()> {
     let reply = ask_local(&agent, &get("/v1/status"))?;
     ensure!(reply == Reply::Closed, "every slot is taken: {reply:?}");
 
-    wait_until(
-        "a slot freed by the agent",
-        DROP_WITHIN,
-        || ask_local(&agent, &get("/v1/status")),
-        |r| r.code() == Some(200),
-    )
+    wait_until("a slot freed by the agent", DROP_WITHIN, || ask_local(&agent, &get("/v1/status")), |r| {
+        r.code() == Some(200)
+    })
     .context("the agent stops writing to callers that do not read")?;
     all_closed("a caller that never reads its answers", deaf)?;
     still_serving(&mut agent, &cli)
@@ -755,20 +663,12 @@ fn count(log: &str, needle: &str) -> usize {
 fn connections_beyond_the_limit_are_closed_at_once() -> Result<()> {
     let many = (2 * NODE_MAX_CONNECTIONS).to_string();
     // One pod fills the listener, so it may hold that many waits.
-    let (topo, mut agent, cli) = setup(
-        &["a"],
-        &["--max-waiters", &many, "--max-waiters-per-pod", &many],
-    )?;
+    let (topo, mut agent, cli) = setup(&["a"], &["--max-waiters", &many, "--max-waiters-per-pod", &many])?;
     let a = topo.pod("a");
 
     // Node API: a (not terminating) fills every connection with a wait, a
     // request that stays in flight (unlike a slow client's, which times out).
-    let waits = connections(
-        a.ns(),
-        node_addr(WAIT_PORT),
-        NODE_MAX_CONNECTIONS,
-        &get("/v1/wait"),
-    )?;
+    let waits = connections(a.ns(), node_addr(WAIT_PORT), NODE_MAX_CONNECTIONS, &get("/v1/wait"))?;
     wait_until(
         "the agent to take every wait",
         TIMEOUT,
@@ -811,17 +711,7 @@ fn connections_beyond_the_limit_are_closed_at_once() -> Result<()> {
     wait_until(
         "the local API to serve again",
         TIMEOUT,
-        || {
-            cli.run(&[
-                "pod",
-                "terminate",
-                "a",
-                "--quiet-period",
-                "0.5",
-                "--deadline",
-                "60",
-            ])
-        },
+        || cli.run(&["pod", "terminate", "a", "--quiet-period", "0.5", "--deadline", "60"]),
         |o| o.code == 0,
     )?;
     cli.wait_state("a", "drained")?;
@@ -854,18 +744,12 @@ fn a_waiter_that_hangs_up_frees_its_slot() -> Result<()> {
     )?;
     let ask_a = || ask(a.ns(), node_addr(WAIT_PORT), &get("/v1/wait"));
     let reply = ask_a()?;
-    ensure!(
-        reply.code() == Some(429),
-        "b holds the only slot: {reply:?}"
-    );
+    ensure!(reply.code() == Some(429), "b holds the only slot: {reply:?}");
 
     drop(b_wait);
-    let reply = wait_until(
-        "a's wait to get the slot b hung up on",
-        TIMEOUT,
-        ask_a,
-        |r| r.code() != Some(429),
-    )?;
+    let reply = wait_until("a's wait to get the slot b hung up on", TIMEOUT, ask_a, |r| {
+        r.code() != Some(429)
+    })?;
     ensure!(
         matches!(&reply, Reply::Http(200, body) if body.contains(r#""pod":"a""#) && body.contains("drained")),
         "a's wait is answered with a's drain: {reply:?}"
@@ -937,16 +821,9 @@ fn a_pod_that_claims_another_pods_ip_gets_no_answer() -> Result<()> {
     )?;
 
     // b takes a's addresses as its own and sends from them to the node.
-    let targets = [
-        (IpAddr::from(a4), IpAddr::from(NODE_V4)),
-        (a6.into(), NODE_V6.into()),
-    ];
+    let targets = [(IpAddr::from(a4), IpAddr::from(NODE_V4)), (a6.into(), NODE_V6.into())];
     for (own, to) in targets {
-        let (fam, host) = if own.is_ipv4() {
-            ("-4", "32")
-        } else {
-            ("-6", "128")
-        };
+        let (fam, host) = if own.is_ipv4() { ("-4", "32") } else { ("-6", "128") };
         let mut add = vec![fam, "addr", "add"];
         let cidr = format!("{own}/{host}");
         add.extend([cidr.as_str(), "dev", b.pod_if()]);
@@ -993,9 +870,7 @@ fn a_pod_that_claims_another_pods_ip_gets_no_answer() -> Result<()> {
             // A completed handshake would be the hole: show what the agent says to it.
             let (local, peer) = (s.local_addr(), s.peer_addr());
             let reply = exchange(s, &get("/v1/wait"));
-            bail!(
-                "b completed a handshake from a's {own} to {to} ({local:?} -> {peer:?}); it got {reply:?}"
-            );
+            bail!("b completed a handshake from a's {own} to {to} ({local:?} -> {peer:?}); it got {reply:?}");
         }
     }
     // b's packets did reach the node from a's addresses, and the node
@@ -1011,10 +886,7 @@ fn a_pod_that_claims_another_pods_ip_gets_no_answer() -> Result<()> {
             "the node answered b's SYNs from a's {fam} address towards a"
         );
     }
-    ensure!(
-        counter(node, "to_b")? == 0,
-        "nothing from the wait port went to b"
-    );
+    ensure!(counter(node, "to_b")? == 0, "nothing from the wait port went to b");
 
     // The agent never saw a request; a is untouched, and its own wait works.
     let log = agent.log();
@@ -1042,9 +914,7 @@ fn forwarding_headers_do_not_change_who_is_asking() -> Result<()> {
         )
         .into_bytes()
     };
-    let ask_as_a = |ns: &Netns, to: SocketAddr, path: &str| -> Result<Reply> {
-        ask(ns, to, &claiming_a(path))
-    };
+    let ask_as_a = |ns: &Netns, to: SocketAddr, path: &str| -> Result<Reply> { ask(ns, to, &claiming_a(path)) };
 
     // Not a pod: refused by its real address.
     let reply = ask_as_a(topo.client(), node_addr(WAIT_PORT), "/v1/wait")?;
@@ -1055,10 +925,7 @@ fn forwarding_headers_do_not_change_who_is_asking() -> Result<()> {
     // Pod b is answered about b, over v4 and v6 (b is drained, so at once).
     cli.terminate("b", 0.5, 60.0)?;
     cli.wait_state("b", "drained")?;
-    for to in [
-        node_addr(WAIT_PORT),
-        SocketAddr::new(NODE_V6.into(), WAIT_PORT),
-    ] {
+    for to in [node_addr(WAIT_PORT), SocketAddr::new(NODE_V6.into(), WAIT_PORT)] {
         let reply = ask_as_a(b.ns(), to, "/v1/wait")?;
         ensure!(
             matches!(&reply, Reply::Http(200, body) if body.contains(r#""pod":"b""#)),
@@ -1067,10 +934,7 @@ fn forwarding_headers_do_not_change_who_is_asking() -> Result<()> {
     }
     // Headers naming a non-pod do not open the metrics to a pod.
     let reply = ask_as_a(b.ns(), node_addr(METRICS_PORT), "/metrics")?;
-    ensure!(
-        reply.code() == Some(403),
-        "pod b may not read the metrics: {reply:?}"
-    );
+    ensure!(reply.code() == Some(403), "pod b may not read the metrics: {reply:?}");
 
     ensure!(
         !agent.log().contains("preStop wait pod=a"),

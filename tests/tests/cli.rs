@@ -299,22 +299,12 @@ fn agent_without_privileges() -> Result<()> {
         .collect();
     ensure!(!lines.is_empty(), "an error line: {:?}", out.stderr);
     for line in &lines {
-        ensure!(
-            line.starts_with("conndrain: "),
-            "every error line is prefixed: {line:?}"
-        );
+        ensure!(line.starts_with("conndrain: "), "every error line is prefixed: {line:?}");
         let lower = line.to_lowercase();
         ensure!(
-            [
-                "cap_bpf",
-                "cap_net_admin",
-                "cap_perfmon",
-                "root",
-                "not permitted",
-                "permission"
-            ]
-            .iter()
-            .any(|w| lower.contains(w)),
+            ["cap_bpf", "cap_net_admin", "cap_perfmon", "root", "not permitted", "permission"]
+                .iter()
+                .any(|w| lower.contains(w)),
             "each line names a missing privilege: {line:?}"
         );
     }

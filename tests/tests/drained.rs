@@ -29,9 +29,7 @@ fn add(agent: &Agent, pod: &CniPod) -> Result<()> {
 
 /// The client routes `subnet` via the node.
 fn route_via_node(topo: &Topology, subnet: &str) -> Result<()> {
-    topo.client()
-        .ip(&["route", "add", subnet, "via", &NODE_V4.to_string()])
-        .map(drop)
+    topo.client().ip(&["route", "add", subnet, "via", &NODE_V4.to_string()]).map(drop)
 }
 
 fn bridge_net(topo: &Topology, subnet: &str) -> Result<CniNetwork> {
@@ -66,12 +64,7 @@ fn connections_from_a_pod_on_the_same_bridge_hold_the_pod() -> Result<()> {
     let server = TcpServer::start(&a.ns, SocketAddr::new(a.ip.into(), PORT))?;
     let from_client = TcpConn::connect_many(topo.client(), server.addr(), 3)?;
     let from_b = TcpConn::connect_many(&b.ns, server.addr(), 2)?;
-    wait_until(
-        "pod a with 5 active flows",
-        TIMEOUT,
-        || agent.cli().pod("a"),
-        |p| p.active_flows == 5,
-    )?;
+    wait_until("pod a with 5 active flows", TIMEOUT, || agent.cli().pod("a"), |p| p.active_flows == 5)?;
 
     agent.cli().terminate("a", 1.0, 60.0)?;
     for c in from_client {
@@ -79,23 +72,12 @@ fn connections_from_a_pod_on_the_same_bridge_hold_the_pod() -> Result<()> {
     }
     sleep(Duration::from_secs(3))?;
     let pod = agent.cli().pod("a")?;
-    ensure!(
-        pod.state == "draining",
-        "pod b still has 2 connections open to a: {pod:?}"
-    );
-    ensure!(
-        pod.active_flows == 2,
-        "b's connections are seen on the bridge ports: {pod:?}"
-    );
+    ensure!(pod.state == "draining", "pod b still has 2 connections open to a: {pod:?}");
+    ensure!(pod.active_flows == 2, "b's connections are seen on the bridge ports: {pod:?}");
     for c in from_b {
         c.close()?;
     }
-    wait_until(
-        "a drained once b closes",
-        TIMEOUT,
-        || state(&agent, "a"),
-        |s| s == "drained",
-    )?;
+    wait_until("a drained once b closes", TIMEOUT, || state(&agent, "a"), |s| s == "drained")?;
     Ok(())
 }
 
@@ -112,8 +94,7 @@ fn a_pod_reaching_its_neighbour_through_a_cluster_ip_holds_it() -> Result<()> {
     let net = bridge_net(&topo, "10.211.0.0/24")?;
     let a = net.add(topo.node(), "a")?;
     let b = net.add(topo.node(), "b")?;
-    topo.node()
-        .sysctl(&["net.bridge.bridge-nf-call-iptables=1"])?;
+    topo.node().sysctl(&["net.bridge.bridge-nf-call-iptables=1"])?;
     let vip = "10.96.7.7";
     topo.node().exec(
         "iptables",
@@ -142,17 +123,9 @@ fn a_pod_reaching_its_neighbour_through_a_cluster_ip_holds_it() -> Result<()> {
     let conn = TcpConn::connect(&b.ns, format!("{vip}:80").parse()?)?;
     agent.cli().terminate("a", 1.0, 60.0)?;
     sleep(Duration::from_secs(3))?;
-    ensure!(
-        state(&agent, "a")? == "draining",
-        "b's connection through the ClusterIP holds a"
-    );
+    ensure!(state(&agent, "a")? == "draining", "b's connection through the ClusterIP holds a");
     conn.close()?;
-    wait_until(
-        "a drained once b closes",
-        TIMEOUT,
-        || state(&agent, "a"),
-        |s| s == "drained",
-    )?;
+    wait_until("a drained once b closes", TIMEOUT, || state(&agent, "a"), |s| s == "drained")?;
     Ok(())
 }
 
@@ -168,20 +141,7 @@ fn masqueraded_service_traffic_restarts_the_quiet_period() -> Result<()> {
     let target = format!("{}:{PORT}", web.ipv4());
     node.exec(
         "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            "30080",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &target,
-        ],
+        &["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "30080", "-j", "DNAT", "--to-destination", &target],
     )?;
     node.exec(
         "iptables",
@@ -211,22 +171,11 @@ fn masqueraded_service_traffic_restarts_the_quiet_period() -> Result<()> {
         ensure!(c.request("GET /x")? == "200 /x", "request {i}");
         c.close()?;
         let s = state(&agent, "web")?;
-        ensure!(
-            s == "draining",
-            "new masqueraded connections keep arriving, yet the pod is {s} after {i} of them"
-        );
+        ensure!(s == "draining", "new masqueraded connections keep arriving, yet the pod is {s} after {i} of them");
         sleep(Duration::from_millis(300))?;
     }
-    wait_until(
-        "drained once they stop",
-        TIMEOUT,
-        || state(&agent, "web"),
-        |s| s == "drained",
-    )?;
-    ensure!(
-        agent.cli().pod("web")?.new_flows_since_termination >= 15,
-        "each one counted"
-    );
+    wait_until("drained once they stop", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
+    ensure!(agent.cli().pod("web")?.new_flows_since_termination >= 15, "each one counted");
     Ok(())
 }
 
@@ -246,18 +195,10 @@ fn a_request_in_flight_longer_than_the_idle_timeout_holds_the_pod() -> Result<()
     agent.cli().terminate("web", 1.0, 60.0)?;
     sleep(Duration::from_secs(5))?;
     let pod = agent.cli().pod("web")?;
-    ensure!(
-        pod.state == "draining" && pod.active_flows == 1,
-        "the request is in flight: {pod:?}"
-    );
+    ensure!(pod.state == "draining" && pod.active_flows == 1, "the request is in flight: {pod:?}");
     ensure!(conn.reply()? == "200 /sleep/8", "the slow answer arrives");
     // Now the last word was the pod's: an idle keep-alive once quiet.
-    wait_until(
-        "drained after the answer",
-        TIMEOUT,
-        || state(&agent, "web"),
-        |s| s == "drained",
-    )?;
+    wait_until("drained after the answer", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
     Ok(())
 }
 
@@ -283,12 +224,7 @@ fn a_connection_whose_events_were_lost_still_holds_the_pod() -> Result<()> {
     })();
     agent.signal(libc::SIGCONT)?;
     let mut conn = burst?;
-    let lost = wait_until(
-        "events lost",
-        TIMEOUT,
-        || agent.cli().status(),
-        |s| s["events_lost"].as_u64() > Some(0),
-    )?;
+    let lost = wait_until("events lost", TIMEOUT, || agent.cli().status(), |s| s["events_lost"].as_u64() > Some(0))?;
     eprintln!("events lost: {}", lost["events_lost"]);
     agent.cli().terminate("web", 1.0, 60.0)?;
     for _ in 0..8 {
@@ -298,21 +234,51 @@ fn a_connection_whose_events_were_lost_still_holds_the_pod() -> Result<()> {
         ensure!(pod.state == "draining", "an open connection, yet {pod:?}");
     }
     conn.close()?;
-    wait_until(
-        "drained once it closes",
-        TIMEOUT,
-        || state(&agent, "web"),
-        |s| s == "drained",
-    )?;
+    wait_until("drained once it closes", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
+    Ok(())
+}
+
+/// A request in flight whose flow a flood pushed out of the flow table
+/// before the drain began: the packet path has nothing left of it and the
+/// connection is quiet (the handler is slow), but its socket is open, so it
+/// holds the pod.
+#[test]
+fn a_quiet_connection_the_flow_table_lost_still_holds_the_pod() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").pod("dns").build()?;
+    let agent = Agent::start(topo.node(), &["--max-flows", "1024"])?;
+    let (web, dns) = (topo.pod("web"), topo.pod("dns"));
+    agent.cli().add_pod(web)?;
+    agent.cli().add_pod(dns)?;
+    let _server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
+    let mut conn = TcpConn::connect(topo.client(), web.addr_v4(PORT))?;
+    conn.send("GET /sleep/7")?;
+    // Flows seen twice, so the LRU's active list turns over too.
+    udp_flows(topo.client(), SocketAddr::new(dns.ipv4().into(), 53), 12_000, 2)?;
+    agent.cli().terminate("web", 1.0, 60.0)?;
+    sleep(Duration::from_secs(3))?;
+    let why = agent.cli().ok(&["why", "web"])?;
+    let pod = agent.cli().pod("web")?;
+    ensure!(pod.state == "draining", "its socket is open and its answer due: {pod:?}\n{why}");
+    ensure!(conn.reply()? == "200 /sleep/7", "the answer arrives");
+    conn.close()?;
+    wait_until("drained once it closes", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
     Ok(())
 }
 
 /// `n` UDP datagrams from `n` source ports.
 fn udp_burst(from: &Netns, to: SocketAddr, n: usize) -> Result<()> {
+    udp_flows(from, to, n, 1)
+}
+
+/// `n` UDP flows of `each` datagrams.
+fn udp_flows(from: &Netns, to: SocketAddr, n: usize, each: usize) -> Result<()> {
     conndrain_tests::run_in(from, || {
         for _ in 0..n {
             let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            s.send_to(b"q", to)?;
+            for _ in 0..each {
+                s.send_to(b"q", to)?;
+            }
         }
         Ok::<_, std::io::Error>(())
     })?
@@ -324,35 +290,21 @@ fn udp_burst(from: &Netns, to: SocketAddr, n: usize) -> Result<()> {
 fn ptp_pods_drain_after_their_last_connection() -> Result<()> {
     require_root()?;
     let topo = cni_node()?;
-    let net = CniNetwork::new(
-        "cdptp",
-        serde_json::json!({"type": "ptp", "ipMasq": false}),
-        "10.212.0.0/24",
-    )?;
+    let net = CniNetwork::new("cdptp", serde_json::json!({"type": "ptp", "ipMasq": false}), "10.212.0.0/24")?;
     let pod = net.add(topo.node(), "p")?;
     route_via_node(&topo, "10.212.0.0/24")?;
     let agent = Agent::start(topo.node(), &[])?;
     add(&agent, &pod)?;
     let server = TcpServer::start(&pod.ns, SocketAddr::new(pod.ip.into(), PORT))?;
     let conns = TcpConn::connect_many(topo.client(), server.addr(), 2)?;
-    wait_until(
-        "2 active flows",
-        TIMEOUT,
-        || agent.cli().pod("p"),
-        |p| p.active_flows == 2,
-    )?;
+    wait_until("2 active flows", TIMEOUT, || agent.cli().pod("p"), |p| p.active_flows == 2)?;
     agent.cli().terminate("p", 1.0, 60.0)?;
     sleep(Duration::from_secs(2))?;
     ensure!(state(&agent, "p")? == "draining");
     for c in conns {
         c.close()?;
     }
-    wait_until(
-        "drained",
-        TIMEOUT,
-        || state(&agent, "p"),
-        |s| s == "drained",
-    )?;
+    wait_until("drained", TIMEOUT, || state(&agent, "p"), |s| s == "drained")?;
     Ok(())
 }
 
@@ -367,11 +319,9 @@ fn macvlan_pods_are_skipped_not_counted_as_zero() -> Result<()> {
     // The parent: an L2 device with no per-pod port (a real node's uplink;
     // here a port-less bridge, as this kernel has no dummy devices).
     let parent = format!("{}mv", &unique_tag().replace('_', "")[..6]);
-    topo.node()
-        .ip(&["link", "add", &parent, "type", "bridge"])?;
+    topo.node().ip(&["link", "add", &parent, "type", "bridge"])?;
     topo.node().ip(&["link", "set", &parent, "up"])?;
-    topo.node()
-        .ip(&["addr", "add", "10.213.0.254/24", "dev", &parent])?;
+    topo.node().ip(&["addr", "add", "10.213.0.254/24", "dev", &parent])?;
     let net = CniNetwork::new(
         "cdmacvlan",
         serde_json::json!({"type": "macvlan", "master": parent, "mode": "bridge"}),
@@ -386,10 +336,7 @@ fn macvlan_pods_are_skipped_not_counted_as_zero() -> Result<()> {
     agent.cli().terminate("m", 1.0, 60.0)?;
     sleep(Duration::from_secs(2))?;
     let p = agent.cli().pod("m")?;
-    ensure!(
-        p.state == "skipped",
-        "a macvlan pod's traffic is not seen: {p:?}"
-    );
+    ensure!(p.state == "skipped", "a macvlan pod's traffic is not seen: {p:?}");
     let out = agent.cli().run(&["wait", "m"])?;
     ensure!(out.code == 4, "wait says skipped (exit 4): {}", out.stderr);
     conn.close()?;

@@ -483,10 +483,7 @@ fn probes_from_the_node_do_not_hold_the_pod() -> Result<()> {
     let mut probes = 0;
     let pod = loop {
         let mut conn = TcpConn::connect(topo.node(), server.addr())?;
-        ensure!(
-            conn.request("GET /fast")? == "200 /fast",
-            "the probe gets an answer"
-        );
+        ensure!(conn.request("GET /fast")? == "200 /fast", "the probe gets an answer");
         conn.close()?;
         probes += 1;
         let pod = cli.pod("web")?;
@@ -495,13 +492,7 @@ fn probes_from_the_node_do_not_hold_the_pod() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    ensure!(
-        pod.state == "drained",
-        "drained despite {probes} probes from the node: {pod:?}"
-    );
-    ensure!(
-        pod.new_flows_since_termination == 0,
-        "probes are not new inbound flows: {pod:?}"
-    );
+    ensure!(pod.state == "drained", "drained despite {probes} probes from the node: {pod:?}");
+    ensure!(pod.new_flows_since_termination == 0, "probes are not new inbound flows: {pod:?}");
     Ok(())
 }

@@ -142,7 +142,10 @@ fn each_missing_capability_is_its_own_line() -> Result<()> {
             .with_context(|| format!("without {dropped:?}"))?;
         one_line_each(&lines, named).with_context(|| format!("without {dropped:?}"))?;
         for line in &lines {
-            ensure!(line.contains("grant it"), "says what to do: {line:?}");
+            ensure!(
+                line.contains("grant it"),
+                "says what to do: {line:?}"
+            );
         }
     }
     Ok(())
@@ -163,13 +166,7 @@ fn several_missing_pieces_are_all_named_at_once() -> Result<()> {
     )?;
     one_line_each(
         &lines,
-        &[
-            "CAP_BPF",
-            "CAP_NET_ADMIN",
-            "CAP_PERFMON",
-            "--bpffs",
-            "--host-ip",
-        ],
+        &["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "--bpffs", "--host-ip"],
     )
 }
 
@@ -203,17 +200,10 @@ fn a_pod_ip_no_interface_routes_to_is_named() -> Result<()> {
     // looked up, never sent to.
     let out = cli.run(&["pod", "add", "ghost", "--ip", "203.0.113.7"])?;
     ensure!(out.code == 1, "refused: {out:?}");
-    let lines: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     ensure!(lines.len() == 1, "one line: {lines:#?}");
     for needle in ["conndrain: ", "203.0.113.7", "hostNetwork"] {
-        ensure!(
-            lines[0].contains(needle),
-            "the line says {needle:?}: {lines:?}"
-        );
+        ensure!(lines[0].contains(needle), "the line says {needle:?}: {lines:?}");
     }
     ensure!(
         !cli.pods()?.iter().any(|p| p.name == "ghost"),
@@ -238,12 +228,7 @@ fn our_filters(ns: &Netns, iface: &str) -> Result<Vec<(String, String, String, S
                     .map(|w| (*w).to_owned())
                     .with_context(|| format!("no {key} in `{line}`"))
             };
-            out.push((
-                dir.to_owned(),
-                after("pref")?,
-                after("handle")?,
-                after("id")?,
-            ));
+            out.push((dir.to_owned(), after("pref")?, after("handle")?, after("id")?));
         }
     }
     out.sort();
@@ -282,16 +267,7 @@ fn clsact_path_tracks_drains_and_removes_its_filters_on_exit() -> Result<()> {
     // no matchall nor actions.)
     let node = topo.node();
     node.exec("tc", &["qdisc", "add", "dev", web.node_if(), "clsact"])?;
-    let foreign = [
-        "dev",
-        web.node_if(),
-        "ingress",
-        "pref",
-        "50000",
-        "bpf",
-        "bytecode",
-        "1,6 0 0 0,",
-    ];
+    let foreign = ["dev", web.node_if(), "ingress", "pref", "50000", "bpf", "bytecode", "1,6 0 0 0,"];
     node.exec("tc", &[&["filter", "add"][..], &foreign].concat())?;
     let foreign_there = || -> Result<bool> {
         let shown = node.exec("tc", &["filter", "show", "dev", web.node_if(), "ingress"])?;
@@ -324,18 +300,12 @@ fn clsact_path_tracks_drains_and_removes_its_filters_on_exit() -> Result<()> {
     let mut wait = cli.spawn(&["wait", "web", "--timeout", "30"])?;
     conns.pop().expect("two").close()?;
     let pod = cli.wait_pod("web", "1 active flow", |p| p.active_flows == 1)?;
-    ensure!(
-        pod.state == "draining",
-        "one open flow holds the pod: {pod:?}"
-    );
+    ensure!(pod.state == "draining", "one open flow holds the pod: {pod:?}");
     conns.pop().expect("one").close()?;
     let pod = cli.wait_state("web", "drained")?;
     ensure!(pod.active_flows == 0, "{pod:?}");
     let out = wait.wait_exit(TIMEOUT)?;
-    ensure!(
-        out.code == 0,
-        "`conndrain wait` exits 0 once drained: {out:?}"
-    );
+    ensure!(out.code == 0, "`conndrain wait` exits 0 once drained: {out:?}");
 
     let status = agent.stop()?;
     ensure!(status.success(), "a clean exit: {status}");
@@ -353,10 +323,7 @@ fn no_filters_left(ns: &Netns) -> Result<()> {
             continue;
         };
         let left = our_filters(ns, iface)?;
-        ensure!(
-            left.is_empty(),
-            "the agent removed its filters from {iface}: {left:?}"
-        );
+        ensure!(left.is_empty(), "the agent removed its filters from {iface}: {left:?}");
     }
     Ok(())
 }
@@ -388,16 +355,8 @@ fn clsact_path_steers_a_pinned_flow_and_leaves_no_filter() -> Result<()> {
         cluster_ips: vec![vip.ip()],
         ports: vec![http],
     };
-    let proxy = KubeProxy::start(
-        cluster.node_a(),
-        Backend::Iptables,
-        &service,
-        &[NODE_A_V4.into()],
-    )?;
-    proxy.sync(&[
-        cluster.pod("a1").ipv4().into(),
-        cluster.pod("a2").ipv4().into(),
-    ])?;
+    let proxy = KubeProxy::start(cluster.node_a(), Backend::Iptables, &service, &[NODE_A_V4.into()])?;
+    proxy.sync(&[cluster.pod("a1").ipv4().into(), cluster.pod("a2").ipv4().into()])?;
 
     let mut agent = Agent::start(cluster.node_a(), &["--attach", "clsact"])?;
     let cli = agent.cli();
@@ -405,34 +364,21 @@ fn clsact_path_steers_a_pinned_flow_and_leaves_no_filter() -> Result<()> {
     cli.ok(&["pod", "add", "a1", "--ip", &a1])?;
     let conv = Conversation::landing_on(cluster.client(), vip, None, "a1")?;
     conv.expect_steady(3)?;
-    cli.ok(&[
-        "pod",
-        "terminate",
-        "a1",
-        "--deadline",
-        "300",
-        "--quiet-period",
-        "1",
-    ])?;
-    wait_until(
-        "the stream pinned",
-        TIMEOUT,
-        || cli.status(),
-        |s| s["steering"]["pinned_flows"].as_u64() >= Some(1),
-    )?;
+    cli.ok(&["pod", "terminate", "a1", "--deadline", "300", "--quiet-period", "1"])?;
+    wait_until("the stream pinned", TIMEOUT, || cli.status(), |s| {
+        s["steering"]["pinned_flows"].as_u64() >= Some(1)
+    })?;
     proxy.sync(&[cluster.pod("a2").ipv4().into()])?;
     proxy.delete_conntrack_of(cluster.pod("a1").ipv4().into())?;
-    conv.expect_steady(10).context(
-        "the pinned stream keeps its pod after its endpoint and conntrack entry are gone",
-    )?;
-    let steered = cli.status()?["steering"]["steered_packets"]
-        .as_u64()
-        .unwrap_or(0);
+    conv.expect_steady(10)
+        .context("the pinned stream keeps its pod after its endpoint and conntrack entry are gone")?;
+    let steered = cli.status()?["steering"]["steered_packets"].as_u64().unwrap_or(0);
     ensure!(steered > 0, "the clsact programs steered the stream");
 
     agent.stop()?;
     no_filters_left(cluster.node_a())
 }
+
 
 /// clsact filters cannot be pinned, but need not be: after a kill -9 they
 /// run on with the pinned maps (a connection opened meanwhile is tracked),
@@ -457,10 +403,7 @@ fn clsact_filters_are_adopted_in_place_across_a_restart() -> Result<()> {
 
     agent.kill9()?;
     let meanwhile = our_filters(topo.node(), web.node_if())?;
-    ensure!(
-        meanwhile == before,
-        "the filters outlive the agent: {meanwhile:?}"
-    );
+    ensure!(meanwhile == before, "the filters outlive the agent: {meanwhile:?}");
     let second = TcpConn::connect(topo.client(), server.addr())?;
 
     agent.restart(topo.node(), &args)?;
@@ -470,19 +413,13 @@ fn clsact_filters_are_adopted_in_place_across_a_restart() -> Result<()> {
         |p| p.active_flows == 2,
     )?;
     let after = our_filters(topo.node(), web.node_if())?;
-    ensure!(
-        after.len() == 2,
-        "still one filter of ours each way: {after:?}"
-    );
+    ensure!(after.len() == 2, "still one filter of ours each way: {after:?}");
     for (old, new) in before.iter().zip(&after) {
         ensure!(
             (&old.0, &old.1, &old.2) == (&new.0, &new.1, &new.2),
             "the same filter (direction, pref, handle): {before:?} then {after:?}"
         );
-        ensure!(
-            old.3 != new.3,
-            "with the new agent's program in it: {before:?} then {after:?}"
-        );
+        ensure!(old.3 != new.3, "with the new agent's program in it: {before:?} then {after:?}");
     }
     ensure!(
         agent.log().contains("took over"),
@@ -499,10 +436,7 @@ fn clsact_filters_are_adopted_in_place_across_a_restart() -> Result<()> {
     agent.restart(topo.node(), &[&args[..], &["--detach-on-exit"]].concat())?;
     agent.stop()?;
     let left = our_filters(topo.node(), web.node_if())?;
-    ensure!(
-        left.is_empty(),
-        "--detach-on-exit removes the filters: {left:?}"
-    );
+    ensure!(left.is_empty(), "--detach-on-exit removes the filters: {left:?}");
     Ok(())
 }
 
@@ -573,10 +507,7 @@ fn auto_attach_follows_the_probed_tcx_support() -> Result<()> {
 #[test]
 fn programs_have_no_core_relocations_so_kernel_btf_is_optional() -> Result<()> {
     let obj = conndrain::EBPF_OBJECT;
-    ensure!(
-        !obj.is_empty(),
-        "built with its eBPF object (cargo xtask build)"
-    );
+    ensure!(!obj.is_empty(), "built with its eBPF object (cargo xtask build)");
     let ext = elf_section(obj, ".BTF.ext")?.context("the object has .BTF.ext")?;
     // btf_ext_header: magic, version, flags, hdr_len, then offsets and
     // lengths of func_info, line_info and (when hdr_len >= 32) core_relo.
@@ -603,12 +534,8 @@ fn elf_section<'a>(elf: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
         v[..len].copy_from_slice(b);
         Ok(usize::try_from(u64::from_le_bytes(v))?)
     };
-    let (shoff, shentsize, shnum, shstrndx) = (
-        field(0x28, 8)?,
-        field(0x3a, 2)?,
-        field(0x3c, 2)?,
-        field(0x3e, 2)?,
-    );
+    let (shoff, shentsize, shnum, shstrndx) =
+        (field(0x28, 8)?, field(0x3a, 2)?, field(0x3c, 2)?, field(0x3e, 2)?);
     // Section header: name offset at 0, file offset at 0x18, size at 0x20.
     let header = |i: usize| -> Result<(usize, usize, usize)> {
         let at = shoff + i * shentsize;
@@ -620,10 +547,7 @@ fn elf_section<'a>(elf: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
         let start = names_at + name_off;
         let end = elf[start..].iter().position(|&b| b == 0).map(|n| start + n);
         if end.is_some_and(|end| &elf[start..end] == name.as_bytes()) {
-            return Ok(Some(
-                elf.get(off..off + size)
-                    .context("section beyond the file")?,
-            ));
+            return Ok(Some(elf.get(off..off + size).context("section beyond the file")?));
         }
     }
     Ok(None)

@@ -48,10 +48,7 @@ fn pod(ns: &str, name: &str, node: &str) -> Pod {
             labels: Some([("app".to_string(), name.to_string())].into()),
             ..ObjectMeta::default()
         },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            ..PodSpec::default()
-        }),
+        spec: Some(PodSpec { node_name: Some(node.into()), ..PodSpec::default() }),
         status: Some(PodStatus {
             phase: Some("Running".into()),
             pod_ip: Some("10.0.0.1".into()),
@@ -75,18 +72,12 @@ fn conditions(p: &Pod) -> Vec<(String, String)> {
     p.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .map(|c| {
-            c.iter()
-                .map(|c| (c.type_.clone(), c.status.clone()))
-                .collect()
-        })
+        .map(|c| c.iter().map(|c| (c.type_.clone(), c.status.clone())).collect())
         .unwrap_or_default()
 }
 
 async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    tokio::time::timeout(WAIT, f).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// Polls `f` until it returns `Some`, for at most [`WAIT`].
@@ -109,10 +100,7 @@ where
 {
     bounded(what, async {
         loop {
-            let item = s
-                .next()
-                .await
-                .unwrap_or_else(|| panic!("stream ended waiting for {what}"));
+            let item = s.next().await.unwrap_or_else(|| panic!("stream ended waiting for {what}"));
             if let Some(x) = f(&item) {
                 return x;
             }
@@ -125,10 +113,7 @@ type Events = futures::stream::BoxStream<'static, watcher::Result<watcher::Event
 
 /// A reflector driven by its own task (so its watch stays open while the
 /// test does other things), and the watcher events it saw.
-fn spawn_reflector(
-    api: Api<Pod>,
-    cfg: watcher::Config,
-) -> (reflector::Store<Pod>, Events, tokio::task::JoinHandle<()>) {
+fn spawn_reflector(api: Api<Pod>, cfg: watcher::Config) -> (reflector::Store<Pod>, Events, tokio::task::JoinHandle<()>) {
     let (reader, writer) = reflector::store();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stream = reflector(writer, watcher(api, cfg)).default_backoff();
@@ -156,15 +141,12 @@ async fn kubeconfig_file_works_with_the_kube_client() {
     server.write_kubeconfig(&path, "127.0.0.1").unwrap();
 
     let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .unwrap();
-    assert_eq!(config.default_namespace, "default");
-    let client = Client::try_from(config).unwrap();
-    let version = bounded("GET /version", client.apiserver_version())
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
         .unwrap();
+    assert_eq!(config.default_namespace, "default");
+    let client = Client::try_from(config).unwrap();
+    let version = bounded("GET /version", client.apiserver_version()).await.unwrap();
     assert_eq!(version.major, "1");
 
     server.create_pod(pod("default", "web", "node-a"));
@@ -172,10 +154,7 @@ async fn kubeconfig_file_works_with_the_kube_client() {
     let got = bounded("GET pod", pods.get("web")).await.unwrap();
     assert_eq!(got.spec.unwrap().node_name.as_deref(), Some("node-a"));
     let requests = server.requests();
-    let get = requests
-        .iter()
-        .find(|r| r.path == "/api/v1/namespaces/default/pods/web")
-        .unwrap();
+    let get = requests.iter().find(|r| r.path == "/api/v1/namespaces/default/pods/web").unwrap();
     assert_eq!((get.verb.as_str(), get.status), ("get", 200));
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -183,57 +162,28 @@ async fn kubeconfig_file_works_with_the_kube_client() {
 #[tokio::test]
 async fn list_pods_with_a_field_selector() {
     let server = server();
-    for (ns, name, node) in [
-        ("default", "a1", "node-a"),
-        ("other", "a2", "node-a"),
-        ("default", "b1", "node-b"),
-    ] {
+    for (ns, name, node) in [("default", "a1", "node-a"), ("other", "a2", "node-a"), ("default", "b1", "node-b")] {
         server.create_pod(pod(ns, name, node));
     }
     let client = server.client().await;
     let all: Api<Pod> = Api::all(client.clone());
 
-    let list = bounded(
-        "list",
-        all.list(&ListParams::default().fields("spec.nodeName=node-a")),
-    )
-    .await
-    .unwrap();
+    let list = bounded("list", all.list(&ListParams::default().fields("spec.nodeName=node-a"))).await.unwrap();
     assert_eq!(names(&list.items), ["a1", "a2"]);
     let rv: u64 = list.metadata.resource_version.unwrap().parse().unwrap();
     assert_eq!(rv, server.resource_version());
     let first = &list.items[0];
     assert!(first.metadata.uid.is_some() && first.metadata.creation_timestamp.is_some());
 
-    let list = bounded(
-        "list",
-        all.list(&ListParams::default().fields("metadata.name=b1")),
-    )
-    .await
-    .unwrap();
+    let list = bounded("list", all.list(&ListParams::default().fields("metadata.name=b1"))).await.unwrap();
     assert_eq!(names(&list.items), ["b1"]);
-    let list = bounded(
-        "list",
-        all.list(&ListParams::default().labels("app in (a2, b1)")),
-    )
-    .await
-    .unwrap();
+    let list = bounded("list", all.list(&ListParams::default().labels("app in (a2, b1)"))).await.unwrap();
     assert_eq!(names(&list.items), ["a2", "b1"]);
 
     let default: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let list = bounded(
-        "list",
-        default.list(&ListParams::default().fields("spec.nodeName=node-a")),
-    )
-    .await
-    .unwrap();
+    let list = bounded("list", default.list(&ListParams::default().fields("spec.nodeName=node-a"))).await.unwrap();
     assert_eq!(names(&list.items), ["a1"]);
-    let meta = bounded(
-        "list metadata",
-        default.list_metadata(&ListParams::default()),
-    )
-    .await
-    .unwrap();
+    let meta = bounded("list metadata", default.list_metadata(&ListParams::default())).await.unwrap();
     assert_eq!(meta.items.len(), 2);
 
     let err = bounded("get", default.get("missing")).await.unwrap_err();
@@ -247,23 +197,16 @@ async fn watcher_and_reflector_see_create_modify_delete() {
     let client = server.client().await;
     let api: Api<Pod> = Api::all(client);
     let (reader, writer) = reflector::store();
-    let cfg = watcher::Config::default()
-        .fields("spec.nodeName=node-a")
-        .timeout(5);
+    let cfg = watcher::Config::default().fields("spec.nodeName=node-a").timeout(5);
     let stream = reflector(writer, watcher(api, cfg)).default_backoff();
     let task = tokio::spawn(stream.for_each(|_| async {}));
 
-    bounded("store ready", reader.wait_until_ready())
-        .await
-        .unwrap();
+    bounded("store ready", reader.wait_until_ready()).await.unwrap();
     assert_eq!(names(reader.state()), ["before"]);
 
     server.create_pod(pod("default", "web", "node-a"));
     server.create_pod(pod("default", "elsewhere", "node-b"));
-    until("web in the store", || {
-        (names(reader.state()) == ["before", "web"]).then_some(())
-    })
-    .await;
+    until("web in the store", || (names(reader.state()) == ["before", "web"]).then_some(())).await;
 
     server.update_pod("default", "web", |p| {
         p.labels_mut().insert("version".into(), "2".into());
@@ -275,16 +218,9 @@ async fn watcher_and_reflector_see_create_modify_delete() {
     .await;
 
     // Moving off the node is a DELETED for this watcher, moving on an ADDED.
-    server.update_pod("default", "before", |p| {
-        p.spec.as_mut().unwrap().node_name = Some("node-b".into())
-    });
-    server.update_pod("default", "elsewhere", |p| {
-        p.spec.as_mut().unwrap().node_name = Some("node-a".into())
-    });
-    until("the move", || {
-        (names(reader.state()) == ["elsewhere", "web"]).then_some(())
-    })
-    .await;
+    server.update_pod("default", "before", |p| p.spec.as_mut().unwrap().node_name = Some("node-b".into()));
+    server.update_pod("default", "elsewhere", |p| p.spec.as_mut().unwrap().node_name = Some("node-a".into()));
+    until("the move", || (names(reader.state()) == ["elsewhere", "web"]).then_some(())).await;
 
     let marked = server.mark_pod_deleted("default", "web", 30);
     assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(30));
@@ -294,21 +230,12 @@ async fn watcher_and_reflector_see_create_modify_delete() {
     })
     .await;
     server.delete_pod("default", "web").unwrap();
-    until("web gone", || {
-        (names(reader.state()) == ["elsewhere"]).then_some(())
-    })
-    .await;
+    until("web gone", || (names(reader.state()) == ["elsewhere"]).then_some(())).await;
 
     let requests = server.requests();
-    let watch = requests
-        .iter()
-        .find(|r| r.is_watch())
-        .expect("a watch request");
+    let watch = requests.iter().find(|r| r.is_watch()).expect("a watch request");
     assert_eq!(watch.param("allowWatchBookmarks").as_deref(), Some("true"));
-    assert_eq!(
-        watch.param("fieldSelector").as_deref(),
-        Some("spec.nodeName=node-a")
-    );
+    assert_eq!(watch.param("fieldSelector").as_deref(), Some("spec.nodeName=node-a"));
     assert!(watch.param("resourceVersion").is_some());
     task.abort();
 }
@@ -320,30 +247,18 @@ async fn patch_status_merges_conditions_by_type() {
     let client = server.client().await;
     let api: Api<Pod> = Api::namespaced(client, "default");
     let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
-    next_where("InitDone", &mut events, |e| {
-        matches!(e, Ok(watcher::Event::InitDone)).then_some(())
-    })
-    .await;
+    next_where("InitDone", &mut events, |e| matches!(e, Ok(watcher::Event::InitDone)).then_some(())).await;
 
     let patch = json!({"status": {"conditions": [{
         "type": "conndrain.io/Drained", "status": "True", "reason": "NoActiveFlows",
         "lastTransitionTime": "2025-01-01T00:00:00Z",
     }]}});
-    let patched = bounded(
-        "patch_status",
-        api.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)),
-    )
-    .await
-    .unwrap();
-    let want = [
-        ("Ready".to_string(), "True".to_string()),
-        ("conndrain.io/Drained".into(), "True".into()),
-    ];
+    let patched = bounded("patch_status", api.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)))
+        .await
+        .unwrap();
+    let want = [("Ready".to_string(), "True".to_string()), ("conndrain.io/Drained".into(), "True".into())];
     assert_eq!(conditions(&patched), want);
-    assert_eq!(
-        patched.status.as_ref().unwrap().phase.as_deref(),
-        Some("Running")
-    );
+    assert_eq!(patched.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
 
     let seen = next_where("the MODIFIED pod", &mut events, |e| match e {
         Ok(watcher::Event::Apply(p)) => Some(p.clone()),
@@ -359,61 +274,36 @@ async fn patch_status_merges_conditions_by_type() {
         "spec": {"nodeName": "somewhere-else"},
         "status": {"conditions": [{"type": "conndrain.io/Drained", "status": "False"}]},
     });
-    let applied = bounded(
-        "apply status",
-        api.patch_status(
-            "web",
-            &PatchParams::apply("conndrain").force(),
-            &Patch::Apply(&apply),
-        ),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        conditions(&applied)[1],
-        ("conndrain.io/Drained".into(), "False".into())
-    );
+    let applied = bounded("apply status", api.patch_status("web", &PatchParams::apply("conndrain").force(), &Patch::Apply(&apply)))
+        .await
+        .unwrap();
+    assert_eq!(conditions(&applied)[1], ("conndrain.io/Drained".into(), "False".into()));
     assert_eq!(conditions(&applied)[0].0, "Ready");
     assert_eq!(applied.spec.unwrap().node_name.as_deref(), Some("node-a"));
 
     // A stale resourceVersion in the patch is a 409 Conflict.
     let stale = json!({"metadata": {"resourceVersion": "1"}, "status": {"phase": "Failed"}});
-    let err = bounded(
-        "stale patch",
-        api.patch_status("web", &PatchParams::default(), &Patch::Merge(&stale)),
-    )
-    .await
-    .unwrap_err();
+    let err = bounded("stale patch", api.patch_status("web", &PatchParams::default(), &Patch::Merge(&stale)))
+        .await
+        .unwrap_err();
     assert_eq!(api_code(&err), Some(409), "{err:?}");
 
     // A patch that changes nothing keeps the resourceVersion.
-    bounded(
-        "patch_status",
-        api.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)),
-    )
-    .await
-    .unwrap();
+    bounded("patch_status", api.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)))
+        .await
+        .unwrap();
     let rv = server.resource_version();
-    bounded(
-        "no-op patch",
-        api.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)),
-    )
-    .await
-    .unwrap();
+    bounded("no-op patch", api.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)))
+        .await
+        .unwrap();
     assert_eq!(server.resource_version(), rv);
 
     let stored = server.pod("default", "web").unwrap();
     assert_eq!(conditions(&stored), want);
     let requests = server.requests();
-    let status_patch = requests
-        .iter()
-        .find(|r| r.path.ends_with("/pods/web/status"))
-        .unwrap();
+    let status_patch = requests.iter().find(|r| r.path.ends_with("/pods/web/status")).unwrap();
     assert_eq!(status_patch.method, "PATCH");
-    assert_eq!(
-        status_patch.content_type.as_deref(),
-        Some("application/strategic-merge-patch+json")
-    );
+    assert_eq!(status_patch.content_type.as_deref(), Some("application/strategic-merge-patch+json"));
 }
 
 #[tokio::test]
@@ -429,9 +319,7 @@ async fn recorder_events_are_stored() {
         action: "Drain".into(),
         secondary: None,
     };
-    bounded("publish", recorder.publish(&event, &pod.object_ref(&())))
-        .await
-        .unwrap();
+    bounded("publish", recorder.publish(&event, &pod.object_ref(&()))).await.unwrap();
     let events = server.events();
     assert_eq!(events.len(), 1);
     let e = &events[0];
@@ -442,40 +330,26 @@ async fn recorder_events_are_stored() {
     assert!(e.series.is_none());
 
     // The same event again is a merge PATCH that adds a series.
-    bounded(
-        "publish again",
-        recorder.publish(&event, &pod.object_ref(&())),
-    )
-    .await
-    .unwrap();
+    bounded("publish again", recorder.publish(&event, &pod.object_ref(&()))).await.unwrap();
     let events = server.events();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].series.as_ref().map(|s| s.count), Some(2));
 
-    let listed = bounded(
-        "list events",
-        Api::<K8sEvent>::namespaced(client, "default").list(&ListParams::default()),
-    )
-    .await
-    .unwrap();
+    let listed = bounded("list events", Api::<K8sEvent>::namespaced(client, "default").list(&ListParams::default()))
+        .await
+        .unwrap();
     assert_eq!(listed.items.len(), 1);
 
     let writes: Vec<(String, String, u16)> = server
         .requests()
         .into_iter()
-        .filter(|r| {
-            r.path
-                .starts_with("/apis/events.k8s.io/v1/namespaces/default/events")
-        })
+        .filter(|r| r.path.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"))
         .map(|r| (r.method, r.verb, r.status))
         .collect();
-    assert_eq!(
-        writes[..2],
-        [
-            ("POST".to_string(), "create".to_string(), 201),
-            ("PATCH".to_string(), "patch".to_string(), 200)
-        ]
-    );
+    assert_eq!(writes[..2], [
+        ("POST".to_string(), "create".to_string(), 201),
+        ("PATCH".to_string(), "patch".to_string(), 200)
+    ]);
 }
 
 #[tokio::test]
@@ -485,10 +359,7 @@ async fn after_compaction_the_watcher_relists_and_loses_nothing() {
     server.create_pod(pod("default", "b", "node-a"));
     let client = server.client().await;
     let (reader, mut events, task) = spawn_reflector(Api::all(client), watcher::Config::default());
-    next_where("InitDone", &mut events, |e| {
-        matches!(e, Ok(watcher::Event::InitDone)).then_some(())
-    })
-    .await;
+    next_where("InitDone", &mut events, |e| matches!(e, Ok(watcher::Event::InitDone)).then_some(())).await;
     until("the watch", || (server.open_watches() > 0).then_some(())).await;
 
     // The compaction ends the open watch; these changes land after it.
@@ -505,30 +376,13 @@ async fn after_compaction_the_watcher_relists_and_loses_nothing() {
     })
     .await;
     assert_eq!(code, 410);
-    next_where("the relist", &mut events, |e| {
-        matches!(e, Ok(watcher::Event::Init)).then_some(())
-    })
-    .await;
-    next_where("InitDone", &mut events, |e| {
-        matches!(e, Ok(watcher::Event::InitDone)).then_some(())
-    })
-    .await;
+    next_where("the relist", &mut events, |e| matches!(e, Ok(watcher::Event::Init)).then_some(())).await;
+    next_where("InitDone", &mut events, |e| matches!(e, Ok(watcher::Event::InitDone)).then_some(())).await;
 
     assert_eq!(names(reader.state()), ["b", "c"]);
-    let b = reader
-        .state()
-        .into_iter()
-        .find(|p| p.name_any() == "b")
-        .unwrap();
+    let b = reader.state().into_iter().find(|p| p.name_any() == "b").unwrap();
     assert_eq!(b.labels().get("changed").map(String::as_str), Some("yes"));
-    assert_eq!(
-        server
-            .requests()
-            .iter()
-            .filter(|r| r.verb == "list")
-            .count(),
-        2
-    );
+    assert_eq!(server.requests().iter().filter(|r| r.verb == "list").count(), 2);
 
     // And it keeps watching from the new list.
     server.delete_pod("default", "b");
@@ -548,23 +402,11 @@ async fn a_watch_from_a_compacted_version_gets_410() {
     server.compact();
     let client = server.client().await;
     let api: Api<Pod> = Api::all(client);
-    let mut stream = bounded("watch", api.watch(&kube::api::WatchParams::default(), &old))
-        .await
-        .unwrap()
-        .boxed();
-    let first = bounded("the ERROR event", stream.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let kube::api::WatchEvent::Error(status) = first else {
-        panic!("not an ERROR event")
-    };
+    let mut stream = bounded("watch", api.watch(&kube::api::WatchParams::default(), &old)).await.unwrap().boxed();
+    let first = bounded("the ERROR event", stream.next()).await.unwrap().unwrap();
+    let kube::api::WatchEvent::Error(status) = first else { panic!("not an ERROR event") };
     assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
-    assert!(
-        bounded("the end of the stream", stream.next())
-            .await
-            .is_none()
-    );
+    assert!(bounded("the end of the stream", stream.next()).await.is_none());
 }
 
 #[tokio::test]
@@ -575,39 +417,30 @@ async fn a_raw_watch_streams_events_and_bookmarks_then_times_out() {
     let from = server.resource_version().to_string();
     let client = server.client().await;
     let api: Api<Pod> = Api::namespaced(client, "default");
-    let wp = WatchParams::default()
-        .fields("spec.nodeName=node-a")
-        .timeout(3);
-    let mut stream = bounded("watch", api.watch(&wp, &from))
-        .await
-        .unwrap()
-        .boxed();
+    let wp = WatchParams::default().fields("spec.nodeName=node-a").timeout(3);
+    let mut stream = bounded("watch", api.watch(&wp, &from)).await.unwrap().boxed();
 
     server.create_pod(pod("default", "b", "node-a"));
     server.create_pod(pod("default", "elsewhere", "node-b"));
-    server.update_pod("default", "a", |p| {
-        p.spec.as_mut().unwrap().node_name = Some("node-b".into())
-    });
+    server.update_pod("default", "a", |p| p.spec.as_mut().unwrap().node_name = Some("node-b".into()));
     server.create_pod(pod("other", "c", "node-a"));
     let last = server.resource_version().to_string();
     let mut seen = Vec::new();
-    next_where("a bookmark at the last version", &mut stream, |e| {
-        match e.as_ref().unwrap() {
-            WatchEvent::Added(p) => {
-                seen.push(format!("ADDED {}", p.name_any()));
-                None
-            }
-            WatchEvent::Modified(p) => {
-                seen.push(format!("MODIFIED {}", p.name_any()));
-                None
-            }
-            WatchEvent::Deleted(p) => {
-                seen.push(format!("DELETED {}", p.name_any()));
-                None
-            }
-            WatchEvent::Bookmark(b) => (b.metadata.resource_version == last).then_some(()),
-            WatchEvent::Error(e) => panic!("{e:?}"),
+    next_where("a bookmark at the last version", &mut stream, |e| match e.as_ref().unwrap() {
+        WatchEvent::Added(p) => {
+            seen.push(format!("ADDED {}", p.name_any()));
+            None
         }
+        WatchEvent::Modified(p) => {
+            seen.push(format!("MODIFIED {}", p.name_any()));
+            None
+        }
+        WatchEvent::Deleted(p) => {
+            seen.push(format!("DELETED {}", p.name_any()));
+            None
+        }
+        WatchEvent::Bookmark(b) => (b.metadata.resource_version == last).then_some(()),
+        WatchEvent::Error(e) => panic!("{e:?}"),
     })
     .await;
     // Namespaced: c is not seen; a stopped matching the selector: DELETED.
@@ -627,26 +460,17 @@ async fn calls_during_a_503_outage_block_and_the_watcher_recovers() {
     let client = server.client().await;
     let api: Api<Pod> = Api::all(client.clone());
     let (reader, _events, task) = spawn_reflector(api.clone(), watcher::Config::default());
-    bounded("store ready", reader.wait_until_ready())
-        .await
-        .unwrap();
+    bounded("store ready", reader.wait_until_ready()).await.unwrap();
     until("the watch", || (server.open_watches() > 0).then_some(())).await;
 
     server.set_down(true);
     assert!(server.is_down());
-    until("the watch to be cut", || {
-        (server.open_watches() == 0).then_some(())
-    })
-    .await;
+    until("the watch to be cut", || (server.open_watches() == 0).then_some(())).await;
     server.clear_requests();
     // kube retries a 503 itself: the call blocks while the server is down.
     let list = tokio::spawn(async move { api.list(&ListParams::default()).await });
     until("a retried LIST", || {
-        let failed = server
-            .requests()
-            .iter()
-            .filter(|r| r.status == 503 && !r.query.contains("watch=true"))
-            .count();
+        let failed = server.requests().iter().filter(|r| r.status == 503 && !r.query.contains("watch=true")).count();
         (failed >= 2).then_some(())
     })
     .await;
@@ -655,26 +479,16 @@ async fn calls_during_a_503_outage_block_and_the_watcher_recovers() {
     server.delete_pod("default", "a");
     server.create_pod(pod("default", "b", "node-a"));
     until("a failed re-watch", || {
-        server
-            .requests()
-            .iter()
-            .any(|r| r.status == 503 && r.query.contains("watch=true"))
-            .then_some(())
+        server.requests().iter().any(|r| r.status == 503 && r.query.contains("watch=true")).then_some(())
     })
     .await;
     server.set_down(false);
 
     let listed = bounded("the blocked LIST", list).await.unwrap().unwrap();
     assert_eq!(names(&listed.items), ["b"]);
-    until("the watcher to catch up", || {
-        (names(reader.state()) == ["b"]).then_some(())
-    })
-    .await;
+    until("the watcher to catch up", || (names(reader.state()) == ["b"]).then_some(())).await;
     server.create_pod(pod("default", "c", "node-a"));
-    until("new changes after recovery", || {
-        (names(reader.state()) == ["b", "c"]).then_some(())
-    })
-    .await;
+    until("new changes after recovery", || (names(reader.state()) == ["b", "c"]).then_some(())).await;
     task.abort();
 }
 
@@ -685,39 +499,23 @@ async fn calls_fail_while_unreachable_and_the_watcher_recovers() {
     let client = server.client().await;
     let api: Api<Pod> = Api::all(client.clone());
     let (reader, mut events, task) = spawn_reflector(api.clone(), watcher::Config::default());
-    next_where("InitDone", &mut events, |e| {
-        matches!(e, Ok(watcher::Event::InitDone)).then_some(())
-    })
-    .await;
+    next_where("InitDone", &mut events, |e| matches!(e, Ok(watcher::Event::InitDone)).then_some(())).await;
     until("the watch", || (server.open_watches() > 0).then_some(())).await;
 
     server.set_outage(Some(Outage::Reset));
-    let err = bounded("list while unreachable", api.list(&ListParams::default()))
-        .await
-        .unwrap_err();
+    let err = bounded("list while unreachable", api.list(&ListParams::default())).await.unwrap_err();
     assert!(api_code(&err).is_none(), "{err:?}");
-    let err = bounded("get while unreachable", api.get("a"))
-        .await
-        .unwrap_err();
+    let err = bounded("get while unreachable", api.get("a")).await.unwrap_err();
     assert!(api_code(&err).is_none(), "{err:?}");
 
     server.delete_pod("default", "a");
     server.create_pod(pod("default", "b", "node-a"));
-    next_where("the watcher's error", &mut events, |e| {
-        e.is_err().then_some(())
-    })
-    .await;
+    next_where("the watcher's error", &mut events, |e| e.is_err().then_some(())).await;
     server.set_outage(None);
 
-    until("the watcher to catch up", || {
-        (names(reader.state()) == ["b"]).then_some(())
-    })
-    .await;
+    until("the watcher to catch up", || (names(reader.state()) == ["b"]).then_some(())).await;
     server.create_pod(pod("default", "c", "node-a"));
-    until("new changes after recovery", || {
-        (names(reader.state()) == ["b", "c"]).then_some(())
-    })
-    .await;
+    until("new changes after recovery", || (names(reader.state()) == ["b", "c"]).then_some(())).await;
     task.abort();
 }
 
@@ -729,62 +527,34 @@ async fn rbac_denials_are_403() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     server.set_rbac(agent_rbac());
 
-    bounded("list", pods.list(&ListParams::default()))
+    bounded("list", pods.list(&ListParams::default())).await.unwrap();
+    let patch = json!({"status": {"conditions": [{"type": "conndrain.io/Drained", "status": "True"}]}});
+    bounded("patch_status", pods.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)))
         .await
         .unwrap();
-    let patch =
-        json!({"status": {"conditions": [{"type": "conndrain.io/Drained", "status": "True"}]}});
-    bounded(
-        "patch_status",
-        pods.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)),
-    )
-    .await
-    .unwrap();
 
     // Not in the ClusterRole: deleting pods, patching the pod itself, getting services.
-    let err = bounded("delete", pods.delete("web", &DeleteParams::default()))
-        .await
-        .unwrap_err();
-    let kube::Error::Api(status) = &err else {
-        panic!("not an API error: {err:?}")
-    };
+    let err = bounded("delete", pods.delete("web", &DeleteParams::default())).await.unwrap_err();
+    let kube::Error::Api(status) = &err else { panic!("not an API error: {err:?}") };
     assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
-    assert!(
-        status.message.contains("cannot delete resource \"pods\""),
-        "{}",
-        status.message
-    );
-    let err = bounded(
-        "patch",
-        pods.patch("web", &PatchParams::default(), &Patch::Merge(&patch)),
-    )
-    .await
-    .unwrap_err();
+    assert!(status.message.contains("cannot delete resource \"pods\""), "{}", status.message);
+    let err = bounded("patch", pods.patch("web", &PatchParams::default(), &Patch::Merge(&patch))).await.unwrap_err();
     assert_eq!(api_code(&err), Some(403));
-    let services: Api<k8s_openapi::api::core::v1::Service> =
-        Api::namespaced(client.clone(), "default");
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), "default");
     let err = bounded("get service", services.get("x")).await.unwrap_err();
     assert_eq!(api_code(&err), Some(403));
 
     // Rules in the shape of the agent's API_CALLS.
-    server.set_rbac(fakeapi::rules_from(&[
-        ("", "pods", &["list", "watch"]),
-        ("", "pods/status", &["patch"]),
-    ]));
+    server.set_rbac(fakeapi::rules_from(&[("", "pods", &["list", "watch"]), ("", "pods/status", &["patch"])]));
     let err = bounded("get", pods.get("web")).await.unwrap_err();
     assert_eq!(api_code(&err), Some(403));
-    bounded("list", pods.list(&ListParams::default()))
-        .await
-        .unwrap();
+    bounded("list", pods.list(&ListParams::default())).await.unwrap();
 
     // A denial on top of the rules.
     server.deny("patch", "pods/status");
-    let err = bounded(
-        "patch_status",
-        pods.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)),
-    )
-    .await
-    .unwrap_err();
+    let err = bounded("patch_status", pods.patch_status("web", &PatchParams::default(), &Patch::Strategic(&patch)))
+        .await
+        .unwrap_err();
     assert_eq!(api_code(&err), Some(403));
 
     // A denied watch: the watcher reports the 403 and retries.
@@ -798,9 +568,7 @@ async fn rbac_denials_are_403() {
     assert_eq!(err, 403);
 
     server.allow_all();
-    bounded("delete", pods.delete("web", &DeleteParams::default()))
-        .await
-        .unwrap();
+    bounded("delete", pods.delete("web", &DeleteParams::default())).await.unwrap();
     // Bound to a node: a graceful delete, the pod stays with a deletionTimestamp.
     let p = server.pod("default", "web").unwrap();
     assert!(p.metadata.deletion_timestamp.is_some());
@@ -812,31 +580,17 @@ async fn create_conflicts_and_unknown_paths() {
     let server = server();
     let client = server.client().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let created = bounded(
-        "create",
-        pods.create(&PostParams::default(), &pod("default", "web", "")),
-    )
-    .await
-    .unwrap();
+    let created = bounded("create", pods.create(&PostParams::default(), &pod("default", "web", ""))).await.unwrap();
     assert!(created.metadata.uid.is_some());
-    let err = bounded(
-        "create again",
-        pods.create(&PostParams::default(), &pod("default", "web", "")),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(api_code(&err), Some(409));
-    // Not bound to a node: deleted at once.
-    bounded("delete", pods.delete("web", &DeleteParams::default()))
-        .await
-        .unwrap();
-    assert!(server.pod("default", "web").is_none());
-
-    let req = hyper::Request::get("/apis/example.com/v1/widgets")
-        .body(Vec::new())
-        .unwrap();
-    let err = bounded("unknown path", client.request::<serde_json::Value>(req))
+    let err = bounded("create again", pods.create(&PostParams::default(), &pod("default", "web", "")))
         .await
         .unwrap_err();
+    assert_eq!(api_code(&err), Some(409));
+    // Not bound to a node: deleted at once.
+    bounded("delete", pods.delete("web", &DeleteParams::default())).await.unwrap();
+    assert!(server.pod("default", "web").is_none());
+
+    let req = hyper::Request::get("/apis/example.com/v1/widgets").body(Vec::new()).unwrap();
+    let err = bounded("unknown path", client.request::<serde_json::Value>(req)).await.unwrap_err();
     assert_eq!(api_code(&err), Some(404));
 }

@@ -55,11 +55,7 @@ fn cluster(topo: &Topology, extra: &[&str]) -> Result<Cluster> {
     args.extend_from_slice(extra);
     let agent = Agent::start_with(topo.node(), &args)?;
     let cli = agent.cli();
-    Ok(Cluster {
-        k8s: agent_api,
-        _agent: agent,
-        cli,
-    })
+    Ok(Cluster { k8s: agent_api, _agent: agent, cli })
 }
 
 fn pod_object(name: &str, node: &str, ips: &[String], host_network: bool) -> Result<Pod> {
@@ -82,16 +78,8 @@ fn pod_object(name: &str, node: &str, ips: &[String], host_network: bool) -> Res
 /// kubelet would, before the pod is ready and gets traffic).
 fn add_pod(c: &Cluster, topo: &Topology, name: &str) -> Result<()> {
     let p = topo.pod(name);
-    c.api().create_pod(pod_object(
-        name,
-        NODE,
-        &[p.ipv4().to_string(), p.ipv6().to_string()],
-        false,
-    )?);
-    c.cli
-        .wait_pod(&format!("{NS}/{name}"), "the pod to be tracked", |p| {
-            p.state == "serving"
-        })?;
+    c.api().create_pod(pod_object(name, NODE, &[p.ipv4().to_string(), p.ipv6().to_string()], false)?);
+    c.cli.wait_pod(&format!("{NS}/{name}"), "the pod to be tracked", |p| p.state == "serving")?;
     Ok(())
 }
 
@@ -100,28 +88,16 @@ fn condition(api: &FakeApiServer, name: &str) -> Option<(String, String, String)
     let pod = api.pod(NS, name)?;
     let conds = pod.status?.conditions?;
     conds.into_iter().find(|c| c.type_ == CONDITION).map(|c| {
-        (
-            c.status,
-            c.reason.unwrap_or_default(),
-            c.message.unwrap_or_default(),
-        )
+        (c.status, c.reason.unwrap_or_default(), c.message.unwrap_or_default())
     })
 }
 
-fn wait_condition(
-    api: &FakeApiServer,
-    name: &str,
-    status: &str,
-    reason: &str,
-) -> Result<(String, String, String)> {
+fn wait_condition(api: &FakeApiServer, name: &str, status: &str, reason: &str) -> Result<(String, String, String)> {
     wait_until(
         &format!("condition {CONDITION}={status} ({reason}) on {name}"),
         TIMEOUT,
         || Ok(condition(api, name)),
-        |c| {
-            c.as_ref()
-                .is_some_and(|(s, r, _)| s == status && r == reason)
-        },
+        |c| c.as_ref().is_some_and(|(s, r, _)| s == status && r == reason),
     )
     .map(|c| c.unwrap_or_default())
 }
@@ -135,22 +111,14 @@ fn event_reasons(api: &FakeApiServer, name: &str) -> Vec<String> {
 }
 
 fn no_forbidden_calls(api: &FakeApiServer) -> Result<()> {
-    let denied: Vec<_> = api
-        .requests()
-        .into_iter()
-        .filter(|r| r.status == 403)
-        .collect();
-    ensure!(
-        denied.is_empty(),
-        "the agent only makes calls its RBAC allows: {denied:#?}"
-    );
+    let denied: Vec<_> = api.requests().into_iter().filter(|r| r.status == 403).collect();
+    ensure!(denied.is_empty(), "the agent only makes calls its RBAC allows: {denied:#?}");
     Ok(())
 }
 
 fn pre_stop(ns: &Netns) -> Result<Running> {
     let mut cmd = ns.command(&conndrain_bin().to_string_lossy());
-    cmd.args(["wait", "--fallback-sleep", "0"])
-        .env("HOST_IP", NODE_V4.to_string());
+    cmd.args(["wait", "--fallback-sleep", "0"]).env("HOST_IP", NODE_V4.to_string());
     Running::spawn(cmd)
 }
 
@@ -161,74 +129,40 @@ fn web_name() -> String {
 #[test]
 fn deleted_pod_drains_reports_and_is_released_through_pre_stop() -> Result<()> {
     require_root()?;
-    let topo = Topology::builder()
-        .pod("web")
-        .pod("other")
-        .pod("hostnet")
-        .build()?;
+    let topo = Topology::builder().pod("web").pod("other").pod("hostnet").build()?;
     let c = cluster(&topo, &[])?;
     add_pod(&c, &topo, "web")?;
     // A pod of another node and a hostNetwork pod of this node.
     let other = topo.pod("other");
-    c.api().create_pod(pod_object(
-        "other",
-        "node-b",
-        &[other.ipv4().to_string()],
-        false,
-    )?);
-    c.api()
-        .create_pod(pod_object("hostnet", NODE, &[NODE_V4.to_string()], true)?);
+    c.api().create_pod(pod_object("other", "node-b", &[other.ipv4().to_string()], false)?);
+    c.api().create_pod(pod_object("hostnet", NODE, &[NODE_V4.to_string()], true)?);
 
     let web = topo.pod("web");
     let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
     let conns = TcpConn::connect_many(topo.client(), server.addr(), 2)?;
-    let p = c
-        .cli
-        .wait_pod(&web_name(), "2 active flows", |p| p.active_flows == 2)?;
+    let p = c.cli.wait_pod(&web_name(), "2 active flows", |p| p.active_flows == 2)?;
     ensure!(p.state == "serving", "{p:?}");
 
     let pods = c.cli.pods()?;
-    ensure!(
-        !pods.iter().any(|p| p.name.ends_with("/other")),
-        "a pod of another node is ignored: {pods:?}"
-    );
-    let hostnet = pods
-        .iter()
-        .find(|p| p.name.ends_with("/hostnet"))
-        .context("the hostNetwork pod is listed")?;
-    ensure!(
-        hostnet.state == "skipped",
-        "the hostNetwork pod is skipped: {hostnet:?}"
-    );
+    ensure!(!pods.iter().any(|p| p.name.ends_with("/other")), "a pod of another node is ignored: {pods:?}");
+    let hostnet = pods.iter().find(|p| p.name.ends_with("/hostnet")).context("the hostNetwork pod is listed")?;
+    ensure!(hostnet.state == "skipped", "the hostNetwork pod is skipped: {hostnet:?}");
     let table = c.cli.ok(&["pods"])?;
-    ensure!(
-        table.contains("hostNetwork"),
-        "`conndrain pods` says why: {table}"
-    );
+    ensure!(table.contains("hostNetwork"), "`conndrain pods` says why: {table}");
 
     // kubectl delete pod web: the kubelet's kill time is 60 s from now.
     c.api().mark_pod_deleted(NS, "web", 60);
     let (_, _, msg) = wait_condition(&c.api(), "web", "False", "Draining")?;
-    ensure!(
-        msg.contains("2 active"),
-        "the message has the counts: {msg}"
-    );
-    wait_until(
-        "a DrainStarted event",
-        TIMEOUT,
-        || Ok(event_reasons(&c.api(), "web")),
-        |r| r.iter().any(|x| x == "DrainStarted"),
-    )?;
+    ensure!(msg.contains("2 active"), "the message has the counts: {msg}");
+    wait_until("a DrainStarted event", TIMEOUT, || Ok(event_reasons(&c.api(), "web")), |r| {
+        r.iter().any(|x| x == "DrainStarted")
+    })?;
     let mut hook = pre_stop(web.ns())?;
 
     let mut conns = conns.into_iter();
     conns.next().context("first connection")?.close()?;
-    c.cli
-        .wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
-    ensure!(
-        hook.is_running(),
-        "the preStop wait blocks while a connection is open"
-    );
+    c.cli.wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
+    ensure!(hook.is_running(), "the preStop wait blocks while a connection is open");
     ensure!(
         condition(&c.api(), "web").is_some_and(|(s, _, _)| s == "False"),
         "still Draining with a connection open"
@@ -236,26 +170,17 @@ fn deleted_pod_drains_reports_and_is_released_through_pre_stop() -> Result<()> {
     conns.next().context("second connection")?.close()?;
 
     let out = hook.wait_exit(TIMEOUT)?;
-    ensure!(
-        out.code == 0 && out.stdout.contains("drained"),
-        "preStop released the pod: {out:?}"
-    );
+    ensure!(out.code == 0 && out.stdout.contains("drained"), "preStop released the pod: {out:?}");
     let (_, _, msg) = wait_condition(&c.api(), "web", "True", "NoConnections")?;
     ensure!(msg.contains("0 active"), "{msg}");
-    let reasons = wait_until(
-        "a Drained event",
-        TIMEOUT,
-        || Ok(event_reasons(&c.api(), "web")),
-        |r| r.iter().any(|x| x == "Drained"),
-    )?;
+    let reasons = wait_until("a Drained event", TIMEOUT, || Ok(event_reasons(&c.api(), "web")), |r| {
+        r.iter().any(|x| x == "Drained")
+    })?;
     ensure!(reasons.iter().any(|r| r == "DrainStarted"), "{reasons:?}");
     // The Ready condition the kubelet wrote is still there.
     let pod = c.api().pod(NS, "web").context("web")?;
     let conds = pod.status.and_then(|s| s.conditions).unwrap_or_default();
-    ensure!(
-        conds.iter().any(|c| c.type_ == "Ready"),
-        "other conditions are kept: {conds:?}"
-    );
+    ensure!(conds.iter().any(|c| c.type_ == "Ready"), "other conditions are kept: {conds:?}");
     no_forbidden_calls(c.api())
 }
 
@@ -268,19 +193,12 @@ fn deadline_is_reported_when_connections_stay_open() -> Result<()> {
     let web = topo.pod("web");
     let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
     let _conn = TcpConn::connect(topo.client(), server.addr())?;
-    c.cli
-        .wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
+    c.cli.wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
 
     c.api().mark_pod_deleted(NS, "web", 4);
     let (_, _, msg) = wait_condition(&c.api(), "web", "True", "DeadlineReached")?;
-    ensure!(
-        msg.contains("1 active"),
-        "the message says what was left: {msg}"
-    );
-    ensure!(
-        c.cli.pod(&web_name())?.state == "deadline",
-        "the CLI agrees"
-    );
+    ensure!(msg.contains("1 active"), "the message says what was left: {msg}");
+    ensure!(c.cli.pod(&web_name())?.state == "deadline", "the CLI agrees");
     no_forbidden_calls(c.api())
 }
 
@@ -293,8 +211,7 @@ fn api_outage_during_a_drain_delays_the_report_but_loses_nothing() -> Result<()>
     let web = topo.pod("web");
     let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
     let conn = TcpConn::connect(topo.client(), server.addr())?;
-    c.cli
-        .wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
+    c.cli.wait_pod(&web_name(), "1 active flow", |p| p.active_flows == 1)?;
     c.api().mark_pod_deleted(NS, "web", 60);
     wait_condition(&c.api(), "web", "False", "Draining")?;
 
@@ -315,10 +232,7 @@ fn api_outage_during_a_drain_delays_the_report_but_loses_nothing() -> Result<()>
         .into_iter()
         .filter(|r| r.method == "PATCH" && r.path.ends_with("/pods/web/status") && r.status == 503)
         .collect();
-    ensure!(
-        !refused.is_empty(),
-        "the agent tried during the outage and retried after it"
-    );
+    ensure!(!refused.is_empty(), "the agent tried during the outage and retried after it");
     no_forbidden_calls(c.api())
 }
 
@@ -328,8 +242,7 @@ fn expired_watch_relists_and_loses_nothing() -> Result<()> {
     let topo = Topology::builder().pod("web").pod("api").build()?;
     let c = cluster(&topo, &[])?;
     add_pod(&c, &topo, "web")?;
-    c.cli
-        .wait_pod(&web_name(), "web registered", |p| p.state == "serving")?;
+    c.cli.wait_pod(&web_name(), "web registered", |p| p.state == "serving")?;
 
     // History is gone: the agent's next watch gets 410 and must relist.
     c.api().compact();
@@ -340,8 +253,7 @@ fn expired_watch_relists_and_loses_nothing() -> Result<()> {
         TIMEOUT,
         || c.cli.pods(),
         |pods| {
-            pods.iter().any(|p| p.name == format!("{NS}/api"))
-                && !pods.iter().any(|p| p.name == web_name())
+            pods.iter().any(|p| p.name == format!("{NS}/api")) && !pods.iter().any(|p| p.name == web_name())
         },
     )?;
     no_forbidden_calls(c.api())

@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
-    Agent, Cli, NODE_V4, Netns, Output, Running, TIMEOUT, TcpConn, TcpServer, Topology,
-    conndrain_bin, require_root, run_in,
+    Agent, Cli, NODE_V4, Netns, Output, Running, TIMEOUT, TcpConn, TcpServer, Topology, conndrain_bin,
+    require_root, run_in,
 };
 
 const PORT: u16 = 8080;
@@ -63,13 +63,9 @@ fn pre_stop(ns: &Netns, extra: &[&str]) -> Result<Running> {
 fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let path = path.to_owned();
     run_in(ns, move || -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .with_context(|| format!("connecting to {addr}"))?;
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(TIMEOUT))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
         let code = resp
@@ -100,23 +96,14 @@ fn pre_stop_wait_returns_when_the_calling_pod_drains() -> Result<()> {
     cli.wait_pod("web", "termination older than the quiet period", |p| {
         p.terminating_for_secs.unwrap_or(0.0) > 1.5
     })?;
-    ensure!(
-        hook.is_running(),
-        "the preStop wait blocks while a connection is open"
-    );
+    ensure!(hook.is_running(), "the preStop wait blocks while a connection is open");
     ensure!(cli.pod("web")?.state == "draining", "still draining");
 
     conn.close()?;
     let out = hook.wait_exit(TIMEOUT)?;
     ensure!(out.code == 0, "preStop exits 0: {out:?}");
-    ensure!(
-        out.stdout.contains("drained"),
-        "it reports the drain: {out:?}"
-    );
-    ensure!(
-        !out.stderr.contains("falling back"),
-        "it did not fall back: {out:?}"
-    );
+    ensure!(out.stdout.contains("drained"), "it reports the drain: {out:?}");
+    ensure!(!out.stderr.contains("falling back"), "it did not fall back: {out:?}");
     ensure!(cli.pod("web")?.state == "drained", "the pod is drained");
     Ok(())
 }
@@ -125,10 +112,7 @@ fn pre_stop_wait_returns_when_the_calling_pod_drains() -> Result<()> {
 fn callers_that_are_not_local_pods_get_403() -> Result<()> {
     let (topo, _agent, _cli) = setup(&["web"], &[])?;
     let (code, body) = http_get(topo.client(), node_addr(WAIT_PORT), "/v1/wait")?;
-    ensure!(
-        code == 403,
-        "the client namespace is no pod: got {code} {body}"
-    );
+    ensure!(code == 403, "the client namespace is no pod: got {code} {body}");
     ensure!(body.contains("not a pod on this node"), "{body}");
     Ok(())
 }
@@ -138,16 +122,10 @@ fn a_pod_cannot_wait_for_another_pod() -> Result<()> {
     let (topo, _agent, cli) = setup(&["a", "b"], &[])?;
     // No way to name another pod.
     let (code, body) = http_get(topo.pod("a").ns(), node_addr(WAIT_PORT), "/v1/wait?pod=b")?;
-    ensure!(
-        code == 400,
-        "a pod name in the request is refused: got {code} {body}"
-    );
+    ensure!(code == 400, "a pod name in the request is refused: got {code} {body}");
 
     // b drains (no flows at all); a, still serving, must not be released by it.
-    let mut a_hook = pre_stop(
-        topo.pod("a").ns(),
-        &["--timeout", "4", "--fallback-sleep", "0"],
-    )?;
+    let mut a_hook = pre_stop(topo.pod("a").ns(), &["--timeout", "4", "--fallback-sleep", "0"])?;
     cli.terminate("b", 0.5, 60.0)?;
     cli.wait_state("b", "drained")?;
     let out = a_hook.wait_exit(TIMEOUT)?;
@@ -168,8 +146,7 @@ fn pre_stop_falls_back_to_sleep_without_an_agent() -> Result<()> {
     let out: Output = hook.wait_exit(TIMEOUT)?;
     ensure!(out.code == 0, "fails open: {out:?}");
     ensure!(
-        out.stderr.contains("cannot reach the conndrain agent")
-            && out.stderr.contains("falling back to sleeping 1s"),
+        out.stderr.contains("cannot reach the conndrain agent") && out.stderr.contains("falling back to sleeping 1s"),
         "says why and what it does instead: {out:?}"
     );
     Ok(())
@@ -187,10 +164,7 @@ fn concurrent_waiters_are_bounded() -> Result<()> {
         |accepted| *accepted,
     )?;
     let last = http_get(topo.pod("b").ns(), node_addr(WAIT_PORT), "/v1/wait")?;
-    ensure!(
-        last.0 == 429,
-        "the second waiter is refused with 429: {last:?}"
-    );
+    ensure!(last.0 == 429, "the second waiter is refused with 429: {last:?}");
     ensure!(a_hook.is_running(), "the first waiter still waits");
     Ok(())
 }
@@ -201,9 +175,8 @@ fn concurrent_waiters_are_bounded() -> Result<()> {
 fn one_pod_cannot_take_every_waiter_slot() -> Result<()> {
     let (topo, agent, _cli) = setup(&["a", "b"], &[])?;
     let per_pod = 8;
-    let _hooks: Vec<Running> = (0..per_pod)
-        .map(|_| pre_stop(topo.pod("a").ns(), &["--fallback-sleep", "0"]))
-        .collect::<Result<_>>()?;
+    let _hooks: Vec<Running> =
+        (0..per_pod).map(|_| pre_stop(topo.pod("a").ns(), &["--fallback-sleep", "0"])).collect::<Result<_>>()?;
     conndrain_tests::wait_until(
         "the agent to accept a's waits",
         TIMEOUT,
@@ -211,10 +184,7 @@ fn one_pod_cannot_take_every_waiter_slot() -> Result<()> {
         |accepted| *accepted == per_pod,
     )?;
     let more = http_get(topo.pod("a").ns(), node_addr(WAIT_PORT), "/v1/wait")?;
-    ensure!(
-        more.0 == 429 && more.1.contains("waits open"),
-        "a's next wait is refused: {more:?}"
-    );
+    ensure!(more.0 == 429 && more.1.contains("waits open"), "a's next wait is refused: {more:?}");
     let mut b_hook = pre_stop(topo.pod("b").ns(), &["--fallback-sleep", "0"])?;
     conndrain_tests::wait_until(
         "the agent to accept b's wait",
@@ -235,27 +205,16 @@ fn metrics_and_health_for_the_node_not_for_pods() -> Result<()> {
     cli.wait_pod("web", "1 active flow", |p| p.active_flows == 1)?;
 
     let (code, body) = http_get(topo.client(), node_addr(METRICS_PORT), "/metrics")?;
-    ensure!(
-        code == 200,
-        "metrics from outside the node's pods: {code} {body}"
-    );
+    ensure!(code == 200, "metrics from outside the node's pods: {code} {body}");
     ensure!(
         body.contains("conndrain_pod_active_flows{pod=\"web\"} 1"),
         "per-pod active flows in Prometheus text: {body}"
     );
-    for metric in [
-        "conndrain_flow_table_max_entries",
-        "conndrain_pinned_flows",
-        "conndrain_steered_packets",
-        "conndrain_flows_evicted_total",
-    ] {
+    for metric in ["conndrain_flow_table_max_entries", "conndrain_pinned_flows", "conndrain_steered_packets", "conndrain_flows_evicted_total"] {
         ensure!(body.contains(metric), "{metric} is exported: {body}");
     }
     let (code, _) = http_get(web.ns(), node_addr(METRICS_PORT), "/metrics")?;
-    ensure!(
-        code == 403,
-        "a pod may not read other pods' metrics: {code}"
-    );
+    ensure!(code == 403, "a pod may not read other pods' metrics: {code}");
     for path in ["/healthz", "/readyz"] {
         let (code, body) = http_get(topo.client(), node_addr(METRICS_PORT), path)?;
         ensure!(code == 200, "{path}: {code} {body}");

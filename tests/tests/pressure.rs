@@ -47,13 +47,9 @@ fn udp_flood(ns: &Netns, to: SocketAddr, count: u32) -> Result<u32> {
 fn metrics(ns: &Netns) -> Result<String> {
     let addr = SocketAddr::new(NODE_V4.into(), METRICS_PORT);
     run_in(ns, move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .with_context(|| format!("connecting to {addr}"))?;
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(TIMEOUT))?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
         ensure!(resp.starts_with("HTTP/1.1 200"), "GET /metrics: {resp}");
@@ -103,10 +99,7 @@ fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
     cli.wait_state("web", "draining")?;
 
     let echoed = udp_flood(topo.client(), udp.addr(), FLOOD)?;
-    ensure!(
-        echoed > MAX_FLOWS * 2,
-        "the flood must really fill the table: {echoed} of {FLOOD} flows echoed"
-    );
+    ensure!(echoed > MAX_FLOWS * 2, "the flood must really fill the table: {echoed} of {FLOOD} flows echoed");
 
     // The agent evaluates the drain on its own; `pods` classifies every
     // pod's flows again (and notices the evicted ones).
@@ -118,48 +111,27 @@ fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
     );
     let flows = cli.flows(Some("web"))?;
     ensure!(
-        flows
-            .iter()
-            .any(|f| f.peer_addr == conn.local_addr().to_string() && f.active),
+        flows.iter().any(|f| f.peer_addr == conn.local_addr().to_string() && f.active),
         "the held connection is listed: {flows:#?}"
     );
 
     let status = cli.status()?;
-    let at = |path: &str| {
-        status
-            .pointer(path)
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0)
-    };
+    let at = |path: &str| status.pointer(path).and_then(serde_json::Value::as_u64).unwrap_or(0);
     ensure!(
-        at("/stats/flows_created") > 2 * u64::from(MAX_FLOWS)
-            && at("/maps/flows/used") <= u64::from(MAX_FLOWS),
+        at("/stats/flows_created") > 2 * u64::from(MAX_FLOWS) && at("/maps/flows/used") <= u64::from(MAX_FLOWS),
         "the flood went through the flow table: {status:#}"
     );
-    ensure!(
-        at("/maps/held/used") >= 1,
-        "the connection is in the held table: {status:#}"
-    );
-    ensure!(
-        at("/stats/flows_evicted") > 0,
-        "evictions are counted in status: {status:#}"
-    );
+    ensure!(at("/maps/held/used") >= 1, "the connection is in the held table: {status:#}");
+    ensure!(at("/stats/flows_evicted") > 0, "evictions are counted in status: {status:#}");
     ensure!(at("/stats/hold_failed") == 0, "{status:#}");
     let page = metrics(topo.client())?;
-    let evicted =
-        sample(&page, "conndrain_flows_evicted_total").context("conndrain_flows_evicted_total")?;
-    ensure!(
-        evicted > 0.0,
-        "evictions are counted in the metrics:\n{page}"
-    );
+    let evicted = sample(&page, "conndrain_flows_evicted_total").context("conndrain_flows_evicted_total")?;
+    ensure!(evicted > 0.0, "evictions are counted in the metrics:\n{page}");
     let held = sample(&page, "conndrain_held_flows").context("conndrain_held_flows")?;
     ensure!(held >= 1.0, "held flows in the metrics:\n{page}");
 
     // The connection works, and its close ends the drain.
-    ensure!(
-        conn.request("still there")? == "still there",
-        "the connection answers"
-    );
+    ensure!(conn.request("still there")? == "still there", "the connection answers");
     conn.close()?;
     cli.wait_state("web", "drained")?;
 
@@ -167,10 +139,7 @@ fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
     cli.ok(&["pod", "remove", "web"])?;
     let status = cli.status()?;
     ensure!(
-        status
-            .pointer("/maps/held/used")
-            .and_then(serde_json::Value::as_u64)
-            == Some(0),
+        status.pointer("/maps/held/used").and_then(serde_json::Value::as_u64) == Some(0),
         "the removed pod's held flows are gone: {status:#}"
     );
     drop(udp);

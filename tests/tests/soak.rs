@@ -48,8 +48,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use conndrain::{api::DEFAULT_WAIT_PORT, datapath::ip_from_bytes, node::now_ns};
 use conndrain_common::{FlowKey, FlowValue, PROTO_TCP, PodIpKey, maps, tcp_state};
 use conndrain_tests::{
-    Agent, Bpffs, Cli, NODE_V4, Netns, PodStatus, Running, TcpConn, TcpServer, Topology, UdpClient,
-    UdpServer, conndrain_bin,
+    Agent, Bpffs, Cli, NODE_V4, Netns, PodStatus, Running, TcpConn, TcpServer, Topology, UdpClient, UdpServer,
+    conndrain_bin,
     fakeapi::{AgentApi, FakeApiServer, running_pod},
     require_root, wait_until,
 };
@@ -128,10 +128,7 @@ impl Bed<'_> {
     }
 
     fn fail(&self, e: &anyhow::Error) {
-        self.failures
-            .lock()
-            .expect("failures lock")
-            .push(format!("{e:#}"));
+        self.failures.lock().expect("failures lock").push(format!("{e:#}"));
         self.stop.store(true, Ordering::SeqCst);
     }
 
@@ -141,12 +138,7 @@ impl Bed<'_> {
     }
 
     /// Waits until the agent lists pod `name` and `done` accepts it (`None`: until it lists it no more).
-    fn wait_seen(
-        &self,
-        name: &str,
-        what: &str,
-        mut done: impl FnMut(Option<&PodStatus>) -> bool,
-    ) -> Result<()> {
+    fn wait_seen(&self, name: &str, what: &str, mut done: impl FnMut(Option<&PodStatus>) -> bool) -> Result<()> {
         let full = format!("{NS}/{name}");
         wait_until(
             &format!("the agent to list {full}: {what}"),
@@ -166,33 +158,17 @@ impl Bed<'_> {
     /// side. Read from the pinned flow tables; only entries first seen since
     /// `born` (`CLOCK_MONOTONIC` ns) count, so that nothing an earlier pod
     /// with the same IPs left behind is taken for this pod's.
-    fn wait_tcp_flows(
-        &self,
-        name: &str,
-        ips: [IpAddr; 2],
-        born: u64,
-        held: &[TcpConn],
-    ) -> Result<()> {
-        let want: BTreeSet<(SocketAddr, SocketAddr)> = held
-            .iter()
-            .map(|c| (c.peer_addr(), c.local_addr()))
-            .collect();
+    fn wait_tcp_flows(&self, name: &str, ips: [IpAddr; 2], born: u64, held: &[TcpConn]) -> Result<()> {
+        let want: BTreeSet<(SocketAddr, SocketAddr)> = held.iter().map(|c| (c.peer_addr(), c.local_addr())).collect();
         wait_until(
-            &format!(
-                "the datapath to have closed every TCP flow of {name} but the {} held ones",
-                held.len()
-            ),
+            &format!("the datapath to have closed every TCP flow of {name} but the {} held ones", held.len()),
             SLOW,
             || {
                 // One table walk per look, not one per POLL.
                 thread::sleep(LOOK_EVERY);
                 Ok(tcp_flows(self.bpffs)?
                     .into_iter()
-                    .filter(|f| {
-                        ips.contains(&f.pod.ip())
-                            && f.first_seen >= born
-                            && f.state != tcp_state::CLOSED
-                    })
+                    .filter(|f| ips.contains(&f.pod.ip()) && f.first_seen >= born && f.state != tcp_state::CLOSED)
                     .map(|f| (f.pod, f.peer))
                     .collect::<BTreeSet<_>>())
             },
@@ -249,12 +225,7 @@ fn endpoints(ips: &[(IpAddr, &str)], terminating: bool) -> Result<EndpointSlice>
     }))?)
 }
 
-fn set_endpoints(
-    api: &FakeApiServer,
-    slice: &str,
-    ips: &[(IpAddr, &str)],
-    terminating: bool,
-) -> Result<()> {
+fn set_endpoints(api: &FakeApiServer, slice: &str, ips: &[(IpAddr, &str)], terminating: bool) -> Result<()> {
     let new = endpoints(ips, terminating)?;
     api.update_endpoint_slice(NS, slice, |s| s.endpoints = new.endpoints);
     Ok(())
@@ -262,39 +233,24 @@ fn set_endpoints(
 
 fn condition(api: &FakeApiServer, name: &str) -> Option<(String, String)> {
     let conds = api.pod(NS, name)?.status?.conditions?;
-    conds
-        .into_iter()
-        .find(|c| c.type_ == CONDITION)
-        .map(|c| (c.status, c.reason.unwrap_or_default()))
+    conds.into_iter().find(|c| c.type_ == CONDITION).map(|c| (c.status, c.reason.unwrap_or_default()))
 }
 
 fn pre_stop(ns: &Netns) -> Result<Running> {
     let mut cmd = ns.command(&conndrain_bin().to_string_lossy());
-    cmd.args(["wait", "--fallback-sleep", "0"])
-        .env("HOST_IP", NODE_V4.to_string());
+    cmd.args(["wait", "--fallback-sleep", "0"]).env("HOST_IP", NODE_V4.to_string());
     Running::spawn(cmd)
 }
 
 /// The preStop hook returned with `state`'s message, and the condition is
 /// final with `reason` (it never became final with another).
-fn expect_outcome(
-    bed: &Bed,
-    name: &str,
-    hook: &mut Running,
-    state: &str,
-    reason: &str,
-) -> Result<()> {
-    let out = hook
-        .wait_exit(SLOW)
-        .context("the preStop `conndrain wait` returns")?;
+fn expect_outcome(bed: &Bed, name: &str, hook: &mut Running, state: &str, reason: &str) -> Result<()> {
+    let out = hook.wait_exit(SLOW).context("the preStop `conndrain wait` returns")?;
     let said = match state {
         "drained" => out.stdout.contains("drained after"),
         _ => out.stderr.contains("reached its deadline"),
     };
-    ensure!(
-        out.code == 0 && said,
-        "the preStop `conndrain wait` of {name} reports {state}: {out:?}"
-    );
+    ensure!(out.code == 0 && said, "the preStop `conndrain wait` of {name} reports {state}: {out:?}");
     let last = wait_until(
         &format!("{CONDITION} of {name} to become final (no condition may stay at Draining)"),
         SLOW,
@@ -318,46 +274,27 @@ struct App {
 impl App {
     fn start(p: &conndrain_tests::Pod) -> Result<Self> {
         Ok(Self {
-            tcp: [
-                TcpServer::start(p.ns(), p.addr_v4(TCP_PORT))?,
-                TcpServer::start(p.ns(), p.addr_v6(TCP_PORT))?,
-            ],
-            udp: [
-                UdpServer::start(p.ns(), p.addr_v4(UDP_PORT))?,
-                UdpServer::start(p.ns(), p.addr_v6(UDP_PORT))?,
-            ],
+            tcp: [TcpServer::start(p.ns(), p.addr_v4(TCP_PORT))?, TcpServer::start(p.ns(), p.addr_v6(TCP_PORT))?],
+            udp: [UdpServer::start(p.ns(), p.addr_v4(UDP_PORT))?, UdpServer::start(p.ns(), p.addr_v6(UDP_PORT))?],
         })
     }
 }
 
 /// One pod's life, on worker `slot`'s namespace.
-fn one_pod(
-    bed: &Bed,
-    App { tcp, udp }: &App,
-    slot: usize,
-    generation: u32,
-    plan: Plan,
-) -> Result<()> {
+fn one_pod(bed: &Bed, App { tcp, udp }: &App, slot: usize, generation: u32, plan: Plan) -> Result<()> {
     let p = &bed.topo.pods()[slot];
     let client = bed.topo.client();
     let api = bed.api();
     let name = format!("soak-{slot}-{generation}");
     let slice = format!("soak-{slot}");
-    let remote = IpAddr::V4(Ipv4Addr::new(
-        10,
-        250,
-        u8::try_from(slot)?,
-        u8::try_from(generation % 250 + 1)?,
-    ));
+    let remote = IpAddr::V4(Ipv4Addr::new(10, 250, u8::try_from(slot)?, u8::try_from(generation % 250 + 1)?));
     let eps = [(IpAddr::V4(p.ipv4()), NODE), (remote, "node-b")];
 
     // The pod (Ready), then its endpoints.
     let born = now_ns();
     api.create_pod(running_pod(&name, NODE, &p.ips(), false));
     set_endpoints(api, &slice, &eps, false)?;
-    bed.wait_seen(&name, "tracked, attached", |p| {
-        p.is_some_and(|p| p.state == "serving" && !p.interfaces.is_empty())
-    })?;
+    bed.wait_seen(&name, "tracked, attached", |p| p.is_some_and(|p| p.state == "serving" && !p.interfaces.is_empty()))?;
 
     for server in tcp {
         let mut conn = TcpConn::connect(client, server.addr())?;
@@ -368,18 +305,13 @@ fn one_pod(
         UdpClient::connect(client, server.addr())?.echo(b"soak")?;
     }
     let mut held = match plan {
-        Plan::Drain => vec![
-            TcpConn::connect(client, tcp[0].addr())?,
-            TcpConn::connect(client, tcp[1].addr())?,
-        ],
+        Plan::Drain => vec![TcpConn::connect(client, tcp[0].addr())?, TcpConn::connect(client, tcp[1].addr())?],
         Plan::Deadline => vec![TcpConn::connect(client, tcp[0].addr())?],
         Plan::Force => vec![TcpConn::connect(client, tcp[1].addr())?],
         Plan::Quiet => Vec::new(),
     };
     let n = u64::try_from(held.len())?;
-    bed.wait_seen(&name, "the held connections counted active", |p| {
-        p.is_some_and(|p| p.active_flows >= n)
-    })?;
+    bed.wait_seen(&name, "the held connections counted active", |p| p.is_some_and(|p| p.active_flows >= n))?;
 
     // kubectl delete: the kubelet's kill time is the grace period from now
     // (the drain's deadline is 1 s before it), and it runs the preStop hook.
@@ -389,9 +321,7 @@ fn one_pod(
     let mut hook = pre_stop(p.ns())?;
     match plan {
         Plan::Drain => {
-            bed.wait_seen(&name, "draining", |p| {
-                p.is_some_and(|p| p.state == "draining")
-            })?;
+            bed.wait_seen(&name, "draining", |p| p.is_some_and(|p| p.state == "draining"))?;
             for conn in held.drain(..) {
                 conn.close()?;
             }
@@ -400,20 +330,14 @@ fn one_pod(
         Plan::Quiet => expect_outcome(bed, &name, &mut hook, "drained", "NoConnections")?,
         Plan::Deadline => expect_outcome(bed, &name, &mut hook, "deadline", "DeadlineReached")?,
         Plan::Force => {
-            bed.wait_seen(&name, "draining", |p| {
-                p.is_some_and(|p| p.state == "draining")
-            })?;
+            bed.wait_seen(&name, "draining", |p| p.is_some_and(|p| p.state == "draining"))?;
             api.delete_pod(NS, &name);
             set_endpoints(api, &slice, &[], false)?;
-            let out = hook
-                .wait_exit(SLOW)
-                .context("the preStop `conndrain wait` of a force-deleted pod returns")?;
+            let out = hook.wait_exit(SLOW).context("the preStop `conndrain wait` of a force-deleted pod returns")?;
             ensure!(out.code == 0, "preStop exits 0 whatever happens: {out:?}");
             let mut tally = bed.tally.lock().expect("tally lock");
             tally.force_removed.extend(p.ips());
-            tally
-                .open_at_removal
-                .extend(held.iter().map(|c| (c.peer_addr(), c.local_addr())));
+            tally.open_at_removal.extend(held.iter().map(|c| (c.peer_addr(), c.local_addr())));
             drop(tally);
             for conn in held {
                 conn.reset()?;
@@ -424,11 +348,7 @@ fn one_pod(
     // The hook returned; the kubelet stops the containers, whose connections
     // close (but the ones this plan holds on purpose), and removes the pod.
     bed.wait_tcp_flows(&name, p.ips(), born, &held)?;
-    bed.tally
-        .lock()
-        .expect("tally lock")
-        .open_at_removal
-        .extend(held.iter().map(|c| (c.peer_addr(), c.local_addr())));
+    bed.tally.lock().expect("tally lock").open_at_removal.extend(held.iter().map(|c| (c.peer_addr(), c.local_addr())));
     api.delete_pod(NS, &name);
     set_endpoints(api, &slice, &[], false)?;
     for conn in held {
@@ -446,39 +366,24 @@ fn worker(bed: &Bed, slot: usize) -> Result<()> {
     let mut generation = 0u32;
     while !bed.stop.load(Ordering::SeqCst) {
         let plan = PLANS[(slot + generation as usize) % PLANS.len()];
-        one_pod(bed, &app, slot, generation, plan)
-            .with_context(|| format!("pod soak-{slot}-{generation} ({plan:?})"))?;
-        *bed.tally
-            .lock()
-            .expect("tally lock")
-            .pods
-            .entry(plan)
-            .or_default() += 1;
+        one_pod(bed, &app, slot, generation, plan).with_context(|| format!("pod soak-{slot}-{generation} ({plan:?})"))?;
+        *bed.tally.lock().expect("tally lock").pods.entry(plan).or_default() += 1;
         generation += 1;
     }
     bed.api().delete_endpoint_slice(NS, &slice);
     Ok(())
 }
 
+
 /// The pid of the agent serving `socket` (`ip netns exec` execs it, so it is
 /// the process whose arguments are `... --socket SOCKET agent ...`).
 fn agent_pid(socket: &Path) -> Result<u32> {
     let socket = socket.to_string_lossy();
     for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args
-            .windows(3)
-            .any(|w| w[0] == "--socket" && w[1] == socket && w[2] == "agent")
-        {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.windows(3).any(|w| w[0] == "--socket" && w[1] == socket && w[2] == "agent") {
             return Ok(pid);
         }
     }
@@ -549,11 +454,9 @@ fn churn(bed: &Bed, pid: u32, start: Instant, secs: u64) -> Result<Churned> {
             marks.push(restart(bed, |api| {
                 api.create_pod(running_pod(HOSTNET, NODE, &[NODE_V4.into()], true));
             })?);
-            bed.wait_seen(
-                HOSTNET,
-                "skipped (created while the API server was down)",
-                |p| p.is_some_and(|p| p.state == "skipped"),
-            )?;
+            bed.wait_seen(HOSTNET, "skipped (created while the API server was down)", |p| {
+                p.is_some_and(|p| p.state == "skipped")
+            })?;
         }
         if marks.len() == 1 && at >= total * 13 / 20 {
             // Restart 2, after a compaction: the watches get 410 Gone and relist.
@@ -562,33 +465,18 @@ fn churn(bed: &Bed, pid: u32, start: Instant, secs: u64) -> Result<Churned> {
                 api.delete_pod(NS, HOSTNET);
                 api.compact();
             })?);
-            bed.wait_seen(
-                HOSTNET,
-                "forgotten (deleted while the API server was down)",
-                |p| p.is_none(),
-            )?;
+            bed.wait_seen(HOSTNET, "forgotten (deleted while the API server was down)", |p| p.is_none())?;
         }
         thread::sleep(Duration::from_millis(100));
     }
     let warm = warm.context("the soak ended before the warm-up sample")?;
-    let marks: [usize; 3] = marks
-        .try_into()
-        .map_err(|m| anyhow::anyhow!("the soak ended before both restarts: {m:?}"))?;
-    Ok(Churned {
-        samples,
-        warm,
-        marks,
-    })
+    let marks: [usize; 3] = marks.try_into().map_err(|m| anyhow::anyhow!("the soak ended before both restarts: {m:?}"))?;
+    Ok(Churned { samples, warm, marks })
 }
 
 /// After the churn: nothing of the pods is left in the agent.
 fn check_nothing_left(bed: &Bed, agent: &Agent, bpffs: &Bpffs) -> Result<()> {
-    wait_until(
-        "the agent to list no pod",
-        SLOW,
-        || bed.cli.pods(),
-        Vec::is_empty,
-    )?;
+    wait_until("the agent to list no pod", SLOW, || bed.cli.pods(), Vec::is_empty)?;
     let status = wait_until(
         "the agent's status to show no pod, interface or pin",
         SLOW,
@@ -601,47 +489,24 @@ fn check_nothing_left(bed: &Bed, agent: &Agent, bpffs: &Bpffs) -> Result<()> {
                 && s["steering"]["pins"].as_array().is_some_and(Vec::is_empty)
         },
     )?;
-    println!(
-        "soak: agent status at the end: maps {}, stats {}",
-        status["maps"], status["stats"]
-    );
+    println!("soak: agent status at the end: maps {}, stats {}", status["maps"], status["stats"]);
     ensure!(
-        status["stats"]["flows_evicted"] == 0
-            && status["stats"]["insert_failed"] == 0
-            && status["events_lost"] == 0,
+        status["stats"]["flows_evicted"] == 0 && status["stats"]["insert_failed"] == 0 && status["events_lost"] == 0,
         "no flow evicted from the index, failed to insert, or event lost (the table is far from full): {status}"
     );
 
     let pod_ips = bpffs.entries::<PodIpKey, u32>(maps::POD_IPS)?;
-    ensure!(
-        pod_ips.is_empty(),
-        "POD_IPS keeps {} entries of removed pods",
-        pod_ips.len()
-    );
+    ensure!(pod_ips.is_empty(), "POD_IPS keeps {} entries of removed pods", pod_ips.len());
     let pins = bpffs.entries::<conndrain_common::WireKey, conndrain_common::Pin>(maps::PINS)?;
     ensure!(pins.is_empty(), "PINS keeps {} entries", pins.len());
     let held = bpffs.entries::<FlowKey, FlowValue>(maps::HELD)?;
-    ensure!(
-        held.is_empty(),
-        "HELD keeps {} flows of removed pods",
-        held.len()
-    );
-    let flagged: Vec<(u32, u32)> = bpffs
-        .slots(maps::POD_FLAGS)?
-        .into_iter()
-        .filter(|(_, f)| *f != 0)
-        .collect();
-    ensure!(
-        flagged.is_empty(),
-        "POD_FLAGS keeps removed pods' slots flagged (slot, flags): {flagged:?}"
-    );
+    ensure!(held.is_empty(), "HELD keeps {} flows of removed pods", held.len());
+    let flagged: Vec<(u32, u32)> = bpffs.slots(maps::POD_FLAGS)?.into_iter().filter(|(_, f)| *f != 0).collect();
+    ensure!(flagged.is_empty(), "POD_FLAGS keeps removed pods' slots flagged (slot, flags): {flagged:?}");
     let flows = tcp_flows(bpffs)?;
     let tally = bed.tally.lock().expect("tally lock");
     let node_api = SocketAddr::new(NODE_V4.into(), DEFAULT_WAIT_PORT);
-    let live: Vec<&TcpFlow> = flows
-        .iter()
-        .filter(|f| tcp_state::is_active(f.state))
-        .collect();
+    let live: Vec<&TcpFlow> = flows.iter().filter(|f| tcp_state::is_active(f.state)).collect();
     let unexplained: Vec<_> = live
         .iter()
         .filter(|f| {
@@ -663,17 +528,12 @@ fn check_nothing_left(bed: &Bed, agent: &Agent, bpffs: &Bpffs) -> Result<()> {
     drop(tally);
 
     let path = agent.dir().join("state.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the saved state {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading the saved state {}", path.display()))?;
     let saved: serde_json::Value = serde_json::from_str(&text)?;
     ensure!(
         saved["pods"].as_array().is_some_and(Vec::is_empty)
-            && saved["steering"]["backends"]
-                .as_array()
-                .is_some_and(Vec::is_empty)
-            && saved["steering"]["pins"]
-                .as_array()
-                .is_some_and(Vec::is_empty),
+            && saved["steering"]["backends"].as_array().is_some_and(Vec::is_empty)
+            && saved["steering"]["pins"].as_array().is_some_and(Vec::is_empty),
         "the saved state keeps pods, steering backends or pins: {saved}"
     );
     Ok(())
@@ -685,26 +545,14 @@ fn check_nothing_left(bed: &Bed, agent: &Agent, bpffs: &Bpffs) -> Result<()> {
 fn check_restarts(api: &FakeApiServer, [back1, down2, back2]: [usize; 3]) -> Result<()> {
     let reqs = api.requests();
     let pods = |from: usize, to: usize, verb: &str| {
-        reqs[from..to]
-            .iter()
-            .filter(|r| r.path == "/api/v1/pods" && r.verb == verb)
-            .count()
+        reqs[from..to].iter().filter(|r| r.path == "/api/v1/pods" && r.verb == verb).count()
     };
     let (watch1, list1) = (pods(back1, down2, "watch"), pods(back1, down2, "list"));
-    ensure!(
-        watch1 > 0 && list1 == 0,
-        "after restart 1 the pod watch resumes, no relist: {watch1} watches, {list1} lists"
-    );
+    ensure!(watch1 > 0 && list1 == 0, "after restart 1 the pod watch resumes, no relist: {watch1} watches, {list1} lists");
     let list2 = pods(back2, reqs.len(), "list");
-    ensure!(
-        list2 > 0,
-        "after the compaction and restart 2 the pods are listed again"
-    );
+    ensure!(list2 > 0, "after the compaction and restart 2 the pods are listed again");
     let denied: Vec<_> = reqs.iter().filter(|r| r.status == 403).collect();
-    ensure!(
-        denied.is_empty(),
-        "the agent only makes calls its RBAC allows: {denied:#?}"
-    );
+    ensure!(denied.is_empty(), "the agent only makes calls its RBAC allows: {denied:#?}");
     Ok(())
 }
 
@@ -714,31 +562,12 @@ fn churn_through_two_api_server_restarts_leaves_nothing_behind() -> Result<()> {
     let secs = soak_secs()?;
     let bpffs = Bpffs::mount()?;
     let names: Vec<String> = (0..POOL).map(|i| format!("s{i}")).collect();
-    let topo = names
-        .iter()
-        .fold(Topology::builder(), |b, n| b.pod(n))
-        .build()?;
+    let topo = names.iter().fold(Topology::builder(), |b, n| b.pod(n)).build()?;
     let k8s = AgentApi::start(topo.node())?;
     let (kc, node_ip, bpf) = (k8s.kubeconfig_arg(), NODE_V4.to_string(), bpffs.arg());
     let args = [
-        "--kubeconfig",
-        &kc,
-        "--node-name",
-        NODE,
-        "--host-ip",
-        &node_ip,
-        "--bpffs",
-        &bpf,
-        "--quiet-period",
-        "1",
-        "--deadline-margin",
-        "1",
-        "--min-write-interval",
-        "0.2",
-        "--udp-timeout",
-        "2",
-        "--max-flows",
-        "16384",
+        "--kubeconfig", &kc, "--node-name", NODE, "--host-ip", &node_ip, "--bpffs", &bpf, "--quiet-period", "1",
+        "--deadline-margin", "1", "--min-write-interval", "0.2", "--udp-timeout", "2", "--max-flows", "16384",
     ];
     let mut agent = Agent::start_with(topo.node(), &args)?;
     let pid = agent_pid(agent.socket())?;
@@ -783,56 +612,30 @@ fn churn_through_two_api_server_restarts_leaves_nothing_behind() -> Result<()> {
         churned
     });
     let failures = bed.failures.lock().expect("failures lock").clone();
-    ensure!(
-        failures.is_empty(),
-        "{} worker(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    let Churned {
-        mut samples,
-        warm,
-        marks,
-    } = churned?;
+    ensure!(failures.is_empty(), "{} worker(s) failed:\n{}", failures.len(), failures.join("\n"));
+    let Churned { mut samples, warm, marks } = churned?;
     {
         let tally = bed.tally.lock().expect("tally lock");
         println!("soak: {secs} s, pods by plan: {:?}", tally.pods);
-        ensure!(
-            tally.pods.len() == PLANS.len(),
-            "every plan ran at least once: {:?}",
-            tally.pods
-        );
+        ensure!(tally.pods.len() == PLANS.len(), "every plan ran at least once: {:?}", tally.pods);
     }
 
     check_nothing_left(&bed, &agent, &bpffs)?;
     check_restarts(bed.api(), marks)?;
     ensure!(agent.is_running(), "the agent is still running");
     let log = agent.log();
-    ensure!(
-        !log.contains("panicked"),
-        "no task of the agent panicked:\n{log}"
-    );
+    ensure!(!log.contains("panicked"), "no task of the agent panicked:\n{log}");
     // After a relist, a new pod may have the IP of a pod deleted while the
     // API server was away: it must be registered at once, not at the next resync.
-    let late: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("cannot track pod yet"))
-        .collect();
-    ensure!(
-        late.is_empty(),
-        "every pod is registered as soon as the agent sees it:\n{}",
-        late.join("\n")
-    );
+    let late: Vec<&str> = log.lines().filter(|l| l.contains("cannot track pod yet")).collect();
+    ensure!(late.is_empty(), "every pod is registered as soon as the agent sees it:\n{}", late.join("\n"));
 
     let end = rss_kib(pid)?;
     samples.push((started.elapsed().as_secs_f64(), end));
     println!("soak: agent VmRSS (s, KiB): {samples:?}; warm-up {warm} KiB, end {end} KiB");
     // Generous: a leak check, not a measurement. 1.5 x the warm-up plus 8 MiB.
     let limit = warm * 3 / 2 + 8 * 1024;
-    ensure!(
-        end <= limit,
-        "the agent's memory grew from {warm} KiB after the warm-up to {end} KiB (limit {limit} KiB)"
-    );
+    ensure!(end <= limit, "the agent's memory grew from {warm} KiB after the warm-up to {end} KiB (limit {limit} KiB)");
     Ok(())
 }
 
@@ -861,11 +664,7 @@ fn a_new_pod_does_not_inherit_the_flows_a_removed_pod_left_open() -> Result<()> 
     conn.reset()?;
     cli.add_pod(new)?;
 
-    let listed: Vec<String> = cli
-        .flows(Some("new"))?
-        .into_iter()
-        .map(|f| format!("{} <- {}", f.pod_addr, f.peer_addr))
-        .collect();
+    let listed: Vec<String> = cli.flows(Some("new"))?.into_iter().map(|f| format!("{} <- {}", f.pod_addr, f.peer_addr)).collect();
     agent.kill9()?;
     agent.restart(topo.node(), &["--bpffs", &bpf])?;
     let counted = cli.pod("new")?.active_flows;

@@ -21,6 +21,7 @@
 
 #![allow(clippy::doc_markdown)] // Kubernetes words (ClusterIP, NodePort) are prose here
 
+
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
@@ -28,12 +29,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use conndrain_tests::kubeproxy::{
-    self, Backend, CLIENT_V4, CLIENT_V6, Cluster, Conversation, KubeProxy, NODE_A_LINK_V4,
+use conndrain_tests::{Agent, Cli, Netns, TIMEOUT, require_root, unique_tag, wait_until};
+use conndrain_tests::kubeproxy::{self, 
+    Backend, CLIENT_V4, CLIENT_V6, Cluster, Conversation, KubeProxy, NODE_A_LINK_V4,
     NODE_A_LINK_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, PodApp, Protocol, Reply,
     Service, ServicePort,
 };
-use conndrain_tests::{Agent, Cli, Netns, TIMEOUT, require_root, unique_tag, wait_until};
 use serde_json::Value;
 
 const TCP_PORT: u16 = 80;
@@ -406,13 +407,8 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
             // The new entry, from the events or (if the watcher missed them) the table.
             let to_pod = remapped_to(&events, conv.local_addr(), to, &bed).or_else(|| {
                 let line = entry_of(&ct, conv.local_addr(), to)?;
-                let src = reply_part(line)
-                    .strip_prefix(" src=")?
-                    .split_whitespace()
-                    .next()?;
-                bed.cluster
-                    .pod_by_ip(src.parse().ok()?)
-                    .map(kubeproxy::ClusterPod::name)
+                let src = reply_part(line).strip_prefix(" src=")?.split_whitespace().next()?;
+                bed.cluster.pod_by_ip(src.parse().ok()?).map(kubeproxy::ClusterPod::name)
             });
             ensure!(
                 to_pod == Some(other.as_str()),
@@ -496,10 +492,7 @@ fn new_flows_avoid_removed(backend: Backend) -> Result<()> {
     // to reuse an earlier probe's source port follows that probe's
     // conntrack entry to a1.
     for v6 in [false, true] {
-        let a1 = bed
-            .cluster
-            .pod("a1")
-            .ip_like(bed.frontend(Front::ClusterIp, v6, Protocol::Udp).ip());
+        let a1 = bed.cluster.pod("a1").ip_like(bed.frontend(Front::ClusterIp, v6, Protocol::Udp).ip());
         for p in &bed.proxies {
             p.cleanup_udp_conntrack(a1)?;
         }
@@ -733,62 +726,27 @@ fn agent_for(bed: &Bed, target: &str) -> Result<(Agent, Cli)> {
     let agent = Agent::start(bed.cluster.node_a(), &[])?;
     let cli = agent.cli();
     let [v4, v6] = bed.cluster.pod(target).ips();
-    cli.ok(&[
-        "pod",
-        "add",
-        target,
-        "--ip",
-        &v4.to_string(),
-        "--ip",
-        &v6.to_string(),
-    ])?;
+    cli.ok(&["pod", "add", target, "--ip", &v4.to_string(), "--ip", &v6.to_string()])?;
     Ok((agent, cli))
 }
 
 /// `conndrain pod terminate`, then checks the flow through `to` is pinned to
 /// `target` in `flows` and counted in `status`.
-fn terminate_and_check_pinned(
-    cli: &Cli,
-    target: &str,
-    to: SocketAddr,
-    client: SocketAddr,
-) -> Result<()> {
-    cli.ok(&[
-        "pod",
-        "terminate",
-        target,
-        "--deadline",
-        "300",
-        "--quiet-period",
-        "1",
-    ])?;
+fn terminate_and_check_pinned(cli: &Cli, target: &str, to: SocketAddr, client: SocketAddr) -> Result<()> {
+    cli.ok(&["pod", "terminate", target, "--deadline", "300", "--quiet-period", "1"])?;
     let status = cli.status()?;
-    let pins = status["steering"]["pins"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let pins = status["steering"]["pins"].as_array().cloned().unwrap_or_default();
     ensure!(
-        pins.iter()
-            .any(|p| p["client"] == client.to_string() && p["frontend"] == to.to_string()),
+        pins.iter().any(|p| p["client"] == client.to_string() && p["frontend"] == to.to_string()),
         "`status` lists the flow {client} -> {to} as pinned: {status:#}"
     );
-    ensure!(
-        status["steering"]["pinned_flows"].as_u64() >= Some(1),
-        "{status:#}"
-    );
+    ensure!(status["steering"]["pinned_flows"].as_u64() >= Some(1), "{status:#}");
     let flows: Value = cli.json(&["flows", "--pod", target, "-o", "json"])?;
     let pinned: Vec<&Value> = flows
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|f| f["pinned"]["frontend"] == to.to_string())
-                .collect()
-        })
+        .map(|a| a.iter().filter(|f| f["pinned"]["frontend"] == to.to_string()).collect())
         .unwrap_or_default();
-    ensure!(
-        !pinned.is_empty(),
-        "`flows` shows the flow pinned through {to}: {flows:#}"
-    );
+    ensure!(!pinned.is_empty(), "`flows` shows the flow pinned through {to}: {flows:#}");
     Ok(())
 }
 
@@ -835,9 +793,7 @@ fn ensure_ipvs_saw_none(
 }
 
 fn steered_packets(cli: &Cli) -> Result<u64> {
-    Ok(cli.status()?["steering"]["steered_packets"]
-        .as_u64()
-        .unwrap_or(0))
+    Ok(cli.status()?["steering"]["steered_packets"].as_u64().unwrap_or(0))
 }
 
 /// The twin of `tcp_breaks`: with the agent pinning the stream, removing the
@@ -851,10 +807,7 @@ fn tcp_holds(backend: Backend, front: Front, v6: bool, target: &str, clear: Clea
     conv.expect_steady(5)?;
     terminate_and_check_pinned(&cli, target, to, conv.local_addr())?;
 
-    let rest: Vec<&str> = ["a1", "a2", "b1"]
-        .into_iter()
-        .filter(|p| *p != target)
-        .collect();
+    let rest: Vec<&str> = ["a1", "a2", "b1"].into_iter().filter(|p| *p != target).collect();
     bed.sync(&rest)?;
     match clear {
         Clear::DeleteEndpoint => {
@@ -890,10 +843,7 @@ fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
     conv.expect_steady(5)?;
     terminate_and_check_pinned(&cli, target, to, conv.local_addr())?;
 
-    let rest: Vec<&str> = ["a1", "a2", "b1"]
-        .into_iter()
-        .filter(|p| *p != target)
-        .collect();
+    let rest: Vec<&str> = ["a1", "a2", "b1"].into_iter().filter(|p| *p != target).collect();
     bed.sync(&rest)?;
     if backend == Backend::Ipvs {
         ipvs_drops_the_entry(&bed, conv.local_addr(), to, pod_ip)?;
@@ -939,24 +889,16 @@ fn tcp_resets_when_pinned_pod_goes(backend: Backend) -> Result<()> {
     // The pod goes: its veth on the node is down (nothing answers any more)
     // and the agent is told.
     let host_if = bed.cluster.pod("a1").host_if().to_owned();
-    bed.cluster
-        .node_a()
-        .ip(&["link", "set", &host_if, "down"])?;
+    bed.cluster.node_a().ip(&["link", "set", &host_if, "down"])?;
     cli.ok(&["pod", "remove", "a1"])?;
     match conv.wait_break(BREAK_WITHIN) {
         Some(Reply::Failed(how)) => {
-            ensure!(
-                how.contains("reset"),
-                "the client gets a RST, not a timeout: {how}"
-            );
+            ensure!(how.contains("reset"), "the client gets a RST, not a timeout: {how}");
         }
         other => bail!("the stream must fail fast with a RST, got {other:?}"),
     }
     let status = cli.status()?;
-    ensure!(
-        status["steering"]["resets_sent"].as_u64() >= Some(1),
-        "{status:#}"
-    );
+    ensure!(status["steering"]["resets_sent"].as_u64() >= Some(1), "{status:#}");
     Ok(())
 }
 
@@ -985,10 +927,7 @@ fn with_agent_a_closed_pinned_flow_leaves_no_conntrack_entry() -> Result<()> {
     let ct = bed.node_a().conntrack()?;
     let entry = entry_of(&ct, client, to)
         .with_context(|| format!("the pinned stream's conntrack entry is there:\n{ct}"))?;
-    ensure!(
-        entry.contains("ESTABLISHED"),
-        "the pinned stream's entry: {entry}"
-    );
+    ensure!(entry.contains("ESTABLISHED"), "the pinned stream's entry: {entry}");
 
     // The client hangs up: FIN both ways, steered past netfilter.
     drop(conv);
@@ -997,12 +936,7 @@ fn with_agent_a_closed_pinned_flow_leaves_no_conntrack_entry() -> Result<()> {
             .as_array()
             .is_some_and(|pins| pins.iter().any(|p| p["client"] == client.to_string()))
     };
-    wait_until(
-        "the closed flow's pin to be released",
-        TIMEOUT,
-        || cli.status(),
-        |s| !pinned(s),
-    )?;
+    wait_until("the closed flow's pin to be released", TIMEOUT, || cli.status(), |s| !pinned(s))?;
     wait_until(
         "the closed flow's conntrack entry to be gone",
         TIMEOUT,
@@ -1026,15 +960,12 @@ fn with_agent_a_new_connection_on_a_dead_pins_tuple_is_placed_by_the_rules() -> 
 
     // a1 goes: its veth is down and the agent is told; the pin turns dead.
     let host_if = bed.cluster.pod("a1").host_if().to_owned();
-    bed.cluster
-        .node_a()
-        .ip(&["link", "set", &host_if, "down"])?;
+    bed.cluster.node_a().ip(&["link", "set", &host_if, "down"])?;
     cli.ok(&["pod", "remove", "a1"])?;
     let dead = |s: &Value| {
-        s["steering"]["pins"].as_array().is_some_and(|pins| {
-            pins.iter()
-                .any(|p| p["client"] == client.to_string() && p["dead"] == true)
-        })
+        s["steering"]["pins"]
+            .as_array()
+            .is_some_and(|pins| pins.iter().any(|p| p["client"] == client.to_string() && p["dead"] == true))
     };
     wait_until("the pin to turn dead", TIMEOUT, || cli.status(), dead)?;
     // The agent's next sweep (each second) deletes the old flow's conntrack
@@ -1049,10 +980,7 @@ fn with_agent_a_new_connection_on_a_dead_pins_tuple_is_placed_by_the_rules() -> 
     // so the port is free at once), and the same port connects again.
     drop(conv);
     let again = Conversation::tcp_from(bed.client(), client, to)?;
-    ensure!(
-        again.pod() != "a1",
-        "the new connection is not sent to the removed pod"
-    );
+    ensure!(again.pod() != "a1", "the new connection is not sent to the removed pod");
     again
         .expect_steady(5)
         .context("a new connection reusing a dead pin's tuple works (no RST from the dead pin)")?;
@@ -1067,10 +995,7 @@ fn with_agent_kubernetes_mode_pins_flows_to_a_terminating_remote_endpoint() -> R
     let k8s = conndrain_tests::fakeapi::AgentApi::start(bed.cluster.node_a())?;
     let api = &k8s.api;
     let kc = k8s.kubeconfig_arg();
-    let agent = Agent::start_with(
-        bed.cluster.node_a(),
-        &["--kubeconfig", &kc, "--node-name", "node-a"],
-    )?;
+    let agent = Agent::start_with(bed.cluster.node_a(), &["--kubeconfig", &kc, "--node-name", "node-a"])?;
     let cli = agent.cli();
 
     let slice = |b1_terminating: bool| -> Result<k8s_openapi::api::discovery::v1::EndpointSlice> {
@@ -1106,11 +1031,7 @@ fn with_agent_kubernetes_mode_pins_flows_to_a_terminating_remote_endpoint() -> R
     )?;
     bed.sync(&["a1", "a2"])?;
     bed.node_a().flush_conntrack()?;
-    conv.expect_steady(20)
-        .context("the stream keeps b1 after its endpoint and conntrack state are gone")?;
-    ensure!(
-        steered_packets(&cli)? > 0,
-        "the datapath steered the stream"
-    );
+    conv.expect_steady(20).context("the stream keeps b1 after its endpoint and conntrack state are gone")?;
+    ensure!(steered_packets(&cli)? > 0, "the datapath steered the stream");
     Ok(())
 }

@@ -11,26 +11,14 @@ use crate::cmd;
 /// Runs `cargo_run` (a `cargo run --release` in the workspace) on the bench
 /// example with `args`, against the release `conndrain` binary.
 /// `rollout` is another `cargo run --release`, for the rolling-update comparison.
-pub fn run(
-    root: &Path,
-    mut cargo_run: Command,
-    mut rollout: Command,
-    args: &[String],
-) -> Result<()> {
+pub fn run(root: &Path, mut cargo_run: Command, mut rollout: Command, args: &[String]) -> Result<()> {
     let bin = root.join("target").join("release").join("conndrain");
     if args.is_empty() {
         // A full run: the rolling-update comparison first, its table goes into BENCHMARKS.md.
         let summary = root.join("target").join("bench").join("rollout.md");
         std::fs::create_dir_all(summary.parent().unwrap_or(root))?;
         rollout
-            .args([
-                "--package",
-                "conndrain-tests",
-                "--example",
-                "rollout",
-                "--",
-                "--summary-out",
-            ])
+            .args(["--package", "conndrain-tests", "--example", "rollout", "--", "--summary-out"])
             .arg(&summary)
             .env("CONNDRAIN_BIN", &bin);
         cmd::run(&mut rollout)?;

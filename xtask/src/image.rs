@@ -14,6 +14,14 @@
 //!    back, every digest and size compared, the layer unpacked, and the
 //!    config's entrypoint run with `--version`; `/cp` is run the way the init
 //!    container runs it, and its copy too.
+//! 4. The same with real tools from Debian, so the layout is not only what
+//!    our own reader accepts: `skopeo inspect oci-archive:...` (platform,
+//!    labels, manifest digest), then `umoci unpack` of the layout into a
+//!    runtime bundle, whose `process.args[0]` is run with `--version`.
+//!
+//! `cargo xtask test` runs all of this as its image stage ([`stage`]), after
+//! the cargo tests, and fails if it fails: the static musl build is what we
+//! ship, and nothing else builds it.
 //!
 //! Load it with e.g. `skopeo copy oci-archive:target/image/conndrain-0.1.0-oci.tar
 //! docker://ghcr.io/conndrain/conndrain:0.1.0`, `podman load -i ...`, or
@@ -25,6 +33,7 @@ use std::{
     io::{Read as _, Write as _},
     path::{Path, PathBuf},
     process::Command,
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -62,7 +71,38 @@ pub struct Meta {
     pub revision: Option<String>,
 }
 
-pub fn run(root: &Path) -> Result<()> {
+/// What [`run`] built and checked.
+pub struct Built {
+    pub path: PathBuf,
+    pub mib: f64,
+    /// What the image's entrypoint printed for `--version`.
+    pub version: String,
+}
+
+/// `cargo xtask test`'s image stage: [`run`], timed, ending with one line,
+/// `image: ok ...` or `image: FAILED ...`.
+pub fn stage(root: &Path) -> Result<()> {
+    let start = Instant::now();
+    let built = run(root);
+    let secs = start.elapsed().as_secs_f64();
+    match built {
+        Ok(b) => {
+            println!(
+                "image: ok: {} ({:.1} MiB): skopeo inspect and umoci unpack read it, its entrypoint prints \"{}\" ({secs:.0} s)",
+                b.path.display(),
+                b.mib,
+                b.version
+            );
+            Ok(())
+        }
+        Err(e) => {
+            println!("image: FAILED: {e:#} ({secs:.0} s)");
+            Err(e.context("the image stage failed"))
+        }
+    }
+}
+
+pub fn run(root: &Path) -> Result<Built> {
     musl_setup(root)?;
     let conndrain = build_conndrain(root)?;
     let out_dir = root.join("target").join("image");
@@ -93,13 +133,84 @@ pub fn run(root: &Path) -> Result<()> {
         line == format!("conndrain {VERSION}"),
         "the image's entrypoint printed {line:?} for --version, not \"conndrain {VERSION}\""
     );
-    println!("image: verified entrypoint runs: {line}");
-    println!("image: {}", path.display());
-    Ok(())
+    eprintln!("image: our reader verified it; the entrypoint runs: {line}");
+    let by_tools = check_with_tools(&path, &tarball, &out_dir.join("check"))?;
+    ensure!(
+        by_tools == line,
+        "the entrypoint umoci unpacked printed {by_tools:?} for --version, not {line:?}"
+    );
+    Ok(Built {
+        path,
+        mib,
+        version: line,
+    })
 }
 
-/// The musl target for the active toolchain, and `musl-gcc` for the C in
-/// `ring` (cc-rs finds it by that name).
+/// Reads the image with skopeo and umoci (Debian packages, installed by
+/// setup): `skopeo inspect` must see a linux/amd64 image of our version
+/// whose manifest is the one our index names, and the entrypoint of the
+/// bundle `umoci unpack` makes must run. Returns what it printed for `--version`.
+fn check_with_tools(tarball_path: &Path, tarball: &[u8], work: &Path) -> Result<String> {
+    let index: Value = serde_json::from_slice(Layout::read(tarball)?.file("index.json")?)?;
+    let manifest_digest = index["manifests"][0]["digest"].clone();
+
+    let inspect = cmd::stdout(
+        cmd::command("skopeo")
+            .arg("inspect")
+            .arg(format!("oci-archive:{}", tarball_path.display())),
+    )?;
+    let inspected: Value =
+        serde_json::from_str(&inspect).context("skopeo inspect printed no JSON")?;
+    ensure!(
+        inspected["Os"] == "linux" && inspected["Architecture"] == "amd64",
+        "skopeo inspect: not linux/amd64: {inspected}"
+    );
+    ensure!(
+        inspected["Labels"]["org.opencontainers.image.version"] == VERSION,
+        "skopeo inspect: version label is not {VERSION}: {inspected}"
+    );
+    ensure!(
+        inspected["Digest"] == manifest_digest,
+        "skopeo inspect: manifest digest {} is not the index's {manifest_digest}",
+        inspected["Digest"]
+    );
+    eprintln!("image: skopeo inspect: linux/amd64, version {VERSION}, manifest {manifest_digest}");
+
+    // umoci reads an image layout directory: the tarball, unpacked.
+    match std::fs::remove_dir_all(work) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", work.display()));
+        }
+        _ => {}
+    }
+    let layout = work.join("layout");
+    std::fs::create_dir_all(&layout).with_context(|| format!("creating {}", layout.display()))?;
+    tar::Archive::new(tarball)
+        .unpack(&layout)
+        .with_context(|| format!("unpacking the image tarball into {}", layout.display()))?;
+    let bundle = work.join("bundle");
+    let mut image_ref = layout.into_os_string();
+    image_ref.push(format!(":{VERSION}"));
+    cmd::run(
+        cmd::command("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(&image_ref)
+            .arg(&bundle),
+    )?;
+    let runtime: Value = serde_json::from_slice(
+        &std::fs::read(bundle.join("config.json")).context("umoci unpack wrote no config.json")?,
+    )?;
+    let program = runtime["process"]["args"][0]
+        .as_str()
+        .context("the bundle's config.json has no process.args")?;
+    let line = version(&bundle.join("rootfs").join(program.trim_start_matches('/')), &[])?;
+    eprintln!("image: umoci unpack: {program} --version in the bundle: {line}");
+    Ok(line)
+}
+
+/// The musl target for the active toolchain (`musl-gcc`, for the C in
+/// `ring`, is a Debian package that setup installs; cc-rs finds it by name).
 fn musl_setup(root: &Path) -> Result<()> {
     let installed = cmd::stdout(cmd::command("rustup").current_dir(root).args([
         "target",
@@ -108,34 +219,12 @@ fn musl_setup(root: &Path) -> Result<()> {
     ]))?;
     if installed.lines().any(|l| l.trim() == TARGET) {
         eprintln!("image: rust target {TARGET} ok");
-    } else {
-        cmd::run(
-            cmd::command("rustup")
-                .current_dir(root)
-                .args(["target", "add", TARGET]),
-        )?;
-    }
-    let have_musl_gcc = cmd::command("musl-gcc")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if have_musl_gcc {
-        eprintln!("image: musl-gcc ok");
         return Ok(());
     }
-    if !crate::is_root() {
-        bail!(
-            "musl-gcc is missing; run `cargo xtask image` as root, or `apt-get install musl-tools`"
-        );
-    }
-    eprintln!("image: installing musl-tools (musl-gcc, for the C code of ring)");
-    cmd::run(cmd::command("apt-get").arg("update"))?;
     cmd::run(
-        cmd::command("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends", "musl-tools"]),
+        cmd::command("rustup")
+            .current_dir(root)
+            .args(["target", "add", TARGET]),
     )
 }
 

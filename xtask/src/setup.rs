@@ -2,7 +2,7 @@
 //!
 //! 1. `rust-src` for the nightly toolchain (aya-build builds `core` for the BPF target);
 //! 2. bpf-linker, built against the nightly's own libLLVM, in `target/tools`;
-//! 3. the Debian packages the tests and the demo use;
+//! 3. the Debian packages the tests, the demo and the image check use;
 //! 4. the second kernel's guest: qemu, busybox, Debian's Linux 6.1 image and
 //!    ipvsadm (Debian packages), and virtme-ng (`vng`, from PyPI, in a
 //!    virtualenv under `target/tools`).
@@ -30,6 +30,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     // Real pod networks for the tests: /usr/lib/cni/{bridge,ptp,macvlan,host-local}.
     "containernetworking-plugins",
+    // `cargo xtask image`: musl-gcc for the C code of `ring` in the static
+    // binary; skopeo and umoci read the image back as real tools would.
+    "musl-tools",
+    "skopeo",
+    "umoci",
     // The guest stage (`cargo xtask test-guest`): Linux 6.1 under qemu, booted by
     // virtme-ng over this machine's root filesystem, and IPVS's admin tool.
     "qemu-system-x86",
@@ -68,17 +73,10 @@ fn virtme_ng(tools: &Path) -> Result<()> {
         eprintln!("setup: virtme-ng {VIRTME_NG_VERSION} ok");
         return Ok(());
     }
-    eprintln!(
-        "setup: installing virtme-ng {VIRTME_NG_VERSION} in {}",
-        venv.display()
-    );
+    eprintln!("setup: installing virtme-ng {VIRTME_NG_VERSION} in {}", venv.display());
     // Debian's own python3 (python3-venv is one of the packages above), so a
     // python3 of another origin first on PATH does not matter.
-    cmd::run(
-        cmd::command("/usr/bin/python3")
-            .args(["-m", "venv", "--clear"])
-            .arg(&venv),
-    )?;
+    cmd::run(cmd::command("/usr/bin/python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
     cmd::run(
         cmd::command(venv.join("bin").join("pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
@@ -238,6 +236,8 @@ fn debian_packages() -> Result<()> {
     cmd::run(
         cmd::command("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
+            // Wait for another apt run to finish instead of failing at once.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
     )

@@ -17,10 +17,7 @@ pub enum ClientError {
         "cannot reach the agent at {} ({source}); start it with `conndrain agent --standalone`, or point --socket/CONNDRAIN_SOCKET at its socket",
         path.display()
     )]
-    Unreachable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreachable { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Api(String),
     #[error("talking to the agent: {0}")]
@@ -34,20 +31,14 @@ pub struct Client {
 impl Client {
     #[must_use]
     pub fn new(path: &Path) -> Self {
-        Self {
-            path: path.to_path_buf(),
-        }
+        Self { path: path.to_path_buf() }
     }
 
     pub async fn get<T: DeserializeOwned>(&self, uri: &str) -> Result<T, ClientError> {
         self.call(Method::GET, uri, None::<&()>).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        uri: &str,
-        body: &B,
-    ) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, uri: &str, body: &B) -> Result<T, ClientError> {
         self.call(Method::POST, uri, Some(body)).await
     }
 
@@ -55,31 +46,19 @@ impl Client {
         self.raw(Method::DELETE, uri, Bytes::new()).await.map(drop)
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(
-        &self,
-        method: Method,
-        uri: &str,
-        body: Option<&B>,
-    ) -> Result<T, ClientError> {
+    async fn call<B: Serialize, T: DeserializeOwned>(&self, method: Method, uri: &str, body: Option<&B>) -> Result<T, ClientError> {
         let body = match body {
-            Some(b) => Bytes::from(
-                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
-            ),
+            Some(b) => Bytes::from(serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?),
             None => Bytes::new(),
         };
         let bytes = self.raw(method, uri, body).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::Protocol(format!("bad response: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("bad response: {e}")))
     }
 
     async fn raw(&self, method: Method, uri: &str, body: Bytes) -> Result<Bytes, ClientError> {
-        let stream =
-            UnixStream::connect(&self.path)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    path: self.path.clone(),
-                    source,
-                })?;
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ClientError::Unreachable { path: self.path.clone(), source })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -91,10 +70,7 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -105,10 +81,8 @@ impl Client {
         if status.is_success() {
             return Ok(bytes);
         }
-        let msg = serde_json::from_slice::<ErrorBody>(&bytes).map_or_else(
-            |_| format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()),
-            |e| e.error,
-        );
+        let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map_or_else(|_| format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()), |e| e.error);
         Err(ClientError::Api(msg))
     }
 }

@@ -230,16 +230,10 @@ pub(crate) fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 pub(crate) fn refuse_unknown(router: Router, serves: &'static str) -> Router {
     router
         .fallback(move |uri: Uri| async move {
-            error(
-                StatusCode::NOT_FOUND,
-                format!("no endpoint {}; {serves}", uri.path()),
-            )
+            error(StatusCode::NOT_FOUND, format!("no endpoint {}; {serves}", uri.path()))
         })
         .method_not_allowed_fallback(move |method: Method, uri: Uri| async move {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {}; {serves}", uri.path()),
-            )
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}; {serves}", uri.path()))
         })
 }
 
@@ -259,9 +253,7 @@ where
         // Outermost: refuses a Content-Length over the limit before anything waits for the body.
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(CLIENT_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES);
+    http.timer(TokioTimer::new()).header_read_timeout(CLIENT_TIMEOUT).max_buf_size(MAX_HEAD_BYTES);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut full = false;
     loop {
@@ -270,10 +262,7 @@ where
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // Once per spell at the limit: a flood must not flood the log too.
             if !std::mem::replace(&mut full, true) {
-                tracing::warn!(
-                    max_connections,
-                    "too many connections; closing new ones until some end"
-                );
+                tracing::warn!(max_connections, "too many connections; closing new ones until some end");
             }
             continue;
         };

@@ -67,27 +67,19 @@ struct PodWaiter<'a> {
 
 impl<'a> PodWaiter<'a> {
     fn enter(per_pod: &'a Mutex<HashMap<String, usize>>, limit: usize, pod: &str) -> Option<Self> {
-        let mut open = per_pod
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = per_pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = open.entry(pod.to_owned()).or_default();
         if *n >= limit {
             return None;
         }
         *n += 1;
-        Some(Self {
-            per_pod,
-            pod: pod.to_owned(),
-        })
+        Some(Self { per_pod, pod: pod.to_owned() })
     }
 }
 
 impl Drop for PodWaiter<'_> {
     fn drop(&mut self) {
-        let mut open = self
-            .per_pod
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = self.per_pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = open.get_mut(&self.pod) {
             *n -= 1;
             if *n == 0 {
@@ -103,10 +95,7 @@ pub fn wait_router(api: Arc<NodeApi>) -> Router {
         // GET only: a body announced bigger than this is refused before anything else.
         .layer(RequestBodyLimitLayer::new(1024))
         .with_state(api);
-    super::refuse_unknown(
-        router,
-        "this port serves GET /v1/wait, for a pod's preStop `conndrain wait`",
-    )
+    super::refuse_unknown(router, "this port serves GET /v1/wait, for a pod's preStop `conndrain wait`")
 }
 
 pub fn metrics_router(api: Arc<NodeApi>) -> Router {
@@ -116,10 +105,7 @@ pub fn metrics_router(api: Arc<NodeApi>) -> Router {
         .route("/readyz", get(readyz))
         .layer(RequestBodyLimitLayer::new(1024))
         .with_state(api);
-    super::refuse_unknown(
-        router,
-        "this port serves GET /metrics, /healthz and /readyz",
-    )
+    super::refuse_unknown(router, "this port serves GET /metrics, /healthz and /readyz")
 }
 
 /// Serves a node API router; handlers learn the caller from the TCP
@@ -143,25 +129,16 @@ async fn wait(
     let caller = peer.ip().to_canonical();
     let Some(pod) = api.node.pod_for_ip(caller).await else {
         tracing::info!(%caller, "refused /v1/wait from an address that is no pod on this node");
-        return error(
-            StatusCode::FORBIDDEN,
-            format!("{caller} is not a pod on this node"),
-        );
+        return error(StatusCode::FORBIDDEN, format!("{caller} is not a pod on this node"));
     };
     let Some(_mine) = PodWaiter::enter(&api.per_pod, api.per_pod_limit, &pod) else {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "pod {pod} already has {} waits open; retry shortly",
-                api.per_pod_limit
-            ),
+            format!("pod {pod} already has {} waits open; retry shortly", api.per_pod_limit),
         );
     };
     let Ok(_permit) = api.waiters.try_acquire() else {
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many pods waiting; retry shortly",
-        );
+        return error(StatusCode::TOO_MANY_REQUESTS, "too many pods waiting; retry shortly");
     };
     tracing::info!(%pod, "preStop wait");
     // No timeout of our own: the pod's deadline ends every drain, and the
@@ -176,22 +153,13 @@ async fn wait(
     }
 }
 
-async fn metrics(
-    State(api): State<Arc<NodeApi>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-) -> Response {
+async fn metrics(State(api): State<Arc<NodeApi>>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
     if api.node.pod_for_ip(peer.ip()).await.is_some() {
-        return error(
-            StatusCode::FORBIDDEN,
-            "pods on this node may not read its metrics",
-        );
+        return error(StatusCode::FORBIDDEN, "pods on this node may not read its metrics");
     }
     api.node.refresh_metrics().await;
     (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         api.node.metrics.encode(),
     )
         .into_response()
@@ -201,9 +169,6 @@ async fn readyz(State(api): State<Arc<NodeApi>>) -> Response {
     if api.ready.load(Ordering::SeqCst) {
         "ready".into_response()
     } else {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the first pod sync",
-        )
+        error(StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the first pod sync")
     }
 }

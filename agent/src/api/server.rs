@@ -29,16 +29,12 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!(
-                "another conndrain agent is already serving on {}",
-                path.display()
-            );
+            anyhow::bail!("another conndrain agent is already serving on {}", path.display());
         }
         std::fs::remove_file(path).map_err(|e| fail("remove the stale", &e))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| fail("create", &e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| fail("restrict", &e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| fail("restrict", &e))?;
     Ok(listener)
 }
 
@@ -56,10 +52,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/pods/{name}/wait", get(wait))
         .route("/v1/flows", get(flows))
         .with_state(node);
-    super::refuse_unknown(
-        router,
-        "the local API is for the conndrain CLI: see `conndrain --help`",
-    )
+    super::refuse_unknown(router, "the local API is for the conndrain CLI: see `conndrain --help`")
 }
 
 pub async fn serve(listener: UnixListener, node: Arc<Node>) -> anyhow::Result<()> {
@@ -78,16 +71,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = match &self.0 {
             PodError::Unknown(_) | PodError::Removed(_) => StatusCode::NOT_FOUND,
-            PodError::Exists(_) | PodError::IpTaken { .. } | PodError::AlreadyTerminating(_) => {
-                StatusCode::CONFLICT
-            }
-            PodError::NoIps(_) | PodError::BadName(_) | PodError::BadDuration { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            PodError::Exists(_) | PodError::IpTaken { .. } | PodError::AlreadyTerminating(_) => StatusCode::CONFLICT,
+            PodError::NoIps(_) | PodError::BadName(_) | PodError::BadDuration { .. } => StatusCode::BAD_REQUEST,
             PodError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
-            PodError::Datapath(crate::error::Error::NoRoute { .. }) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            PodError::Datapath(crate::error::Error::NoRoute { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             PodError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         super::error(code, self.0.to_string())
@@ -104,29 +91,17 @@ async fn pods(State(node): State<Arc<Node>>) -> Json<Vec<super::PodView>> {
     Json(node.pods().await)
 }
 
-async fn pod(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-) -> ApiResult<super::PodView> {
+async fn pod(State(node): State<Arc<Node>>, UrlPath(name): UrlPath<String>) -> ApiResult<super::PodView> {
     Ok(Json(node.pod(&name).await?))
 }
 
-async fn add_pod(
-    State(node): State<Arc<Node>>,
-    Json(req): Json<AddPod>,
-) -> ApiResult<super::PodView> {
-    let spec = crate::node::PodSpec {
-        probe_ports: req.probe_ports,
-        preexisting: false,
-    };
+async fn add_pod(State(node): State<Arc<Node>>, Json(req): Json<AddPod>) -> ApiResult<super::PodView> {
+    let spec = crate::node::PodSpec { probe_ports: req.probe_ports, preexisting: false };
     node.add_pod(&req.name, &req.ips, &spec).await?;
     Ok(Json(node.pod(&req.name).await?))
 }
 
-async fn remove_pod(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<StatusCode, ApiError> {
+async fn remove_pod(State(node): State<Arc<Node>>, UrlPath(name): UrlPath<String>) -> Result<StatusCode, ApiError> {
     node.remove_pod(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -140,10 +115,7 @@ async fn terminate(
     Ok(Json(node.pod(&name).await?))
 }
 
-async fn why(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-) -> ApiResult<super::Why> {
+async fn why(State(node): State<Arc<Node>>, UrlPath(name): UrlPath<String>) -> ApiResult<super::Why> {
     Ok(Json(node.why(&name).await?))
 }
 
@@ -161,11 +133,7 @@ async fn wait(
         None => None,
         Some(s) if (0.0..1e9).contains(&s) => Some(Duration::from_secs_f64(s)),
         Some(value) => {
-            return Err(PodError::BadDuration {
-                what: "timeout",
-                value,
-            }
-            .into());
+            return Err(PodError::BadDuration { what: "timeout", value }.into());
         }
     };
     Ok(Json(node.wait(&name, timeout).await?))
@@ -176,9 +144,6 @@ struct FlowsQuery {
     pod: Option<String>,
 }
 
-async fn flows(
-    State(node): State<Arc<Node>>,
-    Query(q): Query<FlowsQuery>,
-) -> ApiResult<Vec<super::FlowView>> {
+async fn flows(State(node): State<Arc<Node>>, Query(q): Query<FlowsQuery>) -> ApiResult<Vec<super::FlowView>> {
     Ok(Json(node.flows(q.pod.as_deref()).await?))
 }

@@ -13,7 +13,10 @@ use crate::{
         node::{self as node_api, NodeApi},
         server,
     },
-    datapath::{AttachMode, Datapath, Features, LoadOptions, features::Wanted},
+    datapath::{
+        AttachMode, Datapath, Features, LoadOptions,
+        features::Wanted,
+    },
     drain::Timeouts,
     node::{Node, Settings},
 };
@@ -120,14 +123,8 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 /// datapath outlives the agent, so there is nothing to take back).
 fn state_file(args: &Args, socket: &Path) -> Option<std::path::PathBuf> {
     args.bpffs.as_ref()?;
-    let dir = args
-        .state_dir
-        .clone()
-        .or_else(|| socket.parent().map(Path::to_path_buf));
-    Some(
-        dir.unwrap_or_else(|| "/run/conndrain".into())
-            .join("state.json"),
-    )
+    let dir = args.state_dir.clone().or_else(|| socket.parent().map(Path::to_path_buf));
+    Some(dir.unwrap_or_else(|| "/run/conndrain".into()).join("state.json"))
 }
 
 fn ns(secs: f64) -> u64 {
@@ -142,35 +139,22 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     // The APIs may hold 2 x 1024 + 128 connections (see api::serve), more
     // than the 1024 open files containers often start with.
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) if n < 4096 => tracing::warn!(
-            limit = n,
-            "few open files allowed: the APIs may refuse connections"
-        ),
+        Ok(n) if n < 4096 => tracing::warn!(limit = n, "few open files allowed: the APIs may refuse connections"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "raising the open-file limit"),
     }
     let kube = match node_name {
-        Some(node_name) => Some((
-            crate::kubernetes::client(args.kubeconfig.as_ref()).await?,
-            node_name,
-        )),
+        Some(node_name) => Some((crate::kubernetes::client(args.kubeconfig.as_ref()).await?, node_name)),
         None => None,
     };
     let listener = server::bind(socket).await?;
     let bind_tcp = |ip: std::net::IpAddr, port: u16, what: &'static str| async move {
         tokio::net::TcpListener::bind((ip, port))
             .await
-            .with_context(|| {
-                format!("cannot listen on {ip}:{port} for {what}; choose another port")
-            })
+            .with_context(|| format!("cannot listen on {ip}:{port} for {what}; choose another port"))
     };
     let any = std::net::IpAddr::from([0u8; 16]);
-    let wait_listener = bind_tcp(
-        args.host_ip.unwrap_or(any),
-        args.wait_port,
-        "the preStop API (--wait-port)",
-    )
-    .await;
+    let wait_listener = bind_tcp(args.host_ip.unwrap_or(any), args.wait_port, "the preStop API (--wait-port)").await;
     let metrics_listener = bind_tcp(any, args.metrics_port, "metrics (--metrics-port)").await;
     let (wait_listener, metrics_listener) = match (wait_listener, metrics_listener) {
         (Ok(w), Ok(m)) => (w, m),
@@ -193,28 +177,25 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let mode = if args.standalone {
-        "standalone"
-    } else {
-        "kubernetes"
-    };
+    let mode = if args.standalone { "standalone" } else { "kubernetes" };
     tracing::info!(
         kernel = %datapath.features.release,
         btf = datapath.features.btf,
         tcx = datapath.features.tcx,
+        steering = datapath.features.steering,
         attach = ?datapath.mode,
         max_flows = args.max_flows,
         socket = %socket.display(),
         mode,
         "agent started"
     );
+    if let Some(line) = datapath.features.steering_off() {
+        tracing::warn!("{line}");
+    }
     let node = Arc::new(Node::new(
         datapath,
         Settings {
-            timeouts: Timeouts {
-                idle_ns: ns(args.idle_timeout),
-                udp_ns: ns(args.udp_timeout),
-            },
+            timeouts: Timeouts { idle_ns: ns(args.idle_timeout), udp_ns: ns(args.udp_timeout) },
             default_deadline: Duration::from_secs_f64(args.deadline),
             default_quiet_period: Duration::from_secs_f64(args.quiet_period),
             mode,
@@ -242,9 +223,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     };
     let kube_task = async {
         match kube {
-            Some((client, node_name)) => {
-                kubernetes(client, node_name, &args, node.clone(), ready.clone()).await
-            }
+            Some((client, node_name)) => kubernetes(client, node_name, &args, node.clone(), ready.clone()).await,
             None => std::future::pending().await,
         }
     };

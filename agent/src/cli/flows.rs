@@ -31,13 +31,7 @@ pub(crate) fn print_table(flows: &[FlowView]) {
         "POD", "PROTO", "DIR", "STATE", "POD ADDR", "PEER ADDR", "AGE", "IDLE", "HOLDS"
     );
     for f in flows {
-        let holds = if f.active {
-            "yes"
-        } else if f.idle {
-            "no(idle)"
-        } else {
-            "no"
-        };
+        let holds = if f.active { "yes" } else if f.idle { "no(idle)" } else { "no" };
         println!(
             "{:<20} {:<4} {:<8} {:<11} {:<28} {:<28} {:>7} {:>7} {:>8}  {}",
             f.pod,
@@ -49,10 +43,7 @@ pub(crate) fn print_table(flows: &[FlowView]) {
             human_secs(f.age_secs),
             human_secs(f.idle_secs),
             holds,
-            f.pinned.as_ref().map_or_else(
-                || "-".to_owned(),
-                |p| format!("{} via {}", p.client, p.frontend)
-            )
+            f.pinned.as_ref().map_or_else(|| "-".to_owned(), |p| format!("{} via {}", p.client, p.frontend))
         );
     }
 }

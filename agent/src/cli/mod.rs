@@ -16,11 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::api::{DEFAULT_SOCKET, client::Client};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "conndrain",
-    version,
-    about = "Drain Kubernetes pods by their real connections"
-)]
+#[command(name = "conndrain", version, about = "Drain Kubernetes pods by their real connections")]
 pub struct Cli {
     /// The agent's local API socket.
     #[arg(long, global = true, env = "CONNDRAIN_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -87,11 +83,7 @@ pub(crate) fn human_secs(s: f64) -> String {
     } else if s < 120.0 {
         format!("{s:.0}s")
     } else {
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "display only"
-        )]
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "display only")]
         let s = s as u64;
         format!("{}m{:02}s", s / 60, s % 60)
     }

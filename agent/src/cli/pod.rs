@@ -36,49 +36,21 @@ pub enum PodCommand {
 
 pub async fn run(client: &Client, cmd: PodCommand) -> anyhow::Result<()> {
     match cmd {
-        PodCommand::Add {
-            name,
-            ips,
-            probe_ports,
-        } => {
-            let pod: PodView = client
-                .post(
-                    "/v1/pods",
-                    &AddPod {
-                        name,
-                        ips,
-                        probe_ports,
-                    },
-                )
-                .await?;
-            println!(
-                "pod {} added ({}) on {}",
-                pod.name,
-                join(&pod.ips),
-                pod.interfaces.join(", ")
-            );
+        PodCommand::Add { name, ips, probe_ports } => {
+            let pod: PodView = client.post("/v1/pods", &AddPod { name, ips, probe_ports }).await?;
+            println!("pod {} added ({}) on {}", pod.name, join(&pod.ips), pod.interfaces.join(", "));
             if let Some(note) = &pod.note {
                 eprintln!("conndrain: pod {} is skipped: {note}", pod.name);
             }
         }
-        PodCommand::Terminate {
-            name,
-            deadline,
-            quiet_period,
-        } => {
-            let req = Terminate {
-                deadline_secs: deadline,
-                quiet_period_secs: quiet_period,
-            };
-            let pod: PodView = client
-                .post(&format!("/v1/pods/{}/terminate", seg(&name)), &req)
-                .await?;
+        PodCommand::Terminate { name, deadline, quiet_period } => {
+            let req = Terminate { deadline_secs: deadline, quiet_period_secs: quiet_period };
+            let pod: PodView = client.post(&format!("/v1/pods/{}/terminate", seg(&name)), &req).await?;
             println!(
                 "pod {} is draining: {} active flows, deadline in {}",
                 pod.name,
                 pod.active_flows,
-                pod.deadline_in_secs
-                    .map_or_else(|| "-".into(), super::human_secs)
+                pod.deadline_in_secs.map_or_else(|| "-".into(), super::human_secs)
             );
         }
         PodCommand::Remove { name } => {
@@ -90,8 +62,5 @@ pub async fn run(client: &Client, cmd: PodCommand) -> anyhow::Result<()> {
 }
 
 fn join(ips: &[IpAddr]) -> String {
-    ips.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }

@@ -15,9 +15,7 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
     for p in &pods {
         let opt = |v: Option<f64>| v.map_or_else(|| "-".into(), human_secs);
         let quiet = match (p.quiet_for_secs, p.quiet_period_secs) {
-            (Some(q), Some(period)) => {
-                format!("{}/{}", human_secs(q.min(period)), human_secs(period))
-            }
+            (Some(q), Some(period)) => format!("{}/{}", human_secs(q.min(period)), human_secs(period)),
             _ => "-".into(),
         };
         let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
@@ -31,9 +29,7 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
             p.new_flows_since_termination,
             quiet,
             opt(p.deadline_in_secs),
-            p.note
-                .as_ref()
-                .map_or_else(|| ips.join(","), |n| format!("({n})"))
+            p.note.as_ref().map_or_else(|| ips.join(","), |n| format!("({n})"))
         );
     }
     Ok(())

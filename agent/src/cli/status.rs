@@ -11,12 +11,16 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!("conndrain {} ({} mode)", s.version, s.mode);
     println!(
-        "kernel:      {} (BTF: {}, tcx: {}); attach mode: {:?}",
+        "kernel:      {} (BTF: {}, tcx: {}, steering: {}); attach mode: {:?}",
         s.kernel.release,
         yes(s.kernel.btf),
         yes(s.kernel.tcx),
+        yes(s.kernel.steering),
         s.attach_mode
     );
+    if let Some(line) = s.kernel.steering_off() {
+        println!("steering:    off ({line})");
+    }
     println!(
         "privileges:  CAP_BPF {}, CAP_NET_ADMIN {}, CAP_PERFMON {}",
         yes(s.kernel.cap_bpf),
@@ -27,15 +31,9 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
         println!("interfaces:  none yet (attached when a pod is added)");
     }
     for i in &s.interfaces {
-        println!(
-            "interface:   {} (ifindex {}), {} pod(s), ingress+egress",
-            i.name, i.ifindex, i.pods
-        );
+        println!("interface:   {} (ifindex {}), {} pod(s), ingress+egress", i.name, i.ifindex, i.pods);
     }
-    println!(
-        "flow table:  {} / {} entries",
-        s.maps.flows.used, s.maps.flows.max
-    );
+    println!("flow table:  {} / {} entries", s.maps.flows.used, s.maps.flows.max);
     println!(
         "held flows:  {} / {} entries (draining pods' flows, never evicted; {} held so far, {} found no room)",
         s.maps.held.used, s.maps.held.max, s.stats.held, s.stats.hold_failed
@@ -43,26 +41,13 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
     println!("pods:        {} / {}", s.maps.pods.used, s.maps.pods.max);
     println!(
         "datapath:    {} packets, {} not parsed (passed), {} of no pod, {} flows created, {} inserts failed",
-        s.stats.packets,
-        s.stats.unparsed,
-        s.stats.not_pod,
-        s.stats.flows_created,
-        s.stats.insert_failed
+        s.stats.packets, s.stats.unparsed, s.stats.not_pod, s.stats.flows_created, s.stats.insert_failed
     );
-    println!(
-        "evictions:   {} live flows evicted from the flow table",
-        s.stats.flows_evicted
-    );
-    println!(
-        "events:      {} received, {} lost",
-        s.events_received, s.events_lost
-    );
+    println!("evictions:   {} live flows evicted from the flow table", s.stats.flows_evicted);
+    println!("events:      {} received, {} lost", s.events_received, s.events_lost);
     println!(
         "steering:    {} pinned flows, {} packets steered, {} resets sent, {} not steerable",
-        s.steering.pinned_flows,
-        s.steering.steered_packets,
-        s.steering.resets_sent,
-        s.steering.steer_failed
+        s.steering.pinned_flows, s.steering.steered_packets, s.steering.resets_sent, s.steering.steer_failed
     );
     for p in &s.steering.pins {
         println!(
@@ -72,16 +57,9 @@ pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
             p.frontend,
             p.backend,
             p.pod,
-            if p.dead {
-                ", pod gone: answering with RST"
-            } else {
-                ""
-            }
+            if p.dead { ", pod gone: answering with RST" } else { "" }
         );
     }
-    println!(
-        "timeouts:    idle keep-alive {}s, UDP {}s",
-        s.idle_timeout_secs, s.udp_timeout_secs
-    );
+    println!("timeouts:    idle keep-alive {}s, UDP {}s", s.idle_timeout_secs, s.udp_timeout_secs);
     Ok(())
 }

@@ -70,17 +70,11 @@ fn report(o: &WaitOutcome) -> i32 {
             0
         }
         (false, PodState::Skipped) => {
-            eprintln!(
-                "conndrain: {} is skipped: conndrain cannot see its traffic (conndrain why {})",
-                o.pod, o.pod
-            );
+            eprintln!("conndrain: {} is skipped: conndrain cannot see its traffic (conndrain why {})", o.pod, o.pod);
             EXIT_SKIPPED
         }
         (false, _) => {
-            eprintln!(
-                "conndrain: {} reached its deadline with {} active flow(s) still open",
-                o.pod, o.active_flows
-            );
+            eprintln!("conndrain: {} reached its deadline with {} active flow(s) still open", o.pod, o.active_flows);
             EXIT_DEADLINE
         }
     }
@@ -94,10 +88,7 @@ async fn pre_stop(args: &Args) -> i32 {
     };
     let result = result.and_then(|o| {
         if o.state == PodState::Skipped {
-            Err(format!(
-                "the agent cannot see {}'s traffic (skipped)",
-                o.pod
-            ))
+            Err(format!("the agent cannot see {}'s traffic (skipped)", o.pod))
         } else {
             Ok(o)
         }
@@ -108,11 +99,8 @@ async fn pre_stop(args: &Args) -> i32 {
             0
         }
         Err(why) => {
-            let secs = if args.fallback_sleep.is_finite() && args.fallback_sleep > 0.0 {
-                args.fallback_sleep
-            } else {
-                0.0
-            };
+            let secs =
+                if args.fallback_sleep.is_finite() && args.fallback_sleep > 0.0 { args.fallback_sleep } else { 0.0 };
             eprintln!("conndrain: {why}; falling back to sleeping {secs}s");
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             0
@@ -137,32 +125,18 @@ async fn ask_agent(host: &str, port: u16, timeout: Option<f64>) -> Result<WaitOu
             .header("host", addr.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("agent at {addr}: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("agent at {addr}: {e}"))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         if !status.is_success() {
-            return Err(format!(
-                "the agent at {addr} answered {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            ));
+            return Err(format!("the agent at {addr} answered {status}: {}", String::from_utf8_lossy(&body).trim()));
         }
-        serde_json::from_slice::<WaitOutcome>(&body)
-            .map_err(|e| format!("bad answer from the agent: {e}"))
+        serde_json::from_slice::<WaitOutcome>(&body).map_err(|e| format!("bad answer from the agent: {e}"))
     };
     match timeout {
-        Some(t) if t.is_finite() && t >= 0.0 => {
-            tokio::time::timeout(Duration::from_secs_f64(t), call)
-                .await
-                .unwrap_or_else(|_| Err(format!("the agent at {addr} did not answer within {t}s")))
-        }
+        Some(t) if t.is_finite() && t >= 0.0 => tokio::time::timeout(Duration::from_secs_f64(t), call)
+            .await
+            .unwrap_or_else(|_| Err(format!("the agent at {addr} did not answer within {t}s"))),
         _ => call.await,
     }
 }

@@ -12,34 +12,20 @@ pub struct Args {
 }
 
 pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
-    let w: Why = client
-        .get(&format!("/v1/pods/{}/why", seg(&args.name)))
-        .await?;
+    let w: Why = client.get(&format!("/v1/pods/{}/why", seg(&args.name))).await?;
     let p = &w.pod;
     match p.state {
         PodState::Serving => {
-            println!(
-                "{} is serving: it is not terminating, so nothing is draining it.",
-                p.name
-            );
-            println!(
-                "{} active inbound flow(s) would hold it if it were.",
-                p.active_flows
-            );
+            println!("{} is serving: it is not terminating, so nothing is draining it.", p.name);
+            println!("{} active inbound flow(s) would hold it if it were.", p.active_flows);
         }
-        PodState::Skipped => println!(
-            "{} is not tracked: {}.",
-            p.name,
-            p.note.as_deref().unwrap_or("skipped")
-        ),
-        PodState::Drained => println!(
-            "{} is drained: no active inbound flow and no new one for the quiet period.",
-            p.name
-        ),
-        PodState::Deadline => println!(
-            "{} reached its deadline with {} active inbound flow(s) still open.",
-            p.name, p.active_flows
-        ),
+        PodState::Skipped => println!("{} is not tracked: {}.", p.name, p.note.as_deref().unwrap_or("skipped")),
+        PodState::Drained => {
+            println!("{} is drained: no active inbound flow and no new one for the quiet period.", p.name)
+        }
+        PodState::Deadline => {
+            println!("{} reached its deadline with {} active inbound flow(s) still open.", p.name, p.active_flows)
+        }
         PodState::Draining => {
             let deadline = p.deadline_in_secs.map_or_else(|| "?".into(), human_secs);
             if w.holding.is_empty() && !w.sockets.holding.is_empty() {
@@ -60,12 +46,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
                     p.new_flows_since_termination
                 );
             } else {
-                println!(
-                    "{} is held by {} active inbound flow(s); deadline in {}:",
-                    p.name,
-                    w.holding.len(),
-                    deadline
-                );
+                println!("{} is held by {} active inbound flow(s); deadline in {}:", p.name, w.holding.len(), deadline);
             }
         }
     }
@@ -87,11 +68,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         println!(
             "Its own sockets: {} open inbound TCP connection(s){}.",
             s.open,
-            if s.confirms_drain {
-                "; a drain is confirmed against them"
-            } else {
-                ""
-            }
+            if s.confirms_drain { "; a drain is confirmed against them" } else { "" }
         );
         if let Some(note) = &s.note {
             println!("  They cannot confirm a drain, so it goes to its deadline: {note}.");
@@ -111,18 +88,11 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         println!("Not holding it:");
         for f in &w.not_holding {
             let why = if f.idle {
-                format!(
-                    "idle keep-alive, quiet for {} (> {}s)",
-                    human_secs(f.idle_secs),
-                    w.idle_timeout_secs
-                )
+                format!("idle keep-alive, quiet for {} (> {}s)", human_secs(f.idle_secs), w.idle_timeout_secs)
             } else {
                 "outbound: the pod is the client".to_owned()
             };
-            println!(
-                "  {} {} {} -> {}: {}",
-                f.proto, f.direction, f.pod_addr, f.peer_addr, why
-            );
+            println!("  {} {} {} -> {}: {}", f.proto, f.direction, f.pod_addr, f.peer_addr, why);
         }
     }
     Ok(())

@@ -69,33 +69,34 @@ impl Links {
     }
 }
 
-/// Loads the programs, and says how they will be attached: `wanted`, or
-/// (`None`) tcx where the kernel has it, clsact otherwise.
-pub fn load_programs(ebpf: &mut Ebpf, wanted: Option<AttachMode>) -> Result<AttachMode, Error> {
+/// The ingress program: with steering, or (kernels without
+/// `bpf_redirect_neigh`, whose verifier refuses that one) tracking only.
+#[must_use]
+pub fn ingress_program(steering: bool) -> &'static str {
+    if steering { programs::INGRESS } else { programs::INGRESS_TRACK }
+}
+
+/// Loads the programs (`ingress`: see [`ingress_program`]), and says how they
+/// will be attached: `wanted`, or (`None`) tcx where the kernel has it,
+/// clsact otherwise.
+pub fn load_programs(ebpf: &mut Ebpf, ingress: &'static str, wanted: Option<AttachMode>) -> Result<AttachMode, Error> {
     let tcx = super::features::tcx_supported();
     if wanted == Some(AttachMode::Tcx) && !tcx {
         return Err(Error::Unsupported {
             missing: vec!["--attach tcx: this kernel has no tcx (Linux 6.6+); use --attach auto or --attach clsact".into()],
         });
     }
-    for name in [programs::INGRESS, programs::EGRESS] {
+    for name in [ingress, programs::EGRESS] {
         program(ebpf, name)?
             .load()
-            .map_err(|source| Error::Program {
-                name,
-                op: "loading",
-                source: Box::new(source),
-            })?;
+            .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
     }
-    Ok(wanted.unwrap_or(if tcx {
-        AttachMode::Tcx
-    } else {
-        AttachMode::Clsact
-    }))
+    Ok(wanted.unwrap_or(if tcx { AttachMode::Tcx } else { AttachMode::Clsact }))
 }
 
 pub fn attach(
     ebpf: &mut Ebpf,
+    ingress: &'static str,
     iface: &str,
     ifindex: u32,
     mode: AttachMode,
@@ -107,24 +108,9 @@ pub fn attach(
             tracing::debug!(%iface, error = %e, "clsact qdisc (probably already there)");
         }
     }
-    let ingress = attach_one(
-        ebpf,
-        programs::INGRESS,
-        iface,
-        ifindex,
-        TcAttachType::Ingress,
-        mode,
-        pins,
-    )?;
-    let egress = match attach_one(
-        ebpf,
-        programs::EGRESS,
-        iface,
-        ifindex,
-        TcAttachType::Egress,
-        mode,
-        pins,
-    ) {
+    let ingress_name = ingress;
+    let ingress = attach_one(ebpf, ingress_name, iface, ifindex, TcAttachType::Ingress, mode, pins)?;
+    let egress = match attach_one(ebpf, programs::EGRESS, iface, ifindex, TcAttachType::Egress, mode, pins) {
         Ok(l) => l,
         Err(e) => {
             detach_one(ingress.0);
@@ -134,32 +120,17 @@ pub fn attach(
     if mode == AttachMode::Tcx {
         // Filters an earlier agent left on clsact (it ran with --attach
         // clsact): ours run on tcx now, and two copies would count twice.
-        for (ty, name) in [
-            (TcAttachType::Ingress, programs::INGRESS),
-            (TcAttachType::Egress, programs::EGRESS),
-        ] {
+        for (ty, name) in [(TcAttachType::Ingress, ingress_name), (TcAttachType::Egress, programs::EGRESS)] {
             if tc::qdisc_detach_program(iface, ty, name).is_ok() {
-                tracing::info!(
-                    interface = iface,
-                    program = name,
-                    "removed the clsact filter an earlier agent left"
-                );
+                tracing::info!(interface = iface, program = name, "removed the clsact filter an earlier agent left");
             }
         }
     }
-    Ok(Links {
-        adopted: ingress.1 || egress.1,
-        ingress: ingress.0,
-        egress: egress.0,
-    })
+    Ok(Links { adopted: ingress.1 || egress.1, ingress: ingress.0, egress: egress.0 })
 }
 
 fn direction(ty: TcAttachType) -> &'static str {
-    if ty == TcAttachType::Ingress {
-        "ingress"
-    } else {
-        "egress"
-    }
+    if ty == TcAttachType::Ingress { "ingress" } else { "egress" }
 }
 
 fn attach_one(
@@ -171,13 +142,8 @@ fn attach_one(
     mode: AttachMode,
     pins: Option<&PinDir>,
 ) -> Result<(Held, bool), Error> {
-    let attach_err = |source| Error::Attach {
-        iface: iface.to_owned(),
-        source: Box::new(source),
-    };
-    let pin = pins
-        .filter(|_| mode == AttachMode::Tcx)
-        .map(|p| p.link_path(iface, direction(ty)));
+    let attach_err = |source| Error::Attach { iface: iface.to_owned(), source: Box::new(source) };
+    let pin = pins.filter(|_| mode == AttachMode::Tcx).map(|p| p.link_path(iface, direction(ty)));
     let prog = program(ebpf, name)?;
     if let Some(path) = &pin
         && path.exists()
@@ -214,32 +180,19 @@ fn attach_one(
         AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
         AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
     };
-    let id = prog
-        .attach_with_options(iface, ty, options)
-        .map_err(attach_err)?;
+    let id = prog.attach_with_options(iface, ty, options).map_err(attach_err)?;
     let link = prog.take_link(id).map_err(attach_err)?;
-    let Some(path) = pin else {
-        return Ok((Held { link, pin: None }, false));
-    };
+    let Some(path) = pin else { return Ok((Held { link, pin: None }, false)) };
     let pin_failed = |reason: String| Error::Io {
         op: "pinning the link at",
         path: path.clone(),
         source: std::io::Error::other(reason),
     };
     // On an error below the link is dropped, which detaches it.
-    let fd: FdLink = link
-        .try_into()
-        .map_err(|e: LinkError| pin_failed(e.to_string()))?;
+    let fd: FdLink = link.try_into().map_err(|e: LinkError| pin_failed(e.to_string()))?;
     let pinned = fd.pin(&path).map_err(|e| pin_failed(e.to_string()))?;
-    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-        .map_err(|e| pin_failed(e.to_string()))?;
-    Ok((
-        Held {
-            link,
-            pin: Some(path),
-        },
-        false,
-    ))
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| pin_failed(e.to_string()))?;
+    Ok((Held { link, pin: Some(path) }, false))
 }
 
 /// Adopts the filter of ours an earlier agent left on `iface` (it ran with
@@ -258,11 +211,7 @@ fn adopt_filter(
         Err(e) => {
             tracing::warn!(interface = iface, error = %e, "listing the clsact filters; removing ours by name instead");
             if tc::qdisc_detach_program(iface, ty, name).is_ok() {
-                tracing::info!(
-                    interface = iface,
-                    program = name,
-                    "removed the filter an earlier agent left"
-                );
+                tracing::info!(interface = iface, program = name, "removed the filter an earlier agent left");
             }
             return None;
         }
@@ -273,12 +222,7 @@ fn adopt_filter(
     let (&first, rest) = found.split_first()?;
     // Dropping a link detaches its filter.
     for &extra in rest {
-        tracing::info!(
-            interface = iface,
-            program = name,
-            priority = extra.0,
-            "removing a second filter of ours"
-        );
+        tracing::info!(interface = iface, program = name, priority = extra.0, "removing a second filter of ours");
         drop(filter(extra));
     }
     let old = filter(first)?;
@@ -318,20 +262,10 @@ fn clsact_filters(ifindex: u32, ty: TcAttachType, name: &str) -> std::io::Result
     const NLMSG_HDR: usize = 16;
     const TCMSG: usize = 20;
     // linux/pkt_sched.h: TC_H_CLSACT with its ingress or egress minor.
-    let parent: u32 = if ty == TcAttachType::Ingress {
-        0xFFFF_FFF2
-    } else {
-        0xFFFF_FFF3
-    };
+    let parent: u32 = if ty == TcAttachType::Ingress { 0xFFFF_FFF2 } else { 0xFFFF_FFF3 };
 
     // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -369,32 +303,18 @@ fn clsact_filters(ifindex: u32, ty: TcAttachType, name: &str) -> std::io::Result
                 libc::NLMSG_DONE => return Ok(found),
                 libc::NLMSG_ERROR => {
                     // A negative errno, or 0 for an acknowledgement.
-                    let errno = msg
-                        .get(..4)
-                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    return if errno == 0 {
-                        Ok(found)
-                    } else {
-                        Err(std::io::Error::from_raw_os_error(-errno))
-                    };
+                    let errno = msg.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    return if errno == 0 { Ok(found) } else { Err(std::io::Error::from_raw_os_error(-errno)) };
                 }
                 _ if kind == libc::RTM_NEWTFILTER && msg.len() >= TCMSG => {
-                    let word = |at: usize| {
-                        u32::from_ne_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]])
-                    };
+                    let word = |at: usize| u32::from_ne_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);
                     let (handle, info) = (word(8), word(16));
                     let attrs: Vec<(u16, &[u8])> = attributes(&msg[TCMSG..]).collect();
                     let is_bpf = attrs.iter().any(|&(k, v)| k == TCA_KIND && v == b"bpf\0");
-                    let named =
-                        attrs
-                            .iter()
-                            .filter(|&&(k, _)| k == TCA_OPTIONS)
-                            .any(|&(_, opts)| {
-                                attributes(opts).any(|(k, v)| {
-                                    k == TCA_BPF_NAME
-                                        && v.strip_suffix(b"\0") == Some(name.as_bytes())
-                                })
-                            });
+                    let named = attrs.iter().filter(|&&(k, _)| k == TCA_OPTIONS).any(|&(_, opts)| {
+                        attributes(opts)
+                            .any(|(k, v)| k == TCA_BPF_NAME && v.strip_suffix(b"\0") == Some(name.as_bytes()))
+                    });
                     // The priority is tcm_info's upper half. Handle 0 is the
                     // priority's own entry, not a filter.
                     let entry = ((info >> 16) as u16, handle);
@@ -411,38 +331,22 @@ fn clsact_filters(ifindex: u32, ty: TcAttachType, name: &str) -> std::io::Result
 /// The messages of a netlink receive buffer: (type, payload). A message is
 /// a 16-byte header (length, type, flags, sequence, port) and its payload.
 fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    tlv(buf, 16, |h| {
-        (
-            u32::from_ne_bytes([h[0], h[1], h[2], h[3]]),
-            u16::from_ne_bytes([h[4], h[5]]),
-        )
-    })
+    tlv(buf, 16, |h| (u32::from_ne_bytes([h[0], h[1], h[2], h[3]]), u16::from_ne_bytes([h[4], h[5]])))
 }
 
 /// The attributes of a netlink payload: (type less its nested and byte-order
 /// flags, value). An attribute is a 4-byte header (length, type) and its value.
 fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    tlv(buf, 4, |h| {
-        (
-            u32::from(u16::from_ne_bytes([h[0], h[1]])),
-            u16::from_ne_bytes([h[2], h[3]]) & 0x3fff,
-        )
-    })
+    tlv(buf, 4, |h| (u32::from(u16::from_ne_bytes([h[0], h[1]])), u16::from_ne_bytes([h[2], h[3]]) & 0x3fff))
 }
 
 /// Type-length-value items, each padded to 4 bytes; stops at the first
 /// malformed one.
-fn tlv(
-    buf: &[u8],
-    header: usize,
-    read: impl Fn(&[u8]) -> (u32, u16),
-) -> impl Iterator<Item = (u16, &[u8])> {
+fn tlv(buf: &[u8], header: usize, read: impl Fn(&[u8]) -> (u32, u16)) -> impl Iterator<Item = (u16, &[u8])> {
     let mut rest = buf;
     std::iter::from_fn(move || {
         let (len, kind) = read(rest.get(..header)?);
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&l| l >= header && l <= rest.len())?;
+        let len = usize::try_from(len).ok().filter(|&l| l >= header && l <= rest.len())?;
         let item = (kind, &rest[header..len]);
         rest = rest.get(len.next_multiple_of(4)..).unwrap_or(&[]);
         Some(item)
@@ -450,11 +354,7 @@ fn tlv(
 }
 
 /// The link pinned at `path`, if it is a tcx link on `ifindex` in direction `ty`.
-fn pinned_link(
-    path: &std::path::Path,
-    ifindex: u32,
-    ty: TcAttachType,
-) -> Option<SchedClassifierLink> {
+fn pinned_link(path: &std::path::Path, ifindex: u32, ty: TcAttachType) -> Option<SchedClassifierLink> {
     let pinned = PinnedLink::from_pin(path).ok()?;
     let link = SchedClassifierLink::try_from(FdLink::from(pinned)).ok()?;
     let target = pinning::tcx_link_target(link.fd().ok()?)?;
@@ -495,11 +395,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedCl
     ebpf.program_mut(name)
         .ok_or(Error::MissingProgram { name })?
         .try_into()
-        .map_err(|source| Error::Program {
-            name,
-            op: "finding",
-            source: Box::new(source),
-        })
+        .map_err(|source| Error::Program { name, op: "finding", source: Box::new(source) })
 }
 
 pub fn ifname(ifindex: u32) -> Result<String, Error> {
@@ -507,10 +403,7 @@ pub fn ifname(ifindex: u32) -> Result<String, Error> {
     // SAFETY: buf is IF_NAMESIZE bytes as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
     if p.is_null() {
-        return Err(Error::Interface {
-            ifindex,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(Error::Interface { ifindex, source: std::io::Error::last_os_error() });
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())

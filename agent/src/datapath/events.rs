@@ -16,9 +16,7 @@ pub struct EventReader {
 
 impl EventReader {
     pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, Error> {
-        let map = ebpf
-            .take_map(maps::EVENTS)
-            .ok_or(Error::MissingMap { name: maps::EVENTS })?;
+        let map = ebpf.take_map(maps::EVENTS).ok_or(Error::MissingMap { name: maps::EVENTS })?;
         let ring = RingBuf::try_from(map).map_err(|source| Error::map(maps::EVENTS, source))?;
         // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns
         // the RingBuf, and always returns that same fd.
@@ -44,9 +42,7 @@ impl EventReader {
                 if item.len() >= size_of::<FlowEvent>() {
                     // SAFETY: the programs write whole FlowEvents; read_unaligned
                     // because the ring gives no alignment guarantee to Rust.
-                    out.push(unsafe {
-                        std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>())
-                    });
+                    out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
                 }
             }
             guard.clear_ready();

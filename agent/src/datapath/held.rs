@@ -31,8 +31,7 @@ impl Datapath {
         let mut a: aya::maps::Array<&mut MapData, u32> =
             aya::maps::Array::try_from(super::map_mut(&mut self.ebpf, maps::POD_FLAGS)?)
                 .map_err(|source| Error::map(maps::POD_FLAGS, source))?;
-        a.set(slot, flags, 0)
-            .map_err(|source| Error::map(maps::POD_FLAGS, source))
+        a.set(slot, flags, 0).map_err(|source| Error::map(maps::POD_FLAGS, source))
     }
 
     fn pod_draining(&self, slot: u32) -> bool {
@@ -78,18 +77,12 @@ impl Datapath {
         if let Err(e) = self.set_pod_flags(slot, 0) {
             tracing::warn!(slot, error = %e, "clearing a removed pod's flags");
         }
-        let Ok((mut flows, mut held)) = self.tables() else {
-            return;
-        };
+        let Ok((mut flows, mut held)) = self.tables() else { return };
         for key in known {
             let _ = flows.remove(key);
         }
-        let stale: Vec<FlowKey> = held
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.pod_slot == slot)
-            .map(|(k, _)| k)
-            .collect();
+        let stale: Vec<FlowKey> =
+            held.iter().filter_map(Result::ok).filter(|(_, v)| v.pod_slot == slot).map(|(k, _)| k).collect();
         for key in &stale {
             let _ = held.remove(key);
         }
@@ -103,14 +96,10 @@ impl Datapath {
         let entries: Vec<(FlowKey, FlowValue)> = table.iter().filter_map(Result::ok).collect();
         let over: Vec<FlowKey> = entries
             .into_iter()
-            .filter(|(k, v)| {
-                !self.pod_draining(v.pod_slot) || finished(k, v, now_ns, udp_timeout_ns)
-            })
+            .filter(|(k, v)| !self.pod_draining(v.pod_slot) || finished(k, v, now_ns, udp_timeout_ns))
             .map(|(k, _)| k)
             .collect();
-        let Ok((_, mut held)) = self.tables() else {
-            return 0;
-        };
+        let Ok((_, mut held)) = self.tables() else { return 0 };
         over.iter().filter(|k| held.remove(k).is_ok()).count()
     }
 

@@ -20,8 +20,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use conndrain_common::{
-    Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets,
-    ProbeKey, SockValue, WireKey, maps, stats,
+    Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue,
+    WireKey, maps, stats,
 };
 
 pub use attach::AttachMode;
@@ -59,6 +59,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub features: Features,
     pub mode: AttachMode,
+    /// The ingress program loaded: with steering, or tracking only.
+    ingress: &'static str,
     pub max_flows: u32,
     interfaces: StdHashMap<u32, Interface>,
     route: route::Router,
@@ -93,32 +95,20 @@ impl Datapath {
         if crate::EBPF_OBJECT.is_empty() {
             return Err(Error::NoEbpfObject);
         }
+        features::raise_memlock();
         let features = Features::detect();
         features.require()?;
-        let pins = opts
-            .bpffs
-            .as_deref()
-            .map(pinning::PinDir::prepare)
-            .transpose()?;
-        let checked = pins
-            .as_ref()
-            .map(|p| pinning::check_maps(p, opts.max_flows))
-            .unwrap_or_default();
+        let pins = opts.bpffs.as_deref().map(pinning::PinDir::prepare).transpose()?;
+        let checked = pins.as_ref().map(|p| pinning::check_maps(p, opts.max_flows)).unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, opts.max_flows);
-        let paths: Vec<(&str, PathBuf)> = pins
-            .iter()
-            .flat_map(|p| PINNED_MAPS.iter().map(|name| (*name, p.map_path(name))))
-            .collect();
+        let paths: Vec<(&str, PathBuf)> =
+            pins.iter().flat_map(|p| PINNED_MAPS.iter().map(|name| (*name, p.map_path(name)))).collect();
         for (name, path) in &paths {
             // Opened if pinned there (checked above), else created and pinned there.
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader
-            .load(crate::EBPF_OBJECT)
-            .map_err(|source| Error::Load {
-                source: Box::new(source),
-            })?;
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|source| Error::Load { source: Box::new(source) })?;
         if let Some(p) = &pins {
             tracing::info!(
                 dir = %p.dir().display(),
@@ -128,38 +118,24 @@ impl Datapath {
             );
         }
         let earlier_since = {
-            let config: Array<_, Config> = Array::try_from(map(&ebpf, maps::CONFIG)?)
-                .map_err(|source| Error::map(maps::CONFIG, source))?;
+            let config: Array<_, Config> =
+                Array::try_from(map(&ebpf, maps::CONFIG)?).map_err(|source| Error::map(maps::CONFIG, source))?;
             config.get(&0, 0).map(|c| c.sockets_since_ns).unwrap_or(0)
         };
         fill_node_addrs(&mut ebpf)?;
-        let mode = attach::load_programs(&mut ebpf, opts.attach)?;
+        let ingress = attach::ingress_program(features.steering);
+        let mode = attach::load_programs(&mut ebpf, ingress, opts.attach)?;
         let (sockets_link, continuous) = sockets::attach(&mut ebpf, pins.as_ref())?;
-        let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG]
-            .iter()
-            .all(|m| checked.reused.contains(m));
-        let sockets_since_ns = if continuous && kept && earlier_since != 0 {
-            earlier_since
-        } else {
-            crate::node::now_ns()
-        };
+        let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
+        let sockets_since_ns =
+            if continuous && kept && earlier_since != 0 { earlier_since } else { crate::node::now_ns() };
         {
-            let mut config: Array<_, Config> =
-                Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)
-                    .map_err(|source| Error::map(maps::CONFIG, source))?;
+            let mut config: Array<_, Config> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)
+                .map_err(|source| Error::map(maps::CONFIG, source))?;
             config
                 // no_pins 0: pins may be left from an earlier agent; the
                 // steering loop says otherwise once it knows.
-                .set(
-                    0,
-                    Config {
-                        udp_timeout_ns: opts.udp_timeout_ns,
-                        no_pins: 0,
-                        _pad: 0,
-                        sockets_since_ns,
-                    },
-                    0,
-                )
+                .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0, sockets_since_ns }, 0)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
         }
         let events = EventReader::new(&mut ebpf)?;
@@ -170,6 +146,7 @@ impl Datapath {
                 ebpf,
                 features,
                 mode,
+                ingress,
                 max_flows: opts.max_flows,
                 interfaces: StdHashMap::new(),
                 route,
@@ -220,12 +197,7 @@ impl Datapath {
         for ip in ips {
             match self.attach_points(*ip).await {
                 Ok(route::AttachPoints::Interfaces(found)) => {
-                    ifindexes.extend(
-                        found
-                            .into_iter()
-                            .filter(|i| !ifindexes.contains(i))
-                            .collect::<Vec<_>>(),
-                    );
+                    ifindexes.extend(found.into_iter().filter(|i| !ifindexes.contains(i)).collect::<Vec<_>>());
                 }
                 Ok(route::AttachPoints::Unseen(_)) => {}
                 Err(e) => {
@@ -285,23 +257,12 @@ impl Datapath {
                     let Ok(mut flows) = self.flows_mut() else {
                         return 0;
                     };
-                    old.iter()
-                        .filter_map(Result::ok)
-                        .filter(|(k, v)| flows.insert(*k, *v, BPF_NOEXIST).is_ok())
-                        .count()
+                    old.iter().filter_map(Result::ok).filter(|(k, v)| flows.insert(*k, *v, BPF_NOEXIST).is_ok()).count()
                 });
-            tracing::info!(
-                copied,
-                max_flows = self.max_flows,
-                "flows copied into the resized flow table"
-            );
+            tracing::info!(copied, max_flows = self.max_flows, "flows copied into the resized flow table");
         }
         let Some(pins) = &mut self.pins else { return };
-        let in_use: BTreeSet<&PathBuf> = self
-            .interfaces
-            .values()
-            .flat_map(|i| i.links.pins())
-            .collect();
+        let in_use: BTreeSet<&PathBuf> = self.interfaces.values().flat_map(|i| i.links.pins()).collect();
         for path in pins.link_pins() {
             if !in_use.contains(&path) {
                 tracing::info!(link = %path.display(), "detaching a link left for an interface no pod uses any more");
@@ -326,12 +287,7 @@ impl Datapath {
     /// Registers a pod's IPs under `slot` and attaches to the interfaces that
     /// route to them. Returns the interface indexes, to hand back to
     /// `unregister_pod`. On error nothing stays registered.
-    pub async fn register_pod(
-        &mut self,
-        slot: u32,
-        ips: &[IpAddr],
-        probes: &[u16],
-    ) -> Result<Registered, Error> {
+    pub async fn register_pod(&mut self, slot: u32, ips: &[IpAddr], probes: &[u16]) -> Result<Registered, Error> {
         let mut ifindexes = Vec::new();
         let mut unseen = None;
         for ip in ips {
@@ -388,28 +344,15 @@ impl Datapath {
 
     /// The kubelet's probe ports of a pod (replacing any it had).
     pub fn set_probes(&mut self, slot: u32, ports: &[u16]) -> Result<(), Error> {
-        let mut m: HashMap<_, ProbeKey, u8> =
-            HashMap::try_from(map_mut(&mut self.ebpf, maps::PROBES)?)
-                .map_err(|source| Error::map(maps::PROBES, source))?;
-        let old: Vec<ProbeKey> = m
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pod_slot == slot)
-            .collect();
+        let mut m: HashMap<_, ProbeKey, u8> = HashMap::try_from(map_mut(&mut self.ebpf, maps::PROBES)?)
+            .map_err(|source| Error::map(maps::PROBES, source))?;
+        let old: Vec<ProbeKey> = m.keys().filter_map(Result::ok).filter(|k| k.pod_slot == slot).collect();
         for k in old {
             let _ = m.remove(&k);
         }
         for &port in ports {
-            m.insert(
-                ProbeKey {
-                    pod_slot: slot,
-                    port,
-                    _pad: 0,
-                },
-                1,
-                0,
-            )
-            .map_err(|source| Error::map(maps::PROBES, source))?;
+            m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, 1, 0)
+                .map_err(|source| Error::map(maps::PROBES, source))?;
         }
         Ok(())
     }
@@ -426,13 +369,7 @@ impl Datapath {
 
     /// Unregisters a pod and removes its flows (`known`: the keys the agent
     /// indexed; `HELD` is searched whole), so no entry outlives it.
-    pub fn unregister_pod(
-        &mut self,
-        slot: u32,
-        ips: &[IpAddr],
-        ifindexes: &[u32],
-        known: &[FlowKey],
-    ) {
+    pub fn unregister_pod(&mut self, slot: u32, ips: &[IpAddr], ifindexes: &[u32], known: &[FlowKey]) {
         if let Ok(mut pod_ips) = self.pod_ips_mut() {
             for ip in ips {
                 if let Err(e) = pod_ips.remove(&ip_key(*ip)) {
@@ -442,9 +379,7 @@ impl Datapath {
         }
         // After the IPs: the programs no longer create flows for it.
         self.forget_pod_flows(slot, known);
-        if let Err(e) =
-            sockets::reset_slot(&mut self.ebpf, slot).and_then(|()| self.set_probes(slot, &[]))
-        {
+        if let Err(e) = sockets::reset_slot(&mut self.ebpf, slot).and_then(|()| self.set_probes(slot, &[])) {
             tracing::warn!(slot, error = %e, "forgetting a removed pod's sockets and probes");
         }
         for &i in ifindexes {
@@ -458,27 +393,13 @@ impl Datapath {
             return Ok(());
         }
         let name = attach::ifname(ifindex)?;
-        let links = attach::attach(
-            &mut self.ebpf,
-            &name,
-            ifindex,
-            self.mode,
-            self.pins.as_ref(),
-        )?;
+        let links = attach::attach(&mut self.ebpf, self.ingress, &name, ifindex, self.mode, self.pins.as_ref())?;
         if links.adopted {
             tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached: took over the links an earlier agent pinned");
         } else {
             tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached");
         }
-        self.interfaces.insert(
-            ifindex,
-            Interface {
-                name,
-                ifindex,
-                pods: 1,
-                links,
-            },
-        );
+        self.interfaces.insert(ifindex, Interface { name, ifindex, pods: 1, links });
         Ok(())
     }
 
@@ -506,10 +427,7 @@ impl Datapath {
         // SAFETY: if_nameindex returns a list terminated by a zero entry, freed below.
         let list = unsafe { libc::if_nameindex() };
         if list.is_null() {
-            return Err(Error::Interface {
-                ifindex: 0,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(Error::Interface { ifindex: 0, source: std::io::Error::last_os_error() });
         }
         let mut indexes = Vec::new();
         let mut p = list;
@@ -519,10 +437,7 @@ impl Datapath {
                 let name = std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy();
                 // Not bridges: their ports are attached, and a packet must
                 // not meet the programs twice (on the bridge and its port).
-                let bridge = std::path::Path::new("/sys/class/net")
-                    .join(&*name)
-                    .join("bridge")
-                    .exists();
+                let bridge = std::path::Path::new("/sys/class/net").join(&*name).join("bridge").exists();
                 if name != "lo" && !bridge {
                     indexes.push((*p).if_index);
                 }
@@ -545,33 +460,25 @@ impl Datapath {
     pub fn pin_insert(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
         // Before the pin exists, the programs must be looking for pins.
         self.set_no_pins(false)?;
-        self.pins_mut()?
-            .insert(*key, *pin, 0)
-            .map_err(|source| Error::map(maps::PINS, source))
+        self.pins_mut()?.insert(*key, *pin, 0).map_err(|source| Error::map(maps::PINS, source))
     }
 
     /// Rewrites an existing pin only (`BPF_EXIST`): one the programs dropped
     /// meanwhile (its tuple reused by a new connection) stays gone.
     pub fn pin_update(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
         const BPF_EXIST: u64 = 2;
-        self.pins_mut()?
-            .insert(*key, *pin, BPF_EXIST)
-            .map_err(|source| Error::map(maps::PINS, source))
+        self.pins_mut()?.insert(*key, *pin, BPF_EXIST).map_err(|source| Error::map(maps::PINS, source))
     }
 
     /// Tells the programs whether they may skip the `PINS` lookup.
     fn set_no_pins(&mut self, none: bool) -> Result<(), Error> {
         let mut config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, maps::CONFIG)?)
             .map_err(|source| Error::map(maps::CONFIG, source))?;
-        let mut c = config
-            .get(&0, 0)
-            .map_err(|source| Error::map(maps::CONFIG, source))?;
+        let mut c = config.get(&0, 0).map_err(|source| Error::map(maps::CONFIG, source))?;
         let want = u32::from(none);
         if c.no_pins != want {
             c.no_pins = want;
-            config
-                .set(0, c, 0)
-                .map_err(|source| Error::map(maps::CONFIG, source))?;
+            config.set(0, c, 0).map_err(|source| Error::map(maps::CONFIG, source))?;
         }
         Ok(())
     }
@@ -586,8 +493,7 @@ impl Datapath {
     }
 
     pub fn pin(&self, key: &WireKey) -> Option<Pin> {
-        let pins: HashMap<&MapData, WireKey, Pin> =
-            HashMap::try_from(map(&self.ebpf, maps::PINS).ok()?).ok()?;
+        let pins: HashMap<&MapData, WireKey, Pin> = HashMap::try_from(map(&self.ebpf, maps::PINS).ok()?).ok()?;
         pins.get(key, 0).ok()
     }
 
@@ -609,8 +515,7 @@ impl Datapath {
     }
 
     fn pins_mut(&mut self) -> Result<HashMap<&mut MapData, WireKey, Pin>, Error> {
-        HashMap::try_from(map_mut(&mut self.ebpf, maps::PINS)?)
-            .map_err(|source| Error::map(maps::PINS, source))
+        HashMap::try_from(map_mut(&mut self.ebpf, maps::PINS)?).map_err(|source| Error::map(maps::PINS, source))
     }
 
     pub fn interfaces(&self) -> impl Iterator<Item = &Interface> {
@@ -620,8 +525,7 @@ impl Datapath {
     pub fn counters(&self, slot: u32) -> Result<PodCounters, Error> {
         let a: Array<_, PodCounters> = Array::try_from(map(&self.ebpf, maps::POD_COUNTERS)?)
             .map_err(|source| Error::map(maps::POD_COUNTERS, source))?;
-        a.get(&slot, 0)
-            .map_err(|source| Error::map(maps::POD_COUNTERS, source))
+        a.get(&slot, 0).map_err(|source| Error::map(maps::POD_COUNTERS, source))
     }
 
     /// Point lookup of one flow: `HELD`, `FLOWS`, then `HELD` again. Flows
@@ -629,11 +533,7 @@ impl Datapath {
     /// between the first two reads is found by the third, instead of looking
     /// evicted and leaving the index for good.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        for (name, table) in [
-            (maps::HELD, self.held()?),
-            (maps::FLOWS, self.flows()?),
-            (maps::HELD, self.held()?),
-        ] {
+        for (name, table) in [(maps::HELD, self.held()?), (maps::FLOWS, self.flows()?), (maps::HELD, self.held()?)] {
             match table.get(key, 0) {
                 Ok(v) => return Ok(Some(v)),
                 Err(aya::maps::MapError::KeyNotFound) => {}
@@ -646,14 +546,9 @@ impl Datapath {
     /// Every flow in both tables. Only for listings and recovery, never on
     /// the drain path.
     pub fn all_flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, Error> {
-        let held: StdHashMap<FlowKey, FlowValue> =
-            self.held()?.iter().filter_map(Result::ok).collect();
-        let mut out: Vec<(FlowKey, FlowValue)> = self
-            .flows()?
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| !held.contains_key(k))
-            .collect();
+        let held: StdHashMap<FlowKey, FlowValue> = self.held()?.iter().filter_map(Result::ok).collect();
+        let mut out: Vec<(FlowKey, FlowValue)> =
+            self.flows()?.iter().filter_map(Result::ok).filter(|(k, _)| !held.contains_key(k)).collect();
         out.extend(held);
         Ok(out)
     }
@@ -664,8 +559,8 @@ impl Datapath {
 
     /// The datapath statistics, summed over CPUs, indexed by `stats::*`.
     pub fn stats(&self) -> Result<[u64; stats::COUNT as usize], Error> {
-        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(map(&self.ebpf, maps::STATS)?)
-            .map_err(|source| Error::map(maps::STATS, source))?;
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map(&self.ebpf, maps::STATS)?).map_err(|source| Error::map(maps::STATS, source))?;
         let mut out = [0u64; stats::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
@@ -677,28 +572,23 @@ impl Datapath {
     }
 
     fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, Error> {
-        HashMap::try_from(map(&self.ebpf, maps::FLOWS)?)
-            .map_err(|source| Error::map(maps::FLOWS, source))
+        HashMap::try_from(map(&self.ebpf, maps::FLOWS)?).map_err(|source| Error::map(maps::FLOWS, source))
     }
 
     fn flows_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowValue>, Error> {
-        HashMap::try_from(map_mut(&mut self.ebpf, maps::FLOWS)?)
-            .map_err(|source| Error::map(maps::FLOWS, source))
+        HashMap::try_from(map_mut(&mut self.ebpf, maps::FLOWS)?).map_err(|source| Error::map(maps::FLOWS, source))
     }
 
     fn held(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, Error> {
-        HashMap::try_from(map(&self.ebpf, maps::HELD)?)
-            .map_err(|source| Error::map(maps::HELD, source))
+        HashMap::try_from(map(&self.ebpf, maps::HELD)?).map_err(|source| Error::map(maps::HELD, source))
     }
 
     fn pod_ips(&self) -> Result<HashMap<&MapData, PodIpKey, u32>, Error> {
-        HashMap::try_from(map(&self.ebpf, maps::POD_IPS)?)
-            .map_err(|source| Error::map(maps::POD_IPS, source))
+        HashMap::try_from(map(&self.ebpf, maps::POD_IPS)?).map_err(|source| Error::map(maps::POD_IPS, source))
     }
 
     fn pod_ips_mut(&mut self) -> Result<HashMap<&mut MapData, PodIpKey, u32>, Error> {
-        HashMap::try_from(map_mut(&mut self.ebpf, maps::POD_IPS)?)
-            .map_err(|source| Error::map(maps::POD_IPS, source))
+        HashMap::try_from(map_mut(&mut self.ebpf, maps::POD_IPS)?).map_err(|source| Error::map(maps::POD_IPS, source))
     }
 
     fn pod_counters_mut(&mut self) -> Result<Array<&mut MapData, PodCounters>, Error> {
@@ -742,9 +632,7 @@ fn local_addrs() -> Vec<IpAddr> {
                 match i32::from((*a).sa_family) {
                     libc::AF_INET => {
                         let sin = &*a.cast::<libc::sockaddr_in>();
-                        out.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
+                        out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
                     }
                     libc::AF_INET6 => {
                         let sin6 = &*a.cast::<libc::sockaddr_in6>();
@@ -764,8 +652,7 @@ fn local_addrs() -> Vec<IpAddr> {
 /// kubelet's probes) do not restart a terminating pod's quiet period.
 fn fill_node_addrs(ebpf: &mut Ebpf) -> Result<(), Error> {
     let mut m: HashMap<&mut MapData, PodIpKey, u8> =
-        HashMap::try_from(map_mut(ebpf, maps::NODE_ADDRS)?)
-            .map_err(|source| Error::map(maps::NODE_ADDRS, source))?;
+        HashMap::try_from(map_mut(ebpf, maps::NODE_ADDRS)?).map_err(|source| Error::map(maps::NODE_ADDRS, source))?;
     for ip in local_addrs() {
         if let Err(e) = m.insert(ip_key(ip), 1, 0) {
             tracing::warn!(%ip, error = %e, "recording a node address");

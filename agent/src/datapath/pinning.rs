@@ -20,8 +20,8 @@ use std::{
 
 use aya::maps::{MapData, MapInfo, MapType};
 use conndrain_common::{
-    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS,
-    PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, maps, stats,
+    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, PINNED_MAPS, Pin,
+    PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, maps, stats,
 };
 
 use crate::error::Error;
@@ -36,11 +36,7 @@ pub struct PinDir {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { op, path: path.to_path_buf(), source }
 }
 
 impl PinDir {
@@ -56,19 +52,11 @@ impl PinDir {
         let current = format!("v{LAYOUT_VERSION}");
         let mut legacy = Vec::new();
         let mut others = Vec::new();
-        for entry in std::fs::read_dir(root)
-            .map_err(io("reading", root))?
-            .flatten()
-        {
+        for entry in std::fs::read_dir(root).map_err(io("reading", root))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir
-                && name != current
-                && name
-                    .strip_prefix('v')
-                    .is_some_and(|n| n.parse::<u32>().is_ok())
-            {
+            if is_dir && name != current && name.strip_prefix('v').is_some_and(|n| n.parse::<u32>().is_ok()) {
                 tracing::warn!(
                     dir = %path.display(),
                     "replacing maps of layout {name}: this agent uses layout {current} and does not read them; \
@@ -138,9 +126,7 @@ impl PinDir {
     /// Every link pinned now.
     #[must_use]
     pub fn link_pins(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(&self.links)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default()
+        std::fs::read_dir(&self.links).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
     }
 }
 
@@ -158,21 +144,9 @@ fn size<T>() -> u32 {
 }
 
 fn expected(name: &str, max_flows: u32) -> Option<Shape> {
-    let s = |ty, key, value, entries| {
-        Some(Shape {
-            ty,
-            key,
-            value,
-            entries,
-        })
-    };
+    let s = |ty, key, value, entries| Some(Shape { ty, key, value, entries });
     match name {
-        maps::FLOWS => s(
-            "lru_hash",
-            size::<FlowKey>(),
-            size::<FlowValue>(),
-            max_flows,
-        ),
+        maps::FLOWS => s("lru_hash", size::<FlowKey>(), size::<FlowValue>(), max_flows),
         maps::HELD => s("hash", size::<FlowKey>(), size::<FlowValue>(), MAX_HELD),
         maps::POD_FLAGS => s("array", 4, 4, MAX_PODS),
         maps::POD_IPS => s("hash", size::<PodIpKey>(), 4, MAX_PODS * 2),
@@ -242,12 +216,7 @@ pub fn check_maps(dir: &PinDir, max_flows: u32) -> Checked {
             out.reused.insert(name);
             continue;
         }
-        if name == maps::FLOWS
-            && (Shape {
-                entries: want.entries,
-                ..found
-            }) == want
-        {
+        if name == maps::FLOWS && (Shape { entries: want.entries, ..found }) == want {
             tracing::warn!(
                 map = name,
                 entries = found.entries,

@@ -24,10 +24,8 @@ pub struct Router {
 
 impl Router {
     pub fn new() -> Result<Self, Error> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Netlink {
-            op: "opening",
-            reason: source.to_string(),
-        })?;
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|source| Error::Netlink { op: "opening", reason: source.to_string() })?;
         tokio::spawn(conn);
         Ok(Self { handle })
     }
@@ -40,20 +38,13 @@ impl Router {
     /// the gateway if the route has one, else `ip` itself.
     pub async fn lookup(&mut self, ip: IpAddr) -> Result<(u32, IpAddr), Error> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = if ip.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
+        msg.header.address_family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
         msg.header.destination_prefix_length = if ip.is_ipv4() { 32 } else { 128 };
-        msg.attributes
-            .push(RouteAttribute::Destination(RouteAddress::from(ip)));
+        msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(ip)));
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
         req.header.flags = NLM_F_REQUEST;
-        let mut responses = self.handle.request(req).map_err(|e| Error::Netlink {
-            op: "route lookup",
-            reason: e.to_string(),
-        })?;
+        let mut responses =
+            self.handle.request(req).map_err(|e| Error::Netlink { op: "route lookup", reason: e.to_string() })?;
         while let Some(resp) = responses.next().await {
             match resp.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
@@ -62,12 +53,8 @@ impl Router {
                     for attr in route.attributes {
                         match attr {
                             RouteAttribute::Oif(o) => oif = Some(o),
-                            RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
-                                nexthop = IpAddr::V4(g)
-                            }
-                            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
-                                nexthop = IpAddr::V6(g)
-                            }
+                            RouteAttribute::Gateway(RouteAddress::Inet(g)) => nexthop = IpAddr::V4(g),
+                            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => nexthop = IpAddr::V6(g),
                             _ => {}
                         }
                     }
@@ -76,18 +63,12 @@ impl Router {
                     }
                 }
                 NetlinkPayload::Error(e) => {
-                    return Err(Error::NoRoute {
-                        ip,
-                        reason: e.to_io().to_string(),
-                    });
+                    return Err(Error::NoRoute { ip, reason: e.to_io().to_string() });
                 }
                 _ => {}
             }
         }
-        Err(Error::NoRoute {
-            ip,
-            reason: "the kernel returned no interface".into(),
-        })
+        Err(Error::NoRoute { ip, reason: "the kernel returned no interface".into() })
     }
 }
 
@@ -132,10 +113,7 @@ pub fn attach_points(oif: u32, links: &[LinkFacts]) -> AttachPoints {
                 .map(|l| l.ifindex)
                 .collect();
             if ports.is_empty() {
-                AttachPoints::Unseen(format!(
-                    "bridge {} has no veth port: its pods' traffic is not per pod",
-                    link.name
-                ))
+                AttachPoints::Unseen(format!("bridge {} has no veth port: its pods' traffic is not per pod", link.name))
             } else {
                 AttachPoints::Interfaces(ports)
             }
@@ -154,16 +132,10 @@ impl Router {
     pub async fn links(&mut self) -> Result<Vec<LinkFacts>, Error> {
         let mut out = Vec::new();
         let mut dump = self.handle.link().get().execute();
-        while let Some(msg) = dump.try_next().await.map_err(|e| Error::Netlink {
-            op: "listing links",
-            reason: e.to_string(),
-        })? {
-            let mut facts = LinkFacts {
-                ifindex: msg.header.index,
-                name: String::new(),
-                kind: None,
-                controller: None,
-            };
+        while let Some(msg) =
+            dump.try_next().await.map_err(|e| Error::Netlink { op: "listing links", reason: e.to_string() })?
+        {
+            let mut facts = LinkFacts { ifindex: msg.header.index, name: String::new(), kind: None, controller: None };
             for attr in msg.attributes {
                 match attr {
                     LinkAttribute::IfName(n) => facts.name = n,
@@ -192,12 +164,7 @@ mod tests {
     use super::*;
 
     fn link(ifindex: u32, name: &str, kind: Option<&str>, controller: Option<u32>) -> LinkFacts {
-        LinkFacts {
-            ifindex,
-            name: name.into(),
-            kind: kind.map(Into::into),
-            controller,
-        }
+        LinkFacts { ifindex, name: name.into(), kind: kind.map(Into::into), controller }
     }
 
     #[test]
@@ -211,10 +178,7 @@ mod tests {
             link(6, "vxlan0", Some("vxlan"), Some(3)),
             link(7, "veth3", Some("veth"), None),
         ];
-        assert_eq!(
-            attach_points(3, &links),
-            AttachPoints::Interfaces(vec![4, 5])
-        );
+        assert_eq!(attach_points(3, &links), AttachPoints::Interfaces(vec![4, 5]));
         assert_eq!(attach_points(7, &links), AttachPoints::Interfaces(vec![7]));
         assert!(matches!(attach_points(2, &links), AttachPoints::Unseen(r) if r.contains("eth0")));
         let bare = [link(3, "cni0", Some("bridge"), None)];
@@ -223,13 +187,8 @@ mod tests {
 
     #[test]
     fn macvlan_parents_and_dummies_are_unseen() {
-        let links = [
-            link(2, "dummy0", Some("dummy"), None),
-            link(3, "mv0", Some("macvlan"), None),
-        ];
+        let links = [link(2, "dummy0", Some("dummy"), None), link(3, "mv0", Some("macvlan"), None)];
         assert!(matches!(attach_points(2, &links), AttachPoints::Unseen(r) if r.contains("dummy")));
-        assert!(
-            matches!(attach_points(3, &links), AttachPoints::Unseen(r) if r.contains("macvlan"))
-        );
+        assert!(matches!(attach_points(3, &links), AttachPoints::Unseen(r) if r.contains("macvlan")));
     }
 }

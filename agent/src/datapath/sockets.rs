@@ -42,28 +42,13 @@ pub enum SocketsLink {
 /// exec` and containers often come without it; we mount it when we may
 /// (CAP_SYS_ADMIN), and otherwise say how to provide it.
 fn ensure_tracefs() -> Result<(), Error> {
-    let has = |root: &str| {
-        Path::new(root)
-            .join("events")
-            .join(CATEGORY)
-            .join(EVENT)
-            .join("id")
-            .exists()
-    };
+    let has = |root: &str| Path::new(root).join("events").join(CATEGORY).join(EVENT).join("id").exists();
     if TRACEFS.iter().any(|r| has(r)) {
         return Ok(());
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: constant NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
     if rc == 0 && has(TRACEFS[0]) {
         tracing::info!("mounted tracefs at /sys/kernel/tracing (for the sockets tracepoint)");
         return Ok(());
@@ -88,35 +73,9 @@ fn ensure_tracefs() -> Result<(), Error> {
 pub fn attach(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(SocketsLink, bool), Error> {
     ensure_tracefs()?;
     let name = programs::SOCKETS;
-    let prog: &mut TracePoint = ebpf
-        .program_mut(name)
-        .ok_or(Error::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| Error::Program {
-            name,
-            op: "loading",
-            source: Box::new(source),
-        })?;
-    prog.load().map_err(|source| Error::Program {
-        name,
-        op: "loading",
-        source: Box::new(source),
-    })?;
-    let id = prog
-        .attach(CATEGORY, EVENT)
-        .map_err(|source| Error::Program {
-            name,
-            op: "attaching",
-            source: Box::new(source),
-        })?;
-    let link = prog.take_link(id).map_err(|source| Error::Program {
-        name,
-        op: "attaching",
-        source: Box::new(source),
-    })?;
-    let Some(pins) = pins else {
-        return Ok((SocketsLink::Owned(link), false));
-    };
+    program(ebpf)?.load().map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
+    let link = attach_link(ebpf)?;
+    let Some(pins) = pins else { return Ok((SocketsLink::Owned(link), false)) };
     let path = pins.sockets_link_path();
     // Ours runs now; the earlier agent's may go.
     let earlier = PinnedLink::from_pin(&path).ok().map(|old| {
@@ -130,41 +89,27 @@ pub fn attach(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(SocketsLink, bo
             // Kernels before 5.15 have no perf_event links to pin: the
             // tracepoint runs while we do, and a restart starts afresh.
             tracing::warn!(error = %e, "the sockets tracepoint cannot be pinned on this kernel: each restart starts its socket evidence afresh");
-            return reattach_unpinned(ebpf).map(|l| (l, false));
+            return attach_link(ebpf).map(|l| (SocketsLink::Owned(l), false));
         }
     };
-    let pinned = fd.pin(&path).map_err(|e| Error::Pin {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let pinned = fd.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
     Ok((SocketsLink::Pinned(pinned), earlier.is_some()))
 }
 
-fn reattach_unpinned(ebpf: &mut Ebpf) -> Result<SocketsLink, Error> {
+fn program(ebpf: &mut Ebpf) -> Result<&mut TracePoint, Error> {
     let name = programs::SOCKETS;
-    let prog: &mut TracePoint = ebpf
-        .program_mut(name)
+    ebpf.program_mut(name)
         .ok_or(Error::MissingProgram { name })?
         .try_into()
-        .map_err(|source| Error::Program {
-            name,
-            op: "attaching",
-            source: Box::new(source),
-        })?;
-    let id = prog
-        .attach(CATEGORY, EVENT)
-        .map_err(|source| Error::Program {
-            name,
-            op: "attaching",
-            source: Box::new(source),
-        })?;
-    prog.take_link(id)
-        .map(SocketsLink::Owned)
-        .map_err(|source| Error::Program {
-            name,
-            op: "attaching",
-            source: Box::new(source),
-        })
+        .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })
+}
+
+fn attach_link(ebpf: &mut Ebpf) -> Result<aya::programs::trace_point::TracePointLink, Error> {
+    let name = programs::SOCKETS;
+    let err = |source| Error::Program { name, op: "attaching", source: Box::new(source) };
+    let prog = program(ebpf)?;
+    let id = prog.attach(CATEGORY, EVENT).map_err(err)?;
+    prog.take_link(id).map_err(err)
 }
 
 /// Leaves the pinned link attached for the next agent, or detaches it.
@@ -181,43 +126,33 @@ pub fn release(link: SocketsLink, keep: bool) {
 }
 
 pub fn pod_sockets(ebpf: &Ebpf, slot: u32) -> Result<PodSockets, Error> {
-    let a: Array<_, PodSockets> = Array::try_from(map(ebpf, maps::POD_SOCKETS)?)
-        .map_err(|source| Error::map(maps::POD_SOCKETS, source))?;
-    a.get(&slot, 0)
-        .map_err(|source| Error::map(maps::POD_SOCKETS, source))
+    let a: Array<_, PodSockets> =
+        Array::try_from(map(ebpf, maps::POD_SOCKETS)?).map_err(|source| Error::map(maps::POD_SOCKETS, source))?;
+    a.get(&slot, 0).map_err(|source| Error::map(maps::POD_SOCKETS, source))
 }
 
 /// The open inbound sockets of one pod: a walk of `SOCKETS`, which holds
 /// only the pods' open inbound connections (read only when a drain is to be
 /// confirmed and the pod's counter is not zero).
 pub fn open_sockets(ebpf: &Ebpf, slot: u32) -> Result<Vec<SockValue>, Error> {
-    let m: HashMap<_, u64, SockValue> = HashMap::try_from(map(ebpf, maps::SOCKETS)?)
-        .map_err(|source| Error::map(maps::SOCKETS, source))?;
-    Ok(m.iter()
-        .filter_map(Result::ok)
-        .map(|(_, v)| v)
-        .filter(|v| v.pod_slot == slot)
-        .collect())
+    let m: HashMap<_, u64, SockValue> =
+        HashMap::try_from(map(ebpf, maps::SOCKETS)?).map_err(|source| Error::map(maps::SOCKETS, source))?;
+    Ok(m.iter().filter_map(Result::ok).map(|(_, v)| v).filter(|v| v.pod_slot == slot).collect())
 }
 
 /// Forgets a slot's sockets (a removed pod's, or a new pod's inherited slot):
 /// entries first, then the counter, so a close racing us cannot count twice.
 pub fn reset_slot(ebpf: &mut Ebpf, slot: u32) -> Result<(), Error> {
     {
-        let mut m: HashMap<_, u64, SockValue> = HashMap::try_from(map_mut(ebpf, maps::SOCKETS)?)
-            .map_err(|source| Error::map(maps::SOCKETS, source))?;
-        let keys: Vec<u64> = m
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.pod_slot == slot)
-            .map(|(k, _)| k)
-            .collect();
+        let mut m: HashMap<_, u64, SockValue> =
+            HashMap::try_from(map_mut(ebpf, maps::SOCKETS)?).map_err(|source| Error::map(maps::SOCKETS, source))?;
+        let keys: Vec<u64> =
+            m.iter().filter_map(Result::ok).filter(|(_, v)| v.pod_slot == slot).map(|(k, _)| k).collect();
         for k in keys {
             let _ = m.remove(&k);
         }
     }
-    let mut a: Array<_, PodSockets> = Array::try_from(map_mut(ebpf, maps::POD_SOCKETS)?)
-        .map_err(|source| Error::map(maps::POD_SOCKETS, source))?;
-    a.set(slot, PodSockets::default(), 0)
-        .map_err(|source| Error::map(maps::POD_SOCKETS, source))
+    let mut a: Array<_, PodSockets> =
+        Array::try_from(map_mut(ebpf, maps::POD_SOCKETS)?).map_err(|source| Error::map(maps::POD_SOCKETS, source))?;
+    a.set(slot, PodSockets::default(), 0).map_err(|source| Error::map(maps::POD_SOCKETS, source))
 }

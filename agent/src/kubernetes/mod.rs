@@ -64,13 +64,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let reporter = report::Reporter::new(client.clone(), node.clone(), &settings);
     tokio::try_join!(
-        watch::run(
-            client.clone(),
-            node.clone(),
-            settings.clone(),
-            reporter,
-            synced
-        ),
+        watch::run(client.clone(), node.clone(), settings.clone(), reporter, synced),
         watch::endpoints(client, node, settings),
     )
     .map(drop)

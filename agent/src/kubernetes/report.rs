@@ -34,17 +34,9 @@ impl Reporter {
     pub fn new(client: Client, node: Arc<Node>, settings: &Settings) -> Self {
         let recorder = Recorder::new(
             client.clone(),
-            EventReporter {
-                controller: "conndrain".into(),
-                instance: Some(settings.node_name.clone()),
-            },
+            EventReporter { controller: "conndrain".into(), instance: Some(settings.node_name.clone()) },
         );
-        Self {
-            client,
-            node,
-            recorder,
-            min_write_interval: settings.min_write_interval,
-        }
+        Self { client, node, recorder, min_write_interval: settings.min_write_interval }
     }
 
     /// Follows one terminating pod until its drain ends and is reported.
@@ -54,16 +46,11 @@ impl Reporter {
     }
 
     async fn follow(&self, pod: &Pod, name: &str) {
-        let Some(mut rx) = self.node.subscribe(name).await else {
-            return;
-        };
-        let api: Api<Pod> =
-            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let Some(mut rx) = self.node.subscribe(name).await else { return };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
         let reference = pod.object_ref(&());
         let started = tokio::time::Instant::now();
-        let Ok(view) = self.node.pod(name).await else {
-            return;
-        };
+        let Ok(view) = self.node.pod(name).await else { return };
         self.event(
             &reference,
             "DrainStarted",
@@ -76,20 +63,12 @@ impl Reporter {
         .await;
         let mut last_message = String::new();
         loop {
-            let Ok(view) = self.node.pod(name).await else {
-                return;
-            };
+            let Ok(view) = self.node.pod(name).await else { return };
             if view.state.is_final() {
                 let (reason, outcome) = if view.state == PodState::Drained {
-                    (
-                        "NoConnections",
-                        "no active connections and no new ones for the quiet period",
-                    )
+                    ("NoConnections", "no active connections and no new ones for the quiet period")
                 } else {
-                    (
-                        "DeadlineReached",
-                        "the deadline passed with connections still open",
-                    )
+                    ("DeadlineReached", "the deadline passed with connections still open")
                 };
                 let message = format!(
                     "{outcome}; {} active inbound flow(s) left, {} new since termination",
@@ -115,10 +94,7 @@ impl Reporter {
                 view.active_flows, view.idle_flows, view.new_flows_since_termination
             );
             if message != last_message {
-                if !self
-                    .condition(&api, pod, "False", "Draining", &message)
-                    .await
-                {
+                if !self.condition(&api, pod, "False", "Draining", &message).await {
                     return;
                 }
                 last_message = message;
@@ -143,14 +119,7 @@ impl Reporter {
     }
 
     /// Writes the condition, retrying with backoff. False if the pod is gone.
-    async fn condition(
-        &self,
-        api: &Api<Pod>,
-        pod: &Pod,
-        status: &str,
-        reason: &str,
-        message: &str,
-    ) -> bool {
+    async fn condition(&self, api: &Api<Pod>, pod: &Pod, status: &str, reason: &str, message: &str) -> bool {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let patch = json!({
             "status": {
@@ -167,10 +136,7 @@ impl Reporter {
         let name = pod.name_any();
         let mut backoff = Duration::from_millis(200);
         loop {
-            match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
-                .await
-            {
+            match api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
                 Ok(_) => {
                     tracing::info!(pod = %name, status, reason, message, "condition written");
                     return true;
@@ -190,19 +156,8 @@ impl Reporter {
 
     /// Publishes an event; retried a few times, then given up with a log
     /// line (events are informative; the condition is what matters).
-    async fn event(
-        &self,
-        reference: &k8s_openapi::api::core::v1::ObjectReference,
-        reason: &str,
-        note: String,
-    ) {
-        let ev = Event {
-            type_: EventType::Normal,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Drain".into(),
-            secondary: None,
-        };
+    async fn event(&self, reference: &k8s_openapi::api::core::v1::ObjectReference, reason: &str, note: String) {
+        let ev = Event { type_: EventType::Normal, reason: reason.into(), note: Some(note), action: "Drain".into(), secondary: None };
         let mut backoff = Duration::from_millis(200);
         for _ in 0..8 {
             match self.recorder.publish(&ev, reference).await {

@@ -24,8 +24,7 @@ use crate::{
 
 /// When this agent started: a pod whose containers started before it may
 /// have connections its sockets tracepoint never saw.
-static AGENT_START: std::sync::LazyLock<k8s_openapi::jiff::Timestamp> =
-    std::sync::LazyLock::new(jiff_now);
+static AGENT_START: std::sync::LazyLock<k8s_openapi::jiff::Timestamp> = std::sync::LazyLock::new(jiff_now);
 
 /// The ports the kubelet probes (readiness, liveness, startup; HTTP, TCP
 /// and gRPC), with named ports resolved through the containers' ports.
@@ -96,11 +95,7 @@ fn watch_backoff() -> watcher::ExponentialBackoff {
 /// What the node should know about one pod.
 #[derive(Debug, PartialEq)]
 enum Desired {
-    Track {
-        ips: Vec<IpAddr>,
-        deadline_in: Option<Duration>,
-        spec: PodSpec,
-    },
+    Track { ips: Vec<IpAddr>, deadline_in: Option<Duration>, spec: PodSpec },
     Skip(&'static str),
     Ignore,
 }
@@ -109,14 +104,9 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
-        return Desired::Skip(
-            "hostNetwork pod: it shares the node's IPs, so its flows cannot be told apart",
-        );
+        return Desired::Skip("hostNetwork pod: it shares the node's IPs, so its flows cannot be told apart");
     }
-    if matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return Desired::Ignore;
     }
     let mut ips: Vec<IpAddr> = status
@@ -124,9 +114,7 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
         .map(|v| v.iter().filter_map(|p| p.ip.parse().ok()).collect())
         .unwrap_or_default();
     if ips.is_empty()
-        && let Some(ip) = status
-            .and_then(|s| s.pod_ip.as_ref())
-            .and_then(|ip| ip.parse().ok())
+        && let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
     {
         ips.push(ip);
     }
@@ -136,17 +124,12 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
     let deadline_in = pod.metadata.deletion_timestamp.as_ref().map(|ts| {
         // deletionTimestamp is when the kubelet kills the pod (deletion time + grace period).
         let kill_in = Duration::try_from(ts.0.duration_since(jiff_now())).ok();
-        kill_in
-            .and_then(|d| d.checked_sub(margin))
-            .unwrap_or(Duration::from_millis(100))
+        kill_in.and_then(|d| d.checked_sub(margin)).unwrap_or(Duration::from_millis(100))
     });
     Desired::Track {
         ips,
         deadline_in,
-        spec: PodSpec {
-            probe_ports: probe_ports(pod),
-            preexisting: started_before_agent(pod),
-        },
+        spec: PodSpec { probe_ports: probe_ports(pod), preexisting: started_before_agent(pod) },
     }
 }
 
@@ -163,13 +146,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::sync::LazyLock::force(&AGENT_START);
     let pods: Api<Pod> = Api::all(client);
-    let config =
-        watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
     let (store, writer) = reflector::store();
-    let mut stream = watcher(pods, config)
-        .backoff(watch_backoff())
-        .reflect(writer)
-        .boxed();
+    let mut stream = watcher(pods, config).backoff(watch_backoff()).reflect(writer).boxed();
     let mut known: BTreeSet<String> = BTreeSet::new();
     let mut skipped: BTreeMap<String, &'static str> = BTreeMap::new();
     // Registration can fail for a moment (the CNI has not set up the route yet): retry on a timer too.
@@ -204,10 +183,7 @@ pub async fn run(
 pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> anyhow::Result<()> {
     let api: Api<EndpointSlice> = Api::all(client);
     let (store, writer) = reflector::store();
-    let mut stream = watcher(api, watcher::Config::default())
-        .backoff(watch_backoff())
-        .reflect(writer)
-        .boxed();
+    let mut stream = watcher(api, watcher::Config::default()).backoff(watch_backoff()).reflect(writer).boxed();
     let mut terminating: BTreeSet<IpAddr> = BTreeSet::new();
     loop {
         match stream.next().await {
@@ -223,18 +199,11 @@ pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> a
         let mut present = BTreeSet::new();
         for slice in store.state() {
             for ep in slice.endpoints.iter().flatten() {
-                let remote = ep
-                    .node_name
-                    .as_deref()
-                    .is_some_and(|n| n != settings.node_name);
+                let remote = ep.node_name.as_deref().is_some_and(|n| n != settings.node_name);
                 let ips = ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok());
                 for ip in ips {
                     present.insert(ip);
-                    let term = ep
-                        .conditions
-                        .as_ref()
-                        .and_then(|c| c.terminating)
-                        .unwrap_or(false);
+                    let term = ep.conditions.as_ref().and_then(|c| c.terminating).unwrap_or(false);
                     if remote && term {
                         now_terminating.insert(ip);
                     }
@@ -273,17 +242,9 @@ async fn reconcile(
         .collect();
     // Forget the pods that are gone first: after a relist, a new pod may
     // have the IP of one deleted meanwhile, and registering it needs that IP free.
-    let tracked: BTreeSet<&String> = pods
-        .iter()
-        .filter(|(_, _, d)| matches!(d, Desired::Track { .. }))
-        .map(|(name, _, _)| name)
-        .collect();
-    for gone in known
-        .iter()
-        .filter(|k| !tracked.contains(k))
-        .cloned()
-        .collect::<Vec<_>>()
-    {
+    let tracked: BTreeSet<&String> =
+        pods.iter().filter(|(_, _, d)| matches!(d, Desired::Track { .. })).map(|(name, _, _)| name).collect();
+    for gone in known.iter().filter(|k| !tracked.contains(k)).cloned().collect::<Vec<_>>() {
         known.remove(&gone);
         if let Err(e) = node.remove_pod(&gone).await {
             tracing::debug!(pod = %gone, error = %e, "removing pod");
@@ -300,11 +261,7 @@ async fn reconcile(
                     node.set_skipped(&name, Some(reason)).await;
                 }
             }
-            Desired::Track {
-                ips,
-                deadline_in,
-                spec,
-            } => {
+            Desired::Track { ips, deadline_in, spec } => {
                 if !known.contains(&name) {
                     match node.add_pod(&name, &ips, &spec).await {
                         Ok(()) => {
@@ -319,10 +276,7 @@ async fn reconcile(
                 if let Some(d) = deadline_in
                     && !node.is_terminating(&name).await
                 {
-                    let req = Terminate {
-                        deadline_secs: Some(d.as_secs_f64().max(0.1)),
-                        quiet_period_secs: None,
-                    };
+                    let req = Terminate { deadline_secs: Some(d.as_secs_f64().max(0.1)), quiet_period_secs: None };
                     match node.terminate(&name, &req).await {
                         Ok(()) => reporter.start(pod.clone(), name.clone()),
                         Err(e) => tracing::warn!(pod = %name, error = %e, "starting drain"),
@@ -331,12 +285,7 @@ async fn reconcile(
             }
         }
     }
-    for gone in skipped
-        .keys()
-        .filter(|k| !seen_skipped.contains(*k))
-        .cloned()
-        .collect::<Vec<_>>()
-    {
+    for gone in skipped.keys().filter(|k| !seen_skipped.contains(*k)).cloned().collect::<Vec<_>>() {
         skipped.remove(&gone);
         node.set_skipped(&gone, None).await;
     }
@@ -362,17 +311,13 @@ mod tests {
 
     #[test]
     fn dual_stack_ips_and_deadline() {
-        let kill =
-            k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(30);
+        let kill = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(30);
         let p = pod(serde_json::json!({
             "metadata": {"name": "a", "namespace": "n", "deletionTimestamp": kill.to_string()},
             "spec": {"containers": []},
             "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "phase": "Running"}
         }));
-        let Desired::Track {
-            ips, deadline_in, ..
-        } = desired(&p, Duration::from_secs(5))
-        else {
+        let Desired::Track { ips, deadline_in, .. } = desired(&p, Duration::from_secs(5)) else {
             panic!("expected Track");
         };
         assert_eq!(ips.len(), 2);
@@ -392,18 +337,14 @@ mod tests {
             ]},
             "status": {"podIP": "10.0.0.1", "startTime": "2020-01-01T00:00:00Z"}
         }));
-        let Desired::Track { spec, .. } = desired(&p, Duration::ZERO) else {
-            panic!("expected Track")
-        };
+        let Desired::Track { spec, .. } = desired(&p, Duration::ZERO) else { panic!("expected Track") };
         assert_eq!(spec.probe_ports, vec![8080, 9000, 50051]);
         assert!(spec.preexisting, "started long before this agent");
     }
 
     #[test]
     fn pods_without_ip_or_finished_are_ignored() {
-        let p = pod(
-            serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": []}, "status": {}}),
-        );
+        let p = pod(serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": []}, "status": {}}));
         assert_eq!(desired(&p, Duration::ZERO), Desired::Ignore);
         let p = pod(serde_json::json!({
             "metadata": {"name": "a"}, "spec": {"containers": []},

@@ -93,6 +93,10 @@ pub const PINNED_MAPS: [&str; 11] = [
 pub mod programs {
     /// Sees packets entering the host from the interface (sent by the pods behind it).
     pub const INGRESS: &str = "conndrain_ingress";
+    /// `INGRESS` without steering, for kernels without `bpf_redirect_neigh`
+    /// (before 5.10), where the verifier refuses `INGRESS`. At most 15
+    /// characters, so the kernel keeps the whole name.
+    pub const INGRESS_TRACK: &str = "conndrain_track";
     /// Sees packets leaving the host through the interface (to the pods behind it).
     pub const EGRESS: &str = "conndrain_egress";
     /// Tracepoint `sock:inet_sock_set_state`: the pods' TCP sockets themselves.
@@ -430,21 +434,10 @@ mod tests {
             size_of::<PodSockets>(),
             size_of::<ProbeKey>(),
         ];
-        let sizing = (
-            MAX_PODS,
-            MAX_PINS,
-            MAX_HELD,
-            MAX_SOCKETS,
-            stats::COUNT,
-            pod_flags::DRAINING,
-        );
+        let sizing = (MAX_PODS, MAX_PINS, MAX_HELD, MAX_SOCKETS, stats::COUNT, pod_flags::DRAINING);
         assert_eq!(
             (LAYOUT_VERSION, sizes, sizing),
-            (
-                3,
-                [40, 40, 16, 32, 24, 40, 80, 56, 16, 8],
-                (4096, 65_536, 65_536, 262_144, 11, 1)
-            ),
+            (3, [40, 40, 16, 32, 24, 40, 80, 56, 16, 8], (4096, 65_536, 65_536, 262_144, 11, 1)),
             "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
         );
     }

@@ -9,14 +9,12 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, ProbeKey, direction, event_kind,
-    flow_flags, pod_flags, stats, tcp_state,
+    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, ProbeKey, direction, event_kind, flow_flags, pod_flags, stats,
+    tcp_state,
 };
 
 use crate::{
-    maps::{
-        CONFIG, EVENTS, FLOWS, HELD, NODE_ADDRS, POD_COUNTERS, POD_FLAGS, POD_IPS, PROBES, count,
-    },
+    maps::{CONFIG, EVENTS, FLOWS, HELD, NODE_ADDRS, POD_COUNTERS, POD_FLAGS, POD_IPS, PROBES, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -84,9 +82,7 @@ pub fn local_origin(ctx: &TcContext) -> bool {
 
 #[inline(always)]
 fn is_draining(slot: u32) -> bool {
-    POD_FLAGS
-        .get(slot)
-        .is_some_and(|f| f & pod_flags::DRAINING != 0)
+    POD_FLAGS.get(slot).is_some_and(|f| f & pod_flags::DRAINING != 0)
 }
 
 /// A draining pod's flow still in `FLOWS` (the agent moves the ones it
@@ -131,15 +127,7 @@ fn flow_key(pkt: &Packet, side: Side) -> Option<(FlowKey, u32)> {
     // SAFETY: read-only lookup of a plain integer.
     let slot = *unsafe { POD_IPS.get(&PodIpKey { addr: pod_addr }) }?;
     Some((
-        FlowKey {
-            pod_addr,
-            peer_addr,
-            pod_port,
-            peer_port,
-            proto: pkt.proto,
-            family: pkt.family,
-            _pad: [0; 2],
-        },
+        FlowKey { pod_addr, peer_addr, pod_port, peer_port, proto: pkt.proto, family: pkt.family, _pad: [0; 2] },
         slot,
     ))
 }
@@ -159,15 +147,7 @@ fn udp_timeout_ns() -> u64 {
 }
 
 #[inline(always)]
-fn create(
-    key: &FlowKey,
-    slot: u32,
-    draining: bool,
-    pkt: &Packet,
-    from_pod: bool,
-    now: u64,
-    len: u64,
-) {
+fn create(key: &FlowKey, slot: u32, draining: bool, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
     let opened_by_peer = if pkt.proto == PROTO_TCP {
         let f = pkt.tcp_flags;
         if f & TCP_RST != 0 || (f & TCP_SYN != 0 && f & (TCP_ACK | TCP_FIN) != 0) {
@@ -182,16 +162,8 @@ fn create(
     } else {
         !from_pod
     };
-    let state = if pkt.proto == PROTO_TCP {
-        tcp_state::SYN_SENT
-    } else {
-        tcp_state::ESTABLISHED
-    };
-    let dir = if opened_by_peer {
-        direction::INBOUND
-    } else {
-        direction::OUTBOUND
-    };
+    let state = if pkt.proto == PROTO_TCP { tcp_state::SYN_SENT } else { tcp_state::ESTABLISHED };
+    let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
     let v = new_value(slot, state, dir, 0, pkt, from_pod, now, len);
     if !insert(key, &v, draining) {
         return;
@@ -209,15 +181,7 @@ fn create(
 /// server on 50051 talking to a client's 45000 is inbound; the sockets
 /// tracepoint knows the truth and the agent confirms a drain against it.
 #[inline(always)]
-fn pickup(
-    key: &FlowKey,
-    slot: u32,
-    draining: bool,
-    pkt: &Packet,
-    from_pod: bool,
-    now: u64,
-    len: u64,
-) {
+fn pickup(key: &FlowKey, slot: u32, draining: bool, pkt: &Packet, from_pod: bool, now: u64, len: u64) {
     let dir = if key.pod_port >= EPHEMERAL_PORTS && key.peer_port < EPHEMERAL_PORTS {
         direction::OUTBOUND
     } else {
@@ -243,21 +207,8 @@ fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u
         if now.saturating_sub(v.last_seen_ns) > udp_timeout_ns() {
             // The old UDP flow timed out: this packet opens a new one.
             let opened_by_peer = !from_pod;
-            let dir = if opened_by_peer {
-                direction::INBOUND
-            } else {
-                direction::OUTBOUND
-            };
-            *v = new_value(
-                v.pod_slot,
-                tcp_state::ESTABLISHED,
-                dir,
-                0,
-                pkt,
-                from_pod,
-                now,
-                len,
-            );
+            let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
+            *v = new_value(v.pod_slot, tcp_state::ESTABLISHED, dir, 0, pkt, from_pod, now, len);
             if opened_by_peer {
                 note_new_inbound(key, v.pod_slot, pkt, now);
             }
@@ -276,21 +227,8 @@ fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u
         // Port reuse: a fresh SYN after the old flow closed starts a new flow.
         if f & TCP_SYN != 0 && f & (TCP_ACK | TCP_RST | TCP_FIN) == 0 {
             let opened_by_peer = !from_pod;
-            let dir = if opened_by_peer {
-                direction::INBOUND
-            } else {
-                direction::OUTBOUND
-            };
-            *v = new_value(
-                v.pod_slot,
-                tcp_state::SYN_SENT,
-                dir,
-                0,
-                pkt,
-                from_pod,
-                now,
-                len,
-            );
+            let dir = if opened_by_peer { direction::INBOUND } else { direction::OUTBOUND };
+            *v = new_value(v.pod_slot, tcp_state::SYN_SENT, dir, 0, pkt, from_pod, now, len);
             if opened_by_peer {
                 note_new_inbound(key, v.pod_slot, pkt, now);
             }
@@ -345,25 +283,12 @@ fn update(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u
 
 #[inline(always)]
 fn fin_bit(dir: u8, from_pod: bool) -> u8 {
-    if from_pod == (dir == direction::OUTBOUND) {
-        flow_flags::FIN_OPENER
-    } else {
-        flow_flags::FIN_RESPONDER
-    }
+    if from_pod == (dir == direction::OUTBOUND) { flow_flags::FIN_OPENER } else { flow_flags::FIN_RESPONDER }
 }
 
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "every field of a new entry")]
-fn new_value(
-    slot: u32,
-    state: u8,
-    dir: u8,
-    flags: u8,
-    pkt: &Packet,
-    from_pod: bool,
-    now: u64,
-    len: u64,
-) -> FlowValue {
+fn new_value(slot: u32, state: u8, dir: u8, flags: u8, pkt: &Packet, from_pod: bool, now: u64, len: u64) -> FlowValue {
     let mut v = FlowValue {
         first_seen_ns: now,
         last_seen_ns: now,
@@ -437,11 +362,7 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
     if let Some(p) = POD_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: field projection on a valid map value pointer.
         let field = unsafe {
-            if dir == direction::INBOUND {
-                &raw mut (*p).active_inbound
-            } else {
-                &raw mut (*p).active_outbound
-            }
+            if dir == direction::INBOUND { &raw mut (*p).active_inbound } else { &raw mut (*p).active_outbound }
         };
         atomic_add(field, delta);
     }
@@ -457,20 +378,8 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
 fn note_new_inbound(key: &FlowKey, slot: u32, pkt: &Packet, now: u64) {
     // SAFETY: read-only lookups of plain bytes.
     if pkt.local
-        && unsafe {
-            NODE_ADDRS.get(&PodIpKey {
-                addr: key.peer_addr,
-            })
-        }
-        .is_some()
-        && unsafe {
-            PROBES.get(&ProbeKey {
-                pod_slot: slot,
-                port: key.pod_port,
-                _pad: 0,
-            })
-        }
-        .is_some()
+        && unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some()
+        && unsafe { PROBES.get(&ProbeKey { pod_slot: slot, port: key.pod_port, _pad: 0 }) }.is_some()
     {
         return;
     }

@@ -42,6 +42,17 @@ pub fn conndrain_ingress(ctx: TcContext) -> i32 {
     steer::steer(&ctx, &pkt).unwrap_or(TC_ACT_UNSPEC)
 }
 
+/// `conndrain_ingress` without steering: what the agent attaches on kernels
+/// that have no `bpf_redirect_neigh` (before 5.10), where the verifier refuses
+/// the program that calls it. Tracking only.
+#[classifier]
+pub fn conndrain_track(ctx: TcContext) -> i32 {
+    if let Some(pkt) = parsed(&ctx) {
+        flow::track(&ctx, flow::Side::FromPod, &pkt);
+    }
+    TC_ACT_UNSPEC
+}
+
 /// Packets leaving the host through the interface: sent to a pod behind it.
 #[classifier]
 pub fn conndrain_egress(ctx: TcContext) -> i32 {

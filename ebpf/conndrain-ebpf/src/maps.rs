@@ -13,8 +13,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use conndrain_common::{
-    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, Pin,
-    PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, stats,
+    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, Pin, PodCounters,
+    PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, stats,
 };
 
 /// linux/bpf.h: entries are allocated on insert, not all at map creation.
@@ -22,15 +22,13 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Resized by the agent at load time (`--max-flows`).
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 /// The flows of draining pods. Not LRU: nothing but the agent's sweep and
 /// the pod's removal takes an entry out, so a flood of new flows that fills
 /// `FLOWS` cannot make a draining pod look drained while it still serves.
 #[map]
-pub static HELD: HashMap<FlowKey, FlowValue> =
-    HashMap::with_max_entries(MAX_HELD, BPF_F_NO_PREALLOC);
+pub static HELD: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(MAX_HELD, BPF_F_NO_PREALLOC);
 
 /// `pod_flags::*` by pod slot (agent-written).
 #[map]
@@ -60,8 +58,7 @@ pub static NODE_ADDRS: HashMap<PodIpKey, u8> = HashMap::with_max_entries(256, 0)
 /// The pods' open inbound TCP sockets, by kernel socket address (written
 /// by the sockets tracepoint, read by the agent before it says "drained").
 #[map]
-pub static SOCKETS: HashMap<u64, SockValue> =
-    HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+pub static SOCKETS: HashMap<u64, SockValue> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static POD_SOCKETS: Array<PodSockets> = Array::with_max_entries(MAX_PODS, 0);

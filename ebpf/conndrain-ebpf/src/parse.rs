@@ -192,15 +192,10 @@ fn parse_l4(ctx: &TcContext, proto: u8, off: usize) -> Option<(u16, u16, u8, usi
 
 #[inline(always)]
 fn ports_of(b: [u8; 4]) -> (u16, u16) {
-    (
-        u16::from_be_bytes([b[0], b[1]]),
-        u16::from_be_bytes([b[2], b[3]]),
-    )
+    (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]))
 }
 
 #[inline(always)]
 fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }

@@ -17,8 +17,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TracePointContext};
 use conndrain_common::{
-    FAMILY_V4, FAMILY_V6, FlowEvent, FlowKey, PROTO_TCP, PodIpKey, SockValue, direction,
-    event_kind, pod_flags, tcp_state,
+    FAMILY_V4, FAMILY_V6, FlowEvent, FlowKey, PROTO_TCP, PodIpKey, SockValue, direction, event_kind, pod_flags,
+    tcp_state,
 };
 
 use crate::maps::{EVENTS, POD_FLAGS, POD_IPS, POD_SOCKETS, SOCKETS};
@@ -101,10 +101,7 @@ fn closed(ctx: &TracePointContext) -> Option<()> {
     let counters = POD_SOCKETS.get_ptr_mut(value.pod_slot)?;
     // SAFETY: field projection on a valid map value pointer; wrapping add of -1.
     crate::flow::atomic_add(unsafe { &raw mut (*counters).open }, u64::MAX);
-    if POD_FLAGS
-        .get(value.pod_slot)
-        .is_some_and(|f| f & pod_flags::DRAINING != 0)
-    {
+    if POD_FLAGS.get(value.pod_slot).is_some_and(|f| f & pod_flags::DRAINING != 0) {
         // Wake the agent: this may be the close a drain waits for. Losing
         // this event only delays the verdict (the agent also polls).
         let ev = FlowEvent {

@@ -12,9 +12,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
-    helpers::{
-        bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
-    },
+    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
     programs::TcContext,
 };
 use conndrain_common::{FAMILY_V4, PROTO_TCP, Pin, WireKey, pin_flags, stats};
@@ -53,8 +51,7 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
     let pin = PINS.get_ptr_mut(&key)?;
     // SAFETY: a pointer into the map value; racing updates only blur the statistics.
     let pin = unsafe { &mut *pin };
-    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
-    {
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
         // Only established flows are pinned, so a pure SYN is a new
         // connection reusing the tuple (of a flow that closed, or whose pod
         // is gone): it is kube-proxy's to place. Both directions go; the
@@ -73,10 +70,7 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         }
     }
     if pin.flags & pin_flags::DEAD != 0 {
-        if pkt.proto == PROTO_TCP
-            && pkt.tcp_flags & (TCP_RST | TCP_ACK) == TCP_ACK
-            && reset(ctx, pkt).is_some()
-        {
+        if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_RST | TCP_ACK) == TCP_ACK && reset(ctx, pkt).is_some() {
             count(stats::RESETS_SENT);
             return Some(TC_ACT_REDIRECT as i32);
         }
@@ -92,12 +86,7 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         bpf_redir_neigh {
             nh_family: AF_INET,
             __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
-                ipv4_nh: u32::from_ne_bytes([
-                    pin.nexthop[12],
-                    pin.nexthop[13],
-                    pin.nexthop[14],
-                    pin.nexthop[15],
-                ]),
+                ipv4_nh: u32::from_ne_bytes([pin.nexthop[12], pin.nexthop[13], pin.nexthop[14], pin.nexthop[15]]),
             },
         }
     } else {
@@ -115,17 +104,9 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         }
     };
     count(stats::STEERED);
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "helper verdicts fit in i32"
-    )]
+    #[expect(clippy::cast_possible_truncation, reason = "helper verdicts fit in i32")]
     let verdict = unsafe {
-        bpf_redirect_neigh(
-            pin.ifindex,
-            &raw mut nh,
-            size_of::<bpf_redir_neigh>() as i32,
-            0,
-        )
+        bpf_redirect_neigh(pin.ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
     } as i32;
     Some(verdict)
 }
@@ -156,66 +137,43 @@ fn l4_csum_off(pkt: &Packet) -> usize {
 #[inline(always)]
 fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
     let csum = l4_csum_off(pkt);
-    let l4_flags = if pkt.proto == PROTO_TCP {
-        0
-    } else {
-        BPF_F_MARK_MANGLED_0
-    };
+    let l4_flags = if pkt.proto == PROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
     if pkt.family == FAMILY_V4 {
-        for (off, old, new) in [
-            (ETH_HLEN + 12, &pkt.src, &pin.new_src),
-            (ETH_HLEN + 16, &pkt.dst, &pin.new_dst),
-        ] {
+        for (off, old, new) in [(ETH_HLEN + 12, &pkt.src, &pin.new_src), (ETH_HLEN + 16, &pkt.dst, &pin.new_dst)] {
             let old = u32::from_ne_bytes([old[12], old[13], old[14], old[15]]);
             let new = u32::from_ne_bytes([new[12], new[13], new[14], new[15]]);
             if old == new {
                 continue;
             }
             ctx.store(off, &new, 0).ok()?;
-            ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 4)
-                .ok()?;
-            ctx.l4_csum_replace(
-                csum,
-                u64::from(old),
-                u64::from(new),
-                BPF_F_PSEUDO_HDR | l4_flags | 4,
-            )
-            .ok()?;
+            ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 4).ok()?;
+            ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | l4_flags | 4).ok()?;
         }
     } else {
-        for (off, old, new) in [
-            (ETH_HLEN + 8, pkt.src, pin.new_src),
-            (ETH_HLEN + 24, pkt.dst, pin.new_dst),
-        ] {
+        for (off, old, new) in [(ETH_HLEN + 8, pkt.src, pin.new_src), (ETH_HLEN + 24, pkt.dst, pin.new_dst)] {
             if old == new {
                 continue;
             }
             let mut o = old;
             let mut n = new;
             // SAFETY: both buffers are 16 bytes on our stack.
-            let diff =
-                unsafe { bpf_csum_diff(o.as_mut_ptr().cast(), 16, n.as_mut_ptr().cast(), 16, 0) };
+            let diff = unsafe { bpf_csum_diff(o.as_mut_ptr().cast(), 16, n.as_mut_ptr().cast(), 16, 0) };
             if diff < 0 {
                 return None;
             }
             ctx.store(off, &new, 0).ok()?;
             #[expect(clippy::cast_sign_loss, reason = "checked non-negative")]
-            ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR | l4_flags)
-                .ok()?;
+            ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR | l4_flags).ok()?;
         }
     }
-    for (off, old, new) in [
-        (pkt.l4_off, pkt.sport, pin.new_sport),
-        (pkt.l4_off + 2, pkt.dport, pin.new_dport),
-    ] {
+    for (off, old, new) in [(pkt.l4_off, pkt.sport, pin.new_sport), (pkt.l4_off + 2, pkt.dport, pin.new_dport)] {
         if old == new {
             continue;
         }
         let old = u16::from_ne_bytes(old.to_be_bytes());
         let new = u16::from_ne_bytes(new.to_be_bytes());
         ctx.store(off, &new, 0).ok()?;
-        ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), l4_flags | 2)
-            .ok()?;
+        ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), l4_flags | 2).ok()?;
     }
     Some(())
 }

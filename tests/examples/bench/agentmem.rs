@@ -36,9 +36,7 @@ pub fn run(stages: &[u32]) -> Result<Section> {
 
     let target = pod.ipv4();
     let sockets: Vec<UdpSocket> = run_in(topo.client(), || {
-        (0..SOCKETS)
-            .map(|_| UdpSocket::bind("0.0.0.0:0"))
-            .collect::<std::io::Result<Vec<_>>>()
+        (0..SOCKETS).map(|_| UdpSocket::bind("0.0.0.0:0")).collect::<std::io::Result<Vec<_>>>()
     })??;
     let mut table = Table::new(&[
         "flows sent",
@@ -47,13 +45,7 @@ pub fn run(stages: &[u32]) -> Result<Section> {
         "RSS above idle, per flow",
         "time of `conndrain pods`",
     ]);
-    table.row(vec![
-        "0 (pod registered)".into(),
-        "0".into(),
-        mib(idle),
-        "–".into(),
-        "–".into(),
-    ]);
+    table.row(vec!["0 (pod registered)".into(), "0".into(), mib(idle), "–".into(), "–".into()]);
     let mut sent: u32 = 0;
     let payload = [0u8; 16];
     for &stage in stages {
@@ -69,9 +61,7 @@ pub fn run(stages: &[u32]) -> Result<Section> {
             }
             let (sock, port) = (sent as usize / 65_535, 1 + (sent % 65_535));
             let to = SocketAddr::new(target.into(), u16::try_from(port)?);
-            sockets[sock]
-                .send_to(&payload, to)
-                .context("sending a datagram")?;
+            sockets[sock].send_to(&payload, to).context("sending a datagram")?;
             sent += 1;
         }
         settle(pid)?;
@@ -80,10 +70,7 @@ pub fn run(stages: &[u32]) -> Result<Section> {
         let tracked = pod_flows(&cli)?;
         let took = t.elapsed();
         let per_flow = mem.saturating_sub(idle) as f64 / tracked.max(1) as f64;
-        eprintln!(
-            "bench: {stage} flows sent, {tracked} tracked, RSS {}",
-            mib(mem)
-        );
+        eprintln!("bench: {stage} flows sent, {tracked} tracked, RSS {}", mib(mem));
         table.row(vec![
             count(u64::from(stage)),
             count(tracked),

@@ -44,18 +44,8 @@ pub fn run(drains: usize) -> Result<Section> {
     let mut agent = Agent::start_with(
         topo.node(),
         &[
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-name",
-            NODE,
-            "--host-ip",
-            &host_ip,
-            "--wait-port",
-            &wait_port,
-            "--metrics-port",
-            &metrics_port,
-            "--quiet-period",
-            &quiet,
+            "--kubeconfig", &kubeconfig, "--node-name", NODE, "--host-ip", &host_ip,
+            "--wait-port", &wait_port, "--metrics-port", &metrics_port, "--quiet-period", &quiet,
         ],
     )?;
     agent.quiet_on_drop();
@@ -71,9 +61,7 @@ pub fn run(drains: usize) -> Result<Section> {
         let short = format!("bench-{i}");
         let name = format!("{NS}/{short}");
         api.create_pod(pod_object(&short, &ips)?);
-        cli.wait_pod(&name, "tracked and attached", |p| {
-            p.state == "serving" && !p.interfaces.is_empty()
-        })?;
+        cli.wait_pod(&name, "tracked and attached", |p| p.state == "serving" && !p.interfaces.is_empty())?;
         let conn = TcpConn::connect(topo.client(), server.addr())?;
         cli.wait_pod(&name, "1 active flow", |p| p.active_flows == 1)?;
         // kubectl delete pod: the kubelet's kill time is 30 s away.
@@ -93,18 +81,12 @@ pub fn run(drains: usize) -> Result<Section> {
         // and long enough for both waiters to be waiting.
         sleep(Duration::from_millis(300))?;
         let p = cli.pod(&name)?;
-        ensure!(
-            p.state == "draining" && p.active_flows == 1,
-            "before the close: {p:?}"
-        );
+        ensure!(p.state == "draining" && p.active_flows == 1, "before the close: {p:?}");
         ensure!(
             p.quiet_for_secs.unwrap_or(0.0) > QUIET_PERIOD,
             "the quiet period has not passed: {p:?}"
         );
-        ensure!(
-            drained_patch(api, &short).is_none(),
-            "{short}: reported drained before the close"
-        );
+        ensure!(drained_patch(api, &short).is_none(), "{short}: reported drained before the close");
         by_cli.still_running()?;
         pre_stop.still_running()?;
 
@@ -125,31 +107,16 @@ pub fn run(drains: usize) -> Result<Section> {
         ensure!(cli.pod(&name)?.state == "drained", "{name} is not drained");
         // The kubelet is done with it: the pod object goes.
         api.delete_pod(NS, &short);
-        wait_until(
-            &format!("the agent to forget {name}"),
-            TIMEOUT,
-            || cli.pods(),
-            |pods| !pods.iter().any(|p| p.name == name),
-        )?;
+        wait_until(&format!("the agent to forget {name}"), TIMEOUT, || cli.pods(), |pods| {
+            !pods.iter().any(|p| p.name == name)
+        })?;
     }
 
-    let mut table = Table::new(&[
-        "from the last close to",
-        "p50 (ms)",
-        "p99 (ms)",
-        "max (ms)",
-        "drains",
-    ]);
+    let mut table = Table::new(&["from the last close to", "p50 (ms)", "p99 (ms)", "max (ms)", "drains"]);
     let mut worst_p99 = Duration::ZERO;
     for (what, samples) in [
-        (
-            "`conndrain wait NAME` returning (CLI, local unix socket)",
-            &mut cli_ms,
-        ),
-        (
-            "`conndrain wait` returning (preStop, `/v1/wait` from the pod's namespace)",
-            &mut prestop_ms,
-        ),
+        ("`conndrain wait NAME` returning (CLI, local unix socket)", &mut cli_ms),
+        ("`conndrain wait` returning (preStop, `/v1/wait` from the pod's namespace)", &mut prestop_ms),
         (
             "the pod condition `conndrain.io/Drained=True` (reason `NoConnections`) PATCHed to the API server",
             &mut api_ms,
@@ -159,19 +126,10 @@ pub fn run(drains: usize) -> Result<Section> {
         let p99 = quantile(samples, 0.99);
         let max = quantile(samples, 1.0);
         worst_p99 = worst_p99.max(p99);
-        table.row(vec![
-            what.into(),
-            ms(p50),
-            ms(p99),
-            ms(max),
-            count(samples.len() as u64),
-        ]);
+        table.row(vec![what.into(), ms(p50), ms(p99), ms(max), count(samples.len() as u64)]);
     }
     let verdict = if worst_p99 < TARGET_P99 {
-        format!(
-            "Target (drain detection p99 under {} ms): **met**.",
-            TARGET_P99.as_millis()
-        )
+        format!("Target (drain detection p99 under {} ms): **met**.", TARGET_P99.as_millis())
     } else {
         format!(
             "Target (drain detection p99 under {} ms): **missed** in this run ({} ms).",
@@ -207,10 +165,7 @@ pub fn run(drains: usize) -> Result<Section> {
 /// The pod as the kubelet runs it on this node: Running and Ready, with the
 /// topology pod's addresses.
 fn pod_object(name: &str, ips: &[String]) -> Result<Pod> {
-    let pod_ips: Vec<serde_json::Value> = ips
-        .iter()
-        .map(|ip| serde_json::json!({ "ip": ip }))
-        .collect();
+    let pod_ips: Vec<serde_json::Value> = ips.iter().map(|ip| serde_json::json!({ "ip": ip })).collect();
     Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
         "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app"}]},
@@ -224,11 +179,7 @@ fn pod_object(name: &str, ips: &[String]) -> Result<Pod> {
 fn drained_patch(api: &FakeApiServer, name: &str) -> Option<Instant> {
     let path = format!("/api/v1/namespaces/{NS}/pods/{name}/status");
     api.requests_at().into_iter().find_map(|(at, r)| {
-        (r.method == "PATCH"
-            && r.path == path
-            && r.status == 200
-            && r.body.contains("\"NoConnections\""))
-        .then_some(at)
+        (r.method == "PATCH" && r.path == path && r.status == 200 && r.body.contains("\"NoConnections\"")).then_some(at)
     })
 }
 
@@ -260,12 +211,7 @@ impl Waiter {
             let _ = stderr.read_to_string(&mut err);
             let _ = tx.send((at, status, err));
         });
-        Ok(Self {
-            shown,
-            pid,
-            rx,
-            done: false,
-        })
+        Ok(Self { shown, pid, rx, done: false })
     }
 
     fn still_running(&mut self) -> Result<()> {
@@ -275,9 +221,7 @@ impl Waiter {
                 self.done = true;
                 bail!("`{}` returned early ({status:?}): {err}", self.shown)
             }
-            Err(TryRecvError::Disconnected) => {
-                bail!("`{}`: its waiting thread is gone", self.shown)
-            }
+            Err(TryRecvError::Disconnected) => bail!("`{}`: its waiting thread is gone", self.shown),
         }
     }
 
@@ -287,19 +231,11 @@ impl Waiter {
             Ok((at, status, err)) => {
                 self.done = true;
                 let status = status?;
-                ensure!(
-                    status.success(),
-                    "`{}` exited with {status}: {err}",
-                    self.shown
-                );
+                ensure!(status.success(), "`{}` exited with {status}: {err}", self.shown);
                 Ok(at)
             }
-            Err(RecvTimeoutError::Timeout) => {
-                bail!("`{}` did not return within {timeout:?}", self.shown)
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                bail!("`{}`: its waiting thread is gone", self.shown)
-            }
+            Err(RecvTimeoutError::Timeout) => bail!("`{}` did not return within {timeout:?}", self.shown),
+            Err(RecvTimeoutError::Disconnected) => bail!("`{}`: its waiting thread is gone", self.shown),
         }
     }
 }

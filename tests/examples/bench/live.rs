@@ -65,11 +65,7 @@ fn order(per_mode: usize) -> Vec<Mode> {
 /// `per_mode` runs of each of `modes`, in cycles of A B .. B A.
 pub fn abba<T: Copy>(modes: &[T], per_mode: usize) -> Vec<T> {
     let cycle: Vec<T> = modes.iter().chain(modes.iter().rev()).copied().collect();
-    cycle
-        .into_iter()
-        .cycle()
-        .take(modes.len() * per_mode.max(1))
-        .collect()
+    cycle.into_iter().cycle().take(modes.len() * per_mode.max(1)).collect()
 }
 
 /// Switches the veth between modes; checks what is attached after each switch.
@@ -112,19 +108,10 @@ impl Switch<'_> {
         let progs = attached_programs(self.topo.node(), self.pod.node_if())?;
         let ok = match mode {
             Mode::None => progs.is_empty(),
-            Mode::Empty => {
-                progs.len() == 2 && progs.iter().all(|(n, _)| n == EmptyClassifier::NAME)
-            }
-            Mode::Conndrain => {
-                progs.len() == 2 && progs.iter().all(|(n, _)| n.starts_with("conndrain_"))
-            }
+            Mode::Empty => progs.len() == 2 && progs.iter().all(|(n, _)| n == EmptyClassifier::NAME),
+            Mode::Conndrain => progs.len() == 2 && progs.iter().all(|(n, _)| n.starts_with("conndrain_")),
         };
-        ensure!(
-            ok,
-            "{}: unexpected programs on {}: {progs:?}",
-            mode.label(),
-            self.pod.node_if()
-        );
+        ensure!(ok, "{}: unexpected programs on {}: {progs:?}", mode.label(), self.pod.node_if());
         // Let the attach/detach and the CLI calls settle.
         sleep(Duration::from_millis(200))
     }
@@ -148,11 +135,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
         // SAFETY: a valid C string.
         unsafe { libc::if_nametoindex(name.as_ptr()) }
     })?;
-    ensure!(
-        ifindex != 0,
-        "no interface {} in the node namespace",
-        pod.node_if()
-    );
+    ensure!(ifindex != 0, "no interface {} in the node namespace", pod.node_if());
     let mut switch = Switch {
         cli: &cli,
         topo: &topo,
@@ -201,42 +184,20 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     // The programs' own run time on live traffic.
     switch.set(Mode::Conndrain)?;
     let ids = attached_programs(topo.node(), pod.node_if())?;
-    let sysctl_before =
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let sysctl_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
-    let mut stats_table = Table::new(&[
-        "traffic",
-        "program",
-        "runs",
-        "runs/s",
-        "avg ns/run",
-        "CPU (% of one core)",
-    ]);
+    let mut stats_table = Table::new(&["traffic", "program", "runs", "runs/s", "avg ns/run", "CPU (% of one core)"]);
     let (before, t0) = (run_stats(&ids)?, Instant::now());
     let (bps, _) = iperf(topo.client(), pod.ipv4().into(), sizes.iperf_secs)?;
     let (after, wall) = (run_stats(&ids)?, t0.elapsed());
-    let iperf_cpu = push_stats(
-        &mut stats_table,
-        &format!("iperf3, {:.1} Gbit/s", bps / 1e9),
-        &ids,
-        &before,
-        &after,
-        wall,
-    );
+    let iperf_cpu = push_stats(&mut stats_table, &format!("iperf3, {:.1} Gbit/s", bps / 1e9), &ids, &before, &after, wall);
     let n = sizes.round_trips / 4;
     let (before, t0) = (run_stats(&ids)?, Instant::now());
     for _ in 0..n {
         conn.request("ping")?;
     }
     let (after, wall) = (run_stats(&ids)?, t0.elapsed());
-    push_stats(
-        &mut stats_table,
-        &format!("ping-pong, {} round trips", count(n as u64)),
-        &ids,
-        &before,
-        &after,
-        wall,
-    );
+    push_stats(&mut stats_table, &format!("ping-pong, {} round trips", count(n as u64)), &ids, &before, &after, wall);
     drop(stats_fd);
     switch.set(Mode::None)?;
     drop(conn);
@@ -244,11 +205,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let med: Vec<f64> = gbps.iter().map(|v| median(&mut v.clone())).collect();
     let avg: Vec<f64> = gbps.iter().map(|v| mean(v)).collect();
-    let (none, empty, ours) = (
-        Mode::None as usize,
-        Mode::Empty as usize,
-        Mode::Conndrain as usize,
-    );
+    let (none, empty, ours) = (Mode::None as usize, Mode::Empty as usize, Mode::Conndrain as usize);
     let mut table = Table::new(&[
         "measurement",
         "no programs",
@@ -270,19 +227,11 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     let gb = |x: f64| format!("{x:.2}");
     row3(
         &mut table,
-        format!(
-            "TCP throughput, iperf3, median of {} × {} s (Gbit/s)",
-            sizes.iperf_runs, sizes.iperf_secs
-        ),
+        format!("TCP throughput, iperf3, median of {} × {} s (Gbit/s)", sizes.iperf_runs, sizes.iperf_secs),
         [med[0], med[1], med[2]],
         &gb,
     );
-    row3(
-        &mut table,
-        "TCP throughput, mean of the same runs (Gbit/s)".into(),
-        [avg[0], avg[1], avg[2]],
-        &gb,
-    );
+    row3(&mut table, "TCP throughput, mean of the same runs (Gbit/s)".into(), [avg[0], avg[1], avg[2]], &gb);
     table.row(vec![
         "TCP retransmits, all runs".into(),
         count(retrans[0]),
@@ -305,19 +254,14 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
         let v = [0, 1, 2].map(|m| quantile(&mut rtt[m], q) as f64);
         row3(
             &mut table,
-            format!(
-                "request latency {label}, {} round trips each (µs)",
-                count(rtt[0].len() as u64)
-            ),
+            format!("request latency {label}, {} round trips each (µs)", count(rtt[0].len() as u64)),
             v,
             &micros,
         );
     }
     let loss = 1.0 - med[ours] / med[none];
     let spread = |v: &[f64]| {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
         (hi - lo) / mean(v)
     };
     let max_spread = 100.0 * gbps.iter().map(|v| spread(v)).fold(0.0, f64::max);
@@ -394,35 +338,28 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
 }
 
 fn runs(v: &[f64]) -> String {
-    v.iter()
-        .map(|g| format!("{g:.2}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    v.iter().map(|g| format!("{g:.2}")).collect::<Vec<_>>().join(", ")
 }
 
 /// (program name, id) of the TC programs attached to `dev` in `ns`: tcx
 /// (what the agent uses on 6.6+), else clsact as `bpftool net` lists it.
 pub fn attached_programs(ns: &Netns, dev: &str) -> Result<Vec<(String, u32)>> {
-    let tcx = run_in(
-        ns,
-        || -> Result<Vec<(String, u32)>, aya::programs::ProgramError> {
-            let mut found = Vec::new();
-            for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
-                let (_, progs) = SchedClassifier::query_tcx(dev, ty)?;
-                for p in progs {
-                    found.push((full_name(p.name_as_str().unwrap_or_default()), p.id()));
-                }
+    let tcx = run_in(ns, || -> Result<Vec<(String, u32)>, aya::programs::ProgramError> {
+        let mut found = Vec::new();
+        for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, progs) = SchedClassifier::query_tcx(dev, ty)?;
+            for p in progs {
+                found.push((full_name(p.name_as_str().unwrap_or_default()), p.id()));
             }
-            Ok(found)
-        },
-    )?;
+        }
+        Ok(found)
+    })?;
     if let Ok(found) = tcx {
         return Ok(found);
     }
     // bpftool 7.1 (Debian 12) lists clsact filters but not tcx links.
     let out = ns.exec("bpftool", &["-j", "net", "show", "dev", dev])?;
-    let v: Value =
-        serde_json::from_str(&out).with_context(|| format!("bpftool net printed {out}"))?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("bpftool net printed {out}"))?;
     let mut found = Vec::new();
     for obj in v.as_array().into_iter().flatten() {
         for e in obj["tc"].as_array().into_iter().flatten() {
@@ -437,14 +374,11 @@ pub fn attached_programs(ns: &Netns, dev: &str) -> Result<Vec<(String, u32)>> {
 
 /// The kernel keeps 15 bytes of a program's name.
 fn full_name(name: &str) -> String {
-    [
-        conndrain_common::programs::INGRESS,
-        conndrain_common::programs::EGRESS,
-    ]
-    .into_iter()
-    .find(|full| !name.is_empty() && full.starts_with(name))
-    .unwrap_or(name)
-    .to_owned()
+    [conndrain_common::programs::INGRESS, conndrain_common::programs::EGRESS]
+        .into_iter()
+        .find(|full| !name.is_empty() && full.starts_with(name))
+        .unwrap_or(name)
+        .to_owned()
 }
 
 /// (`run_time_ns`, `run_cnt`) of each program, in the order of `ids`.
@@ -477,11 +411,7 @@ fn push_stats(
     for (i, (name, _)) in ids.iter().enumerate() {
         let runs = after[i].1 - before[i].1;
         let ns = after[i].0 - before[i].0;
-        let avg = if runs == 0 {
-            "–".into()
-        } else {
-            format!("{:.0}", ns as f64 / runs as f64)
-        };
+        let avg = if runs == 0 { "–".into() } else { format!("{:.0}", ns as f64 / runs as f64) };
         let share = 100.0 * ns as f64 / wall.as_nanos() as f64;
         cpu += share;
         table.row(vec![
@@ -502,16 +432,10 @@ pub fn pid_with_arg(arg: &std::path::Path) -> Result<i32> {
     let want = arg.as_os_str().as_encoded_bytes();
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
         };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
         if cmdline.split(|&b| b == 0).any(|a| a == want) {
             return Ok(pid);
         }
@@ -523,10 +447,7 @@ pub fn pid_with_arg(arg: &std::path::Path) -> Result<i32> {
 pub fn process_cpu(pid: i32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which is in parentheses and may have spaces).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc/PID/stat")?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc/PID/stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
     let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
@@ -591,10 +512,7 @@ pub fn iperf(client: &Netns, to: IpAddr, secs: u32) -> Result<(f64, u64)> {
             "1",
             "-J",
         ]);
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .context("running iperf3 -c")?;
+        let out = cmd.stdin(Stdio::null()).output().context("running iperf3 -c")?;
         let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         if let Some(bps) = json["end"]["sum_received"]["bits_per_second"].as_f64() {
             let rt = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);

@@ -102,21 +102,11 @@ impl Machine {
                     .find_map(|l| l.strip_prefix("MemTotal:"))
                     .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             })
-            .map_or_else(
-                || "unknown".into(),
-                |kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0),
-            );
+            .map_or_else(|| "unknown".into(), |kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0));
         let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-        let mut commit =
-            output(Command::new("git").args(["-C", root, "rev-parse", "--short", "HEAD"]));
-        let dirty = output(Command::new("git").args([
-            "-C",
-            root,
-            "status",
-            "--porcelain",
-            "--untracked-files=no",
-        ]));
+        let mut commit = output(Command::new("git").args(["-C", root, "rev-parse", "--short", "HEAD"]));
+        let dirty = output(Command::new("git").args(["-C", root, "status", "--porcelain", "--untracked-files=no"]));
         if !dirty.is_empty() && commit != "unknown" {
             commit.push_str(" + uncommitted changes");
         }
@@ -135,14 +125,7 @@ impl Machine {
     pub fn markdown(&self, end_load: &str) -> String {
         format!(
             "| | |\n|---|---|\n| date | {} |\n| CPUs (`nproc`) | {} |\n| CPU model | {} |\n| memory | {} |\n| kernel | {} |\n| commit | {} |\n| load average (1, 5, 15 min) at start / end | {} / {} |\n",
-            self.date,
-            self.cpus,
-            self.model,
-            self.memory,
-            self.kernel,
-            self.commit,
-            self.load,
-            end_load
+            self.date, self.cpus, self.model, self.memory, self.kernel, self.commit, self.load, end_load
         )
     }
 }

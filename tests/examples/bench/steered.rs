@@ -15,9 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
     Agent, Cli, TcpConn, TcpServer,
-    kubeproxy::{
-        Backend, Cluster, KubeProxy, NODE_A_V4, NODE_A_V6, Node, Protocol, Service, ServicePort,
-    },
+    kubeproxy::{Backend, Cluster, KubeProxy, NODE_A_V4, NODE_A_V6, Node, Protocol, Service, ServicePort},
     sleep, wait_until,
 };
 
@@ -101,9 +99,7 @@ impl Bed {
     }
 
     fn steered(&self) -> Result<u64> {
-        Ok(self.cli.status()?["steering"]["steered_packets"]
-            .as_u64()
-            .unwrap_or(0))
+        Ok(self.cli.status()?["steering"]["steered_packets"].as_u64().unwrap_or(0))
     }
 
     /// Runs `f`, counting the programs' runs and the packets steered meanwhile.
@@ -114,10 +110,7 @@ impl Bed {
         let before = run_stats(&self.ids)?;
         let out = f()?;
         let after = run_stats(&self.ids)?;
-        let mut c = Counted {
-            steered: self.steered()? - steered,
-            ..Counted::default()
-        };
+        let mut c = Counted { steered: self.steered()? - steered, ..Counted::default() };
         for i in 0..2 {
             c.ns[i] = after[i].0 - before[i].0;
             c.runs[i] = after[i].1 - before[i].1;
@@ -142,12 +135,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
         cluster_ips: vec![VIP_V4.into(), VIP_V6.parse()?],
         ports: vec![tcp("iperf", IPERF_PORT), tcp("echo", ECHO_PORT)],
     };
-    let proxy = KubeProxy::start(
-        cluster.node_a(),
-        Backend::Iptables,
-        &service,
-        &[NODE_A_V4.into(), NODE_A_V6.into()],
-    )?;
+    let proxy = KubeProxy::start(cluster.node_a(), Backend::Iptables, &service, &[NODE_A_V4.into(), NODE_A_V6.into()])?;
     let mut agent = Agent::start(cluster.node_a(), &[])?;
     agent.quiet_on_drop();
     let cli = agent.cli();
@@ -156,15 +144,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     for name in [SERVING, TERMINATING] {
         let pod = cluster.pod(name);
         let [v4, v6] = pod.ips();
-        cli.ok(&[
-            "pod",
-            "add",
-            name,
-            "--ip",
-            &v4.to_string(),
-            "--ip",
-            &v6.to_string(),
-        ])?;
+        cli.ok(&["pod", "add", name, "--ip", &v4.to_string(), "--ip", &v6.to_string()])?;
         cli.wait_pod(name, "attached", |p| !p.interfaces.is_empty())?;
         for ip in [v4, v6] {
             servers.push(TcpServer::start(pod.ns(), SocketAddr::new(ip, ECHO_PORT))?);
@@ -172,17 +152,8 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
         iperfs.push(IperfServer::start(pod.ns(), None)?);
     }
     let ids = attached_programs(cluster.node_a(), cluster.pod(SERVING).host_if())?;
-    ensure!(
-        ids.len() == 2,
-        "conndrain's two programs on {}: {ids:?}",
-        cluster.pod(SERVING).host_if()
-    );
-    let bed = Bed {
-        cluster,
-        proxy,
-        cli,
-        ids,
-    };
+    ensure!(ids.len() == 2, "conndrain's two programs on {}: {ids:?}", cluster.pod(SERVING).host_if());
+    let bed = Bed { cluster, proxy, cli, ids };
     let vips: [IpAddr; 2] = [VIP_V4.into(), VIP_V6.parse()?];
 
     // Per family, one long-lived connection to each pod through the
@@ -198,32 +169,18 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     }
     // The pod starts terminating: the agent pins its established flows (and,
     // from now on, each new flow that reaches it). Never drained during the run.
-    bed.cli.ok(&[
-        "pod",
-        "terminate",
-        TERMINATING,
-        "--deadline",
-        "3600",
-        "--quiet-period",
-        "3600",
-    ])?;
-    wait_until(
-        "both connections to the terminating pod pinned",
-        conndrain_tests::TIMEOUT,
-        || bed.cli.status(),
-        |s| s["steering"]["pinned_flows"].as_u64() >= Some(2),
-    )?;
+    bed.cli.ok(&["pod", "terminate", TERMINATING, "--deadline", "3600", "--quiet-period", "3600"])?;
+    wait_until("both connections to the terminating pod pinned", conndrain_tests::TIMEOUT, || bed.cli.status(), |s| {
+        s["steering"]["pinned_flows"].as_u64() >= Some(2)
+    })?;
     let uplink = bed.cluster.node_a_ifs().0.to_owned();
     let on_uplink = attached_programs(bed.cluster.node_a(), &uplink)?;
     ensure!(
-        on_uplink
-            .iter()
-            .any(|(n, id)| n == conndrain_common::programs::INGRESS && *id == bed.ids[0].1),
+        on_uplink.iter().any(|(n, id)| n == conndrain_common::programs::INGRESS && *id == bed.ids[0].1),
         "with flows pinned, the same conndrain_ingress runs on node A's uplink {uplink}: {on_uplink:?}"
     );
 
-    let sysctl_before =
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let sysctl_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let modes = [Mode::NotPinned, Mode::Pinned];
     let mut fams: [Family; 2] = Default::default();
@@ -231,14 +188,8 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
         for mode in abba(&modes, sizes.iperf_runs) {
             crate::check_interrupted()?;
             bed.route_to(mode.pod())?;
-            let ((bps, _), c) =
-                bed.measure(|| iperf(bed.cluster.client(), *vip, sizes.iperf_secs))?;
-            eprintln!(
-                "bench: iperf3 via {vip}, {}: {:.2} Gbit/s, {} packets steered",
-                mode.label(),
-                bps / 1e9,
-                c.steered
-            );
+            let ((bps, _), c) = bed.measure(|| iperf(bed.cluster.client(), *vip, sizes.iperf_secs))?;
+            eprintln!("bench: iperf3 via {vip}, {}: {:.2} Gbit/s, {} packets steered", mode.label(), bps / 1e9, c.steered);
             let m = mode as usize;
             fams[f].gbps[m].push(bps / 1e9);
             fams[f].iperf[m].add(c);
@@ -264,17 +215,13 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Section)> {
     drop(stats_fd);
     for (f, fam) in fams.iter().enumerate() {
         ensure!(
-            fam.pingpong[Mode::Pinned as usize].steered > 0
-                && fam.iperf[Mode::Pinned as usize].steered > 0,
+            fam.pingpong[Mode::Pinned as usize].steered > 0 && fam.iperf[Mode::Pinned as usize].steered > 0,
             "{}: the pinned runs steered no packets",
             vips[f]
         );
     }
 
-    Ok((
-        perf_section(sizes, &mut fams),
-        stats_section(&fams, sysctl_before.trim()),
-    ))
+    Ok((perf_section(sizes, &mut fams), stats_section(&fams, sysctl_before.trim())))
 }
 
 fn perf_section(sizes: &Sizes, fams: &mut [Family; 2]) -> Section {
@@ -294,59 +241,33 @@ fn perf_section(sizes: &Sizes, fams: &mut [Family; 2]) -> Section {
         }
         table.row(cells);
     };
-    let gbps = fams
-        .each_mut()
-        .map(|f| [median(&mut f.gbps[0]), median(&mut f.gbps[1])]);
+    let gbps = fams.each_mut().map(|f| [median(&mut f.gbps[0]), median(&mut f.gbps[1])]);
     row(
         &mut table,
-        format!(
-            "TCP throughput via the ClusterIP, iperf3, median of {} × {} s (Gbit/s)",
-            sizes.iperf_runs, sizes.iperf_secs
-        ),
+        format!("TCP throughput via the ClusterIP, iperf3, median of {} × {} s (Gbit/s)", sizes.iperf_runs, sizes.iperf_secs),
         gbps,
         &|x| format!("{x:.2}"),
     );
     let micros = |ns: f64| us(Duration::from_nanos(ns as u64));
     for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
-        let v = fams
-            .each_mut()
-            .map(|f| [0, 1].map(|m| quantile(&mut f.rtt_ns[m], q) as f64));
+        let v = fams.each_mut().map(|f| [0, 1].map(|m| quantile(&mut f.rtt_ns[m], q) as f64));
         row(
             &mut table,
-            format!(
-                "request latency {label}, {} round trips each (µs)",
-                count(fams[0].rtt_ns[0].len() as u64)
-            ),
+            format!("request latency {label}, {} round trips each (µs)", count(fams[0].rtt_ns[0].len() as u64)),
             v,
             &micros,
         );
     }
-    let mut cells =
-        vec!["packets steered, in % of `conndrain_ingress` runs (iperf3; ping-pong)".to_owned()];
+    let mut cells = vec!["packets steered, in % of `conndrain_ingress` runs (iperf3; ping-pong)".to_owned()];
     for f in fams.iter() {
-        let share = |c: &Counted| {
-            if c.runs[0] == 0 {
-                0.0
-            } else {
-                100.0 * c.steered as f64 / c.runs[0] as f64
-            }
-        };
+        let share = |c: &Counted| if c.runs[0] == 0 { 0.0 } else { 100.0 * c.steered as f64 / c.runs[0] as f64 };
         for m in 0..2 {
-            cells.push(format!(
-                "{:.0}%; {:.0}%",
-                share(&f.iperf[m]),
-                share(&f.pingpong[m])
-            ));
+            cells.push(format!("{:.0}%; {:.0}%", share(&f.iperf[m]), share(&f.pingpong[m])));
         }
         cells.push("–".into());
     }
     table.row(cells);
-    let runs = |v: &[f64]| {
-        v.iter()
-            .map(|g| format!("{g:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let runs = |v: &[f64]| v.iter().map(|g| format!("{g:.2}")).collect::<Vec<_>>().join(", ");
     Section {
         title: "Steered (pinned) flows on live traffic, IPv4 and IPv6".into(),
         name: "steered",
@@ -376,32 +297,14 @@ fn perf_section(sizes: &Sizes, fams: &mut [Family; 2]) -> Section {
 }
 
 fn stats_section(fams: &[Family; 2], sysctl_before: &str) -> Section {
-    let mut table = Table::new(&[
-        "family",
-        "traffic",
-        "flows",
-        "program",
-        "runs",
-        "avg ns/run",
-        "packets steered",
-    ]);
+    let mut table = Table::new(&["family", "traffic", "flows", "program", "runs", "avg ns/run", "packets steered"]);
     for (f, fam) in fams.iter().enumerate() {
         let family = if f == 0 { "IPv4" } else { "IPv6" };
         for (traffic, counted) in [("iperf3", &fam.iperf), ("ping-pong", &fam.pingpong)] {
             for mode in [Mode::NotPinned, Mode::Pinned] {
                 let c = counted[mode as usize];
-                for (p, prog) in [
-                    conndrain_common::programs::INGRESS,
-                    conndrain_common::programs::EGRESS,
-                ]
-                .iter()
-                .enumerate()
-                {
-                    let avg = if c.runs[p] == 0 {
-                        "–".into()
-                    } else {
-                        format!("{:.0}", c.ns[p] as f64 / c.runs[p] as f64)
-                    };
+                for (p, prog) in [conndrain_common::programs::INGRESS, conndrain_common::programs::EGRESS].iter().enumerate() {
+                    let avg = if c.runs[p] == 0 { "–".into() } else { format!("{:.0}", c.ns[p] as f64 / c.runs[p] as f64) };
                     table.row(vec![
                         family.into(),
                         traffic.into(),
@@ -409,11 +312,7 @@ fn stats_section(fams: &[Family; 2], sysctl_before: &str) -> Section {
                         format!("`{prog}`"),
                         count(c.runs[p]),
                         avg,
-                        if p == 0 {
-                            count(c.steered)
-                        } else {
-                            "–".into()
-                        },
+                        if p == 0 { count(c.steered) } else { "–".into() },
                     ]);
                 }
             }

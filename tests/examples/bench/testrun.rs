@@ -16,8 +16,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use conndrain_common::{
-    Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Pin, PodIpKey, WireKey, maps,
-    programs, stats,
+    Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Pin, PodIpKey, WireKey, maps, programs,
+    stats,
 };
 use etherparse::PacketBuilder;
 
@@ -55,14 +55,7 @@ const TCP_PSH: u8 = 0x08;
 
 /// A path that creates a flow: (program, path, program fd, frame, the flow
 /// to delete after the run, whether the agent has read every event before).
-type Single = (
-    &'static str,
-    &'static str,
-    RawFd,
-    Vec<u8>,
-    Option<FlowKey>,
-    bool,
-);
+type Single = (&'static str, &'static str, RawFd, Vec<u8>, Option<FlowKey>, bool);
 
 pub struct Sizes {
     /// `repeat` of each `BPF_PROG_TEST_RUN` call.
@@ -143,125 +136,23 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
     let stranger6 = data(STRANGER_A_V6.parse()?, STRANGER_B_V6.parse()?);
     // The IPv6 rows come last; "(IPv6)" in the path marks them.
     let cases: Vec<(&str, &str, RawFd, Vec<u8>, u32)> = vec![
-        (
-            "empty classifier",
-            "any packet (the floor)",
-            empty.fd(),
-            stranger.clone(),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            UNRELATED,
-            ingress,
-            stranger.clone(),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_egress",
-            UNRELATED,
-            egress,
-            stranger.clone(),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            "tracked TCP flow, data packet from the pod",
-            ingress,
-            data(pod, peer),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_egress",
-            "tracked TCP flow, data packet to the pod",
-            egress,
-            data(peer, pod),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            "tracked UDP flow, datagram from the pod",
-            ingress,
-            udp(pod, peer),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_egress",
-            "tracked UDP flow, datagram to the pod",
-            egress,
-            udp(peer, pod),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            "client -> Service, not pinned",
-            ingress,
-            data(unpinned_client, service),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            "client -> Service, pinned: rewritten + bpf_redirect_neigh",
-            ingress,
-            data(client, service),
-            TC_ACT_REDIRECT,
-        ),
-        (
-            "conndrain_ingress",
-            "unrelated traffic, no flow pinned on the node",
-            quiet_ingress,
-            stranger.clone(),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            "tracked TCP flow from the pod, no flow pinned on the node",
-            quiet_ingress,
-            data(pod, peer),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "empty classifier",
-            "any packet (the floor) (IPv6)",
-            empty.fd(),
-            stranger6.clone(),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            UNRELATED_V6,
-            ingress,
-            stranger6.clone(),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_egress",
-            UNRELATED_V6,
-            egress,
-            stranger6,
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            "tracked TCP flow, data packet from the pod (IPv6)",
-            ingress,
-            data(pod6, peer6),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_egress",
-            "tracked TCP flow, data packet to the pod (IPv6)",
-            egress,
-            data(peer6, pod6),
-            TC_ACT_UNSPEC,
-        ),
-        (
-            "conndrain_ingress",
-            "client -> Service, pinned: rewritten + bpf_redirect_neigh (IPv6)",
-            ingress,
-            data(client6, service6),
-            TC_ACT_REDIRECT,
-        ),
+        ("empty classifier", "any packet (the floor)", empty.fd(), stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", UNRELATED, ingress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_egress", UNRELATED, egress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked TCP flow, data packet from the pod", ingress, data(pod, peer), TC_ACT_UNSPEC),
+        ("conndrain_egress", "tracked TCP flow, data packet to the pod", egress, data(peer, pod), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked UDP flow, datagram from the pod", ingress, udp(pod, peer), TC_ACT_UNSPEC),
+        ("conndrain_egress", "tracked UDP flow, datagram to the pod", egress, udp(peer, pod), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "client -> Service, not pinned", ingress, data(unpinned_client, service), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "client -> Service, pinned: rewritten + bpf_redirect_neigh", ingress, data(client, service), TC_ACT_REDIRECT),
+        ("conndrain_ingress", "unrelated traffic, no flow pinned on the node", quiet_ingress, stranger.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked TCP flow from the pod, no flow pinned on the node", quiet_ingress, data(pod, peer), TC_ACT_UNSPEC),
+        ("empty classifier", "any packet (the floor) (IPv6)", empty.fd(), stranger6.clone(), TC_ACT_UNSPEC),
+        ("conndrain_ingress", UNRELATED_V6, ingress, stranger6.clone(), TC_ACT_UNSPEC),
+        ("conndrain_egress", UNRELATED_V6, egress, stranger6, TC_ACT_UNSPEC),
+        ("conndrain_ingress", "tracked TCP flow, data packet from the pod (IPv6)", ingress, data(pod6, peer6), TC_ACT_UNSPEC),
+        ("conndrain_egress", "tracked TCP flow, data packet to the pod (IPv6)", egress, data(peer6, pod6), TC_ACT_UNSPEC),
+        ("conndrain_ingress", "client -> Service, pinned: rewritten + bpf_redirect_neigh (IPv6)", ingress, data(client6, service6), TC_ACT_REDIRECT),
     ];
 
     let steered_before = obj.stat(stats::STEERED)?;
@@ -270,74 +161,35 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
         crate::check_interrupted()?;
         for (i, (prog, path, fd, frame, want)) in cases.iter().enumerate() {
             let (ret, ns) = test_run(*fd, frame, sizes.repeat)?;
-            ensure!(
-                ret == *want,
-                "{prog} on {path:?} returned {ret}, not {want}"
-            );
+            ensure!(ret == *want, "{prog} on {path:?} returned {ret}, not {want}");
             samples[i].push(ns);
         }
     }
     let steered = obj.stat(stats::STEERED)? - steered_before;
     let pinned_paths = cases.iter().filter(|c| c.4 == TC_ACT_REDIRECT).count() as u64;
     let want = u64::from(sizes.repeat) * sizes.rounds as u64 * pinned_paths;
-    ensure!(
-        steered == want,
-        "STATS[STEERED] counted {steered} steered packets, not {want}"
-    );
-    ensure!(
-        obj.stat(stats::STEER_FAILED)? == 0,
-        "some steering rewrites failed"
-    );
-    ensure!(
-        obj.stat(stats::INSERT_FAILED)? == 0,
-        "some flow inserts failed"
-    );
+    ensure!(steered == want, "STATS[STEERED] counted {steered} steered packets, not {want}");
+    ensure!(obj.stat(stats::STEER_FAILED)? == 0, "some steering rewrites failed");
+    ensure!(obj.stat(stats::INSERT_FAILED)? == 0, "some flow inserts failed");
 
     let med: Vec<f64> = samples.iter_mut().map(|s| f64::from(median(s))).collect();
     // Each row against the floor and the unrelated traffic of its own family.
     let v6 = |path: &str| path.ends_with("(IPv6)");
     let baseline = |prog: &str, path: &str| {
         let find = |p: &str, what: &str| {
-            cases
-                .iter()
-                .position(|c| c.0 == p && c.1 == what)
-                .map_or(f64::NAN, |i| med[i])
+            cases.iter().position(|c| c.0 == p && c.1 == what).map_or(f64::NAN, |i| med[i])
         };
-        let (floor, unrelated) = if v6(path) {
-            ("any packet (the floor) (IPv6)", UNRELATED_V6)
-        } else {
-            ("any packet (the floor)", UNRELATED)
-        };
+        let (floor, unrelated) = if v6(path) { ("any packet (the floor) (IPv6)", UNRELATED_V6) } else { ("any packet (the floor)", UNRELATED) };
         (find("empty classifier", floor), find(prog, unrelated))
     };
 
-    let mut table = Table::new(&[
-        "program",
-        "path",
-        "ns/packet",
-        "above empty (ns)",
-        "× unrelated",
-    ]);
+    let mut table = Table::new(&["program", "path", "ns/packet", "above empty (ns)", "× unrelated"]);
     for (i, (prog, path, ..)) in cases.iter().enumerate() {
         let (floor, unrelated) = baseline(prog, path);
         let is_floor = *prog == "empty classifier";
-        let vs = if is_floor {
-            "–".into()
-        } else {
-            ratio(med[i], unrelated)
-        };
-        let above = if is_floor {
-            "–".into()
-        } else {
-            format!("{:.0}", med[i] - floor)
-        };
-        table.row(vec![
-            format!("`{prog}`"),
-            (*path).into(),
-            format!("{:.0}", med[i]),
-            above,
-            vs,
-        ]);
+        let vs = if is_floor { "–".into() } else { ratio(med[i], unrelated) };
+        let above = if is_floor { "–".into() } else { format!("{:.0}", med[i] - floor) };
+        table.row(vec![format!("`{prog}`"), (*path).into(), format!("{:.0}", med[i]), above, vs]);
     }
 
     // Paths that create a flow: one run per call (the flow is deleted between
@@ -352,54 +204,12 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
     // irq_work), which is what a new flow costs when the agent is idle.
     let syn_in_key = key("10.0.0.3:41000", PROTO_TCP)?;
     let singles: Vec<Single> = vec![
-        (
-            "empty classifier",
-            "any packet (the floor)",
-            empty.fd(),
-            stranger.clone(),
-            None,
-            false,
-        ),
-        (
-            "conndrain_egress",
-            "unrelated traffic (no pod IP)",
-            egress,
-            stranger.clone(),
-            None,
-            false,
-        ),
-        (
-            "conndrain_egress",
-            "new inbound TCP flow: SYN to the pod (insert + event)",
-            egress,
-            new_syn_peer.clone(),
-            Some(syn_in_key),
-            false,
-        ),
-        (
-            "conndrain_ingress",
-            "new outbound TCP flow: SYN from the pod (insert + event)",
-            ingress,
-            new_syn_pod,
-            Some(key("10.0.0.4:443", PROTO_TCP)?),
-            false,
-        ),
-        (
-            "conndrain_egress",
-            "new inbound UDP flow (insert + event)",
-            egress,
-            new_udp,
-            Some(key("10.0.0.5:5353", PROTO_UDP)?),
-            false,
-        ),
-        (
-            "conndrain_egress",
-            "new inbound TCP flow, agent idle: the event wakes it",
-            egress,
-            new_syn_peer,
-            Some(syn_in_key),
-            true,
-        ),
+        ("empty classifier", "any packet (the floor)", empty.fd(), stranger.clone(), None, false),
+        ("conndrain_egress", "unrelated traffic (no pod IP)", egress, stranger.clone(), None, false),
+        ("conndrain_egress", "new inbound TCP flow: SYN to the pod (insert + event)", egress, new_syn_peer.clone(), Some(syn_in_key), false),
+        ("conndrain_ingress", "new outbound TCP flow: SYN from the pod (insert + event)", ingress, new_syn_pod, Some(key("10.0.0.4:443", PROTO_TCP)?), false),
+        ("conndrain_egress", "new inbound UDP flow (insert + event)", egress, new_udp, Some(key("10.0.0.5:5353", PROTO_UDP)?), false),
+        ("conndrain_egress", "new inbound TCP flow, agent idle: the event wakes it", egress, new_syn_peer, Some(syn_in_key), true),
     ];
     let created_before = obj.stat(stats::FLOWS_CREATED)?;
     let mut one: Vec<Vec<u32>> = vec![Vec::new(); singles.len()];
@@ -417,18 +227,14 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
             ensure!(ret == TC_ACT_UNSPEC, "{prog} on {path:?} returned {ret}");
             one[i].push(ns);
             if let Some(flow) = flow {
-                obj.remove_flow(flow)
-                    .with_context(|| format!("{path}: no flow was created"))?;
+                obj.remove_flow(flow).with_context(|| format!("{path}: no flow was created"))?;
             }
         }
     }
     obj.drain_events();
     let created = obj.stat(stats::FLOWS_CREATED)? - created_before;
     let want = 4 * sizes.singles as u64;
-    ensure!(
-        created == want,
-        "expected {want} flows created, got {created}"
-    );
+    ensure!(created == want, "expected {want} flows created, got {created}");
     ensure!(obj.stat(stats::EVENTS_LOST)? == 0, "events were lost");
     let one: Vec<f64> = one.iter_mut().map(|s| f64::from(median(s))).collect();
     for (i, (prog, path, _, _, _, caught_up)) in singles.iter().enumerate().skip(2) {
@@ -478,13 +284,7 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
                 .into(),
         ],
     };
-    Ok((
-        section,
-        Results {
-            new_syn_ns: one[2] - one[0],
-            new_syn_idle_ns: one[5] - one[0],
-        },
-    ))
+    Ok((section, Results { new_syn_ns: one[2] - one[0], new_syn_idle_ns: one[5] - one[0] }))
 }
 
 /// The embedded object with fresh maps, both programs loaded.
@@ -512,10 +312,7 @@ impl Object {
             prog.load().with_context(|| format!("loading {name}"))?;
         }
         let events = RingBuf::try_from(ebpf.take_map(maps::EVENTS).context("no EVENTS map")?)?;
-        Ok(Self {
-            ebpf,
-            events: Some(events),
-        })
+        Ok(Self { ebpf, events: Some(events) })
     }
 
     /// Only the maps (no program loaded): for the flow-table section.
@@ -544,8 +341,7 @@ impl Object {
 
     /// What the agent writes while no flow is pinned.
     fn set_no_pins(&mut self) -> Result<()> {
-        let mut config: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("no CONFIG")?)?;
+        let mut config: Array<_, Config> = Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("no CONFIG")?)?;
         let c = config.get(&0, 0)?;
         config.set(0, Config { no_pins: 1, ..c }, 0)?;
         Ok(())
@@ -572,8 +368,7 @@ impl Object {
     }
 
     fn stat(&self, index: u32) -> Result<u64> {
-        let s: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(maps::STATS).context("no STATS")?)?;
+        let s: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(maps::STATS).context("no STATS")?)?;
         Ok(s.get(&index, 0)?.iter().sum())
     }
 
@@ -668,12 +463,7 @@ impl EmptyClassifier {
         };
         // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD; the pointers outlive the call.
         let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &raw const attr,
-                size_of::<ProgLoadAttr>(),
-            )
+            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &raw const attr, size_of::<ProgLoadAttr>())
         };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("loading the empty classifier");
@@ -697,16 +487,10 @@ impl EmptyClassifier {
         };
         // SAFETY: a valid bpf_attr prefix for BPF_LINK_CREATE.
         let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_LINK_CREATE,
-                &raw const attr,
-                size_of::<LinkCreateAttr>(),
-            )
+            libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, &raw const attr, size_of::<LinkCreateAttr>())
         };
         if fd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("attaching the empty classifier with tcx");
+            return Err(std::io::Error::last_os_error()).context("attaching the empty classifier with tcx");
         }
         // SAFETY: a new fd that we own.
         Ok(unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fd)?) })
@@ -725,12 +509,7 @@ fn test_run(fd: RawFd, frame: &[u8], repeat: u32) -> Result<(u32, u32)> {
     // SAFETY: a valid bpf_attr prefix for BPF_PROG_TEST_RUN; `frame` outlives
     // the call, and no output buffer is given.
     let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            size_of::<TestRunAttr>(),
-        )
+        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestRunAttr>())
     };
     if rc != 0 {
         bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
@@ -786,10 +565,7 @@ fn pin_to(src: SocketAddr, dst: SocketAddr) -> Pin {
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
-fn ip_step(
-    src: SocketAddr,
-    dst: SocketAddr,
-) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+fn ip_step(src: SocketAddr, dst: SocketAddr) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
     let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
     match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),

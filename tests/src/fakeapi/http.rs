@@ -49,10 +49,7 @@ struct Ctx {
 
 impl Ctx {
     fn param(&self, k: &str) -> Option<&str> {
-        self.params
-            .get(k)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.params.get(k).map(String::as_str).filter(|v| !v.is_empty())
     }
 
     /// Whether the client asked for `PartialObjectMetadata` (metadata-only
@@ -63,22 +60,14 @@ impl Ctx {
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 fn json_response(code: u16, v: &Value) -> Response<Body> {
     let mut r = Response::new(full(serde_json::to_vec(v).expect("json")));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, private"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
     r
 }
 
@@ -86,15 +75,9 @@ fn error(e: &ApiError) -> Response<Body> {
     json_response(e.code, &e.status())
 }
 
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, io::Error> {
+pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
     let hdr = |name: header::HeaderName| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+        req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
     };
     let content_type = hdr(header::CONTENT_TYPE);
     let accept = hdr(header::ACCEPT).unwrap_or_default();
@@ -103,25 +86,9 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(http_body_util::Collected::to_bytes)
-        .unwrap_or_default();
-    let params = form_urlencoded::parse(query.as_bytes())
-        .into_owned()
-        .collect();
-    let ctx = Ctx {
-        method,
-        path,
-        query,
-        params,
-        content_type,
-        accept,
-        host,
-        body,
-    };
+    let body = req.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+    let params = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let ctx = Ctx { method, path, query, params, content_type, accept, host, body };
 
     let outage = shared.lock().outage;
     let (verb, resp) = if outage == Some(Outage::Reset) {
@@ -141,10 +108,7 @@ pub(crate) async fn handle(
         let e = ApiError::new(503, "ServiceUnavailable", "the fake apiserver is down");
         (String::new(), error(&e))
     } else if auth.as_deref() != Some(&format!("Bearer {}", shared.token)) {
-        (
-            String::new(),
-            error(&ApiError::new(401, "Unauthorized", "Unauthorized")),
-        )
+        (String::new(), error(&ApiError::new(401, "Unauthorized", "Unauthorized")))
     } else {
         dispatch(&shared, &ctx)
     };
@@ -200,34 +164,25 @@ fn target(group: &str, version: &str, rest: &[&str]) -> Route {
     let (plural, name, sub) = match (rest, &ns) {
         ([plural], _) => (*plural, None, None),
         ([plural, name], Some(_)) => (*plural, Some((*name).to_string()), None),
-        ([plural, name, sub], Some(_)) => {
-            (*plural, Some((*name).to_string()), Some((*sub).to_string()))
-        }
+        ([plural, name, sub], Some(_)) => (*plural, Some((*name).to_string()), Some((*sub).to_string())),
         _ => return Route::NotFound,
     };
     match Resource::lookup(group, version, plural) {
-        Some(resource) => Route::Target(Target {
-            resource,
-            ns,
-            name,
-            sub,
-        }),
+        Some(resource) => Route::Target(Target { resource, ns, name, sub }),
         None => Route::NotFound,
     }
 }
 
 fn not_found() -> ApiError {
-    let mut e = ApiError::new(
-        404,
-        "NotFound",
-        "the server could not find the requested resource",
-    );
+    let mut e = ApiError::new(404, "NotFound", "the server could not find the requested resource");
     e.details = Some(json!({}));
     e
 }
 
 fn dispatch(shared: &Arc<Shared>, ctx: &Ctx) -> (String, Response<Body>) {
-    if ctx.method != Method::GET && !matches!(route(&ctx.path), Route::Target(_)) {
+    if ctx.method != Method::GET
+        && !matches!(route(&ctx.path), Route::Target(_))
+    {
         return (String::new(), error(&not_found()));
     }
     let body = match route(&ctx.path) {
@@ -242,11 +197,7 @@ fn dispatch(shared: &Arc<Shared>, ctx: &Ctx) -> (String, Response<Body>) {
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ctx.host}],
         }),
         Route::Apis => {
-            let mut groups: Vec<&str> = Resource::ALL
-                .iter()
-                .map(|r| r.group())
-                .filter(|g| !g.is_empty())
-                .collect();
+            let mut groups: Vec<&str> = Resource::ALL.iter().map(|r| r.group()).filter(|g| !g.is_empty()).collect();
             groups.dedup();
             let groups: Vec<Value> = groups
                 .into_iter()
@@ -259,10 +210,7 @@ fn dispatch(shared: &Arc<Shared>, ctx: &Ctx) -> (String, Response<Body>) {
         }
         Route::Resources(g, v) => {
             let mut resources = Vec::new();
-            for r in Resource::ALL
-                .into_iter()
-                .filter(|r| r.group() == g && r.version() == v)
-            {
+            for r in Resource::ALL.into_iter().filter(|r| r.group() == g && r.version() == v) {
                 resources.push(json!({
                     "name": r.plural(), "singularName": r.kind().to_lowercase(), "namespaced": true,
                     "kind": r.kind(),
@@ -320,20 +268,14 @@ fn resource(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> (String, Response<Bo
         (&Method::DELETE, true) => "delete",
         (&Method::DELETE, false) => "deletecollection",
         _ => {
-            let e = ApiError::new(
-                405,
-                "MethodNotAllowed",
-                "the server does not allow this method on the requested resource",
-            );
+            let e = ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource");
             return (String::new(), error(&e));
         }
     };
     let r = t.resource;
     let rbac_resource = match &t.sub {
         None => r.plural().to_string(),
-        Some(s)
-            if s == "status" && r.has_status() && matches!(verb, "get" | "update" | "patch") =>
-        {
+        Some(s) if s == "status" && r.has_status() && matches!(verb, "get" | "update" | "patch") => {
             format!("{}/{s}", r.plural())
         }
         Some(_) => return (verb.into(), error(&not_found())),
@@ -349,11 +291,7 @@ fn resource(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> (String, Response<Bo
         "update" => update(shared, ctx, t),
         "patch" => patch(shared, ctx, t),
         "delete" => delete(shared, ctx, t),
-        _ => Err(ApiError::new(
-            405,
-            "MethodNotAllowed",
-            format!("{verb} is not supported by the fake apiserver"),
-        )),
+        _ => Err(ApiError::new(405, "MethodNotAllowed", format!("{verb} is not supported by the fake apiserver"))),
     };
     let resp = match result {
         Ok((code, v)) => json_response(code, &v),
@@ -365,25 +303,17 @@ fn resource(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> (String, Response<Bo
 type Answer = Result<(u16, Value), ApiError>;
 
 fn ns_name(t: &Target) -> (&str, &str) {
-    (
-        t.ns.as_deref().unwrap_or("default"),
-        t.name.as_deref().unwrap_or(""),
-    )
+    (t.ns.as_deref().unwrap_or("default"), t.name.as_deref().unwrap_or(""))
 }
 
 fn body_json(ctx: &Ctx) -> Result<Value, ApiError> {
-    serde_json::from_slice(&ctx.body).map_err(|e| {
-        ApiError::bad_request(format!("the body of the request could not be decoded: {e}"))
-    })
+    serde_json::from_slice(&ctx.body)
+        .map_err(|e| ApiError::bad_request(format!("the body of the request could not be decoded: {e}")))
 }
 
 fn selector(ctx: &Ctx, t: &Target) -> Result<Selector, ApiError> {
-    Selector::parse(
-        t.ns.as_deref(),
-        ctx.param("fieldSelector"),
-        ctx.param("labelSelector"),
-    )
-    .map_err(ApiError::bad_request)
+    Selector::parse(t.ns.as_deref(), ctx.param("fieldSelector"), ctx.param("labelSelector"))
+        .map_err(ApiError::bad_request)
 }
 
 fn partial(obj: &Value) -> Value {
@@ -401,19 +331,13 @@ fn list(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Answer {
     let (kind, api_version) = if ctx.partial() {
         ("PartialObjectMetadataList".to_string(), "meta.k8s.io/v1")
     } else {
-        (
-            format!("{}List", t.resource.kind()),
-            t.resource.api_version(),
-        )
+        (format!("{}List", t.resource.kind()), t.resource.api_version())
     };
-    Ok((
-        200,
-        json!({
-            "kind": kind, "apiVersion": api_version,
-            "metadata": {"resourceVersion": st.rv.to_string()},
-            "items": items,
-        }),
-    ))
+    Ok((200, json!({
+        "kind": kind, "apiVersion": api_version,
+        "metadata": {"resourceVersion": st.rv.to_string()},
+        "items": items,
+    })))
 }
 
 fn get(st: &State, t: &Target) -> Answer {
@@ -425,11 +349,7 @@ fn get(st: &State, t: &Target) -> Answer {
 
 fn create(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Answer {
     let Some(ns) = t.ns.as_deref() else {
-        return Err(ApiError::new(
-            405,
-            "MethodNotAllowed",
-            "create needs a namespace",
-        ));
+        return Err(ApiError::new(405, "MethodNotAllowed", "create needs a namespace"));
     };
     let obj = body_json(ctx)?;
     let created = shared.lock().create(t.resource, ns, obj)?;
@@ -475,14 +395,8 @@ fn check_rv(t: &Target, old: &Value, given: Option<&str>) -> Result<(), ApiError
 fn store(shared: &Arc<Shared>, ctx: &Ctx, t: &Target, st: &mut State, new: Value) -> Answer {
     let (ns, name) = ns_name(t);
     if ctx.param("dryRun").is_some() {
-        let mut v = t
-            .resource
-            .normalize(new)
-            .map_err(|e| ApiError::invalid(t.resource, name, e))?;
-        let old_rv = st
-            .get(t.resource, ns, name)
-            .and_then(|o| meta_str(o, "resourceVersion"))
-            .map(str::to_string);
+        let mut v = t.resource.normalize(new).map_err(|e| ApiError::invalid(t.resource, name, e))?;
+        let old_rv = st.get(t.resource, ns, name).and_then(|o| meta_str(o, "resourceVersion")).map(str::to_string);
         if let Some(rv) = old_rv {
             meta_mut(&mut v).insert("resourceVersion".into(), json!(rv));
         }
@@ -504,10 +418,7 @@ fn update(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Answer {
         )));
     }
     let mut st = shared.lock();
-    let old = st
-        .get(t.resource, ns, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(t.resource, name))?;
+    let old = st.get(t.resource, ns, name).cloned().ok_or_else(|| ApiError::not_found(t.resource, name))?;
     let Some(rv) = meta_str(&body, "resourceVersion").filter(|s| !s.is_empty()) else {
         return Err(ApiError::invalid(
             t.resource,
@@ -583,16 +494,9 @@ fn patch(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Answer {
 
 fn delete(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Answer {
     let (ns, name) = ns_name(t);
-    let opts: Value = if ctx.body.is_empty() {
-        json!({})
-    } else {
-        body_json(ctx)?
-    };
+    let opts: Value = if ctx.body.is_empty() { json!({}) } else { body_json(ctx)? };
     let mut st = shared.lock();
-    let obj = st
-        .get(t.resource, ns, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(t.resource, name))?;
+    let obj = st.get(t.resource, ns, name).cloned().ok_or_else(|| ApiError::not_found(t.resource, name))?;
     if let Some(rv) = opts["preconditions"]["resourceVersion"].as_str() {
         check_rv(t, &obj, Some(rv))?;
     }
@@ -610,9 +514,7 @@ fn delete(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Answer {
             .as_i64()
             .or_else(|| obj["spec"]["terminationGracePeriodSeconds"].as_i64())
             .unwrap_or(30);
-        let bound = obj["spec"]["nodeName"]
-            .as_str()
-            .is_some_and(|n| !n.is_empty());
+        let bound = obj["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
         if bound && grace > 0 {
             st.mark_deleted(t.resource, ns, name, grace)?
         } else {
@@ -633,11 +535,7 @@ fn line(v: &Value) -> Bytes {
 }
 
 fn expired(rv: u64, oldest: u64) -> Bytes {
-    let e = ApiError::new(
-        410,
-        "Expired",
-        format!("too old resource version: {rv} ({oldest})"),
-    );
+    let e = ApiError::new(410, "Expired", format!("too old resource version: {rv} ({oldest})"));
     line(&json!({"type": "ERROR", "object": e.status()}))
 }
 
@@ -646,23 +544,15 @@ fn bookmark(r: Resource, rv: u64, initial_end: bool) -> Bytes {
     if initial_end {
         md["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    line(
-        &json!({"type": "BOOKMARK", "object": {"kind": r.kind(), "apiVersion": r.api_version(), "metadata": md}}),
-    )
+    line(&json!({"type": "BOOKMARK", "object": {"kind": r.kind(), "apiVersion": r.api_version(), "metadata": md}}))
 }
 
 fn streaming(rx: mpsc::Receiver<Result<Bytes, io::Error>>) -> Response<Body> {
     let mut rx = rx;
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|r| r.map(Frame::data));
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, private"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
     resp
 }
 
@@ -693,11 +583,7 @@ impl WatchSpec {
             ChangeKind::Deleted if was || is => "DELETED",
             _ => return None,
         };
-        let obj = if self.partial {
-            partial(new)
-        } else {
-            new.clone()
-        };
+        let obj = if self.partial { partial(new) } else { new.clone() };
         Some(line(&json!({"type": ty, "object": obj})))
     }
 }
@@ -707,21 +593,14 @@ fn watch_start(shared: &Arc<Shared>, ctx: &Ctx, t: &Target) -> Response<Body> {
         Ok(s) => s,
         Err(e) => return error(&e),
     };
-    let timeout = ctx
-        .param("timeoutSeconds")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_WATCH_TIMEOUT);
+    let timeout = ctx.param("timeoutSeconds").and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_WATCH_TIMEOUT);
     let rv = ctx.param("resourceVersion").unwrap_or("0");
     let start = if rv == "0" {
         None
     } else {
         match rv.parse::<u64>() {
             Ok(v) => Some(v),
-            Err(_) => {
-                return error(&ApiError::bad_request(format!(
-                    "invalid resource version: {rv}"
-                )));
-            }
+            Err(_) => return error(&ApiError::bad_request(format!("invalid resource version: {rv}"))),
         }
     };
     let send_initial = ctx.param("sendInitialEvents") == Some("true");
@@ -804,14 +683,7 @@ async fn run_watch(
         let (lines, end) = {
             let st = shared.lock();
             if st.epoch != spec.epoch {
-                (
-                    Vec::new(),
-                    Some(if st.outage.is_some() {
-                        End::Abort
-                    } else {
-                        End::Clean
-                    }),
-                )
+                (Vec::new(), Some(if st.outage.is_some() { End::Abort } else { End::Clean }))
             } else if pos < st.compacted_rv {
                 (Vec::new(), Some(End::Expired(pos, st.compacted_rv)))
             } else {
@@ -835,9 +707,7 @@ async fn run_watch(
             None => {}
             Some(End::Clean) => return,
             Some(End::Abort) => {
-                let _ = tx
-                    .send(Err(io::Error::other("the fake apiserver went down")))
-                    .await;
+                let _ = tx.send(Err(io::Error::other("the fake apiserver went down"))).await;
                 return;
             }
             Some(End::Expired(rv, oldest)) => {

@@ -47,11 +47,11 @@ use std::{
 use anyhow::Context as _;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-pub use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery, events::v1 as events};
+pub use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::Value;
-use store::State;
 pub use store::{FakeResource, Resource};
+use store::State;
 
 /// The bearer token clients must send.
 pub const TOKEN: &str = "fakeapi-token";
@@ -140,10 +140,7 @@ pub fn rule(api_groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRu
 /// `server.set_rbac(rules_from(API_CALLS))`.
 #[must_use]
 pub fn rules_from(calls: &[(&str, &str, &[&str])]) -> Vec<PolicyRule> {
-    calls
-        .iter()
-        .map(|(group, resource, verbs)| rule(&[group], &[resource], verbs))
-        .collect()
+    calls.iter().map(|(group, resource, verbs)| rule(&[group], &[resource], verbs)).collect()
 }
 
 /// The rules of the agent's `ClusterRole`: pods get/list/watch, pods/status
@@ -154,11 +151,7 @@ pub fn agent_rbac() -> Vec<PolicyRule> {
         rule(&[""], &["pods"], &["get", "list", "watch"]),
         rule(&[""], &["pods/status"], &["patch"]),
         rule(&[""], &["services"], &["list", "watch"]),
-        rule(
-            &["discovery.k8s.io"],
-            &["endpointslices"],
-            &["list", "watch"],
-        ),
+        rule(&["discovery.k8s.io"], &["endpointslices"], &["list", "watch"]),
         rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
     ]
 }
@@ -166,16 +159,8 @@ pub fn agent_rbac() -> Vec<PolicyRule> {
 /// A pod as it looks once the kubelet runs it: in namespace `default`,
 /// bound to `node`, phase Running, Ready, with `ips` (the first is `podIP`).
 #[must_use]
-pub fn running_pod(
-    name: &str,
-    node: &str,
-    ips: &[std::net::IpAddr],
-    host_network: bool,
-) -> core::Pod {
-    let pod_ips: Vec<core::PodIP> = ips
-        .iter()
-        .map(|ip| core::PodIP { ip: ip.to_string() })
-        .collect();
+pub fn running_pod(name: &str, node: &str, ips: &[std::net::IpAddr], host_network: bool) -> core::Pod {
+    let pod_ips: Vec<core::PodIP> = ips.iter().map(|ip| core::PodIP { ip: ip.to_string() }).collect();
     core::Pod {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(name.to_string()),
@@ -185,11 +170,7 @@ pub fn running_pod(
         spec: Some(core::PodSpec {
             node_name: Some(node.to_string()),
             host_network: Some(host_network),
-            containers: vec![core::Container {
-                name: "app".into(),
-                image: Some("app".into()),
-                ..Default::default()
-            }],
+            containers: vec![core::Container { name: "app".into(), image: Some("app".into()), ..Default::default() }],
             ..Default::default()
         }),
         status: Some(core::PodStatus {
@@ -224,9 +205,7 @@ struct Serving {
 impl Serving {
     fn spawn(listener: TcpListener, shared: Arc<Shared>) -> Self {
         let addr = listener.local_addr().expect("listener address");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
+        listener.set_nonblocking(true).expect("non-blocking listener");
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -270,11 +249,7 @@ impl FakeApiServer {
             open_watches: AtomicUsize::new(0),
         });
         let serving = Serving::spawn(listener, Arc::clone(&shared));
-        FakeApiServer {
-            shared,
-            addr,
-            serving: Mutex::new(Some(serving)),
-        }
+        FakeApiServer { shared, addr, serving: Mutex::new(Some(serving)) }
     }
 
     /// The address it listens on.
@@ -287,11 +262,7 @@ impl FakeApiServer {
     /// address gets brackets).
     #[must_use]
     pub fn url(&self, host: &str) -> String {
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
         format!("http://{host}:{}", self.addr.port())
     }
 
@@ -319,10 +290,7 @@ impl FakeApiServer {
 
     /// A `kube::Config` read from the kubeconfig for `host` (through the same
     /// parser as `--kubeconfig`).
-    pub async fn kube_config(
-        &self,
-        host: &str,
-    ) -> Result<kube::Config, kube::config::KubeconfigError> {
+    pub async fn kube_config(&self, host: &str) -> Result<kube::Config, kube::config::KubeconfigError> {
         let kc = kube::config::Kubeconfig::from_yaml(&self.kubeconfig(host))?;
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await
     }
@@ -334,11 +302,7 @@ impl FakeApiServer {
     /// If the kubeconfig does not load (a bug).
     pub async fn client(&self) -> kube::Client {
         let ip = self.addr.ip();
-        let host = if ip.is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            ip.to_string()
-        };
+        let host = if ip.is_unspecified() { "127.0.0.1".to_string() } else { ip.to_string() };
         let config = self.kube_config(&host).await.expect("fakeapi kubeconfig");
         kube::Client::try_from(config).expect("kube client")
     }
@@ -365,14 +329,9 @@ impl FakeApiServer {
     #[allow(clippy::needless_pass_by_value)] // takes the object like `Api::create` would
     pub fn create<K: FakeResource>(&self, obj: K) -> K {
         let v = serde_json::to_value(&obj).expect("object serializes");
-        let ns = v["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
+        let ns = v["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
         let out = self.change(|st| st.create(K::RESOURCE, &ns, v));
-        from(Ok(
-            out.unwrap_or_else(|e| panic!("fakeapi create: {}", e.message))
-        ))
+        from(Ok(out.unwrap_or_else(|e| panic!("fakeapi create: {}", e.message))))
     }
 
     /// Changes an object with `f` (any field, status included; identity
@@ -396,27 +355,18 @@ impl FakeApiServer {
 
     /// Removes an object at once (a DELETED event); returns its last state.
     pub fn delete<K: FakeResource>(&self, ns: &str, name: &str) -> Option<K> {
-        self.change(|st| st.remove(K::RESOURCE, ns, name))
-            .ok()
-            .map(|v| from(Ok(v)))
+        self.change(|st| st.remove(K::RESOURCE, ns, name)).ok().map(|v| from(Ok(v)))
     }
 
     #[must_use]
     pub fn get<K: FakeResource>(&self, ns: &str, name: &str) -> Option<K> {
-        self.lock()
-            .get(K::RESOURCE, ns, name)
-            .cloned()
-            .map(|v| from(Ok(v)))
+        self.lock().get(K::RESOURCE, ns, name).cloned().map(|v| from(Ok(v)))
     }
 
     /// Every object of a kind, sorted by namespace and name.
     #[must_use]
     pub fn list<K: FakeResource>(&self) -> Vec<K> {
-        self.lock()
-            .list(K::RESOURCE, None)
-            .cloned()
-            .map(|v| from(Ok(v)))
-            .collect()
+        self.lock().list(K::RESOURCE, None).cloned().map(|v| from(Ok(v))).collect()
     }
 
     // ---- pods ----
@@ -461,12 +411,7 @@ impl FakeApiServer {
         self.create(svc)
     }
 
-    pub fn update_service(
-        &self,
-        ns: &str,
-        name: &str,
-        f: impl FnOnce(&mut core::Service),
-    ) -> core::Service {
+    pub fn update_service(&self, ns: &str, name: &str, f: impl FnOnce(&mut core::Service)) -> core::Service {
         self.update(ns, name, f)
     }
 
@@ -479,10 +424,7 @@ impl FakeApiServer {
         self.get(ns, name)
     }
 
-    pub fn create_endpoint_slice(
-        &self,
-        slice: discovery::EndpointSlice,
-    ) -> discovery::EndpointSlice {
+    pub fn create_endpoint_slice(&self, slice: discovery::EndpointSlice) -> discovery::EndpointSlice {
         self.create(slice)
     }
 
@@ -600,15 +542,9 @@ impl FakeApiServer {
     /// clients' kubeconfig names this one).
     pub fn resume(&self, listener: TcpListener) {
         let addr = listener.local_addr().expect("listener address");
-        assert_eq!(
-            addr, self.addr,
-            "fakeapi resume: bind the address the server had"
-        );
+        assert_eq!(addr, self.addr, "fakeapi resume: bind the address the server had");
         let mut serving = self.serving();
-        assert!(
-            serving.is_none(),
-            "fakeapi resume: the server is serving; stop it first"
-        );
+        assert!(serving.is_none(), "fakeapi resume: the server is serving; stop it first");
         *serving = Some(Serving::spawn(listener, Arc::clone(&self.shared)));
     }
 
@@ -642,9 +578,7 @@ impl FakeApiServer {
     /// Denies `verb` on `resource` (`pods`, `pods/status`, `events`, `*`) in
     /// every API group, on top of the rules.
     pub fn deny(&self, verb: &str, resource: &str) {
-        self.lock()
-            .denied
-            .push((verb.to_string(), resource.to_string()));
+        self.lock().denied.push((verb.to_string(), resource.to_string()));
     }
 }
 
@@ -661,11 +595,7 @@ impl Drop for FakeApiServer {
 
 /// Accepts and serves until `stop`; then resets every connection still open
 /// and returns, which closes the listener.
-async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
+async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Receiver<()>) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
     let (reset, _) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
@@ -707,9 +637,7 @@ async fn serve(
 }
 
 /// The stream, and a duplicate of its file descriptor.
-fn twins(
-    stream: tokio::net::TcpStream,
-) -> std::io::Result<(tokio::net::TcpStream, std::net::TcpStream)> {
+fn twins(stream: tokio::net::TcpStream) -> std::io::Result<(tokio::net::TcpStream, std::net::TcpStream)> {
     let stream = stream.into_std()?;
     let twin = stream.try_clone()?;
     Ok((tokio::net::TcpStream::from_std(stream)?, twin))
@@ -733,11 +661,7 @@ impl AgentApi {
         let dir = crate::TempDir::new()?;
         let kubeconfig = dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
-        Ok(Self {
-            api,
-            kubeconfig,
-            _dir: dir,
-        })
+        Ok(Self { api, kubeconfig, _dir: dir })
     }
 
     /// The `--kubeconfig` argument.
@@ -751,12 +675,8 @@ impl AgentApi {
     /// half of an apiserver restart.
     pub fn resume(&self, node: &crate::Netns) -> anyhow::Result<()> {
         let addr = self.api.addr();
-        let listener = crate::run_in(node, || TcpListener::bind(addr))?.with_context(|| {
-            format!(
-                "binding the fake API server to {addr} again in {}",
-                node.name()
-            )
-        })?;
+        let listener = crate::run_in(node, || TcpListener::bind(addr))?
+            .with_context(|| format!("binding the fake API server to {addr} again in {}", node.name()))?;
         self.api.resume(listener);
         Ok(())
     }
@@ -782,10 +702,7 @@ mod tests {
     fn until(what: &str, mut f: impl FnMut() -> bool) {
         let end = std::time::Instant::now() + Duration::from_secs(20);
         while !f() {
-            assert!(
-                std::time::Instant::now() < end,
-                "timed out waiting for {what}"
-            );
+            assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -793,8 +710,7 @@ mod tests {
     /// A raw watch: its first bytes read, so the server has taken it.
     fn raw_watch(addr: SocketAddr) -> std::net::TcpStream {
         let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
         write!(s, "GET /api/v1/pods?watch=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
             .expect("request");
         let mut buf = [0u8; 512];
@@ -813,12 +729,9 @@ mod tests {
         server.stop();
         assert!(!server.is_serving());
         let mut rest = Vec::new();
-        let err = watch
-            .read_to_end(&mut rest)
-            .expect_err("a reset, not a clean end");
+        let err = watch.read_to_end(&mut rest).expect_err("a reset, not a clean end");
         assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
-        let refused =
-            std::net::TcpStream::connect(addr).expect_err("nothing listens while stopped");
+        let refused = std::net::TcpStream::connect(addr).expect_err("nothing listens while stopped");
         assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
         assert_eq!(server.open_watches(), 0, "the watch is counted out");
         let rv = server.resource_version();
@@ -827,21 +740,12 @@ mod tests {
         server.resume(TcpListener::bind(addr).expect("bind the same address again"));
         assert!(server.is_serving());
         let api: Api<Pod> = Api::namespaced(server.client().await, "default");
-        let names: Vec<String> = api
-            .list(&ListParams::default())
-            .await
-            .expect("list")
-            .iter()
-            .map(ResourceExt::name_any)
-            .collect();
+        let names: Vec<String> = api.list(&ListParams::default()).await.expect("list").iter().map(ResourceExt::name_any).collect();
         assert_eq!(names, ["before", "while-down"], "the store is kept");
         // The history too: a watch resumes from a resourceVersion of before the stop.
         let wp = kube::api::WatchParams::default().timeout(1);
         let mut events = Box::pin(api.watch(&wp, &rv.to_string()).await.expect("watch"));
-        let first = futures::StreamExt::next(&mut events)
-            .await
-            .expect("an event")
-            .expect("no error");
+        let first = futures::StreamExt::next(&mut events).await.expect("an event").expect("no error");
         assert!(
             matches!(&first, kube::api::WatchEvent::Added(p) if p.name_any() == "while-down"),
             "{first:?}"

@@ -28,15 +28,9 @@ pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
 fn merge_key(path: &str) -> Option<&'static str> {
     Some(match path {
         "status.conditions" => "type",
-        "spec.containers"
-        | "spec.initContainers"
-        | "spec.ephemeralContainers"
-        | "spec.volumes"
-        | "spec.containers.env"
-        | "spec.initContainers.env"
-        | "spec.ephemeralContainers.env"
-        | "status.containerStatuses"
-        | "status.initContainerStatuses" => "name",
+        "spec.containers" | "spec.initContainers" | "spec.ephemeralContainers" | "spec.volumes"
+        | "spec.containers.env" | "spec.initContainers.env" | "spec.ephemeralContainers.env"
+        | "status.containerStatuses" | "status.initContainerStatuses" => "name",
         "spec.containers.ports" | "spec.initContainers.ports" => "containerPort",
         "spec.containers.volumeMounts" | "spec.initContainers.volumeMounts" => "mountPath",
         "spec.ports" => "port",
@@ -52,11 +46,7 @@ fn is_set(path: &str) -> bool {
 }
 
 fn child(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
 }
 
 fn directive(v: &Value) -> Option<&str> {
@@ -142,11 +132,7 @@ fn merge_at(target: &mut Value, patch: &Value, at: &str) {
 fn merge_list(cur: &mut Value, items: &[Value], key: &str, path: &str) {
     if items.iter().any(|i| directive(i) == Some("replace")) {
         *cur = Value::Array(
-            items
-                .iter()
-                .filter(|i| directive(i).is_none())
-                .map(strip)
-                .collect(),
+            items.iter().filter(|i| directive(i).is_none()).map(strip).collect(),
         );
         return;
     }
@@ -187,22 +173,13 @@ mod tests {
     fn strategic_conditions_by_type() {
         let mut t = json!({"status": {"phase": "Running", "conditions": [
             {"type": "Ready", "status": "True"}, {"type": "X", "status": "False"}]}});
-        strategic_merge(
-            &mut t,
-            &json!({"status": {"conditions": [
-            {"type": "X", "status": "True"}, {"type": "conndrain.io/Drained", "status": "True"}]}}),
-        );
-        assert_eq!(
-            t,
-            json!({"status": {"phase": "Running", "conditions": [
+        strategic_merge(&mut t, &json!({"status": {"conditions": [
+            {"type": "X", "status": "True"}, {"type": "conndrain.io/Drained", "status": "True"}]}}));
+        assert_eq!(t, json!({"status": {"phase": "Running", "conditions": [
             {"type": "Ready", "status": "True"}, {"type": "X", "status": "True"},
-            {"type": "conndrain.io/Drained", "status": "True"}]}})
-        );
-        strategic_merge(
-            &mut t,
-            &json!({"status": {"conditions": [{"type": "X", "$patch": "delete"}],
-            "$setElementOrder/conditions": [{"type": "Ready"}]}}),
-        );
+            {"type": "conndrain.io/Drained", "status": "True"}]}}));
+        strategic_merge(&mut t, &json!({"status": {"conditions": [{"type": "X", "$patch": "delete"}],
+            "$setElementOrder/conditions": [{"type": "Ready"}]}}));
         assert_eq!(t["status"]["conditions"].as_array().unwrap().len(), 2);
     }
 }

@@ -53,10 +53,7 @@ fn split_top(s: &str) -> Vec<&str> {
         }
     }
     out.push(&s[start..]);
-    out.into_iter()
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-        .collect()
+    out.into_iter().map(str::trim).filter(|x| !x.is_empty()).collect()
 }
 
 fn set(s: &str) -> Result<Vec<String>, String> {
@@ -65,23 +62,12 @@ fn set(s: &str) -> Result<Vec<String>, String> {
         .strip_prefix('(')
         .and_then(|s| s.strip_suffix(')'))
         .ok_or_else(|| format!("unable to parse requirement: found '{s}', expected: '('"))?;
-    Ok(inner
-        .split(',')
-        .map(|x| x.trim().to_string())
-        .filter(|x| !x.is_empty())
-        .collect())
+    Ok(inner.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
 }
 
 impl Selector {
-    pub fn parse(
-        namespace: Option<&str>,
-        fields: Option<&str>,
-        labels: Option<&str>,
-    ) -> Result<Self, String> {
-        let mut sel = Selector {
-            namespace: namespace.map(str::to_string),
-            ..Self::default()
-        };
+    pub fn parse(namespace: Option<&str>, fields: Option<&str>, labels: Option<&str>) -> Result<Self, String> {
+        let mut sel = Selector { namespace: namespace.map(str::to_string), ..Self::default() };
         for term in split_top(fields.unwrap_or("")) {
             let req = if let Some((k, v)) = term.split_once("!=") {
                 FieldReq::Ne(k.trim().into(), v.trim().into())
@@ -90,9 +76,7 @@ impl Selector {
             } else if let Some((k, v)) = term.split_once('=') {
                 FieldReq::Eq(k.trim().into(), v.trim().into())
             } else {
-                return Err(format!(
-                    "invalid selector: '{term}'; can't understand '{term}'"
-                ));
+                return Err(format!("invalid selector: '{term}'; can't understand '{term}'"));
             };
             sel.fields.push(req);
         }
@@ -157,11 +141,7 @@ mod tests {
         assert!(m(Some("ns"), "spec.nodeName==node-1,metadata.name=a", ""));
         assert!(!m(Some("other"), "", ""));
         assert!(!m(None, "spec.nodeName!=node-1", ""));
-        assert!(m(
-            None,
-            "",
-            "app=web,tier in (fe, be),!missing,env notin (prod)"
-        ));
+        assert!(m(None, "", "app=web,tier in (fe, be),!missing,env notin (prod)"));
         assert!(!m(None, "", "app in (db)"));
         assert!(m(None, "", "app"));
     }

@@ -32,13 +32,8 @@ pub enum Resource {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 5] = [
-        Self::Pods,
-        Self::Services,
-        Self::EndpointSlices,
-        Self::Events,
-        Self::CoreEvents,
-    ];
+    pub const ALL: [Resource; 5] =
+        [Self::Pods, Self::Services, Self::EndpointSlices, Self::Events, Self::CoreEvents];
 
     /// The API group, `""` for core.
     #[must_use]
@@ -153,12 +148,7 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason,
-            message: message.into(),
-            details: None,
-        }
+        Self { code, reason, message: message.into(), details: None }
     }
 
     pub fn with_details(mut self, r: Resource, name: Option<&str>) -> Self {
@@ -174,21 +164,13 @@ impl ApiError {
     }
 
     pub fn not_found(r: Resource, name: &str) -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            format!("{} \"{name}\" not found", qualified(r)),
-        )
-        .with_details(r, Some(name))
+        Self::new(404, "NotFound", format!("{} \"{name}\" not found", qualified(r)))
+            .with_details(r, Some(name))
     }
 
     pub fn already_exists(r: Resource, name: &str) -> Self {
-        Self::new(
-            409,
-            "AlreadyExists",
-            format!("{} \"{name}\" already exists", qualified(r)),
-        )
-        .with_details(r, Some(name))
+        Self::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", qualified(r)))
+            .with_details(r, Some(name))
     }
 
     pub fn conflict(r: Resource, name: &str) -> Self {
@@ -385,9 +367,7 @@ impl State {
     /// Creates an object in `ns`, filling in what the apiserver fills in.
     pub fn create(&mut self, r: Resource, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request is not a JSON object",
-            ));
+            return Err(ApiError::bad_request("the body of the request is not a JSON object"));
         }
         if let Some(k) = obj["kind"].as_str()
             && k != r.kind()
@@ -437,38 +417,22 @@ impl State {
         md.insert("creationTimestamp".into(), now());
         md.remove("managedFields");
         md.remove("selfLink");
-        let obj = r
-            .normalize(obj)
-            .map_err(|e| ApiError::invalid(r, &name, e))?;
+        let obj = r.normalize(obj).map_err(|e| ApiError::invalid(r, &name, e))?;
         self.rv = rv;
         self.objects.insert((r, ns.to_string(), name), obj.clone());
-        self.push(Change {
-            rv,
-            resource: r,
-            kind: ChangeKind::Added,
-            old: None,
-            new: obj.clone(),
-        });
+        self.push(Change { rv, resource: r, kind: ChangeKind::Added, old: None, new: obj.clone() });
         Ok(obj)
     }
 
     /// Stores a new state of an existing object. Identity fields are kept from
     /// the stored object; an update that changes nothing is a no-op that keeps
     /// the resourceVersion, as on a real apiserver.
-    pub fn replace(
-        &mut self,
-        r: Resource,
-        ns: &str,
-        name: &str,
-        mut new: Value,
-    ) -> Result<Value, ApiError> {
+    pub fn replace(&mut self, r: Resource, ns: &str, name: &str, mut new: Value) -> Result<Value, ApiError> {
         let Some(old) = self.get(r, ns, name).cloned() else {
             return Err(ApiError::not_found(r, name));
         };
         if !new.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request is not a JSON object",
-            ));
+            return Err(ApiError::bad_request("the body of the request is not a JSON object"));
         }
         {
             let m = new.as_object_mut().expect("object");
@@ -476,22 +440,14 @@ impl State {
             m.insert("apiVersion".into(), json!(r.api_version()));
         }
         let md = meta_mut(&mut new);
-        for f in [
-            "name",
-            "namespace",
-            "uid",
-            "creationTimestamp",
-            "resourceVersion",
-        ] {
+        for f in ["name", "namespace", "uid", "creationTimestamp", "resourceVersion"] {
             match old["metadata"].get(f) {
                 Some(v) => md.insert(f.into(), v.clone()),
                 None => md.remove(f),
             };
         }
         md.remove("selfLink");
-        let new = r
-            .normalize(new)
-            .map_err(|e| ApiError::invalid(r, name, e))?;
+        let new = r.normalize(new).map_err(|e| ApiError::invalid(r, name, e))?;
         if new == old {
             return Ok(old);
         }
@@ -499,15 +455,8 @@ impl State {
         let rv = self.rv;
         let mut new = new;
         meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
-        self.objects
-            .insert((r, ns.to_string(), name.to_string()), new.clone());
-        self.push(Change {
-            rv,
-            resource: r,
-            kind: ChangeKind::Modified,
-            old: Some(old),
-            new: new.clone(),
-        });
+        self.objects.insert((r, ns.to_string(), name.to_string()), new.clone());
+        self.push(Change { rv, resource: r, kind: ChangeKind::Modified, old: Some(old), new: new.clone() });
         Ok(new)
     }
 
@@ -521,25 +470,13 @@ impl State {
         let rv = self.rv;
         let mut gone = old.clone();
         meta_mut(&mut gone).insert("resourceVersion".into(), json!(rv.to_string()));
-        self.push(Change {
-            rv,
-            resource: r,
-            kind: ChangeKind::Deleted,
-            old: Some(old),
-            new: gone.clone(),
-        });
+        self.push(Change { rv, resource: r, kind: ChangeKind::Deleted, old: Some(old), new: gone.clone() });
         Ok(gone)
     }
 
     /// Graceful pod deletion: sets `deletionTimestamp` (now + grace) and
     /// `deletionGracePeriodSeconds`. A second call only ever shortens it.
-    pub fn mark_deleted(
-        &mut self,
-        r: Resource,
-        ns: &str,
-        name: &str,
-        grace: i64,
-    ) -> Result<Value, ApiError> {
+    pub fn mark_deleted(&mut self, r: Resource, ns: &str, name: &str, grace: i64) -> Result<Value, ApiError> {
         let Some(mut obj) = self.get(r, ns, name).cloned() else {
             return Err(ApiError::not_found(r, name));
         };
@@ -580,8 +517,7 @@ impl State {
                     rs.iter().any(|x| {
                         x == "*"
                             || x == resource
-                            || (x.starts_with("*/")
-                                && resource.split_once('/').is_some_and(|(_, s)| s == &x[2..]))
+                            || (x.starts_with("*/") && resource.split_once('/').is_some_and(|(_, s)| s == &x[2..]))
                     })
                 })
         })
@@ -595,10 +531,6 @@ impl FakeApiServer {
     pub fn requests_at(&self) -> Vec<(Instant, RecordedRequest)> {
         let st = self.lock();
         let skip = st.request_times.len().saturating_sub(st.requests.len());
-        st.request_times[skip..]
-            .iter()
-            .copied()
-            .zip(st.requests.iter().cloned())
-            .collect()
+        st.request_times[skip..].iter().copied().zip(st.requests.iter().cloned()).collect()
     }
 }

@@ -202,18 +202,13 @@ impl Conversation {
     /// port used before, to reuse a flow's tuple).
     pub fn tcp_from(client: &Netns, local: SocketAddr, to: SocketAddr) -> Result<Self> {
         let connect = || -> std::io::Result<TcpStream> {
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(to),
-                socket2::Type::STREAM,
-                None,
-            )?;
+            let sock = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
             sock.set_reuse_address(true)?;
             sock.bind(&local.into())?;
             sock.connect_timeout(&to.into(), NO_REPLY)?;
             Ok(sock.into())
         };
-        let stream =
-            run_in(client, connect)?.with_context(|| format!("connecting to {to} from {local}"))?;
+        let stream = run_in(client, connect)?.with_context(|| format!("connecting to {to} from {local}"))?;
         let (local, exchange) = tcp_exchange_on(stream)?;
         Self::start(local, to, true, exchange)
     }
@@ -415,9 +410,7 @@ fn tcp_exchange(
 }
 
 /// The request/answer step over a connected `stream`.
-fn tcp_exchange_on(
-    stream: TcpStream,
-) -> Result<(SocketAddr, impl FnMut() -> Reply + Send + 'static)> {
+fn tcp_exchange_on(stream: TcpStream) -> Result<(SocketAddr, impl FnMut() -> Reply + Send + 'static)> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(NO_REPLY))?;
     stream.set_write_timeout(Some(NO_REPLY))?;

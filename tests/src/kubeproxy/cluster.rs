@@ -363,3 +363,4 @@ impl Cluster {
         SocketAddr::new(Self::node_a_ip(like), port)
     }
 }
+

@@ -56,7 +56,7 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Loads the embedded object with fresh maps and loads both programs.
+    /// Loads the embedded object with fresh maps and loads its programs.
     ///
     /// `CONNDRAIN_TEST_EBPF_OBJECT=PATH` loads the object at PATH instead of
     /// the embedded one (to run these tests against a modified datapath, e.g.
@@ -82,7 +82,7 @@ impl Harness {
             .map_max_entries(maps::FLOWS, flows)
             .load(&object)
             .expect("loading the eBPF object");
-        for name in [programs::INGRESS, programs::EGRESS] {
+        for name in [programs::INGRESS, programs::INGRESS_TRACK, programs::EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("no program {name} in the object"))
@@ -116,12 +116,8 @@ impl Harness {
     /// Marks the pod in `slot` draining (or not), as the agent does when its
     /// drain starts (without moving its flows: that is the agent's part).
     pub fn set_draining(&mut self, slot: u32, draining: bool) {
-        let mut flags: Array<_, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(maps::POD_FLAGS)
-                .expect("no POD_FLAGS map"),
-        )
-        .unwrap();
+        let mut flags: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(maps::POD_FLAGS).expect("no POD_FLAGS map")).unwrap();
         let value = if draining { pod_flags::DRAINING } else { 0 };
         flags.set(slot, value, 0).expect("writing POD_FLAGS");
     }
@@ -130,14 +126,7 @@ impl Harness {
         let mut config: Array<_, Config> =
             Array::try_from(self.ebpf.map_mut(maps::CONFIG).expect("no CONFIG map")).unwrap();
         config
-            .set(
-                0,
-                Config {
-                    udp_timeout_ns,
-                    ..Config::default()
-                },
-                0,
-            )
+            .set(0, Config { udp_timeout_ns, ..Config::default() }, 0)
             .expect("writing CONFIG[0]");
     }
 
@@ -165,7 +154,7 @@ impl Harness {
         self.run_unless_refused(side.program(), frame)
     }
 
-    fn run_checked(&self, prog: &str, frame: &[u8]) {
+    pub fn run_checked(&self, prog: &str, frame: &[u8]) {
         assert!(
             self.run_unless_refused(prog, frame),
             "BPF_PROG_TEST_RUN refused (EINVAL) to run {prog} on a {}-byte frame",

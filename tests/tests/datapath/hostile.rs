@@ -772,7 +772,10 @@ impl Lab {
                 "first seen after last seen: {k:?} {v:?}"
             );
             // At least one frame, and every frame has an Ethernet header.
-            ensure!(v.bytes_in + v.bytes_out >= 14, "byte counts: {k:?} {v:?}");
+            ensure!(
+                v.bytes_in + v.bytes_out >= 14,
+                "byte counts: {k:?} {v:?}"
+            );
             match k.family {
                 FAMILY_V4 => ensure!(
                     k.pod_addr[..12] == mapped(IpAddr::V4(Ipv4Addr::UNSPECIFIED))[..12]

@@ -15,6 +15,7 @@ mod harness;
 mod hostile;
 mod packets;
 mod pressure;
+mod tracking_only;
 
 use std::net::IpAddr;
 
@@ -113,7 +114,10 @@ fn check_inbound_handshake_and_data(c: &Conn) {
         v.first_seen_ns
     );
     assert_eq!(v.last_seen_ns, v.first_seen_ns);
-    assert_eq!((v.bytes_in, v.bytes_out), (len(&syn), 0));
+    assert_eq!(
+        (v.bytes_in, v.bytes_out),
+        (len(&syn), 0)
+    );
     let first_seen = v.first_seen_ns;
     assert_eq!(
         h.counters(POD_SLOT),
@@ -480,29 +484,15 @@ fn data_to_the_pod_awaits_a_reply_until_data_comes_back() {
     let c = conn4();
     let mut h = established_inbound(&c);
     let key = c.tcp_key();
+    let awaiting = |h: &Harness| h.expect_flow(&key).flags & flow_flags::AWAITING_REPLY;
     h.send_to_pod(&c.peer_tcp(PSH | ACK, b"GET /report"));
-    assert_eq!(
-        h.expect_flow(&key).flags & flow_flags::AWAITING_REPLY,
-        flow_flags::AWAITING_REPLY
-    );
+    assert_eq!(awaiting(&h), flow_flags::AWAITING_REPLY);
     h.send_from_pod(&c.pod_tcp(ACK, b""));
-    assert_eq!(
-        h.expect_flow(&key).flags & flow_flags::AWAITING_REPLY,
-        flow_flags::AWAITING_REPLY,
-        "a bare ACK is no answer"
-    );
+    assert_eq!(awaiting(&h), flow_flags::AWAITING_REPLY, "a bare ACK is no answer");
     h.send_from_pod(&c.pod_tcp(PSH | ACK, b"200 OK"));
-    assert_eq!(
-        h.expect_flow(&key).flags & flow_flags::AWAITING_REPLY,
-        0,
-        "answered"
-    );
+    assert_eq!(awaiting(&h), 0, "answered");
     h.send_to_pod(&c.peer_tcp(ACK, b""));
-    assert_eq!(
-        h.expect_flow(&key).flags & flow_flags::AWAITING_REPLY,
-        0,
-        "the client's ACK is no request"
-    );
+    assert_eq!(awaiting(&h), 0, "the client's ACK is no request");
 }
 
 #[test]
@@ -518,10 +508,7 @@ fn tcp_one_fin_only_is_closing_and_still_active() {
     let v = h.expect_flow(&key);
     assert_eq!(v.state, tcp_state::CLOSING);
     // The peer's data is unanswered: a request in flight.
-    assert_eq!(
-        v.flags,
-        flow_flags::FIN_RESPONDER | flow_flags::AWAITING_REPLY
-    );
+    assert_eq!(v.flags, flow_flags::FIN_RESPONDER | flow_flags::AWAITING_REPLY);
     let seg = len(&c.peer_tcp(ACK, b""));
     let data = len(&c.peer_tcp(PSH | ACK, b"more")) + len(&c.peer_tcp(PSH | ACK, b"and more"));
     assert_eq!(v.bytes_in, 2 * seg + data);
@@ -660,11 +647,7 @@ fn tcp_syn_flood_from_many_ports() {
         let v = h.expect_flow(&base.peer_port(20_000 + i).tcp_key());
         assert_eq!(
             (v.state, v.direction, v.bytes_in),
-            (
-                tcp_state::SYN_SENT,
-                direction::INBOUND,
-                len(&base.peer_tcp(SYN, b""))
-            )
+            (tcp_state::SYN_SENT, direction::INBOUND, len(&base.peer_tcp(SYN, b"")))
         );
     }
     let cnt = h.counters(POD_SLOT);
@@ -801,11 +784,7 @@ fn udp_within_timeout_stays_one_flow() {
     let v = h.expect_flow(&c.udp_key());
     assert_eq!(
         (v.bytes_in, v.bytes_out, v.direction),
-        (
-            5 * len(&c.peer_udp(b"q")),
-            5 * len(&c.pod_udp(b"r")),
-            direction::INBOUND
-        )
+        (5 * len(&c.peer_udp(b"q")), 5 * len(&c.pod_udp(b"r")), direction::INBOUND)
     );
     assert_eq!(h.counters(POD_SLOT).new_inbound_total, 1);
     assert_eq!(kinds(&h.events()), [event_kind::NEW]);
@@ -819,12 +798,7 @@ fn midstream_pickup_guesses_direction_from_ports() {
     let cases = [
         ("10.0.1.2:8080", "10.0.0.2:40312", false, direction::INBOUND), // pod has the lower port: server
         ("10.0.1.2:8080", "10.0.0.2:40312", true, direction::INBOUND),
-        (
-            "10.0.1.2:50051",
-            "10.0.0.2:45000",
-            false,
-            direction::INBOUND,
-        ), // gRPC server, both ports high
+        ("10.0.1.2:50051", "10.0.0.2:45000", false, direction::INBOUND), // gRPC server, both ports high
         ("10.0.1.2:50051", "10.0.0.2:45000", true, direction::INBOUND),
         ("10.0.1.2:51000", "10.0.0.9:443", true, direction::OUTBOUND), // pod ephemeral, peer a service port
         ("10.0.1.2:51000", "10.0.0.9:443", false, direction::OUTBOUND),
@@ -846,11 +820,7 @@ fn midstream_pickup_guesses_direction_from_ports() {
         let v = h.expect_flow(&key);
         assert_eq!(v.state, tcp_state::ESTABLISHED, "{what}");
         // Data from the peer is a request until the pod answers.
-        let awaiting = if from_pod {
-            0
-        } else {
-            flow_flags::AWAITING_REPLY
-        };
+        let awaiting = if from_pod { 0 } else { flow_flags::AWAITING_REPLY };
         assert_eq!(v.flags, flow_flags::PICKED_UP | awaiting, "{what}");
         assert_eq!(v.direction, dir, "{what}");
         assert!(v.first_seen_ns >= t0, "{what}");
@@ -914,7 +884,10 @@ fn port_reuse_after_close_starts_a_fresh_flow() {
         old.first_seen_ns
     );
     assert!(v.first_seen_ns > old.last_seen_ns);
-    assert_eq!((v.bytes_in, v.bytes_out), (len(&syn), 0));
+    assert_eq!(
+        (v.bytes_in, v.bytes_out),
+        (len(&syn), 0)
+    );
     let cnt = h.counters(POD_SLOT);
     assert_eq!((cnt.new_inbound_total, cnt.active_inbound), (2, 0));
     assert_eq!(cnt.last_new_inbound_ns, v.first_seen_ns);

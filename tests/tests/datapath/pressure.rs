@@ -54,11 +54,7 @@ fn a_draining_pods_flow_moves_to_the_held_table_at_its_next_packet() {
     let v = h.held(&c.tcp_key()).expect("moved into HELD");
     assert_eq!(v.first_seen_ns, before.first_seen_ns, "the same flow");
     assert_eq!(v.state, tcp_state::ESTABLISHED);
-    assert_eq!(
-        v.bytes_in,
-        before.bytes_in + u64::try_from(data.len()).unwrap(),
-        "this packet counted"
-    );
+    assert_eq!(v.bytes_in, before.bytes_in + u64::try_from(data.len()).unwrap(), "this packet counted");
     assert_eq!(h.events(), [], "a move is no state change");
     assert_eq!(h.counters(POD_SLOT).active_inbound, 1);
 
