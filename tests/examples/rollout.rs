@@ -48,7 +48,20 @@
 //! HTTP `Connection: close` (seed 001's `wrk`), `/slow` requests, long-lived
 //! TCP streams, UDP sessions, and seed 000's monitor (a pooled keep-alive
 //! client that numbers its requests and checks the version in every answer;
-//! see `monitor_client`).
+//! see `monitor_client`). Two more reach the pods from elsewhere:
+//!
+//! - a masqueraded NodePort client: from the client namespace to node A's
+//!   NodePort, one `Connection: close` request every 0.3 s (seed 000's ELB
+//!   health checks and traffic). kube-proxy marks NodePort traffic for
+//!   masquerade whatever node the endpoint is on (`externalTrafficPolicy:
+//!   Cluster`), so the pods see node A's address as the source: its gateway
+//!   address on the pod's veth for node A's pods, its inter-node link address
+//!   for node B's;
+//! - a same-node client: a pod on node A (not an endpoint; `client-a`, wired
+//!   like the Deployment's pods and, with conndrain, known to node A's agent
+//!   as Kubernetes mode would) calling the cluster IP, a pooled keep-alive
+//!   client and a `Connection: close` one; its connections to node A's pods
+//!   are pod-to-pod on the same node.
 //!
 //! The app runs in-process: its sockets live in the pod's namespace, and
 //! "SIGTERM"/"SIGKILL" are flags its threads watch. Every answer carries the
@@ -99,6 +112,17 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_V6: &str = "fd00:96::10";
 const HTTP_PORT: u16 = 80;
 const HTTP_TARGET: u16 = 8080;
+/// The HTTP port's NodePort, reached on node A's node IP.
+const HTTP_NODE_PORT: u16 = 30080;
+/// The masqueraded NodePort client's pace (seed 000's ELB).
+const NODE_PORT_INTERVAL: Duration = Duration::from_millis(300);
+/// The same-node client: a pod on node A that is not one of the Deployment's.
+const SAME_NODE_POD: &str = "client-a";
+/// The same-node client's pace, per connection kind (keep-alive, close).
+const SAME_NODE_INTERVAL: Duration = Duration::from_millis(100);
+/// The names of those two loads (the summary finds them by name).
+const NODE_PORT_LOAD: &str = "NodePort, masqueraded (close, 1 per 0.3s)";
+const SAME_NODE_LOAD: &str = "same-node pod (keep-alive + close, 2 x 10/s)";
 const STREAM_PORT: u16 = 9000;
 const UDP_PORT: u16 = 53;
 const UDP_TARGET: u16 = 5353;
@@ -607,6 +631,9 @@ enum Counted {
     Sessions,
     /// Seed 000's monitor: columns of its own.
     Monitor,
+    /// HTTP requests from elsewhere than the client namespace's cluster IP
+    /// (the masqueraded NodePort, the same-node pod): a column each.
+    Apart,
 }
 
 struct Load {
@@ -800,7 +827,8 @@ fn pooled_request(
     Ok(body)
 }
 
-/// HTTP keep-alive: one pooled connection, a request every `interval`.
+/// HTTP keep-alive through the cluster IP: one pooled connection, a request
+/// every `interval`.
 fn keepalive_client(run: &Shared, load: &Load, interval: Duration) {
     let to = SocketAddr::new(VIP.into(), HTTP_PORT);
     let mut pool: Option<TcpStream> = None;
@@ -924,9 +952,9 @@ fn version_of(answer: &str, last: u32) -> std::result::Result<u32, Fail> {
         })
 }
 
-/// HTTP with `Connection: close` (seed 001's wrk), a new connection per request.
-fn close_client(run: &Shared, load: &Load, path: &str, interval: Duration, timeout: Duration) {
-    let to = SocketAddr::new(VIP.into(), HTTP_PORT);
+/// HTTP with `Connection: close` (seed 001's wrk), a new connection per request
+/// to `to` (the cluster IP, or a NodePort).
+fn close_client(run: &Shared, load: &Load, to: SocketAddr, path: &str, interval: Duration, timeout: Duration) {
     while !run.stopped() {
         let seq = run.next_seq();
         load.sent();
@@ -1132,10 +1160,13 @@ impl Bed {
 
 fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     let generations = plan(cfg.replacements, cfg.rollouts);
+    // The Deployment's pods, then the same-node client's pod (last, so the
+    // Deployment's pods keep their addresses).
     let layout: Vec<(&str, Node)> = generations
         .iter()
         .flatten()
         .map(|(p, node)| (p.as_str(), *node))
+        .chain([(SAME_NODE_POD, Node::A)])
         .collect();
     let cluster = Cluster::build(&layout)?;
     let names: Vec<Vec<String>> = generations
@@ -1153,7 +1184,7 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
                 protocol: Protocol::Tcp,
                 port: HTTP_PORT,
                 target_port: HTTP_TARGET,
-                node_port: None,
+                node_port: Some(HTTP_NODE_PORT),
             },
             ServicePort {
                 name: "stream".into(),
@@ -1223,6 +1254,8 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
     let streams = Load::new("TCP streams (3 at a time)", Counted::Sessions);
     let udp = Load::new("UDP sessions (3 at a time)", Counted::Sessions);
     let monitor_load = Load::new("seed 000 monitor (keep-alive, 5 req/s)", Counted::Monitor);
+    let node_port = Load::new(NODE_PORT_LOAD, Counted::Apart);
+    let same_node = Load::new(SAME_NODE_LOAD, Counted::Apart);
     let loads = vec![
         keepalive.clone(),
         close.clone(),
@@ -1230,21 +1263,30 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         streams.clone(),
         udp.clone(),
         monitor_load.clone(),
+        node_port.clone(),
+        same_node.clone(),
     ];
 
     let mut releases = Vec::new();
     thread::scope(|scope| -> Result<()> {
         let client = bed.cluster.client();
+        let same_node_ns = bed.cluster.pod(SAME_NODE_POD).ns();
+        let vip_http = SocketAddr::new(VIP.into(), HTTP_PORT);
+        let node_port_addr = SocketAddr::new(NODE_A_V4.into(), HTTP_NODE_PORT);
         macro_rules! spawn_load {
             ($body:expr) => {
+                spawn_load!(client, $body)
+            };
+            ($ns:expr, $body:expr) => {{
+                let ns = $ns;
                 scope.spawn(move || {
-                    if let Err(e) = enter(client) {
+                    if let Err(e) = enter(ns) {
                         eprintln!("rollout: {e:#}");
                         return;
                     }
                     $body;
                 })
-            };
+            }};
         }
         let mut handles = Vec::new();
         let sh = &shared;
@@ -1261,6 +1303,7 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
             handles.push(spawn_load!(close_client(
                 sh,
                 &l,
+                vip_http,
                 "/fast",
                 Duration::from_millis(50),
                 CLIENT_TIMEOUT
@@ -1270,6 +1313,7 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
             handles.push(spawn_load!(close_client(
                 sh,
                 &l,
+                vip_http,
                 "/slow",
                 Duration::ZERO,
                 t
@@ -1278,6 +1322,24 @@ fn run_strategy(cfg: &Config, strategy: Strategy) -> Result<Outcome> {
         {
             let (l, m) = (monitor_load.clone(), &monitor);
             handles.push(spawn_load!(monitor_client(sh, &l, m)));
+        }
+        {
+            let l = node_port.clone();
+            handles.push(spawn_load!(close_client(
+                sh,
+                &l,
+                node_port_addr,
+                "/fast",
+                NODE_PORT_INTERVAL,
+                CLIENT_TIMEOUT
+            )));
+            let l = same_node.clone();
+            handles.push(spawn_load!(same_node_ns, keepalive_client(sh, &l, SAME_NODE_INTERVAL)));
+            let l = same_node.clone();
+            handles.push(spawn_load!(
+                same_node_ns,
+                close_client(sh, &l, vip_http, "/fast", SAME_NODE_INTERVAL, CLIENT_TIMEOUT)
+            ));
         }
         for i in 0..3 {
             let l = streams.clone();
@@ -1721,11 +1783,11 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| strategy | requests sent | failed | refused | reset | timeout | wrong version | streams broken | UDP sessions broken | seed 000 monitor failed | monitor's longest gap | release p50 | release max |"
+        "| strategy | requests sent | failed | refused | reset | timeout | wrong version | streams broken | UDP sessions broken | NodePort (masqueraded) failed | same-node pod failed | seed 000 monitor failed | monitor's longest gap | release p50 | release max |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in results {
         let (sent, failed) = r.requests();
@@ -1734,10 +1796,12 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
         let (so, sb) = r.sessions("TCP streams");
         let (uo, ub) = r.sessions("UDP sessions");
         let (ms, mf) = r.monitor_counts();
+        let (ns, nf) = r.counts(|l| l.name == NODE_PORT_LOAD);
+        let (ss, sf) = r.counts(|l| l.name == SAME_NODE_LOAD);
         let rel: Vec<f64> = r.releases.iter().map(|x| x.release_secs).collect();
         let _ = writeln!(
             out,
-            "| {} | {sent} | {total} | {} | {} | {} | {} | {sb}/{so} | {ub}/{uo} | {mf}/{ms} | {:.1}s | {:.1}s | {:.1}s |",
+            "| {} | {sent} | {total} | {} | {} | {} | {} | {sb}/{so} | {ub}/{uo} | {nf}/{ns} | {sf}/{ss} | {mf}/{ms} | {:.1}s | {:.1}s | {:.1}s |",
             r.strategy.label(cfg),
             k(Kind::Refused),
             k(Kind::Reset),
@@ -1751,8 +1815,13 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
     let _ = writeln!(
         out,
         "\nRelease: from `kubectl delete pod` to the pod's app ending (preStop + graceful shutdown), \
-         over {} pod(s) per strategy ({} rolling update(s) of {} pod(s), v{FIRST_VERSION} to v{}). Failed requests are HTTP requests (keep-alive, Connection: close, /slow); \
+         over {} pod(s) per strategy ({} rolling update(s) of {} pod(s), v{FIRST_VERSION} to v{}). Failed requests are HTTP requests (keep-alive, Connection: close, /slow) \
+         from the client through the cluster IP; \
          a stream or UDP session is broken if it could not be opened, failed, or was answered by another pod. \
+         The NodePort client (one Connection: close request every {} ms to node A's NodePort, masqueraded to a node A \
+         address whichever node the pod is on) and the same-node client (a pod on node A, not an endpoint, calling the \
+         cluster IP with a pooled keep-alive connection and with Connection: close, a request every {} ms each) \
+         are counted apart: failed/sent HTTP requests. \
          Seed 000's monitor is counted apart: a pooled keep-alive client, like the seed's Go `http.Client`, \
          numbering its requests 1, 2, 3, ... every {} ms; a request fails unless its answer echoes its number, \
          comes from a pod not yet released and carries a version the Deployment has had. \
@@ -1762,6 +1831,8 @@ fn summary(cfg: &Config, results: &[Outcome]) -> String {
         cfg.rollouts,
         cfg.replacements,
         cfg.last_version(),
+        NODE_PORT_INTERVAL.as_millis(),
+        SAME_NODE_INTERVAL.as_millis(),
         MONITOR_INTERVAL.as_millis()
     );
     out

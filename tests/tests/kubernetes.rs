@@ -184,6 +184,30 @@ fn deleted_pod_drains_reports_and_is_released_through_pre_stop() -> Result<()> {
     no_forbidden_calls(c.api())
 }
 
+/// A pod whose containers started before this agent may have connections
+/// its sockets tracepoint never saw (a first install): with no connection
+/// left that the agent can see, it still cannot say `drained`, so the pod
+/// runs to its deadline, and `why` says why.
+#[test]
+fn a_pod_running_before_the_agent_runs_to_its_deadline() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let c = cluster(&topo, &["--deadline-margin", "1"])?;
+    let web = topo.pod("web");
+    let mut pod = pod_object("web", NODE, &[web.ipv4().to_string()], false)?;
+    let status = pod.status.as_mut().expect("a status");
+    status.start_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(3600),
+    ));
+    c.api().create_pod(pod);
+    c.cli.wait_pod(&web_name(), "the pod to be tracked", |p| p.state == "serving")?;
+    c.api().mark_pod_deleted(NS, "web", 5);
+    wait_condition(&c.api(), "web", "True", "DeadlineReached")?;
+    let why = c.cli.ok(&["why", &web_name()])?;
+    ensure!(why.contains("already running when conndrain first saw it"), "why: {why}");
+    no_forbidden_calls(c.api())
+}
+
 #[test]
 fn deadline_is_reported_when_connections_stay_open() -> Result<()> {
     require_root()?;
