@@ -237,6 +237,11 @@ fn our_filters(ns: &Netns, iface: &str) -> Result<Vec<(String, String, String, S
 
 /// How many of our programs tcx runs on `iface` in `ns`, both directions.
 fn our_tcx_programs(ns: &Netns, iface: &str) -> Result<usize> {
+    if !conndrain_tests::kernel_has_tcx() {
+        // Before 6.6 (the guest stage's 6.1) there is no tcx to query, and
+        // nothing of ours can be on it.
+        return Ok(0);
+    }
     let iface = iface.to_owned();
     ns.run(move || -> Result<usize> {
         let mut n = 0;
@@ -446,6 +451,12 @@ fn clsact_filters_are_adopted_in_place_across_a_restart() -> Result<()> {
 #[test]
 fn switching_attach_mode_across_restarts_leaves_one_copy() -> Result<()> {
     require_root()?;
+    if !conndrain_tests::kernel_has_tcx() {
+        // Nothing to switch to: `--attach tcx` is refused there, which
+        // `auto_attach_follows_the_probed_tcx_support` checks.
+        eprintln!("skipped: no tcx in this kernel (6.6+), so only the clsact mode exists");
+        return Ok(());
+    }
     let bpffs = Bpffs::mount()?;
     let topo = Topology::builder().pod("web").build()?;
     let (node, iface) = (topo.node(), topo.pod("web").node_if());
