@@ -201,14 +201,12 @@ async fn intercepted_wait(
 ) -> Response {
     let mut count = WaitCount { api: &api, outcome: PreStopOutcome::Cancelled };
     let Dialled { peer, pod_ip } = dialled;
-    let (outcome, response) = match pod_ip {
-        Some(ip) => answer_wait(&api, ip, query, "httpGet").await,
-        None => {
-            tracing::info!(%peer, "refused an intercept connection that no pod IP was dialled for");
-            let msg =
-                "this listener answers only the kubelet's preStop httpGet to a pod IP, redirected here by conndrain";
-            (PreStopOutcome::Refused, error(StatusCode::FORBIDDEN, msg))
-        }
+    let (outcome, response) = if let Some(ip) = pod_ip {
+        answer_wait(&api, ip, query, "httpGet").await
+    } else {
+        tracing::info!(%peer, "refused an intercept connection that no pod IP was dialled for");
+        let msg = "this listener answers only the kubelet's preStop httpGet to a pod IP, redirected here by conndrain";
+        (PreStopOutcome::Refused, error(StatusCode::FORBIDDEN, msg))
     };
     count.outcome = outcome;
     response

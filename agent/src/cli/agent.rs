@@ -81,7 +81,7 @@ pub struct Args {
     /// (docs/prestop.md). 0: off.
     #[arg(long, env = "CONNDRAIN_INTERCEPT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
     pub intercept_port: u16,
-    /// The loopback port (127.0.0.1 and ::1) the intercepted connections are sent to.
+    /// The loopback port (127.0.0.1 and `::1`) the intercepted connections are sent to.
     #[arg(long, env = "CONNDRAIN_INTERCEPT_LISTEN_PORT", default_value_t = crate::api::DEFAULT_INTERCEPT_LISTEN_PORT)]
     pub intercept_listen_port: u16,
     /// The cgroup (v2 directory) whose processes' connects are intercepted, the kubelet's
@@ -203,20 +203,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         }
     };
     let mode = if args.standalone { "standalone" } else { "kubernetes" };
-    tracing::info!(
-        kernel = %datapath.features.release,
-        btf = datapath.features.btf,
-        tcx = datapath.features.tcx,
-        steering = datapath.features.steering,
-        attach = ?datapath.mode,
-        max_flows = args.max_flows,
-        socket = %socket.display(),
-        mode,
-        "agent started"
-    );
-    if let Some(line) = datapath.features.steering_off() {
-        tracing::warn!("{line}");
-    }
+    log_start(&args, &datapath, socket, mode);
     let intercept = start_intercept(&args, &mut datapath).await.inspect_err(|_| {
         let _ = std::fs::remove_file(socket);
     })?;
@@ -275,6 +262,25 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     result
 }
 
+/// The start, in one line, and what the kernel leaves out.
+fn log_start(args: &Args, datapath: &Datapath, socket: &Path, mode: &str) {
+    tracing::info!(
+        kernel = %datapath.features.release,
+        btf = datapath.features.btf,
+        tcx = datapath.features.tcx,
+        steering = datapath.features.steering,
+        prestop_intercept = datapath.features.prestop_intercept,
+        attach = ?datapath.mode,
+        max_flows = args.max_flows,
+        socket = %socket.display(),
+        mode,
+        "agent started"
+    );
+    if let Some(line) = datapath.features.steering_off() {
+        tracing::warn!("{line}");
+    }
+}
+
 /// The node API's listeners: `/v1/wait` on `--host-ip` (else every address),
 /// and the metrics on `--metrics-bind-address`.
 async fn node_api_listeners(args: &Args) -> anyhow::Result<(TcpListener, TcpListener)> {
@@ -325,7 +331,7 @@ async fn start_intercept(
     match TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)).await {
         Ok(v6) => listeners.push(v6),
         Err(e) => {
-            tracing::warn!(error = %e, port, "no ::1 listener for the preStop intercept: IPv6 pod IPs are not intercepted")
+            tracing::warn!(error = %e, port, "no ::1 listener for the preStop intercept: IPv6 pod IPs are not intercepted");
         }
     }
     let cgroup = match (&args.intercept_cgroup, intercept::cgroup2_root()) {

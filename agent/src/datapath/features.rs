@@ -365,23 +365,26 @@ mod tests {
 
     #[test]
     fn the_version_decides_where_no_probe_answered() {
-        for (version, tracking, steering, tcx) in [
-            ((4, 19), false, false, false),
-            ((5, 4), false, false, false),
-            ((5, 7), false, false, false),
-            ((5, 8), true, false, false),
-            ((5, 9), true, false, false),
-            ((5, 10), true, true, false),
-            ((5, 15), true, true, false),
-            ((6, 1), true, true, false),
-            ((6, 5), true, true, false),
-            ((6, 6), true, true, true),
-            ((6, 18), true, true, true),
+        for (version, tracking, steering, tcx, intercept) in [
+            ((4, 19), false, false, false, false),
+            ((5, 4), false, false, false, false),
+            ((5, 7), false, false, false, false),
+            ((5, 8), true, false, false, false),
+            ((5, 9), true, false, false, false),
+            ((5, 10), true, true, false, false),
+            ((5, 13), true, true, false, false),
+            ((5, 14), true, true, false, true),
+            ((5, 15), true, true, false, true),
+            ((6, 1), true, true, false, true),
+            ((6, 5), true, true, false, true),
+            ((6, 6), true, true, true, true),
+            ((6, 18), true, true, true, true),
         ] {
             let v = Some(KernelVersion::new(version.0, version.1, 0));
             assert_eq!(supported(v, TRACKING_FLOOR, None), tracking, "tracking on {version:?}");
             assert_eq!(supported(v, STEERING_FLOOR, None), steering, "steering on {version:?}");
             assert_eq!(supported(v, TCX_FLOOR, None), tcx, "tcx on {version:?}");
+            assert_eq!(supported(v, INTERCEPT_FLOOR, None), intercept, "preStop intercept on {version:?}");
         }
         assert!(!supported(None, TRACKING_FLOOR, None), "an unknown version is not enough");
     }
@@ -418,6 +421,8 @@ mod tests {
         let line = tracking_only.steering_off().unwrap();
         assert!(!line.contains('\n') && line.contains("Linux 5.10+"), "{line}");
         assert_eq!(features(true, true).steering_off(), None);
+        let line = tracking_only.intercept_off().unwrap();
+        assert!(!line.contains('\n') && line.contains("Linux 5.14+") && line.contains("conndrain wait"), "{line}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub mod maps {
     /// settings (agent-written; not pinned, the hooks live as long as the agent).
     pub const INTERCEPT_CONFIG: &str = "INTERCEPT_CONFIG";
     /// `LruHashMap<u64, InterceptDst>`: by socket cookie, the connects the
-    /// intercept rewrote, until the sock_ops program learns their local port.
+    /// intercept rewrote, until the `sockops` program learns their local port.
     pub const INTERCEPT_CONNECTS: &str = "INTERCEPT_CONNECTS";
     /// `LruHashMap<InterceptPeer, InterceptDst>`: the client end (loopback
     /// address and port) of each rewritten connection, and the pod address it
