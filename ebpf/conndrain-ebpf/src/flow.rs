@@ -9,8 +9,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, ProbeKey, direction, event_kind, flow_flags, pod_flags, stats,
-    tcp_state,
+    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, ProbeKey, direction, event_kind, flow_flags, pod_flags,
+    port_flags, stats, tcp_state,
 };
 
 use crate::{
@@ -368,7 +368,8 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
     }
 }
 
-/// Counts a new inbound flow for the quiet period, unless it is one of the
+/// Counts a new inbound flow for the quiet period, unless it goes to a port
+/// the pod's settings ignore (`port_flags::IGNORED`), or is one of the
 /// kubelet's probes: the kubelet keeps probing a terminating pod, and its
 /// probes must not hold the pod forever. A probe is sent by a process of
 /// the node (not forwarded), from a node address, to one of the pod's probe
@@ -377,11 +378,18 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
 #[inline(always)]
 fn note_new_inbound(key: &FlowKey, slot: u32, pkt: &Packet, now: u64) {
     // SAFETY: read-only lookups of plain bytes.
-    if pkt.local
-        && unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some()
-        && unsafe { PROBES.get(&ProbeKey { pod_slot: slot, port: key.pod_port, _pad: 0 }) }.is_some()
-    {
-        return;
+    if let Some(ports) = unsafe { PROBES.get(&ProbeKey { pod_slot: slot, port: key.pod_port, _pad: 0 }) } {
+        let ports = *ports;
+        if ports & port_flags::IGNORED != 0 {
+            return;
+        }
+        // SAFETY: as above.
+        if ports & port_flags::PROBE != 0
+            && pkt.local
+            && unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some()
+        {
+            return;
+        }
     }
     if let Some(p) = POD_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: field projection on a valid map value pointer; racing
