@@ -34,15 +34,15 @@ pub const EEXIST: i32 = -17;
 const EPHEMERAL_PORTS: u16 = 32768;
 
 // Not inlined: its frame and steering's are separate BPF stack frames, each
-// well under the 512-byte limit.
+// well under the 512-byte limit. Returns whether the packet is a pod's: a
+// value the callers use, so that r0 is always set at its exit (with no
+// return value, LLVM once left a stack pointer in r0 there, which the
+// verifier refuses: "cannot return stack pointer to the caller").
 #[inline(never)]
-pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
-    let (key, slot) = match flow_key(pkt, side) {
-        Some(k) => k,
-        None => {
-            count(stats::NOT_POD);
-            return;
-        }
+#[must_use]
+pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) -> bool {
+    let Some((key, slot)) = flow_key(pkt, side) else {
+        return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let len = u64::from(ctx.len());
@@ -54,7 +54,7 @@ pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
     if draining && let Some(v) = HELD.get_ptr_mut(&key) {
         // SAFETY: as below.
         update(&key, unsafe { &mut *v }, pkt, from_pod, now, len);
-        return;
+        return true;
     }
     if let Some(v) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer is into the map value; concurrent writers can
@@ -65,9 +65,10 @@ pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
         } else {
             update(&key, v, pkt, from_pod, now, len);
         }
-        return;
+        return true;
     }
     create(&key, slot, draining, pkt, from_pod, now, len);
+    true
 }
 
 /// Whether the packet was sent by a local socket: `skb->sk` is set for
@@ -378,18 +379,14 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
 #[inline(always)]
 fn note_new_inbound(key: &FlowKey, slot: u32, pkt: &Packet, now: u64) {
     // SAFETY: read-only lookups of plain bytes.
-    if let Some(ports) = unsafe { PROBES.get(&ProbeKey { pod_slot: slot, port: key.pod_port, _pad: 0 }) } {
-        let ports = *ports;
-        if ports & port_flags::IGNORED != 0 {
-            return;
-        }
-        // SAFETY: as above.
-        if ports & port_flags::PROBE != 0
+    let ports = unsafe { PROBES.get(&ProbeKey { pod_slot: slot, port: key.pod_port, _pad: 0 }) }.map_or(0, |p| *p);
+    if ports & port_flags::IGNORED != 0
+        || (ports & port_flags::PROBE != 0
             && pkt.local
-            && unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some()
-        {
-            return;
-        }
+            // SAFETY: as above.
+            && unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some())
+    {
+        return;
     }
     if let Some(p) = POD_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: field projection on a valid map value pointer; racing
