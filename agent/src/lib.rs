@@ -16,6 +16,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod node;
 pub mod steering;
+pub mod telemetry;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.
 /// Empty when the binary was built without the eBPF toolchain (see build.rs).

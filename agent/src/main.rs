@@ -1,14 +1,8 @@
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = conndrain::cli::Cli::parse();
-    // Logs go to stderr so that `-o json` output stays clean.
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("CONNDRAIN_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    conndrain::telemetry::init(cli.log_format());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -23,7 +23,7 @@ use crate::{
     datapath::{self, Datapath},
     drain::{self, Counting, FlowClass, Observation, PodState, Termination, Timeouts},
     flowindex::{FlowIndex, SocketEvidence, SocketHold},
-    metrics::{Metrics, OutcomeLabels, PodLabels},
+    metrics::{Metrics, OutcomeLabels, PodLabels, advance},
 };
 
 /// Errors a caller of the node can fix; the API maps them to 4xx.
@@ -384,30 +384,34 @@ impl Node {
         self.inner.lock().await.pods.get(name).map(|p| p.state.subscribe())
     }
 
-    /// Refreshes the gauges from the current state, for a scrape.
-    pub async fn refresh_metrics(&self) {
-        let pods = self.pods().await;
+    /// The metrics page: the gauges refreshed from the current state, and the
+    /// datapath's counters read, under one lock so that two scrapes at once
+    /// (a pair of Prometheus replicas) each see every pod.
+    pub async fn scrape(&self) -> String {
         let m = &self.metrics;
+        let _one_at_a_time = m.scraping.lock().await;
+        let pods = self.pods().await;
         for f in [&m.active_flows, &m.idle_flows, &m.outbound_flows, &m.new_flows_after_termination] {
             f.clear();
         }
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for p in pods.iter().filter(|p| p.state != PodState::Skipped) {
-            let l = PodLabels { pod: p.name.clone() };
-            let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let l = PodLabels::of(&p.name);
             m.active_flows.get_or_create(&l).set(g(p.active_flows));
             m.idle_flows.get_or_create(&l).set(g(p.idle_flows));
             m.outbound_flows.get_or_create(&l).set(g(p.outbound_flows));
             m.new_flows_after_termination.get_or_create(&l).set(g(p.new_flows_since_termination));
         }
         if let Ok(s) = self.status().await {
-            m.flow_table_used.set(i64::try_from(s.maps.flows.used).unwrap_or(i64::MAX));
-            m.held_flows.set(i64::try_from(s.maps.held.used).unwrap_or(i64::MAX));
-            m.hold_failed.set(i64::try_from(s.stats.hold_failed).unwrap_or(i64::MAX));
-            m.events_lost.set(i64::try_from(s.events_lost).unwrap_or(i64::MAX));
-            m.pinned_flows.set(i64::try_from(s.steering.pinned_flows).unwrap_or(i64::MAX));
-            m.steered_packets.set(i64::try_from(s.steering.steered_packets).unwrap_or(i64::MAX));
-            m.resets_sent.set(i64::try_from(s.steering.resets_sent).unwrap_or(i64::MAX));
+            m.flow_table_used.set(g(s.maps.flows.used));
+            m.held_flows.set(g(s.maps.held.used));
+            m.pinned_flows.set(g(s.steering.pinned_flows));
+            advance(&m.hold_failed, s.stats.hold_failed);
+            advance(&m.events_lost, s.events_lost);
+            advance(&m.steered_packets, s.steering.steered_packets);
+            advance(&m.resets_sent, s.steering.resets_sent);
         }
+        m.encode()
     }
 
     pub async fn add_pod(&self, name: &str, ips: &[IpAddr], spec: &PodSpec) -> Result<(), PodError> {
@@ -713,7 +717,7 @@ impl Node {
                 changed = true;
                 if verdict.state.is_final() {
                     let outcome = if verdict.state == PodState::Drained { "drained" } else { "deadline" };
-                    self.metrics.drains.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+                    self.metrics.drains.get_or_create(&OutcomeLabels { outcome }).inc();
                     self.metrics.drain_duration.observe(secs(now - term.started_ns));
                 }
             }

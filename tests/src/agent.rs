@@ -118,8 +118,9 @@ impl Agent {
                     agent.echo_log = true;
                     return Ok(agent);
                 }
-                Ok(out) if start.elapsed() >= TIMEOUT => bail!(
-                    "`{shown}` did not answer `conndrain status` within {TIMEOUT:?} (last: exit {}, {}); its log:\n{}",
+                Ok(out) if start.elapsed() >= TIMEOUT * crate::time_scale() => bail!(
+                    "`{shown}` did not answer `conndrain status` within {:?} (last: exit {}, {}); its log:\n{}",
+                    TIMEOUT * crate::time_scale(),
                     out.code,
                     out.stderr.trim(),
                     agent.log()
@@ -249,8 +250,9 @@ impl Agent {
             }
             match cli.run(&["status"]) {
                 Ok(out) if out.code == 0 => return Ok(()),
-                Ok(out) if start.elapsed() >= TIMEOUT => bail!(
-                    "`{shown}` did not answer `conndrain status` within {TIMEOUT:?} (last: exit {}, {}); its log:\n{}",
+                Ok(out) if start.elapsed() >= TIMEOUT * crate::time_scale() => bail!(
+                    "`{shown}` did not answer `conndrain status` within {:?} (last: exit {}, {}); its log:\n{}",
+                    TIMEOUT * crate::time_scale(),
                     out.code,
                     out.stderr.trim(),
                     self.log()
@@ -587,8 +589,10 @@ impl Running {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Waits up to `timeout` for the exit; kills it and fails after that.
+    /// Waits up to `timeout` (stretched by [`crate::time_scale`]) for the
+    /// exit; kills it and fails after that.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Output> {
+        let timeout = timeout * crate::time_scale();
         let start = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
@@ -624,6 +628,22 @@ impl Running {
             stdout: text(&self.stdout),
             stderr: text(&self.stderr),
         }
+    }
+
+    /// What it has printed on stdout so far.
+    #[must_use]
+    pub fn stdout_so_far(&self) -> String {
+        self.output_so_far(-1).stdout
+    }
+
+    /// Sends it SIGINT, as Ctrl-C would.
+    pub fn interrupt(&self) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill with a pid we own and a valid signal.
+        if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
+            bail!("SIGINT to `{}`: {}", self.shown, std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The command line, for messages.

@@ -27,6 +27,7 @@ mod bpffs;
 pub mod cni;
 pub mod fakeapi;
 pub mod kubeproxy;
+pub mod metrics;
 mod netns;
 mod topology;
 mod traffic;
@@ -54,6 +55,32 @@ pub use traffic::{Repeat, TcpConn, TcpServer, UdpClient, UdpServer};
 /// Generous on purpose: the machines are small and noisy, and the tests never
 /// assert on durations, only on states and their order.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How much slower this machine is than the one the timeouts were made for:
+/// `CONNDRAIN_TIME_SCALE` (default 1). The guest stage runs under qemu's TCG,
+/// several times slower, and sets it; [`wait_until`] and the agent's start
+/// stretch their timeouts by it.
+#[must_use]
+pub fn time_scale() -> u32 {
+    std::env::var("CONNDRAIN_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// Whether this kernel has tcx (6.6+). The agent probes it and `conndrain
+/// status` says which path it took; helpers that run without an agent look
+/// at the kernel release, which is enough.
+#[must_use]
+pub fn kernel_has_tcx() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut nums = release
+        .trim()
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0)) >= (6, 6)
+}
 
 /// How often [`wait_until`] looks again.
 pub const POLL: Duration = Duration::from_millis(25);
@@ -131,6 +158,7 @@ pub fn wait_until<T: Debug>(
     mut probe: impl FnMut() -> Result<T>,
     mut done: impl FnMut(&T) -> bool,
 ) -> Result<T> {
+    let timeout = timeout * time_scale();
     let start = Instant::now();
     loop {
         check_interrupted()?;

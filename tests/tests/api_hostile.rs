@@ -905,7 +905,8 @@ fn a_pod_that_claims_another_pods_ip_gets_no_answer() -> Result<()> {
 
 #[test]
 fn forwarding_headers_do_not_change_who_is_asking() -> Result<()> {
-    let (topo, mut agent, cli) = setup(&["a", "b"], &[])?;
+    // The metrics for the client's network only: headers naming the client must not open them to a pod.
+    let (topo, mut agent, cli) = setup(&["a", "b"], &["--metrics-allow", "10.100.0.0/24"])?;
     let (a, b) = (topo.pod("a"), topo.pod("b"));
     let a4 = a.ipv4();
     let claiming_a = |path: &str| {
@@ -932,9 +933,15 @@ fn forwarding_headers_do_not_change_who_is_asking() -> Result<()> {
             "b is answered about itself via {to}: {reply:?}"
         );
     }
-    // Headers naming a non-pod do not open the metrics to a pod.
-    let reply = ask_as_a(b.ns(), node_addr(METRICS_PORT), "/metrics")?;
+    // Headers naming an allowed caller do not open the metrics to a pod the list leaves out.
+    let client = topo.client_v4();
+    let claiming_client = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {client}\r\nX-Forwarded-For: {client}\r\nX-Real-IP: {client}\r\nForwarded: for={client}\r\nConnection: close\r\n\r\n"
+    );
+    let reply = ask(b.ns(), node_addr(METRICS_PORT), claiming_client.as_bytes())?;
     ensure!(reply.code() == Some(403), "pod b may not read the metrics: {reply:?}");
+    let reply = ask(topo.client(), node_addr(METRICS_PORT), claiming_client.as_bytes())?;
+    ensure!(reply.code() == Some(200), "the client may: {reply:?}");
 
     ensure!(
         !agent.log().contains("preStop wait pod=a"),

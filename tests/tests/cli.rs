@@ -393,3 +393,24 @@ fn pod_settings_flags_are_checked_and_shown() -> Result<()> {
     ensure!(why.contains("quiet period 2.0s (pod terminate --quiet-period)"), "why: {why}");
     Ok(())
 }
+
+/// `conndrain install DIR` (what the example's init container runs, instead of
+/// a `cp` the image does not have): a working copy, mode 0755; a file for DIR
+/// is one clear line.
+#[test]
+fn install_copies_a_working_binary_and_names_a_bad_directory() -> Result<()> {
+    let dir = TempDir::new()?;
+    let cli = Cli::new(&dir.path().join("no.sock"));
+    let out = cli.run(&["install", &dir.path().display().to_string()])?;
+    ensure!(out.code == 0, "install: {out:?}");
+    let copy = dir.path().join("conndrain");
+    let mode = std::fs::metadata(&copy).context("the copy")?.permissions().mode();
+    ensure!(mode & 0o777 == 0o755, "mode {mode:o}");
+    ensure!(out.stdout.contains(&copy.display().to_string()), "names the copy: {out:?}");
+    let version = run(Command::new(&copy).arg("--version"))?;
+    ensure!(version.code == 0 && version.stdout.starts_with("conndrain "), "the copy runs: {version:?}");
+    let into_file = cli.run(&["install", &copy.display().to_string()])?;
+    expect_error(&into_file, "install into a file")?;
+    ensure!(into_file.stderr.contains("is not a directory"), "{into_file:?}");
+    Ok(())
+}

@@ -1,19 +1,19 @@
 //! The node API that pods reach on the node's IP: `conndrain wait` as a
 //! preStop hook releases the calling pod, and only that pod; callers that are
-//! not pods of this node are refused; the preStop client fails open.
+//! not pods of this node are refused; the preStop client fails open. The
+//! metrics listener answers whom its policy allows, a pod of this node like
+//! any other, and counts how each wait ended.
 //!
 //! Runs the agent in standalone mode (pods declared with the CLI), which
 //! serves the same node API as the Kubernetes mode.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-};
+use std::net::SocketAddr;
 
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
     Agent, Cli, NODE_V4, Netns, Output, Running, TIMEOUT, TcpConn, TcpServer, Topology, conndrain_bin,
-    require_root, run_in,
+    metrics::{http_get, sample, scrape},
+    require_root,
 };
 
 const PORT: u16 = 8080;
@@ -57,25 +57,6 @@ fn pre_stop(ns: &Netns, extra: &[&str]) -> Result<Running> {
         .env("HOST_IP", NODE_V4.to_string())
         .env("CONNDRAIN_WAIT_PORT", WAIT_PORT.to_string());
     Running::spawn(cmd)
-}
-
-/// A raw HTTP GET from inside `ns`, returning (status code, body).
-fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let path = path.to_owned();
-    run_in(ns, move || -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .with_context(|| format!("an HTTP status line in {resp:?}"))?;
-        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-        Ok((code, body))
-    })?
 }
 
 fn node_addr(port: u16) -> SocketAddr {
@@ -196,28 +177,174 @@ fn one_pod_cannot_take_every_waiter_slot() -> Result<()> {
     Ok(())
 }
 
+/// `pod add NAMESPACE/NAME` for a pod of the topology, as Kubernetes mode names pods.
+fn add_namespaced(cli: &Cli, namespace: &str, pod: &conndrain_tests::Pod) -> Result<String> {
+    let name = format!("{namespace}/{}", pod.name());
+    let ips: Vec<String> = pod.ips().iter().map(ToString::to_string).collect();
+    let mut args = vec!["pod", "add", &name];
+    for ip in &ips {
+        args.extend(["--ip", ip]);
+    }
+    cli.ok(&args)?;
+    cli.wait_pod(&name, "the pod to be attached", |p| !p.interfaces.is_empty())?;
+    Ok(name)
+}
+
+/// A Prometheus pod on the node scrapes like one elsewhere: the policy
+/// (`--metrics-allow`, `--metrics-bind-address`) decides, not where it runs.
 #[test]
-fn metrics_and_health_for_the_node_not_for_pods() -> Result<()> {
-    let (topo, _agent, cli) = setup(&["web"], &[])?;
-    let web = topo.pod("web");
+fn metrics_are_for_whoever_the_policy_allows_a_pod_of_the_node_too() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").pod("prom").build()?;
+    let args = agent_args();
+    let mut agent = Agent::start(topo.node(), &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let cli = agent.cli();
+    let (web, prom) = (topo.pod("web"), topo.pod("prom"));
+    let name = add_namespaced(&cli, "shop", web)?;
+    cli.add_pod(prom)?;
     let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
     let _conn = TcpConn::connect(topo.client(), server.addr())?;
-    cli.wait_pod("web", "1 active flow", |p| p.active_flows == 1)?;
+    cli.wait_pod(&name, "1 active flow", |p| p.active_flows == 1)?;
 
-    let (code, body) = http_get(topo.client(), node_addr(METRICS_PORT), "/metrics")?;
-    ensure!(code == 200, "metrics from outside the node's pods: {code} {body}");
+    // The default policy: every caller, the node's own pods included.
+    let from_client = scrape(topo.client(), node_addr(METRICS_PORT))?;
+    let from_prom = scrape(prom.ns(), node_addr(METRICS_PORT)).context("a pod of the node scrapes")?;
+    for page in [&from_client, &from_prom] {
+        ensure!(
+            sample(page, r#"conndrain_pod_active_flows{namespace="shop",pod="web"}"#) == Some(1.0),
+            "per-pod series carry the namespace and the pod apart: {page}"
+        );
+        ensure!(
+            sample(page, r#"conndrain_pod_active_flows{namespace="",pod="prom"}"#) == Some(0.0),
+            "a standalone pod has no namespace: {page}"
+        );
+    }
+    let page = from_prom;
+    for (family, kind) in [
+        ("conndrain_build_info", "gauge"),
+        ("conndrain_pod_active_flows", "gauge"),
+        ("conndrain_drains", "counter"),
+        ("conndrain_prestop_waits", "counter"),
+        ("conndrain_flows_evicted", "counter"),
+        ("conndrain_events_lost", "counter"),
+        ("conndrain_hold_failed", "counter"),
+        ("conndrain_steered_packets", "counter"),
+        ("conndrain_resets_sent", "counter"),
+        ("conndrain_drain_duration_seconds", "histogram"),
+        ("conndrain_flow_table_max_entries", "gauge"),
+        ("conndrain_pinned_flows", "gauge"),
+    ] {
+        ensure!(page.contains(&format!("\n# TYPE {family} {kind}\n")), "{family} is a {kind}: {page}");
+    }
+    for counter in ["conndrain_flows_evicted_total", "conndrain_events_lost_total", "conndrain_steered_packets_total"] {
+        ensure!(sample(&page, counter).is_some(), "{counter}: {page}");
+    }
+    // The version, and the commit the binary was built from (the tests build it in a checkout).
+    let build = page.lines().find(|l| l.starts_with("conndrain_build_info{")).context("conndrain_build_info")?;
+    let version = format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"));
+    let commit = build.split(r#"git_commit=""#).nth(1).and_then(|c| c.split('"').next()).unwrap_or_default();
     ensure!(
-        body.contains("conndrain_pod_active_flows{pod=\"web\"} 1"),
-        "per-pod active flows in Prometheus text: {body}"
+        build.contains(&version) && commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+        "build_info names the version and the git commit: {build}"
     );
-    for metric in ["conndrain_flow_table_max_entries", "conndrain_pinned_flows", "conndrain_steered_packets", "conndrain_flows_evicted_total"] {
-        ensure!(body.contains(metric), "{metric} is exported: {body}");
+    ensure!(build.ends_with("} 1"), "{build}");
+    let samples: Vec<&str> = page.lines().filter(|l| !l.starts_with('#')).collect();
+    for old in ["conndrain_steered_packets ", "conndrain_events_lost ", "conndrain_hold_failed "] {
+        ensure!(!samples.iter().any(|l| l.starts_with(old)), "{old:?} is no gauge any more: {page}");
     }
-    let (code, _) = http_get(web.ns(), node_addr(METRICS_PORT), "/metrics")?;
-    ensure!(code == 403, "a pod may not read other pods' metrics: {code}");
+    ensure!(!page.contains("pod=\"shop/web\""), "no namespace/name in one label: {page}");
+
+    // An allow-list without the pods, and the metrics on another address and port.
+    let mut args = agent_args();
+    args.extend(["--metrics-allow".into(), "10.100.0.0/24,fd00:100::/64".into()]);
+    args.extend(["--metrics-bind-address".into(), format!("{NODE_V4}:{}", METRICS_PORT + 1)]);
+    agent.stop()?;
+    agent.restart(topo.node(), &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let moved = node_addr(METRICS_PORT + 1);
+    scrape(topo.client(), moved).context("the client's network is allowed")?;
+    let (code, body) = http_get(prom.ns(), moved, "/metrics")?;
+    ensure!(code == 403 && body.contains("--metrics-allow"), "a pod outside the list is refused: {code} {body}");
     for path in ["/healthz", "/readyz"] {
-        let (code, body) = http_get(topo.client(), node_addr(METRICS_PORT), path)?;
-        ensure!(code == 200, "{path}: {code} {body}");
+        let (code, body) = http_get(prom.ns(), moved, path)?;
+        ensure!(code == 200, "{path} answers anyone who reaches it: {code} {body}");
     }
+    ensure!(
+        http_get(topo.client(), node_addr(METRICS_PORT), "/metrics").is_err(),
+        "nothing listens on the default port any more"
+    );
+    Ok(())
+}
+
+/// Every way a preStop wait ends is counted, after real `conndrain wait`
+/// hooks: drained, deadline, cancelled (the hook's own timeout), refused
+/// (no pod), busy (the pod's bound), error (the pod removed mid-wait), and
+/// the drains themselves. (skipped needs a pod the agent cannot track, such
+/// as a macvlan one, that still reaches the node's API: not set up here.)
+#[test]
+fn pre_stop_wait_outcomes_are_counted() -> Result<()> {
+    let (topo, agent, cli) = setup(&["web", "slow", "idle", "gone"], &["--max-waiters-per-pod", "1"])?;
+    let (web, slow, idle, gone) = (topo.pod("web"), topo.pod("slow"), topo.pod("idle"), topo.pod("gone"));
+    let server = TcpServer::start(slow.ns(), slow.addr_v4(PORT))?;
+    let _held = TcpConn::connect(topo.client(), server.addr())?;
+    cli.wait_pod("slow", "1 active flow", |p| p.active_flows == 1)?;
+    let waits = |page: &str, outcome: &str| sample(page, &format!("conndrain_prestop_waits_total{{outcome=\"{outcome}\"}}"));
+
+    let page = scrape(topo.client(), node_addr(METRICS_PORT))?;
+    for outcome in ["drained", "deadline", "skipped", "cancelled", "refused", "busy", "error"] {
+        ensure!(waits(&page, outcome) == Some(0.0), "{outcome} is there at 0 from the start: {page}");
+    }
+
+    // refused: the client is no pod of this node.
+    let (code, _) = http_get(topo.client(), node_addr(WAIT_PORT), "/v1/wait")?;
+    ensure!(code == 403, "{code}");
+    // drained, and deadline (a connection stays open past a short deadline).
+    cli.terminate("web", 0.5, 60.0)?;
+    cli.terminate("slow", 0.5, 1.5)?;
+    for (pod, says) in [(web, "drained after"), (slow, "reached its deadline")] {
+        let out = pre_stop(pod.ns(), &["--fallback-sleep", "0"])?.wait_exit(TIMEOUT)?;
+        let said = format!("{}{}", out.stdout, out.stderr);
+        ensure!(out.code == 0 && said.contains(says), "{}'s hook: {out:?}", pod.name());
+    }
+    // busy: a second wait of a pod that may have one; then cancelled: the first hook gives up.
+    let mut hook = pre_stop(idle.ns(), &["--timeout", "5", "--fallback-sleep", "0"])?;
+    conndrain_tests::wait_until(
+        "the agent to accept idle's wait",
+        TIMEOUT,
+        || Ok(agent.log().contains("preStop wait pod=idle")),
+        |accepted| *accepted,
+    )?;
+    let (code, _) = http_get(idle.ns(), node_addr(WAIT_PORT), "/v1/wait")?;
+    ensure!(code == 429, "{code}");
+    let out = hook.wait_exit(TIMEOUT)?;
+    ensure!(out.stderr.contains("did not answer within"), "idle's hook gave up: {out:?}");
+
+    // error: the pod is removed while its hook waits.
+    let mut hook = pre_stop(gone.ns(), &["--fallback-sleep", "0"])?;
+    conndrain_tests::wait_until(
+        "the agent to accept gone's wait",
+        TIMEOUT,
+        || Ok(agent.log().contains("preStop wait pod=gone")),
+        |accepted| *accepted,
+    )?;
+    cli.ok(&["pod", "remove", "gone"])?;
+    let out = hook.wait_exit(TIMEOUT)?;
+    ensure!(out.stderr.contains("409") && out.stderr.contains("falling back"), "gone's hook: {out:?}");
+
+    let page = conndrain_tests::wait_until(
+        "the cancelled wait to be counted",
+        TIMEOUT,
+        || scrape(topo.client(), node_addr(METRICS_PORT)),
+        |page| waits(page, "cancelled") == Some(1.0),
+    )?;
+    for (outcome, n) in
+        [("drained", 1.0), ("deadline", 1.0), ("skipped", 0.0), ("cancelled", 1.0), ("refused", 1.0), ("busy", 1.0), ("error", 1.0)]
+    {
+        ensure!(waits(&page, outcome) == Some(n), "{n} preStop wait(s) {outcome}: {page}");
+    }
+    for (outcome, n) in [("drained", 1.0), ("deadline", 1.0)] {
+        let series = format!("conndrain_drains_total{{outcome=\"{outcome}\"}}");
+        ensure!(sample(&page, &series) == Some(n), "{series}: {page}");
+    }
+    ensure!(sample(&page, "conndrain_drain_duration_seconds_count") == Some(2.0), "{page}");
     Ok(())
 }

@@ -8,14 +8,15 @@
 //! The `BPF_PROG_TEST_RUN` side of the same promise is in `datapath/pressure.rs`.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
-    Agent, NODE_V4, Netns, TIMEOUT, TcpConn, TcpServer, Topology, UdpServer, require_root, run_in,
+    Agent, NODE_V4, Netns, TcpConn, TcpServer, Topology, UdpServer,
+    metrics::{sample, scrape},
+    require_root, run_in,
 };
 
 const PORT: u16 = 8080;
@@ -41,26 +42,6 @@ fn udp_flood(ns: &Netns, to: SocketAddr, count: u32) -> Result<u32> {
         }
         Ok(echoed)
     })?
-}
-
-/// The node's Prometheus metrics, fetched from `ns`.
-fn metrics(ns: &Netns) -> Result<String> {
-    let addr = SocketAddr::new(NODE_V4.into(), METRICS_PORT);
-    run_in(ns, move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        ensure!(resp.starts_with("HTTP/1.1 200"), "GET /metrics: {resp}");
-        Ok(resp)
-    })?
-}
-
-/// The value of the sample `name` (no labels) in a Prometheus text page.
-fn sample(page: &str, name: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[test]
@@ -124,7 +105,7 @@ fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
     ensure!(at("/maps/held/used") >= 1, "the connection is in the held table: {status:#}");
     ensure!(at("/stats/flows_evicted") > 0, "evictions are counted in status: {status:#}");
     ensure!(at("/stats/hold_failed") == 0, "{status:#}");
-    let page = metrics(topo.client())?;
+    let page = scrape(topo.client(), SocketAddr::new(NODE_V4.into(), METRICS_PORT))?;
     let evicted = sample(&page, "conndrain_flows_evicted_total").context("conndrain_flows_evicted_total")?;
     ensure!(evicted > 0.0, "evictions are counted in the metrics:\n{page}");
     let held = sample(&page, "conndrain_held_flows").context("conndrain_held_flows")?;

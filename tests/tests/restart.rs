@@ -107,8 +107,29 @@ fn our_programs(ns: &Netns, iface: &str) -> Result<(usize, usize)> {
     let iface = iface.to_owned();
     ns.run(move || -> Result<(usize, usize)> {
         let count = |ty, prefix: &str| -> Result<usize> {
-            let (_, progs) = SchedClassifier::query_tcx(&iface, ty)
-                .with_context(|| format!("querying the tcx programs of {iface}"))?;
+            let progs = match SchedClassifier::query_tcx(&iface, ty) {
+                Ok((_, progs)) => progs,
+                // No tcx (before 6.6, e.g. the guest stage's 6.1): the
+                // agent is on the clsact path; count its filters there.
+                Err(_) if !conndrain_tests::kernel_has_tcx() => {
+                    let dir = if matches!(ty, TcAttachType::Ingress) {
+                        "ingress"
+                    } else {
+                        "egress"
+                    };
+                    let out = std::process::Command::new("tc")
+                        .args(["filter", "show", "dev", &iface, dir])
+                        .output()
+                        .context("running tc filter show")?;
+                    return Ok(String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.contains(prefix) && l.contains("direct-action"))
+                        .count());
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("querying the tcx programs of {iface}"));
+                }
+            };
             // Kernel program names are cut at 15 bytes: conndrain_ingre, conndrain_egres.
             Ok(progs.iter().filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(prefix))).count())
         };
@@ -188,7 +209,14 @@ fn kill9_mid_drain_loses_no_pinned_flow_and_no_drain_state() -> Result<()> {
     // kill -9: nothing is cleaned up, the programs stay attached through
     // their pinned links and keep steering with the pinned maps.
     agent.kill9()?;
-    ensure!(!bpffs.links().is_empty(), "the links are pinned: {:?}", bpffs.links());
+    // tcx links are pinned in the bpffs; clsact filters cannot be pinned and
+    // need not be (before 6.6, e.g. the guest stage's 6.1): they stay on the
+    // interfaces, which the loop below checks.
+    ensure!(
+        !conndrain_tests::kernel_has_tcx() || !bpffs.links().is_empty(),
+        "the links are pinned: {:?}",
+        bpffs.links()
+    );
     for name in &interfaces {
         let n = our_programs(node_a, name)?;
         ensure!(n == (1, 1), "with the agent down, {name} still runs our programs once each: {n:?}");
@@ -439,5 +467,69 @@ fn kubernetes_mode_restart_keeps_the_drain_and_forgets_pods_deleted_meanwhile() 
     ensure!(cli.pod("default/web")?.state == "drained", "the CLI agrees");
     let denied: Vec<_> = api.requests().into_iter().filter(|r| r.status == 403).collect();
     ensure!(denied.is_empty(), "only calls its RBAC allows: {denied:#?}");
+    Ok(())
+}
+
+/// `conndrain cleanup ARGS` on `node` (its network namespace: the clsact
+/// filters it removes are per namespace).
+fn cleanup(node: &Netns, socket: &std::path::Path, args: &[&str]) -> Result<conndrain_tests::Output> {
+    let mut cmd = node.command(&conndrain_tests::conndrain_bin().to_string_lossy());
+    cmd.arg("--socket").arg(socket).arg("cleanup").args(args);
+    conndrain_tests::run_with_timeout(cmd, conndrain_tests::TIMEOUT)
+}
+
+/// `conndrain cleanup` (the uninstall of a node): refused, touching nothing,
+/// while an agent runs, whether it answers on the socket or only holds the
+/// --bpffs directory; once the agent is gone (kill -9 leaves everything:
+/// pins, programs, saved state, socket), it removes them all and says what it
+/// did; a second run finds nothing.
+#[test]
+fn cleanup_refuses_while_an_agent_runs_then_removes_pins_programs_and_state() -> Result<()> {
+    require_root()?;
+    let bpffs = Bpffs::mount()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let web = topo.pod("web");
+    let veth = web.node_if().to_owned();
+    let bpf = bpffs.arg();
+    let mut agent = Agent::start(topo.node(), &["--bpffs", &bpf])?;
+    agent.cli().add_pod(web)?;
+    ensure!(our_programs(topo.node(), &veth)? == (1, 1), "attached");
+    let socket = agent.socket().to_owned();
+    let elsewhere = agent.dir().join("other.sock");
+    for (socket, why) in [(&socket, "answers on"), (&elsewhere, "with --bpffs")] {
+        let out = cleanup(topo.node(), socket, &["--bpffs", &bpf])?;
+        ensure!(out.code == 1, "refused while the agent runs: {out:?}");
+        ensure!(
+            out.stderr.starts_with("conndrain: an agent is running on this node")
+                && out.stderr.contains(why)
+                && out.stderr.contains("nothing was removed"),
+            "says why and what to do: {out:?}"
+        );
+        ensure!(bpffs.links().len() == 2 && our_programs(topo.node(), &veth)? == (1, 1), "nothing removed");
+    }
+    ensure!(agent.cli().pod("web")?.state == "serving", "the agent still works");
+
+    agent.kill9()?;
+    let state = agent.dir().join("state.json");
+    ensure!(state.exists() && socket.exists(), "kill -9 leaves the state and the socket");
+    ensure!(our_programs(topo.node(), &veth)? == (1, 1), "and the programs");
+    let out = cleanup(topo.node(), &socket, &["--bpffs", &bpf])?;
+    ensure!(out.code == 0, "cleanup: {out:?}");
+    let layout = bpffs.layout_dir().display().to_string();
+    for said in [
+        format!("removed {layout}"),
+        "3 pinned link(s) removed (".to_owned(),
+        format!("{veth}-egress"),
+        format!("{veth}-ingress"),
+        "sockets-link".to_owned(),
+        format!("removed the saved state {}", state.display()),
+        format!("removed the stale socket {}", socket.display()),
+    ] {
+        ensure!(out.stdout.contains(&said), "says {said:?}: {out:?}");
+    }
+    ensure!(!bpffs.layout_dir().exists() && !state.exists() && !socket.exists(), "all gone");
+    ensure!(our_programs(topo.node(), &veth)? == (0, 0), "the programs are detached");
+    let again = cleanup(topo.node(), &socket, &["--bpffs", &bpf])?;
+    ensure!(again.code == 0 && again.stdout.starts_with("nothing to clean up"), "{again:?}");
     Ok(())
 }

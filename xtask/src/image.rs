@@ -1,19 +1,19 @@
 //! `cargo xtask image`: the container image, built without a container engine.
 //!
 //! 1. `conndrain` for `x86_64-unknown-linux-musl` in release mode, statically
-//!    linked, with the real eBPF object embedded (`CONNDRAIN_REQUIRE_EBPF=1`);
-//!    and `/cp` (`deploy/image/cp.rs`), the copier the example app's init
-//!    container runs, since the image has no shell.
+//!    linked, with the real eBPF object embedded (`CONNDRAIN_REQUIRE_EBPF=1`).
+//!    The image has no shell: the example app's init container runs
+//!    `/conndrain install DIR`, which copies the binary itself.
 //! 2. An OCI image layout as a tarball, `target/image/conndrain-<version>-oci.tar`:
-//!    one gzip layer holding `/conndrain` and `/cp` (mode 0755, owner 0:0), a
+//!    one gzip layer holding `/conndrain` (mode 0755, owner 0:0), a
 //!    config with `/conndrain` as entrypoint and the version and source labels,
 //!    a manifest, `index.json` and `oci-layout`, every blob named by its
 //!    sha256. Timestamps come from `SOURCE_DATE_EPOCH`, else the last
 //!    commit, so the same commit gives the same bytes.
 //! 3. A check of the result as a runtime would see it: the tarball is read
 //!    back, every digest and size compared, the layer unpacked, and the
-//!    config's entrypoint run with `--version`; `/cp` is run the way the init
-//!    container runs it, and its copy too.
+//!    config's entrypoint run with `--version`; `install DIR` is run the way
+//!    the init container runs it, and its copy with `--version` too.
 //! 4. The same with real tools from Debian, so the layout is not only what
 //!    our own reader accepts: `skopeo inspect oci-archive:...` (platform,
 //!    labels, manifest digest), then `umoci unpack` of the layout into a
@@ -107,14 +107,14 @@ pub fn run(root: &Path) -> Result<Built> {
     let conndrain = build_conndrain(root)?;
     let out_dir = root.join("target").join("image");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let cp = build_cp(root, &out_dir)?;
-    let mut files = Vec::new();
-    for (path, built) in [("conndrain", &conndrain), ("cp", &cp)] {
-        let data = std::fs::read(built).with_context(|| format!("reading {}", built.display()))?;
-        require_static(&data)
-            .with_context(|| format!("{} is not a static executable", built.display()))?;
-        files.push(File { path, data });
-    }
+    let data =
+        std::fs::read(&conndrain).with_context(|| format!("reading {}", conndrain.display()))?;
+    require_static(&data)
+        .with_context(|| format!("{} is not a static executable", conndrain.display()))?;
+    let files = [File {
+        path: "conndrain",
+        data,
+    }];
 
     let meta = Meta {
         version: VERSION.to_owned(),
@@ -204,7 +204,10 @@ fn check_with_tools(tarball_path: &Path, tarball: &[u8], work: &Path) -> Result<
     let program = runtime["process"]["args"][0]
         .as_str()
         .context("the bundle's config.json has no process.args")?;
-    let line = version(&bundle.join("rootfs").join(program.trim_start_matches('/')), &[])?;
+    let line = version(
+        &bundle.join("rootfs").join(program.trim_start_matches('/')),
+        &[],
+    )?;
     eprintln!("image: umoci unpack: {program} --version in the bundle: {line}");
     Ok(line)
 }
@@ -248,36 +251,6 @@ fn build_conndrain(root: &Path) -> Result<PathBuf> {
         .join(TARGET)
         .join("release")
         .join("conndrain"))
-}
-
-fn build_cp(root: &Path, out_dir: &Path) -> Result<PathBuf> {
-    let out = out_dir.join("cp");
-    cmd::run(
-        cmd::command("rustc")
-            .current_dir(root)
-            .args([
-                "--edition",
-                "2024",
-                "--crate-name",
-                "cp",
-                "--target",
-                TARGET,
-            ])
-            .args([
-                "-C",
-                "opt-level=s",
-                "-C",
-                "panic=abort",
-                "-C",
-                "strip=symbols",
-                "-C",
-                "codegen-units=1",
-            ])
-            .arg("-o")
-            .arg(&out)
-            .arg(root.join("deploy").join("image").join("cp.rs")),
-    )?;
-    Ok(out)
 }
 
 /// An ELF executable without a program interpreter (`PT_INTERP`): it runs
@@ -481,7 +454,7 @@ pub fn layout_tar(files: &[File], meta: &Meta) -> Result<Vec<u8>> {
 
 /// Reads an OCI layout tarball back as a runtime would, unpacks its layers
 /// under `work/rootfs` and runs the entrypoint with `--version`; returns what
-/// it printed. `/cp`, if the image has it, is run as the example's init
+/// it printed. The entrypoint's `install DIR` is run as the example's init
 /// container runs it, and the copy with `--version` as well.
 pub fn verify(tarball: &[u8], work: &Path) -> Result<String> {
     let layout = Layout::read(tarball)?;
@@ -508,20 +481,23 @@ pub fn verify(tarball: &[u8], work: &Path) -> Result<String> {
     let line = version(&in_rootfs(program), args)?;
     eprintln!("image: {program} --version in the unpacked image: {line}");
 
-    let cp = in_rootfs("/cp");
-    if cp.exists() {
-        // The example's init container: /cp /conndrain /conndrain-bin/conndrain.
-        let bin = work.join("conndrain-bin");
-        std::fs::create_dir_all(&bin)?;
-        let copy = bin.join("conndrain");
-        cmd::run(cmd::command(&cp).arg(in_rootfs(program)).arg(&copy))?;
-        let copied = version(&copy, &[])?;
-        ensure!(
-            copied == line,
-            "the copy made by /cp printed {copied:?}, not {line:?}"
-        );
-        eprintln!("image: /cp made a working copy, as the example's init container does");
-    }
+    // The example's init container: /conndrain install /conndrain-bin.
+    let bin = work.join("conndrain-bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    cmd::run(
+        cmd::command(in_rootfs(program))
+            .args(args)
+            .arg("install")
+            .arg(&bin),
+    )?;
+    let copied = version(&bin.join("conndrain"), &[])?;
+    ensure!(
+        copied == line,
+        "the copy made by `{program} install` printed {copied:?}, not {line:?}"
+    );
+    eprintln!(
+        "image: `{program} install DIR` made a working copy, as the example's init container does"
+    );
     Ok(line)
 }
 
@@ -661,16 +637,13 @@ mod tests {
     #[test]
     fn layout_round_trips_and_is_reproducible() {
         let files = || {
-            vec![
-                File {
-                    path: "conndrain",
-                    data: script("echo conndrain 9.9.9"),
-                },
-                File {
-                    path: "cp",
-                    data: script("cat \"$1\" > \"$2\" && chmod 755 \"$2\""),
-                },
-            ]
+            vec![File {
+                path: "conndrain",
+                data: script(
+                    "if [ \"$1\" = install ]; then cp \"$0\" \"$2/conndrain\"; \
+                         else echo conndrain 9.9.9; fi",
+                ),
+            }]
         };
         let meta = || Meta {
             version: "9.9.9".into(),

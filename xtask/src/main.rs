@@ -7,6 +7,7 @@
 
 mod bench;
 mod cmd;
+mod guest;
 mod image;
 mod manifests;
 mod setup;
@@ -40,15 +41,29 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, build, then run every test (needs root), then the image stage (what
-    /// `image` does: the static musl build, checked with skopeo and umoci). Args
-    /// after `--` go to the test binaries; with any, the image stage is skipped.
+    /// Setup, build, then run every test (needs root): on this machine's
+    /// kernel, then the image stage (what `image` does: the static musl build,
+    /// checked with skopeo and umoci), then the kernel tests again in a Linux
+    /// 6.1 guest (the guest stage, see `test-guest`). Args after `--` go to
+    /// the test binaries; with any, the image stage is skipped.
     Test {
         /// Build and test with the release profile.
         #[arg(long)]
         release: bool,
         /// Passed to every test binary, e.g. a name filter or `--nocapture`
         /// (`--test-threads=2` unless given).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then only the guest stage (needs root): boot Debian's
+    /// Linux 6.1 under qemu (virtme-ng) and run the kernel tests inside it
+    /// (clsact attach, tracking and drain, restarts, steering under the
+    /// iptables, nftables and IPVS modes). Args after `--` go to the test binaries.
+    TestGuest {
+        /// Build and test with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Passed to every test binary in the guest, e.g. a name filter.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -86,6 +101,7 @@ fn main() -> ExitCode {
         Cmd::Setup => "setup",
         Cmd::Build { .. } => "build",
         Cmd::Test { .. } => "test",
+        Cmd::TestGuest { .. } => "test-guest",
         Cmd::Demo { .. } => "demo",
         Cmd::Bench { .. } => "bench",
         Cmd::Image => "image",
@@ -112,16 +128,45 @@ fn run(command: Cmd) -> Result<()> {
             require_root("the tests create network namespaces and load BPF programs")?;
             setup::run(&root)?;
             build(&root, release)?;
-            let tests = test::run(&mut cargo(&root, "test", release), &args);
+            let (host, host_result) = test::run(&mut cargo(&root, "test", release), &args);
+            if let Err(e) = &host_result {
+                eprintln!("xtask test: {e:#}");
+            }
             // After the tests, not beside them: on 2 cores the release build
             // would slow the timing-sensitive tests down.
-            let image = if args.is_empty() {
+            let image_result = if args.is_empty() {
                 image::stage(&root)
             } else {
                 println!("image: skipped (test arguments given; `cargo xtask image` runs it alone)");
                 Ok(())
             };
-            tests.and(image)
+            if let Err(e) = &image_result {
+                eprintln!("xtask test: {e:#}");
+            }
+            let (guest, guest_result) = if std::env::var_os("CONNDRAIN_SKIP_GUEST").is_some_and(|v| v == "1") {
+                println!("guest: skipped (CONNDRAIN_SKIP_GUEST=1): the kernel tests did not run on Linux 6.1");
+                (test::Totals::default(), Ok(()))
+            } else {
+                test_guest(&root, release, &args)
+            };
+            let all = host.plus(guest);
+            println!("total: {} passed, {} failed, {} skipped", all.passed, all.failed, all.ignored);
+            let failed: Vec<String> = [("host tests", host_result), ("image stage", image_result), ("guest stage", guest_result)]
+                .into_iter()
+                .filter_map(|(stage, r)| r.err().map(|e| format!("{stage}: {e:#}")))
+                .collect();
+            if !failed.is_empty() {
+                bail!("{}", failed.join("; "));
+            }
+            Ok(())
+        }
+        Cmd::TestGuest { release, args } => {
+            require_root("the tests create network namespaces and load BPF programs")?;
+            setup::run(&root)?;
+            build(&root, release)?;
+            let (guest, result) = test_guest(&root, release, &args);
+            println!("total: {} passed, {} failed, {} skipped", guest.passed, guest.failed, guest.ignored);
+            result
         }
         Cmd::Demo { release, args } => {
             require_root("the demo creates network namespaces and loads BPF programs")?;
@@ -154,6 +199,16 @@ fn run(command: Cmd) -> Result<()> {
     }
 }
 
+/// The guest stage: builds the test binaries it runs, boots the guest, runs them.
+fn test_guest(root: &Path, release: bool, args: &[String]) -> (test::Totals, Result<()>) {
+    let binaries = match guest::build(&mut cargo(root, "test", release)) {
+        Ok(b) => b,
+        Err(e) => return (test::Totals::default(), Err(e)),
+    };
+    let conndrain = root.join("target").join(if release { "release" } else { "debug" }).join("conndrain");
+    guest::run(root, &conndrain, &binaries, args)
+}
+
 fn build(root: &Path, release: bool) -> Result<()> {
     cmd::run(&mut cargo(root, "build", release))
 }
@@ -184,11 +239,7 @@ fn workspace_root() -> PathBuf {
 /// Whether the effective user is root (read from `/proc/self/status`).
 pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
+        status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1)) == Some("0")
     })
 }
 

@@ -2,7 +2,11 @@
 //!
 //! 1. `rust-src` for the nightly toolchain (aya-build builds `core` for the BPF target);
 //! 2. bpf-linker, built against the nightly's own libLLVM, in `target/tools`;
-//! 3. the Debian packages the tests, the demo and the image check use.
+//! 3. the Debian packages the tests, the demo and the image check use;
+//! 4. the second kernel's guest: qemu, busybox, Debian's Linux 6.1 image and
+//!    ipvsadm (Debian packages), and virtme-ng (`vng`, from PyPI, in a
+//!    virtualenv under `target/tools`);
+//! 5. a check (not an install) of kubectl with kustomize v5, which renders `deploy/`.
 
 use std::{
     fs, io,
@@ -32,7 +36,18 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "musl-tools",
     "skopeo",
     "umoci",
+    // The guest stage (`cargo xtask test-guest`): Linux 6.1 under qemu, booted by
+    // virtme-ng over this machine's root filesystem, and IPVS's admin tool.
+    "qemu-system-x86",
+    "busybox-static",
+    crate::guest::KERNEL_PACKAGE,
+    "ipvsadm",
+    // `python3 -m venv` for virtme-ng.
+    "python3-venv",
 ];
+
+/// virtme-ng from PyPI, in `target/tools/virtme-ng` (a virtualenv).
+const VIRTME_NG_VERSION: &str = "1.42";
 
 /// Where setup installs its tools: `<workspace>/target/tools`.
 pub fn tools_dir(root: &Path) -> PathBuf {
@@ -42,7 +57,44 @@ pub fn tools_dir(root: &Path) -> PathBuf {
 pub fn run(root: &Path) -> Result<()> {
     rust_src()?;
     bpf_linker(&tools_dir(root))?;
-    debian_packages()
+    debian_packages()?;
+    virtme_ng(&tools_dir(root))?;
+    // Not installed here: Debian's kubectl (bookworm: 1.20) is too old, and
+    // the machine image has a recent one. Only `cargo xtask manifests` and
+    // the manifests test need it, so its absence is a warning.
+    match crate::manifests::kustomize_version() {
+        Ok(v) => eprintln!("setup: kubectl with kustomize {v} ok"),
+        Err(e) => eprintln!(
+            "setup: warning: {e:#} (`cargo xtask manifests` and tests/tests/manifests.rs need it)"
+        ),
+    }
+    Ok(())
+}
+
+/// `vng`, the virtme-ng launcher that boots the guest kernel.
+pub fn vng(root: &Path) -> PathBuf {
+    tools_dir(root).join("virtme-ng").join("bin").join("vng")
+}
+
+fn virtme_ng(tools: &Path) -> Result<()> {
+    let venv = tools.join("virtme-ng");
+    let vng = venv.join("bin").join("vng");
+    let stamp = venv.join(format!("installed-{VIRTME_NG_VERSION}"));
+    if vng.exists() && stamp.exists() {
+        eprintln!("setup: virtme-ng {VIRTME_NG_VERSION} ok");
+        return Ok(());
+    }
+    eprintln!("setup: installing virtme-ng {VIRTME_NG_VERSION} in {}", venv.display());
+    // Debian's own python3 (python3-venv is one of the packages above), so a
+    // python3 of another origin first on PATH does not matter.
+    cmd::run(cmd::command("/usr/bin/python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+    cmd::run(
+        cmd::command(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
+    )?;
+    fs::write(&stamp, "").with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
 }
 
 fn rust_src() -> Result<()> {

@@ -14,18 +14,18 @@ use crate::cmd;
 /// The machine has 2 cores and every test runs in its own network namespaces.
 const DEFAULT_TEST_THREADS: &str = "--test-threads=2";
 
-#[derive(Default)]
-struct Totals {
-    binaries: u32,
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+#[derive(Default, Clone, Copy)]
+pub struct Totals {
+    pub binaries: u32,
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
 }
 
 impl Totals {
     /// Adds up a line like
     /// `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s`.
-    fn add(&mut self, line: &str) {
+    pub fn add(&mut self, line: &str) {
         let Some(rest) = line.trim().strip_prefix("test result: ") else {
             return;
         };
@@ -44,10 +44,28 @@ impl Totals {
             }
         }
     }
+
+    /// Both stages' counts together.
+    #[must_use]
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            binaries: self.binaries + other.binaries,
+            passed: self.passed + other.passed,
+            failed: self.failed + other.failed,
+            ignored: self.ignored + other.ignored,
+        }
+    }
 }
 
-/// Runs `cargo_test` (a `cargo test` command) with `args` for the test binaries.
-pub fn run(cargo_test: &mut Command, args: &[String]) -> Result<()> {
+/// Runs `cargo_test` (a `cargo test` command) with `args` for the test
+/// binaries. Returns the totals, and an error too when it failed.
+pub fn run(cargo_test: &mut Command, args: &[String]) -> (Totals, Result<()>) {
+    let mut totals = Totals::default();
+    let result = run_counting(cargo_test, args, &mut totals);
+    (totals, result)
+}
+
+fn run_counting(cargo_test: &mut Command, args: &[String], totals_out: &mut Totals) -> Result<()> {
     let color = std::io::stdout().is_terminal();
     if color {
         cargo_test.arg("--color=always");
@@ -82,6 +100,7 @@ pub fn run(cargo_test: &mut Command, args: &[String]) -> Result<()> {
         let _ = child.kill();
         let _ = child.wait();
     })?;
+    *totals_out = totals;
     let status = child
         .wait()
         .with_context(|| format!("waiting for `{shown}`"))?;

@@ -2,6 +2,7 @@
 //! (`server`) and used by the CLI (`client`). The types below are its wire
 //! format and what `-o json` prints. [`serve`] runs it and the node API.
 
+pub mod access;
 pub mod client;
 pub mod node;
 pub mod server;

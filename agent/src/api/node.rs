@@ -11,9 +11,11 @@
 //!   node routes the replies to the real owner's interface. That holds with a
 //!   veth per pod; pods on a shared bridge can poison each other's ARP
 //!   entries, so there it takes the CNI's anti-spoofing (e.g. `macspoofchk`).
-//! - `GET /metrics`, `/healthz`, `/readyz` on a second listener, which
-//!   refuses this node's pods, because per-pod metrics would let one pod
-//!   inspect another.
+//! - `GET /metrics`, `/healthz`, `/readyz` on a second listener
+//!   (`--metrics-bind-address`). `/metrics` answers the callers that
+//!   `--metrics-allow` lists, whoever they are: a Prometheus pod on this node
+//!   like one on another node (see `access.rs`). The health endpoints answer
+//!   anyone who reaches the listener (the kubelet's probes).
 
 use std::{
     collections::HashMap,
@@ -34,8 +36,8 @@ use axum::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tower_http::limit::RequestBodyLimitLayer;
 
-use super::{WaitOutcome, error};
-use crate::node::Node;
+use super::{WaitOutcome, access::MetricsAllow, error};
+use crate::{drain::PodState, metrics::PreStopOutcome, node::Node};
 
 pub struct NodeApi {
     pub node: Arc<Node>,
@@ -47,6 +49,8 @@ pub struct NodeApi {
     pub per_pod_limit: usize,
     /// Set when the programs are loaded and the first pod sync is done.
     pub ready: Arc<AtomicBool>,
+    /// Who may read `/metrics` (`--metrics-allow`).
+    pub metrics_allow: MetricsAllow,
 }
 
 /// Most connections to each node API listener at once: room for the default
@@ -114,54 +118,76 @@ pub async fn serve(listener: TcpListener, router: Router) -> anyhow::Result<()> 
     super::serve(listener, router, MAX_CONNECTIONS).await
 }
 
+/// Counts one `/v1/wait` in `conndrain_prestop_waits_total` when it ends:
+/// as `cancelled` unless an outcome was set, because a caller that hangs up
+/// (its own timeout, the kubelet ending the hook) drops the handler mid-wait.
+struct WaitCount<'a> {
+    api: &'a NodeApi,
+    outcome: PreStopOutcome,
+}
+
+impl Drop for WaitCount<'_> {
+    fn drop(&mut self) {
+        self.api.node.metrics.count_wait(self.outcome);
+    }
+}
+
 async fn wait(
     State(api): State<Arc<NodeApi>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    let mut count = WaitCount { api: &api, outcome: PreStopOutcome::Cancelled };
+    let (outcome, response) = answer_wait(&api, peer, query).await;
+    count.outcome = outcome;
+    response
+}
+
+async fn answer_wait(api: &NodeApi, peer: SocketAddr, query: Option<String>) -> (PreStopOutcome, Response) {
     if query.is_some_and(|q| !q.is_empty()) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "/v1/wait takes no parameters: the caller is identified by its source IP and can only wait for itself",
-        );
+        let msg =
+            "/v1/wait takes no parameters: the caller is identified by its source IP and can only wait for itself";
+        return (PreStopOutcome::Refused, error(StatusCode::BAD_REQUEST, msg));
     }
     // A v4 caller of a dual-stack listener shows as ::ffff:a.b.c.d; name it as itself.
     let caller = peer.ip().to_canonical();
     let Some(pod) = api.node.pod_for_ip(caller).await else {
         tracing::info!(%caller, "refused /v1/wait from an address that is no pod on this node");
-        return error(StatusCode::FORBIDDEN, format!("{caller} is not a pod on this node"));
+        return (PreStopOutcome::Refused, error(StatusCode::FORBIDDEN, format!("{caller} is not a pod on this node")));
     };
     let Some(_mine) = PodWaiter::enter(&api.per_pod, api.per_pod_limit, &pod) else {
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("pod {pod} already has {} waits open; retry shortly", api.per_pod_limit),
-        );
+        let msg = format!("pod {pod} already has {} waits open; retry shortly", api.per_pod_limit);
+        return (PreStopOutcome::Busy, error(StatusCode::TOO_MANY_REQUESTS, msg));
     };
     let Ok(_permit) = api.waiters.try_acquire() else {
-        return error(StatusCode::TOO_MANY_REQUESTS, "too many pods waiting; retry shortly");
+        return (PreStopOutcome::Busy, error(StatusCode::TOO_MANY_REQUESTS, "too many pods waiting; retry shortly"));
     };
     tracing::info!(%pod, "preStop wait");
     // No timeout of our own: the pod's deadline ends every drain, and the
     // kubelet ends the hook at the grace period anyway.
     match api.node.wait(&pod, None).await {
-        Ok(outcome) => {
-            let o: WaitOutcome = outcome;
+        Ok(o) => {
             tracing::info!(%pod, state = ?o.state, waited_s = o.waited_secs, "preStop wait done");
-            Json(o).into_response()
+            let outcome = match o.state {
+                PodState::Drained => PreStopOutcome::Drained,
+                PodState::Deadline => PreStopOutcome::Deadline,
+                PodState::Skipped => PreStopOutcome::Skipped,
+                // Without a timeout a wait ends on one of the above only.
+                PodState::Serving | PodState::Draining => PreStopOutcome::Error,
+            };
+            (outcome, Json::<WaitOutcome>(o).into_response())
         }
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => (PreStopOutcome::Error, error(StatusCode::CONFLICT, e.to_string())),
     }
 }
 
 async fn metrics(State(api): State<Arc<NodeApi>>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
-    if api.node.pod_for_ip(peer.ip()).await.is_some() {
-        return error(StatusCode::FORBIDDEN, "pods on this node may not read its metrics");
+    let caller = peer.ip().to_canonical();
+    if !api.metrics_allow.allows(caller) {
+        tracing::debug!(%caller, "refused /metrics: the caller is in no network of --metrics-allow");
+        return error(StatusCode::FORBIDDEN, format!("{caller} may not read the metrics (--metrics-allow)"));
     }
-    api.node.refresh_metrics().await;
-    (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        api.node.metrics.encode(),
-    )
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], api.node.scrape().await)
         .into_response()
 }
 

@@ -7,16 +7,15 @@ use std::{
 };
 
 use anyhow::Context as _;
+use tokio::net::TcpListener;
 
 use crate::{
     api::{
+        access::{BindAddress, MetricsAllow},
         node::{self as node_api, NodeApi},
         server,
     },
-    datapath::{
-        AttachMode, Datapath, Features, LoadOptions,
-        features::Wanted,
-    },
+    datapath::{AttachMode, Datapath, Features, LoadOptions, features::Wanted},
     drain::Timeouts,
     node::{Node, Settings},
 };
@@ -73,9 +72,19 @@ pub struct Args {
     /// Port of the preStop API (`/v1/wait`).
     #[arg(long, env = "CONNDRAIN_WAIT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
     pub wait_port: u16,
-    /// Port of /metrics, /healthz and /readyz (all addresses).
+    /// Port of /metrics, /healthz and /readyz, unless --metrics-bind-address names one.
     #[arg(long, env = "CONNDRAIN_METRICS_PORT", default_value_t = crate::api::DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
+    /// Where /metrics, /healthz and /readyz listen, like kube-proxy's flag: IP or
+    /// IP:PORT ([IPv6]:PORT). The default, ::, is every address, IPv4 and IPv6.
+    /// The kubelet probes /healthz and /readyz on the node IP: keep it reachable.
+    #[arg(long, env = "CONNDRAIN_METRICS_BIND_ADDRESS", default_value = "::")]
+    pub metrics_bind_address: BindAddress,
+    /// Who may read /metrics: comma-separated IPv4 or IPv6 networks such as
+    /// 10.244.0.0/16, or single addresses; pods of this node like anyone else.
+    /// The metrics name this node's pods and count their flows.
+    #[arg(long, env = "CONNDRAIN_METRICS_ALLOW", default_value = "0.0.0.0/0,::/0")]
+    pub metrics_allow: MetricsAllow,
     /// Seconds before the kubelet's kill time (deletionTimestamp) at which a drain gives up.
     #[arg(long, env = "CONNDRAIN_DEADLINE_MARGIN", default_value_t = 2.0, value_parser = positive_secs)]
     pub deadline_margin: f64,
@@ -88,6 +97,9 @@ pub struct Args {
     /// Longest seconds the flows to a terminating pod on another node stay pinned.
     #[arg(long, env = "CONNDRAIN_REMOTE_PIN_LIMIT", default_value_t = 600.0, value_parser = positive_secs)]
     pub remote_pin_limit: f64,
+    /// Log lines as text, or as JSON objects, one per line (for log collectors).
+    #[arg(long, env = "CONNDRAIN_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
     /// Least seconds between two progress updates of a pod's condition.
     #[arg(long, env = "CONNDRAIN_MIN_WRITE_INTERVAL", default_value_t = 1.0, value_parser = positive_secs)]
     pub min_write_interval: f64,
@@ -123,8 +135,13 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 /// datapath outlives the agent, so there is nothing to take back).
 fn state_file(args: &Args, socket: &Path) -> Option<std::path::PathBuf> {
     args.bpffs.as_ref()?;
-    let dir = args.state_dir.clone().or_else(|| socket.parent().map(Path::to_path_buf));
-    Some(dir.unwrap_or_else(|| "/run/conndrain".into()).join("state.json"))
+    Some(state_path(args.state_dir.as_deref(), socket))
+}
+
+/// The saved state's file: in `--state-dir`, by default the socket's directory.
+pub(crate) fn state_path(state_dir: Option<&Path>, socket: &Path) -> std::path::PathBuf {
+    let dir = state_dir.or_else(|| socket.parent()).unwrap_or(Path::new("/run/conndrain"));
+    dir.join("state.json")
 }
 
 fn ns(secs: f64) -> u64 {
@@ -148,17 +165,9 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         None => None,
     };
     let listener = server::bind(socket).await?;
-    let bind_tcp = |ip: std::net::IpAddr, port: u16, what: &'static str| async move {
-        tokio::net::TcpListener::bind((ip, port))
-            .await
-            .with_context(|| format!("cannot listen on {ip}:{port} for {what}; choose another port"))
-    };
-    let any = std::net::IpAddr::from([0u8; 16]);
-    let wait_listener = bind_tcp(args.host_ip.unwrap_or(any), args.wait_port, "the preStop API (--wait-port)").await;
-    let metrics_listener = bind_tcp(any, args.metrics_port, "metrics (--metrics-port)").await;
-    let (wait_listener, metrics_listener) = match (wait_listener, metrics_listener) {
-        (Ok(w), Ok(m)) => (w, m),
-        (Err(e), _) | (_, Err(e)) => {
+    let (wait_listener, metrics_listener) = match node_api_listeners(&args).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
             let _ = std::fs::remove_file(socket);
             return Err(e);
         }
@@ -210,6 +219,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         per_pod: std::sync::Mutex::default(),
         per_pod_limit: args.max_waiters_per_pod,
         ready: ready.clone(),
+        metrics_allow: args.metrics_allow.clone(),
     });
 
     let events_node = node.clone();
@@ -243,6 +253,22 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     shut_down(&node, args.bpffs.is_some()).await;
     result
+}
+
+/// The node API's listeners: `/v1/wait` on `--host-ip` (else every address),
+/// and the metrics on `--metrics-bind-address`.
+async fn node_api_listeners(args: &Args) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let listen = |addr: std::net::SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for {what}; choose another address or port"))
+    };
+    let any = std::net::IpAddr::from([0u8; 16]);
+    let wait = listen((args.host_ip.unwrap_or(any), args.wait_port).into(), "the preStop API (--wait-port)").await?;
+    let metrics_addr = args.metrics_bind_address.with_default_port(args.metrics_port);
+    let metrics = listen(metrics_addr, "metrics (--metrics-bind-address, --metrics-port)").await?;
+    tracing::info!(%metrics_addr, allow = %args.metrics_allow, "serving /metrics");
+    Ok((wait, metrics))
 }
 
 /// The node name, in Kubernetes mode (`None`: standalone).

@@ -1,12 +1,12 @@
 //! `conndrain status`: what the agent found and attached.
 
-use super::{Output, print_json};
+use super::{Format, print_data};
 use crate::api::{Status, client::Client};
 
-pub async fn run(client: &Client, output: Output) -> anyhow::Result<()> {
+pub async fn run(client: &Client, output: Format) -> anyhow::Result<()> {
     let s: Status = client.get("/v1/status").await?;
-    if output == Output::Json {
-        return print_json(&s);
+    if let Some(data) = output.data() {
+        return print_data(&s, data);
     }
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!("conndrain {} ({} mode)", s.version, s.mode);

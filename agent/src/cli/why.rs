@@ -1,6 +1,6 @@
 //! `conndrain why NAME`: what keeps a pod from draining, in words.
 
-use super::{human_secs, seg};
+use super::{Format, human_secs, print_data, seg};
 use crate::{
     api::{PodView, Why, client::Client},
     drain::PodState,
@@ -9,10 +9,16 @@ use crate::{
 #[derive(clap::Args, Debug)]
 pub struct Args {
     pub name: String,
+    /// Output format: json and yaml give the flows and sockets the words are made of.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+    pub output: Format,
 }
 
 pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
     let w: Why = client.get(&format!("/v1/pods/{}/why", seg(&args.name))).await?;
+    if let Some(data) = args.output.data() {
+        return print_data(&w, data);
+    }
     let p = &w.pod;
     match p.state {
         PodState::Serving => {

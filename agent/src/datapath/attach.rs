@@ -83,13 +83,17 @@ pub fn load_programs(ebpf: &mut Ebpf, ingress: &'static str, wanted: Option<Atta
     let tcx = super::features::tcx_supported();
     if wanted == Some(AttachMode::Tcx) && !tcx {
         return Err(Error::Unsupported {
-            missing: vec!["--attach tcx: this kernel has no tcx (Linux 6.6+); use --attach auto or --attach clsact".into()],
+            missing: vec![
+                "--attach tcx: this kernel has no tcx (Linux 6.6+); use --attach auto or --attach clsact".into(),
+            ],
         });
     }
     for name in [ingress, programs::EGRESS] {
-        program(ebpf, name)?
-            .load()
-            .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;
+        program(ebpf, name)?.load().map_err(|source| Error::Program {
+            name,
+            op: "loading",
+            source: Box::new(source),
+        })?;
     }
     Ok(wanted.unwrap_or(if tcx { AttachMode::Tcx } else { AttachMode::Clsact }))
 }
@@ -127,6 +131,46 @@ pub fn attach(
         }
     }
     Ok(Links { adopted: ingress.1 || egress.1, ingress: ingress.0, egress: egress.0 })
+}
+
+/// `conndrain cleanup`: removes our clsact filters (named after our
+/// programs) from every interface of this network namespace. They stay
+/// attached without any process, and no pin holds them. Returns
+/// `<interface> <ingress|egress>` for each hook cleaned.
+#[must_use]
+pub fn remove_clsact_filters() -> Vec<String> {
+    let mut removed = Vec::new();
+    for iface in interface_names() {
+        for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let ours = [programs::INGRESS, programs::INGRESS_TRACK, programs::EGRESS];
+            // NotFound (no filter of that name, or no clsact qdisc) is the usual answer.
+            if ours.iter().filter(|name| tc::qdisc_detach_program(&iface, ty, name).is_ok()).count() > 0 {
+                removed.push(format!("{iface} {}", direction(ty)));
+            }
+        }
+    }
+    removed
+}
+
+/// The interfaces of this network namespace (`if_nameindex`, which asks
+/// netlink: /sys/class/net may be another namespace's).
+fn interface_names() -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, or null;
+    // it is freed once with if_freenameindex after the names are copied.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            names.push(std::ffi::CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned());
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
 }
 
 fn direction(ty: TcAttachType) -> &'static str {
@@ -392,10 +436,11 @@ pub fn leave_attached(links: Links) {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
-    ebpf.program_mut(name)
-        .ok_or(Error::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| Error::Program { name, op: "finding", source: Box::new(source) })
+    ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?.try_into().map_err(|source| Error::Program {
+        name,
+        op: "finding",
+        source: Box::new(source),
+    })
 }
 
 pub fn ifname(ifindex: u32) -> Result<String, Error> {

@@ -24,9 +24,10 @@ use conndrain_common::{
     WireKey, maps, port_flags, stats,
 };
 
-pub use attach::AttachMode;
+pub use attach::{AttachMode, remove_clsact_filters};
 pub use events::EventReader;
 pub use features::Features;
+pub use pinning::{RemovedPins, remove_all as remove_pins_under};
 
 use crate::error::Error;
 

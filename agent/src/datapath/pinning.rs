@@ -12,6 +12,11 @@
 //! reads maps written in another layout: it removes them instead, with one
 //! log line. Pins of the same layout are checked too (type, key and value
 //! sizes, entries), because aya reuses whatever is pinned at a path.
+//!
+//! A running agent holds a shared `flock` on DIR, so that `conndrain cleanup`
+//! (`remove_all`), which takes it exclusively, never pulls the maps and links
+//! from under one. Agents do not exclude each other: an upgrade's next agent
+//! may start while the old one exits.
 
 use std::{
     collections::BTreeSet,
@@ -33,6 +38,8 @@ pub struct PinDir {
     links: PathBuf,
     /// Pin directories of other layouts, removed by `remove_other_layouts`.
     others: Vec<PathBuf>,
+    /// DIR, open with a shared lock for as long as the agent runs.
+    _lock: std::fs::File,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -49,6 +56,11 @@ impl PinDir {
     pub fn prepare(root: &Path) -> Result<Self, Error> {
         super::features::require_bpffs(root)?;
         std::fs::create_dir_all(root).map_err(io("creating", root))?;
+        let lock = lock(root, libc::LOCK_SH)?.ok_or_else(|| Error::Io {
+            op: "locking",
+            path: root.to_path_buf(),
+            source: std::io::Error::other("`conndrain cleanup` is removing the pins; start the agent again after it"),
+        })?;
         let current = format!("v{LAYOUT_VERSION}");
         let mut legacy = Vec::new();
         let mut others = Vec::new();
@@ -83,7 +95,7 @@ impl PinDir {
         let dir = root.join(current);
         let links = dir.join("links");
         std::fs::create_dir_all(&links).map_err(io("creating", &links))?;
-        Ok(Self { dir, links, others })
+        Ok(Self { dir, links, others, _lock: lock })
     }
 
     /// Removes the pins of other layouts (see `prepare`): their links go,
@@ -128,6 +140,68 @@ impl PinDir {
     pub fn link_pins(&self) -> Vec<PathBuf> {
         std::fs::read_dir(&self.links).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
     }
+}
+
+/// Opens `dir` and takes `flock` `op` on it without waiting: `None` when
+/// another process holds a conflicting lock.
+fn lock(dir: &Path, op: libc::c_int) -> Result<Option<std::fs::File>, Error> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(dir).map_err(io("opening", dir))?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(io("locking", dir)(e)) }
+}
+
+/// What `remove_all` found and removed under a pin root.
+#[derive(Debug, Default)]
+pub struct RemovedPins {
+    /// The layout directories (`v3`, ...) removed, with their maps and links.
+    pub layouts: Vec<PathBuf>,
+    /// The pinned maps removed.
+    pub maps: usize,
+    /// The pinned links removed (tcx links, and the sockets tracepoint's).
+    pub links: Vec<String>,
+}
+
+/// `conndrain cleanup`: removes every pin under `root` (each layout's maps
+/// and links, and the unversioned pins of the first agents), which detaches
+/// the programs the links held and frees the maps. `Ok(None)`: an agent is
+/// running with this `--bpffs` (it holds `root`'s lock), and nothing was
+/// touched. A `root` that does not exist has nothing to remove.
+pub fn remove_all(root: &Path) -> Result<Option<RemovedPins>, Error> {
+    let mut removed = RemovedPins::default();
+    if !root.exists() {
+        return Ok(Some(removed));
+    }
+    super::features::require_bpffs(root)?;
+    let Some(_lock) = lock(root, libc::LOCK_EX)? else {
+        return Ok(None);
+    };
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+    for entry in std::fs::read_dir(root).map_err(io("reading", root))?.flatten() {
+        let (name, path) = (entry.file_name().to_string_lossy().into_owned(), entry.path());
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && name.strip_prefix('v').is_some_and(|n| n.parse::<u32>().is_ok()) {
+            let pins = names(&path);
+            removed.maps += pins.iter().filter(|n| PINNED_MAPS.contains(&n.as_str())).count();
+            removed.links.extend(pins.into_iter().filter(|n| n == "sockets-link"));
+            removed.links.extend(names(&path.join("links")));
+            std::fs::remove_dir_all(&path).map_err(io("removing", &path))?;
+            removed.layouts.push(path);
+        } else if !is_dir && PINNED_MAPS.contains(&name.as_str()) {
+            std::fs::remove_file(&path).map_err(io("removing", &path))?;
+            removed.maps += 1;
+        }
+    }
+    removed.links.sort();
+    Ok(Some(removed))
 }
 
 /// What a pinned map must be for this agent to reuse it.

@@ -18,7 +18,9 @@
 //!   [`Backend::Iptables`] (`iptables-restore`, KUBE-SERVICES / KUBE-SVC /
 //!   KUBE-SEP / KUBE-NODEPORTS / KUBE-POSTROUTING chains) or
 //!   [`Backend::Nftables`] (`nft -f`, the `kube-proxy` tables of the
-//!   nftables mode); a full-ruleset [`sync`](KubeProxy::sync) that replaces
+//!   nftables mode) or [`Backend::Ipvs`] (IPVS virtual servers through
+//!   `ipvsadm`, VIPs on `kube-ipvs0`, graceful termination; kernels with
+//!   IPVS only); a full-ruleset [`sync`](KubeProxy::sync) that replaces
 //!   the endpoints atomically, and kube-proxy's UDP conntrack cleanup.
 //! - [`PodApp`]: a TCP and a UDP server in a pod that answer with the pod's name.
 //! - [`Conversation`]: a client that talks to a Service every 100 ms on a
@@ -32,6 +34,7 @@
 
 mod apps;
 mod cluster;
+mod ipvs;
 mod proxy;
 
 pub use apps::{Conversation, PodApp, Reply};
@@ -40,4 +43,5 @@ pub use cluster::{
     NODE_A_LINK_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, SERVICE_CIDR_V4,
     SERVICE_CIDR_V6,
 };
+pub use ipvs::{DUMMY as IPVS_DUMMY, RealServer, VirtualServer, ipvs_available, ipvs_or_skip};
 pub use proxy::{Backend, ConntrackEvents, KubeProxy, Protocol, Service, ServicePort};

@@ -41,7 +41,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{Netns, run_cmd, show};
 
 /// The masquerade mark, kube-proxy's default `--iptables-masquerade-bit 14`.
-const MASQ_MARK: &str = "0x4000";
+pub(super) const MASQ_MARK: &str = "0x4000";
 
 /// How kube-proxy programs the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +53,10 @@ pub enum Backend {
     /// `--proxy-mode=nftables`, through `nft -f`: tables `ip kube-proxy` and
     /// `ip6 kube-proxy`.
     Nftables,
+    /// `--proxy-mode=ipvs`: IPVS virtual servers through `ipvsadm`, plus the
+    /// mode's iptables rules for masquerading (see `kubeproxy/ipvs.rs`). Only
+    /// on kernels with IPVS ([`super::ipvs_or_skip`]).
+    Ipvs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +132,9 @@ pub struct KubeProxy {
     /// Per family (v4, v6): the endpoint chains of the last sync, to delete
     /// the ones the next sync no longer has.
     synced: Mutex<[Vec<String>; 2]>,
+    /// IPVS mode: the real servers waiting for their graceful deletion
+    /// (weight 0 until their connections are gone).
+    pub(super) graceful: Mutex<Vec<(super::ipvs::VirtualServer, std::net::SocketAddr)>>,
 }
 
 impl KubeProxy {
@@ -146,7 +153,11 @@ impl KubeProxy {
             service: service.clone(),
             node_ips: node_ips.to_vec(),
             synced: Mutex::new([Vec::new(), Vec::new()]),
+            graceful: Mutex::new(Vec::new()),
         };
+        if backend == Backend::Ipvs {
+            proxy.ipvs_start()?;
+        }
         if backend == Backend::Iptables {
             for v6 in [false, true] {
                 proxy
@@ -168,11 +179,26 @@ impl KubeProxy {
         &self.service
     }
 
+    /// The node IPs that accept NodePort traffic.
+    #[must_use]
+    pub fn node_ips(&self) -> &[IpAddr] {
+        &self.node_ips
+    }
+
     /// Rewrites the whole ruleset for `endpoints` (pod IPs of both
     /// families; each family's rules get that family's endpoints), in one
     /// atomic transaction per family as kube-proxy's sync does, and deletes
     /// the chains of endpoints that are gone.
+    ///
+    /// In IPVS mode: the real servers of every virtual server become
+    /// `endpoints`, with kube-proxy's graceful termination for the others.
     pub fn sync(&self, endpoints: &[IpAddr]) -> Result<()> {
+        if self.backend == Backend::Ipvs {
+            self.ipvs_sync(endpoints).with_context(|| {
+                format!("syncing IPVS for endpoints {endpoints:?} in {}", self.ns)
+            })?;
+            return Ok(());
+        }
         let mut synced = self.synced.lock().expect("kube-proxy sync lock");
         for (i, v6) in [false, true].into_iter().enumerate() {
             let eps: Vec<IpAddr> = endpoints
@@ -183,10 +209,11 @@ impl KubeProxy {
             let (text, chains) = match self.backend {
                 Backend::Iptables => self.iptables_rules(v6, &eps, &synced[i]),
                 Backend::Nftables => self.nftables_rules(v6, &eps, &synced[i]),
+                Backend::Ipvs => unreachable!("IPVS synced above"),
             };
             match self.backend {
                 Backend::Iptables => self.restore(v6, &text),
-                Backend::Nftables => self.nft(&text),
+                Backend::Nftables | Backend::Ipvs => self.nft(&text),
             }
             .with_context(|| {
                 format!(
@@ -213,6 +240,12 @@ impl KubeProxy {
                 "{}{}",
                 self.exec("nft", &["list", "table", "ip", "kube-proxy"])?,
                 self.exec("nft", &["list", "table", "ip6", "kube-proxy"])?
+            )),
+            Backend::Ipvs => Ok(format!(
+                "{}{}{}",
+                self.exec("iptables-save", &[])?,
+                self.exec("ip6tables-save", &[])?,
+                self.exec("ipvsadm", &["-Ln"])?
             )),
         }
     }
@@ -344,17 +377,17 @@ impl KubeProxy {
         Ok(count)
     }
 
-    fn command(&self, program: &str) -> Command {
+    pub(super) fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, program]);
         cmd
     }
 
-    fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+    pub(super) fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         run_cmd(self.command(program).args(args))
     }
 
-    fn restore(&self, v6: bool, rules: &str) -> Result<()> {
+    pub(super) fn restore(&self, v6: bool, rules: &str) -> Result<()> {
         let tool = if v6 {
             "ip6tables-restore"
         } else {
@@ -712,7 +745,7 @@ COMMIT
 ";
 
 /// `ip:port`, with brackets for IPv6 (`[fd00::1]:80`), as both tools take it.
-fn sock(ip: IpAddr, port: u16) -> String {
+pub(super) fn sock(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
 
@@ -738,7 +771,7 @@ fn port_hash(s: &str) -> String {
 }
 
 /// Runs `cmd` with `input` on its stdin; fails with its stderr and the input.
-fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
+pub(super) fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
     let shown = show(cmd);
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -792,6 +825,7 @@ mod tests {
             service: service(),
             node_ips: vec!["172.18.0.10".parse().unwrap()],
             synced: Mutex::new([Vec::new(), Vec::new()]),
+            graceful: Mutex::new(Vec::new()),
         }
     }
 
