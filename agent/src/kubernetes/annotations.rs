@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(d("5s"), Some(Duration::from_secs(5)));
         assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(d("1.5m"), Some(Duration::from_secs(90)));
-        assert_eq!(d("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(d("1h30m"), Some(Duration::from_mins(90)));
         assert_eq!(d(" 2s "), Some(Duration::from_secs(2)));
         for bad in ["", "5", "5 s", "s", "5sec", "-5s", "5x", "1..5s", "1e400s"] {
             assert_eq!(d(bad), None, "{bad:?}");

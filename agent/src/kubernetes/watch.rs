@@ -296,9 +296,9 @@ async fn reconcile(
                 }
             }
             Desired::Track { ips, deadline_in, mut spec } => {
-                let reported = warned.entry(name.clone()).or_default();
+                let told = warned.entry(name.clone()).or_default();
                 for problem in &spec.settings.problems {
-                    if reported.insert(problem.clone()) {
+                    if told.insert(problem.clone()) {
                         tracing::warn!(pod = %name, problem, "refused annotation value");
                         reporter.bad_annotation(pod, problem.clone());
                     }
