@@ -470,3 +470,35 @@ fn bad_annotation_values_are_reported_and_the_defaults_used() -> Result<()> {
     wait_condition(c.api(), "web", "True", "NoConnections")?;
     no_forbidden_calls(c.api())
 }
+
+/// Annotations edited on a running pod apply: new ignored ports at once; an
+/// opt-out unregisters it; opting back in tracks it again as a pod that ran
+/// untracked (its earlier connections are unknown), so its drain cannot be
+/// confirmed and runs to its deadline, and `why` says so.
+#[test]
+fn annotations_edited_on_a_running_pod_apply() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let c = cluster(&topo, &["--deadline-margin", "1"])?;
+    add_annotated_pod(&c, &topo, "web", &[])?;
+    let annotate = |pairs: &[(&str, &str)]| {
+        let annotations = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        c.api().update_pod(NS, "web", |p| p.metadata.annotations = Some(annotations));
+    };
+    annotate(&[("conndrain.io/ignore-ports", "9090")]);
+    wait_until(
+        "the new ignored port",
+        TIMEOUT,
+        || settings(&c, "web"),
+        |s| s["ignore_ports"] == serde_json::json!([9090]),
+    )?;
+    annotate(&[("conndrain.io/skip", "true")]);
+    c.cli.wait_state(&web_name(), "skipped")?;
+    annotate(&[]);
+    c.cli.wait_state(&web_name(), "serving")?;
+    c.api().mark_pod_deleted(NS, "web", 4);
+    wait_condition(c.api(), "web", "True", "DeadlineReached")?;
+    let why = c.cli.ok(&["why", &web_name()])?;
+    ensure!(why.contains("already running when conndrain first saw it"), "why: {why}");
+    no_forbidden_calls(c.api())
+}
