@@ -161,3 +161,17 @@ fn a_direct_connection_to_the_intercept_listener_gets_403() -> Result<()> {
     ensure!(intercepted_waits(&agent, "web") == 0, "{}", agent.log());
     Ok(())
 }
+
+/// The failure mode docs/prestop.md states: the hook belongs to the agent
+/// process, so once the agent is gone the kubelet's GET reaches the pod's own
+/// port (refused when nothing listens there; here a listener shows it).
+#[test]
+fn with_the_agent_gone_the_get_reaches_the_pod_itself() -> Result<()> {
+    let Node { topo, mut agent, cgroup } = setup(&["web"], &["web"])?;
+    let web = topo.pod("web");
+    let own = TcpServer::start(web.ns(), web.addr_v4(INTERCEPT_PORT))?;
+    agent.stop()?;
+    let _hook = get(topo.node(), Some(&cgroup), web.addr_v4(INTERCEPT_PORT))?;
+    wait_until("the GET to reach web itself", TIMEOUT, || Ok(own.accepted()), |n| *n == 1)?;
+    Ok(())
+}
