@@ -177,13 +177,17 @@ fn l4_csum_off(pkt: &Packet) -> usize {
 ///   `BPF_F_RECOMPUTE_CSUM`, which adds the change back: right on every
 ///   kernel, with or without the new flag (which we never pass).
 /// - Ports: the port and the L4 checksum cancel out, and neither call
-///   touches `skb->csum` (no `BPF_F_PSEUDO_HDR`).
+///   touches `skb->csum` (no `BPF_F_PSEUDO_HDR`); but a UDP checksum of 0
+///   stays 0, so then the port is stored with `BPF_F_RECOMPUTE_CSUM`.
 /// - IPv4 TTL: with the header checksum, cancels out (`bpf_l3_csum_replace`
 ///   never touches `skb->csum`). IPv6 hop limit: no checksum, so it is
 ///   stored with `BPF_F_RECOMPUTE_CSUM`.
 /// The datapath tests run every rewrite with `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`,
 /// which fails the run when `skb->csum` does not match the packet.
-#[inline(always)]
+///
+/// Not inlined: its buffers get a stack frame of their own, beside (not on
+/// top of) `reset`'s.
+#[inline(never)]
 fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
     let csum = l4_csum_off(pkt);
     let l4_flags = if pkt.proto == PROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
@@ -221,13 +225,17 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
         }
         ctx.store(ETH_HLEN + 7, &(pkt.ttl - 1), BPF_F_RECOMPUTE_CSUM).ok()?;
     }
+    // A UDP datagram without a checksum (0, IPv4) keeps none: the helper
+    // leaves the field alone, so nothing cancels the ports' change in
+    // `skb->csum` and the store has to record it.
+    let port_flags = if pkt.proto != PROTO_TCP && ctx.load::<u16>(csum).ok()? == 0 { BPF_F_RECOMPUTE_CSUM } else { 0 };
     for (off, old, new) in [(pkt.l4_off, pkt.sport, pin.new_sport), (pkt.l4_off + 2, pkt.dport, pin.new_dport)] {
         if old == new {
             continue;
         }
         let old = u16::from_ne_bytes(old.to_be_bytes());
         let new = u16::from_ne_bytes(new.to_be_bytes());
-        ctx.store(off, &new, 0).ok()?;
+        ctx.store(off, &new, port_flags).ok()?;
         ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), l4_flags | 2).ok()?;
     }
     Some(())
