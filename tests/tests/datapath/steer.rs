@@ -30,11 +30,11 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Pin, WireKey, maps, programs, stats};
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 use crate::{
     harness::{Harness, TC_ACT_UNSPEC, mapped},
-    packets::{ACK, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, PSH, SYN},
+    packets::{self, ACK, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, IpExt, PSH, SYN, edit_ipv4_header},
 };
 
 /// `TC_ACT_REDIRECT`: what `bpf_redirect_neigh` returns and the program passes on.
@@ -43,8 +43,6 @@ const TC_ACT_REDIRECT: u32 = 7;
 const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
-const MAC_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
-const MAC_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 const IFINDEX_TO_BACKEND: u32 = 5;
 const IFINDEX_TO_CLIENT: u32 = 3;
 
@@ -128,35 +126,23 @@ fn pin(new_src: SocketAddr, new_dst: SocketAddr, ifindex: u32, nexthop: IpAddr) 
 }
 
 /// A TCP segment (ACK|PSH, or a bare ACK without payload) or a UDP datagram,
-/// with valid checksums, from etherparse.
+/// with valid checksums, from etherparse (`packets.rs`).
 fn frame(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, payload: &[u8]) -> Vec<u8> {
     frame_with_flags(proto, src, dst, ttl, if payload.is_empty() { ACK } else { ACK | PSH }, payload)
 }
 
 fn frame_with_flags(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(MAC_CLIENT, MAC_NODE);
-    let ip = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
-        _ => panic!("mixed families {src} -> {dst}"),
-    };
-    let mut out = Vec::new();
-    if proto == PROTO_TCP {
-        let mut b = ip.tcp(src.port(), dst.port(), 0x1234_5678, 64240);
-        if flags & SYN != 0 {
-            b = b.syn();
-        }
-        if flags & PSH != 0 {
-            b = b.psh();
-        }
-        if flags & ACK != 0 {
-            b = b.ack(0x0abc_def0);
-        }
-        b.write(&mut out, payload).unwrap();
+    let mut f = if proto == PROTO_TCP {
+        packets::tcp(src, dst, IpExt::default(), flags, payload)
     } else {
-        ip.udp(src.port(), dst.port()).write(&mut out, payload).unwrap();
+        packets::udp(src, dst, payload)
+    };
+    if src.is_ipv4() {
+        edit_ipv4_header(&mut f, |h| h[8] = ttl);
+    } else {
+        f[ETH_HLEN + 7] = ttl;
     }
-    out
+    f
 }
 
 /// One row of the table.
