@@ -29,8 +29,8 @@ use aya::{
     maps::HashMap,
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Pin, WireKey, maps, programs, stats};
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Pin, WireKey, maps, pin_flags, programs, stats};
+use etherparse::{IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TcpHeader, TransportSlice};
 
 use crate::{
     harness::{Harness, TC_ACT_UNSPEC, mapped},
@@ -145,6 +145,44 @@ fn frame_with_flags(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, flags:
     f
 }
 
+/// The RST `steer.rs` makes of a client's segment when its pin is dead
+/// (RFC 9293 3.10.7.1: seq = the segment's ACK, no ACK), sent back out
+/// where the segment came in: MACs, addresses and ports swapped, TTL 64.
+fn reset_of(segment: &[u8], from: SocketAddr, to: SocketAddr) -> Vec<u8> {
+    let sliced = SlicedPacket::from_ethernet(segment).unwrap();
+    let Some(TransportSlice::Tcp(tcp)) = sliced.transport else { panic!("not TCP") };
+    let mut rst = TcpHeader::new(from.port(), to.port(), tcp.acknowledgment_number(), 0);
+    rst.rst = true;
+    let mut out = Vec::new();
+    out.extend_from_slice(&segment[6..12]);
+    out.extend_from_slice(&segment[0..6]);
+    out.extend_from_slice(&segment[12..14]);
+    match (from.ip(), to.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = Ipv4Header::new(20, 64, IpNumber::TCP, s.octets(), d.octets()).unwrap();
+            ip.dont_fragment = false;
+            ip.header_checksum = ip.calc_header_checksum();
+            rst.checksum = rst.calc_checksum_ipv4(&ip, &[]).unwrap();
+            out.extend_from_slice(&ip.to_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let ip = Ipv6Header {
+                payload_length: 20,
+                next_header: IpNumber::TCP,
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+                ..Ipv6Header::default()
+            };
+            rst.checksum = rst.calc_checksum_ipv6(&ip, &[]).unwrap();
+            out.extend_from_slice(&ip.to_bytes());
+        }
+        _ => panic!("mixed families"),
+    }
+    out.extend_from_slice(&rst.to_bytes());
+    out
+}
+
 /// One row of the table.
 struct Row {
     name: &'static str,
@@ -155,7 +193,10 @@ struct Row {
     output: Option<Vec<u8>>,
     steered: u64,
     steer_failed: u64,
+    resets_sent: u64,
     pins_left: usize,
+    /// Run with a CHECKSUM_COMPLETE skb and check `skb->csum` (where the kernel can).
+    skb_csum: bool,
 }
 
 impl Row {
@@ -169,7 +210,9 @@ impl Row {
             output: Some(output),
             steered: 1,
             steer_failed: 0,
+            resets_sent: 0,
             pins_left: 2,
+            skb_csum: true,
         }
     }
 
@@ -183,7 +226,9 @@ impl Row {
             output: None,
             steered: 0,
             steer_failed: 0,
+            resets_sent: 0,
             pins_left: 2,
+            skb_csum: true,
         }
     }
 }
@@ -284,6 +329,27 @@ fn rows() -> Vec<Row> {
     // A pure SYN on a pinned tuple is a new connection: both pins go, kube-proxy places it.
     let syn = frame_with_flags(PROTO_TCP, tcp4().client, tcp4().frontend, 64, SYN, b"");
     rows.push(Row { pins_left: 0, ..Row::untouched("v4 tcp: SYN on a pinned tuple unpins", &tcp4(), syn) });
+    // The pinned pod is gone: the client's next segment comes back as a RST.
+    for flow in [tcp4(), tcp6()] {
+        let mut pins = flow.pins();
+        pins[0].1.flags |= pin_flags::DEAD;
+        let input = flow.forward(63, REQUEST).0;
+        let output = reset_of(&input, flow.frontend, flow.client);
+        let name =
+            if flow.client.is_ipv4() { "v4 tcp: dead pin answers a RST" } else { "v6 tcp: dead pin answers a RST" };
+        rows.push(Row {
+            pins,
+            output: Some(output),
+            verdict: TC_ACT_REDIRECT,
+            resets_sent: 1,
+            // The RST is cut to size with bpf_skb_change_tail, whose trim
+            // turns CHECKSUM_COMPLETE into CHECKSUM_NONE (`__skb_trim_rcsum`):
+            // the receiver sums it itself and never reads `skb->csum`, which
+            // the test run would still compare.
+            skb_csum: false,
+            ..Row::untouched(name, &flow, input)
+        });
+    }
     // UDP without a checksum (IPv4 allows it): must stay without one.
     let (mut input, mut output) = udp4().forward(64, ODD);
     input[ETH_HLEN + IPV4_HLEN + 6..][..2].fill(0);
@@ -309,7 +375,7 @@ fn steering_table() {
 }
 
 fn check_row(row: &Row) -> Result<(), String> {
-    let Row { name: _, pins, input, verdict, output, steered, steer_failed, pins_left } = row;
+    let Row { name: _, pins, input, verdict, output, steered, steer_failed, resets_sent, pins_left, skb_csum } = row;
     let mut h = Harness::new();
     {
         let mut map: HashMap<_, WireKey, Pin> = HashMap::try_from(h.ebpf_mut().map_mut(maps::PINS).unwrap()).unwrap();
@@ -317,7 +383,7 @@ fn check_row(row: &Row) -> Result<(), String> {
             map.insert(k, v, 0).unwrap();
         }
     }
-    let (got_verdict, got) = run_ingress(&h, input)?;
+    let (got_verdict, got) = run_ingress(&h, input, *skb_csum)?;
     let want = output.as_deref().unwrap_or(input);
     if got_verdict != *verdict {
         return Err(format!("verdict {got_verdict:#x}, want {verdict:#x}"));
@@ -328,9 +394,11 @@ fn check_row(row: &Row) -> Result<(), String> {
     if output.is_some() {
         verify_checksums(&got)?;
     }
-    for (what, index, want) in
-        [("STEERED", stats::STEERED, *steered), ("STEER_FAILED", stats::STEER_FAILED, *steer_failed)]
-    {
+    for (what, index, want) in [
+        ("STEERED", stats::STEERED, *steered),
+        ("STEER_FAILED", stats::STEER_FAILED, *steer_failed),
+        ("RESETS_SENT", stats::RESETS_SENT, *resets_sent),
+    ] {
         let n = h.stat(index);
         if n != want {
             return Err(format!("{what} = {n}, want {want}"));
@@ -358,10 +426,10 @@ fn checksum_complete_supported() -> bool {
     })
 }
 
-/// Runs `frame` through `conndrain_ingress`: with a CHECKSUM_COMPLETE skb where
-/// the kernel can, else as a plain test run.
-fn run_ingress(h: &Harness, frame: &[u8]) -> Result<(u32, Vec<u8>), String> {
-    if checksum_complete_supported() {
+/// Runs `frame` through `conndrain_ingress`: with a CHECKSUM_COMPLETE skb if
+/// `skb_csum` and the kernel can, else as a plain test run.
+fn run_ingress(h: &Harness, frame: &[u8], skb_csum: bool) -> Result<(u32, Vec<u8>), String> {
+    if skb_csum && checksum_complete_supported() {
         return test_run_flags(h, frame, BPF_F_TEST_SKB_CHECKSUM_COMPLETE).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBADMSG) {
                 "skb->csum left out of step with the packet (EBADMSG under CHECKSUM_COMPLETE)".to_owned()
