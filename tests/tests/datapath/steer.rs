@@ -8,8 +8,8 @@
 //!   from scratch (the expected frames come from etherparse, a second,
 //!   independent implementation);
 //! - `skb->csum`: the rows run with `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`
-//!   (Linux 6.11, "bpf: add CHECKSUM_COMPLETE to bpf test progs"), under which
-//!   the kernel hands the program a CHECKSUM_COMPLETE skb and fails the run
+//!   (Linux 6.11, "bpf: add `CHECKSUM_COMPLETE` to bpf test progs"), under which
+//!   the kernel hands the program a `CHECKSUM_COMPLETE` skb and fails the run
 //!   with EBADMSG when the program left `skb->csum` out of step with the
 //!   packet: what a NIC or veth that sums received packets would see. On older
 //!   kernels the rows run without it, and say so;
@@ -54,7 +54,7 @@ struct Flow {
     client: SocketAddr,
     frontend: SocketAddr,
     backend: SocketAddr,
-    /// The masquerade (NodePort to a pod on another node), if any.
+    /// The masquerade (a `NodePort` to a pod on another node), if any.
     snat: Option<SocketAddr>,
 }
 
@@ -195,7 +195,7 @@ struct Row {
     steer_failed: u64,
     resets_sent: u64,
     pins_left: usize,
-    /// Run with a CHECKSUM_COMPLETE skb and check `skb->csum` (where the kernel can).
+    /// Run with a `CHECKSUM_COMPLETE` skb and check `skb->csum` (where the kernel can).
     skb_csum: bool,
 }
 
@@ -239,7 +239,7 @@ fn tcp4() -> Flow {
 fn udp4() -> Flow {
     Flow::new(PROTO_UDP, "10.0.0.2:34051", "10.96.0.10:53", "10.244.1.2:5353", None)
 }
-/// NodePort to a pod on another node: masqueraded to the inter-node address.
+/// A `NodePort` to a pod on another node: masqueraded to the inter-node address.
 fn tcp4_nodeport() -> Flow {
     Flow::new(PROTO_TCP, "172.18.0.2:42302", "172.18.0.10:30080", "10.244.2.2:8080", Some("172.19.0.1:54505"))
 }
@@ -426,7 +426,7 @@ fn checksum_complete_supported() -> bool {
     })
 }
 
-/// Runs `frame` through `conndrain_ingress`: with a CHECKSUM_COMPLETE skb if
+/// Runs `frame` through `conndrain_ingress`: with a `CHECKSUM_COMPLETE` skb if
 /// `skb_csum` and the kernel can, else as a plain test run.
 fn run_ingress(h: &Harness, frame: &[u8], skb_csum: bool) -> Result<(u32, Vec<u8>), String> {
     if skb_csum && checksum_complete_supported() {
@@ -486,7 +486,12 @@ fn test_run_flags(h: &Harness, frame: &[u8], flags: u32) -> std::io::Result<(u32
     };
     // SAFETY: `attr` is a valid `bpf_attr` prefix whose pointers outlive the call.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestRunAttr>() as libc::c_uint)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            libc::c_uint::try_from(size_of::<TestRunAttr>()).unwrap(),
+        )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
