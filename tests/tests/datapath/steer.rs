@@ -34,7 +34,7 @@ use etherparse::{IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TcpHe
 
 use crate::{
     harness::{Harness, TC_ACT_UNSPEC, mapped},
-    packets::{self, ACK, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, IpExt, PSH, SYN, edit_ipv4_header},
+    packets::{self, ACK, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, IpExt, PSH, SYN},
 };
 
 /// `TC_ACT_REDIRECT`: what `bpf_redirect_neigh` returns and the program passes on.
@@ -86,9 +86,15 @@ impl Flow {
 
     /// The client's packet as it arrives, and as it must leave (DNAT, plus SNAT).
     fn forward(&self, ttl: u8, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        self.forward_ext(IpExt::default(), ttl, payload)
+    }
+
+    /// `forward` with IPv4 options or IPv6 extension headers (TCP only).
+    fn forward_ext(&self, ext: IpExt, ttl: u8, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let flags = if payload.is_empty() { ACK } else { ACK | PSH };
         (
-            frame(self.proto, self.client, self.frontend, ttl, payload),
-            frame(self.proto, self.translated_client(), self.backend, ttl - 1, payload),
+            frame_with_flags(self.proto, self.client, self.frontend, ext, ttl, flags, payload),
+            frame_with_flags(self.proto, self.translated_client(), self.backend, ext, ttl - 1, flags, payload),
         )
     }
 
@@ -128,17 +134,32 @@ fn pin(new_src: SocketAddr, new_dst: SocketAddr, ifindex: u32, nexthop: IpAddr) 
 /// A TCP segment (ACK|PSH, or a bare ACK without payload) or a UDP datagram,
 /// with valid checksums, from etherparse (`packets.rs`).
 fn frame(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, payload: &[u8]) -> Vec<u8> {
-    frame_with_flags(proto, src, dst, ttl, if payload.is_empty() { ACK } else { ACK | PSH }, payload)
+    frame_with_flags(proto, src, dst, IpExt::default(), ttl, if payload.is_empty() { ACK } else { ACK | PSH }, payload)
 }
 
-fn frame_with_flags(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+fn frame_with_flags(
+    proto: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+    ext: IpExt,
+    ttl: u8,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut f = if proto == PROTO_TCP {
-        packets::tcp(src, dst, IpExt::default(), flags, payload)
+        packets::tcp(src, dst, ext, flags, payload)
     } else {
+        assert!(!ext.v4_options && !ext.hop_by_hop && !ext.dest_opts, "UDP frames take no IP extras");
         packets::udp(src, dst, payload)
     };
     if src.is_ipv4() {
-        edit_ipv4_header(&mut f, |h| h[8] = ttl);
+        // The header checksum over the whole header, options included.
+        let ihl = usize::from(f[ETH_HLEN] & 0x0f) * 4;
+        let hdr = &mut f[ETH_HLEN..ETH_HLEN + ihl];
+        hdr[8] = ttl;
+        hdr[10..12].fill(0);
+        let sum = !u16::try_from(ones_sum(hdr)).unwrap();
+        hdr[10..12].copy_from_slice(&sum.to_be_bytes());
     } else {
         f[ETH_HLEN + 7] = ttl;
     }
@@ -289,6 +310,16 @@ fn rows() -> Vec<Row> {
         Row::steered("v6 udp nodeport: to backend", &udp6_nodeport(), udp6_nodeport().forward(64, REQUEST)),
         Row::steered("v6 udp nodeport: reply", &udp6_nodeport(), udp6_nodeport().reply(64, ODD)),
         Row::steered("v4 TTL 2: forwarded with TTL 1", &tcp4(), tcp4().forward(2, REQUEST)),
+        Row::steered(
+            "v4 tcp with IP options: to backend",
+            &tcp4(),
+            tcp4().forward_ext(IpExt { v4_options: true, ..IpExt::default() }, 64, REQUEST),
+        ),
+        Row::steered(
+            "v6 tcp after hop-by-hop and destination options: to backend",
+            &tcp6(),
+            tcp6().forward_ext(IpExt { hop_by_hop: true, dest_opts: true, ..IpExt::default() }, 64, ODD),
+        ),
         Row::steered("v6 hop limit 2: forwarded with 1", &udp6(), udp6().forward(2, ODD)),
         // Forwarding would drop these and answer ICMP time exceeded: the stack's job.
         Row::untouched("v4 TTL 1: left to the stack", &tcp4(), tcp4().forward(1, REQUEST).0),
@@ -327,7 +358,7 @@ fn rows() -> Vec<Row> {
         }),
     ];
     // A pure SYN on a pinned tuple is a new connection: both pins go, kube-proxy places it.
-    let syn = frame_with_flags(PROTO_TCP, tcp4().client, tcp4().frontend, 64, SYN, b"");
+    let syn = frame_with_flags(PROTO_TCP, tcp4().client, tcp4().frontend, IpExt::default(), 64, SYN, b"");
     rows.push(Row { pins_left: 0, ..Row::untouched("v4 tcp: SYN on a pinned tuple unpins", &tcp4(), syn) });
     // The pinned pod is gone: the client's next segment comes back as a RST.
     for flow in [tcp4(), tcp6()] {
