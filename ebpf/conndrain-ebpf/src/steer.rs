@@ -171,11 +171,13 @@ fn l4_csum_off(pkt: &Packet) -> usize {
 /// - IPv6 address: there is no header checksum, so the address change and
 ///   the L4 checksum's cancel out; but `bpf_l4_csum_replace` with
 ///   `BPF_F_PSEUDO_HDR` still applies minus the change to `skb->csum`, as for
-///   IPv4. Linux 6.16 added `BPF_F_IPV6` to skip that ("bpf: Fix L4 csum
-///   update on IPv6 in CHECKSUM_COMPLETE"); older kernels, the 5.10 to 6.12
-///   we support, refuse the flag. Instead, the address is stored with
-///   `BPF_F_RECOMPUTE_CSUM`, which adds the change back: right on every
-///   kernel, with or without the new flag (which we never pass).
+///   IPv4. A 2025 patch ("bpf: Fix L4 csum update on IPv6 in
+///   CHECKSUM_COMPLETE", Linux 6.16) added `BPF_F_IPV6` to skip that;
+///   kernels without it (our floor is 5.10) refuse the flag as unknown, and
+///   which stable releases took it varies. Instead, the address is stored
+///   with `BPF_F_RECOMPUTE_CSUM`, which adds the change back: right on every
+///   kernel, with or without the patch (the flag is never passed, and
+///   without it the helper behaves as before).
 /// - Ports: the port and the L4 checksum cancel out, and neither call
 ///   touches `skb->csum` (no `BPF_F_PSEUDO_HDR`); but a UDP checksum of 0
 ///   stays 0, so then the port is stored with `BPF_F_RECOMPUTE_CSUM`.
