@@ -3,7 +3,7 @@
 //!
 //! Times are `CLOCK_MONOTONIC` nanoseconds, the clock of `bpf_ktime_get_ns`.
 
-use conndrain_common::{FlowValue, PROTO_TCP, direction, flow_flags, tcp_state};
+use conndrain_common::{FlowKey, FlowValue, PROTO_TCP, direction, flow_flags, tcp_state};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +46,9 @@ pub enum FlowClass {
     Idle,
     /// The pod is the client: does not hold the pod.
     Outbound,
+    /// Inbound, live, to one of the ports the pod's settings ignore (a
+    /// metrics scrape port): does not hold the pod.
+    Ignored,
     /// Closed, half-open, or timed out.
     Inactive,
 }
@@ -83,11 +86,34 @@ pub fn classify(proto: u8, v: &FlowValue, now: u64, t: Timeouts) -> (FlowClass, 
     (FlowClass::Active, live_until)
 }
 
+/// How one pod's flows count: the agent's timeouts and the pod's own
+/// ignored ports.
+#[derive(Clone, Copy, Debug)]
+pub struct Counting<'a> {
+    pub timeouts: Timeouts,
+    pub ignore_ports: &'a [u16],
+}
+
+/// How one flow of a pod counts with the pod's ignored ports: a live inbound
+/// flow to one of them is `Ignored`. Only inbound flows are (a peer opened
+/// them, so `pod_port` is the pod's listening port); the pod's own outbound
+/// flows never hold it anyway, whatever their port.
+#[must_use]
+pub fn classify_for(key: &FlowKey, v: &FlowValue, now: u64, c: Counting<'_>) -> (FlowClass, Option<u64>) {
+    let (class, changes_at) = classify(key.proto, v, now, c.timeouts);
+    if matches!(class, FlowClass::Active | FlowClass::Idle) && c.ignore_ports.contains(&key.pod_port) {
+        return (FlowClass::Ignored, None);
+    }
+    (class, changes_at)
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCounts {
     pub active: u64,
     pub idle: u64,
     pub outbound: u64,
+    /// Live inbound flows to ports the pod's settings ignore.
+    pub ignored: u64,
 }
 
 /// A pod's termination: when it began, its limits, and its outcome once known.
@@ -191,7 +217,7 @@ mod tests {
     fn obs(now: u64, active: u64, new_total: u64, last_new: u64) -> Observation {
         Observation {
             now_ns: now,
-            counts: FlowCounts { active, idle: 0, outbound: 0 },
+            counts: FlowCounts { active, ..FlowCounts::default() },
             new_inbound_total: new_total,
             last_new_inbound_ns: last_new,
             sockets_holding: 0,
@@ -279,5 +305,27 @@ mod tests {
             (FlowClass::Active, Some(105 * S + 1))
         );
         assert_eq!(classify(udp, &flow(tcp_state::ESTABLISHED, ib, 80 * S), now, t).0, FlowClass::Inactive);
+    }
+
+    #[test]
+    fn only_live_inbound_flows_to_an_ignored_port_are_ignored() {
+        let t = Timeouts { idle_ns: 30 * S, udp_ns: 10 * S };
+        let now = 100 * S;
+        let key = |pod_port, proto| FlowKey { pod_port, peer_port: 40000, proto, family: 4, ..FlowKey::default() };
+        let (ib, ob) = (direction::INBOUND, direction::OUTBOUND);
+        let live = flow(tcp_state::ESTABLISHED, ib, 99 * S);
+        let ignore = [9090];
+        let class =
+            |k: &FlowKey, v: &FlowValue| classify_for(k, v, now, Counting { timeouts: t, ignore_ports: &ignore }).0;
+        assert_eq!(class(&key(9090, PROTO_TCP), &live), FlowClass::Ignored);
+        let waiting = FlowValue { flags: flow_flags::AWAITING_REPLY, ..live };
+        assert_eq!(class(&key(9090, PROTO_TCP), &waiting), FlowClass::Ignored, "a scrape in flight does not hold");
+        assert_eq!(class(&key(8080, PROTO_TCP), &live), FlowClass::Active, "another port holds");
+        assert_eq!(class(&key(9090, conndrain_common::PROTO_UDP), &live), FlowClass::Ignored);
+        // The pod's own connection from that port is outbound, as before.
+        assert_eq!(class(&key(9090, PROTO_TCP), &flow(tcp_state::ESTABLISHED, ob, 99 * S)), FlowClass::Outbound);
+        assert_eq!(class(&key(9090, PROTO_TCP), &flow(tcp_state::CLOSED, ib, 99 * S)), FlowClass::Inactive);
+        let none = Counting { timeouts: t, ignore_ports: &[] };
+        assert_eq!(classify_for(&key(9090, PROTO_TCP), &live, now, none).0, FlowClass::Active);
     }
 }

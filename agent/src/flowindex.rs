@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use conndrain_common::{FlowEvent, FlowKey, FlowValue, PROTO_UDP, PodSockets, SockValue, event_kind};
 
 use crate::{
-    drain::{self, FlowClass, FlowCounts, Timeouts},
+    drain::{self, Counting, FlowClass, FlowCounts},
     error::Error,
 };
 
@@ -128,15 +128,16 @@ impl FlowIndex {
     }
 
     /// Counts the pod's indexed flows by point lookups. Drops entries whose
-    /// flow is gone or was replaced (evicted or timed out). Returns the
-    /// counts, the next time a flow changes class on its own, and the flows
-    /// themselves when `collect`.
+    /// flow is gone or was replaced (evicted or timed out). Inbound flows to
+    /// `ignore_ports` (the pod's settings) are counted apart and hold
+    /// nothing. Returns the counts, the next time a flow changes class on
+    /// its own, and the flows themselves when `collect`.
     pub fn classify_pod(
         &mut self,
         tables: &impl Tables,
         slot: u32,
         now: u64,
-        t: Timeouts,
+        c: Counting<'_>,
         collect: bool,
     ) -> (FlowCounts, Option<u64>, Vec<(FlowKey, FlowValue, FlowClass)>) {
         let mut counts = FlowCounts::default();
@@ -161,11 +162,12 @@ impl FlowIndex {
                     continue;
                 }
             };
-            let (class, changes_at) = drain::classify(key.proto, &v, now, t);
+            let (class, changes_at) = drain::classify_for(key, &v, now, c);
             match class {
                 FlowClass::Active => counts.active += 1,
                 FlowClass::Idle => counts.idle += 1,
                 FlowClass::Outbound => counts.outbound += 1,
+                FlowClass::Ignored => counts.ignored += 1,
                 FlowClass::Inactive => {
                     gone.push(*key);
                     continue;
@@ -186,9 +188,12 @@ impl FlowIndex {
 
     /// Checks the pod's open inbound sockets against the index. A socket
     /// whose flow the tables hold but the index lacks (its event was lost)
-    /// is indexed now. Reads `SOCKETS` only when the pod's counter says it
+    /// is indexed now. A socket on one of `ignore_ports` holds nothing: it
+    /// is a connection a peer opened to that listening port of the pod (the
+    /// tracepoint records passive opens only), exactly what the pod's
+    /// settings ignore. Reads `SOCKETS` only when the pod's counter says it
     /// has open sockets.
-    pub fn sockets(&mut self, tables: &impl Tables, slot: u32, now: u64, t: Timeouts) -> SocketEvidence {
+    pub fn sockets(&mut self, tables: &impl Tables, slot: u32, now: u64, c: Counting<'_>) -> SocketEvidence {
         let counters = match tables.pod_sockets(slot) {
             Ok(c) => c,
             Err(e) => return incomplete(format!("its socket counters cannot be read ({e})")),
@@ -221,14 +226,16 @@ impl FlowIndex {
                         self.insert(slot, s.key, v.first_seen_ns);
                         self.reconciled += 1;
                     }
-                    match drain::classify(s.key.proto, &v, now, t).0 {
+                    match drain::classify(s.key.proto, &v, now, c.timeouts).0 {
                         // Already counted as active flows.
-                        FlowClass::Active | FlowClass::Idle => None,
+                        FlowClass::Active | FlowClass::Idle | FlowClass::Ignored => None,
                         FlowClass::Outbound | FlowClass::Inactive => Some(SocketHold::Misread),
                     }
                 }
             };
-            if let Some(why) = why {
+            if let Some(why) = why
+                && !c.ignore_ports.contains(&s.key.pod_port)
+            {
                 ev.holding.push(HeldBySocket { key: s.key, why });
             }
         }
@@ -246,10 +253,20 @@ mod tests {
 
     use conndrain_common::{PROTO_TCP, direction, flow_flags, tcp_state};
 
+    use crate::drain::Timeouts;
+
     use super::*;
 
     const S: u64 = 1_000_000_000;
     const T: Timeouts = Timeouts { idle_ns: 30 * S, udp_ns: 30 * S };
+
+    fn ignoring(ports: &[u16]) -> Counting<'_> {
+        Counting { timeouts: T, ignore_ports: ports }
+    }
+
+    fn all() -> Counting<'static> {
+        ignoring(&[])
+    }
 
     /// The kernel tables in memory.
     #[derive(Default)]
@@ -305,7 +322,7 @@ mod tests {
         ix.on_event(&event(event_kind::ESTABLISHED, key(1), S));
         ix.on_event(&event(event_kind::ESTABLISHED, key(2), S));
         ix.on_event(&event(event_kind::NEW, key(3), S)); // half-open TCP: not indexed
-        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, all(), false);
         assert_eq!((c.active, c.idle), (1, 1));
         ix.on_event(&event(event_kind::CLOSED, key(1), S));
         assert_eq!(ix.keys(1), vec![key(2)]);
@@ -318,7 +335,7 @@ mod tests {
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         ix.insert(1, key(1), S);
-        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, all(), false);
         assert_eq!((c.active, ix.evicted, ix.is_empty(1)), (0, 1, true));
     }
 
@@ -326,7 +343,7 @@ mod tests {
     fn no_open_socket_means_nothing_holds() {
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
-        let ev = ix.sockets(&Mem::default(), 1, 100 * S, T);
+        let ev = ix.sockets(&Mem::default(), 1, 100 * S, all());
         assert_eq!(ev, SocketEvidence::default());
     }
 
@@ -336,7 +353,7 @@ mod tests {
         let mem = Mem { sockets: vec![socket(7)], ..Mem::default() };
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
-        let ev = ix.sockets(&mem, 1, 100 * S, T);
+        let ev = ix.sockets(&mem, 1, 100 * S, all());
         assert_eq!(ev.holding, vec![HeldBySocket { key: key(7), why: SocketHold::Unseen }]);
     }
 
@@ -347,10 +364,10 @@ mod tests {
         mem.flows.borrow_mut().insert(key(7), tcp(S, 99 * S, direction::INBOUND, 0));
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
-        let ev = ix.sockets(&mem, 1, 100 * S, T);
+        let ev = ix.sockets(&mem, 1, 100 * S, all());
         assert!(ev.holding.is_empty(), "active: counted by the index now");
         assert_eq!(ix.reconciled, 1);
-        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, all(), false);
         assert_eq!(c.active, 1);
     }
 
@@ -361,8 +378,8 @@ mod tests {
         mem.flows.borrow_mut().insert(key(8), tcp(S, 10 * S, direction::INBOUND, flow_flags::AWAITING_REPLY));
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
-        assert!(ix.sockets(&mem, 1, 100 * S, T).holding.is_empty());
-        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, T, false);
+        assert!(ix.sockets(&mem, 1, 100 * S, all()).holding.is_empty());
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, all(), false);
         assert_eq!((c.active, c.idle), (1, 1), "the slow request is active, the keep-alive idle");
     }
 
@@ -375,9 +392,34 @@ mod tests {
         mem.flows.borrow_mut().insert(key(8), closed);
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
-        let ev = ix.sockets(&mem, 1, 100 * S, T);
+        let ev = ix.sockets(&mem, 1, 100 * S, all());
         assert_eq!(ev.holding.len(), 2);
         assert!(ev.holding.iter().all(|h| h.why == SocketHold::Misread));
+    }
+
+    #[test]
+    fn flows_and_sockets_on_an_ignored_port_hold_nothing() {
+        // A scrape in flight on 9090, its socket, and a socket on 9090 the
+        // packet path never saw; a connection on 8080 still holds.
+        let scrape = FlowKey { pod_port: 9090, ..key(7) };
+        let unseen = FlowKey { pod_port: 9090, ..key(8) };
+        let mut sockets = vec![socket(7), socket(8), socket(9)];
+        sockets[0].key = scrape;
+        sockets[1].key = unseen;
+        let mem = Mem { sockets, ..Mem::default() };
+        mem.flows.borrow_mut().insert(scrape, tcp(S, 99 * S, direction::INBOUND, flow_flags::AWAITING_REPLY));
+        mem.flows.borrow_mut().insert(key(9), tcp(S, 99 * S, direction::INBOUND, 0));
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        let ev = ix.sockets(&mem, 1, 100 * S, ignoring(&[9090]));
+        assert!(ev.holding.is_empty(), "{ev:?}");
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, ignoring(&[9090]), false);
+        assert_eq!((c.active, c.ignored), (1, 1));
+        // Without the setting, the same tables hold the pod by both.
+        let ev = ix.sockets(&mem, 1, 100 * S, all());
+        assert_eq!(ev.holding, vec![HeldBySocket { key: unseen, why: SocketHold::Unseen }]);
+        let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, all(), false);
+        assert_eq!((c.active, c.ignored), (2, 0));
     }
 
     #[test]
@@ -385,6 +427,6 @@ mod tests {
         let mem = Mem { lost: 1, ..Mem::default() };
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
-        assert!(ix.sockets(&mem, 1, 100 * S, T).incomplete.is_some());
+        assert!(ix.sockets(&mem, 1, 100 * S, all()).incomplete.is_some());
     }
 }

@@ -17,11 +17,11 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::{
     api::{
-        FlowView, InterfaceView, MapFill, MapsView, PodView, SocketView, SocketsWhy, StatsView, Status, SteeringView,
-        WaitOutcome, Why,
+        FlowView, InterfaceView, MapFill, MapsView, PodView, SettingsView, SocketView, SocketsWhy, StatsView, Status,
+        SteeringView, WaitOutcome, Why,
     },
     datapath::{self, Datapath},
-    drain::{self, FlowClass, Observation, PodState, Termination, Timeouts},
+    drain::{self, Counting, FlowClass, Observation, PodState, Termination, Timeouts},
     flowindex::{FlowIndex, SocketEvidence, SocketHold},
     metrics::{Metrics, OutcomeLabels, PodLabels, advance},
 };
@@ -43,6 +43,8 @@ pub enum PodError {
     AlreadyTerminating(String),
     #[error("invalid {what} {value}: must be a positive number of seconds")]
     BadDuration { what: &'static str, value: f64 },
+    #[error("invalid port {0}: use 1-65535")]
+    BadPort(u16),
     #[error("no room for more pods (limit {0})")]
     Full(u32),
     #[error("pod {0:?} was removed while waiting")]
@@ -73,6 +75,8 @@ struct Pod {
     registered_ns: u64,
     /// The kubelet's probe ports.
     probes: Vec<u16>,
+    /// Its own drain settings (quiet period, ignored ports).
+    settings: PodSettings,
     /// Why no attached interface sees its traffic, if none does: the pod
     /// is then `skipped` and its preStop wait falls back to sleeping.
     unseen: Option<String>,
@@ -102,6 +106,26 @@ pub struct PodSpec {
     /// Already running before this agent could watch it (Kubernetes mode,
     /// first sync): its sockets cannot confirm a drain.
     pub preexisting: bool,
+    pub settings: PodSettings,
+}
+
+/// A pod's own drain settings: Kubernetes mode reads them from its
+/// `conndrain.io/` annotations (`kubernetes/annotations.rs`), standalone
+/// mode from `pod add` flags. A value that was refused is left at its
+/// default here and named in `problems`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PodSettings {
+    /// How long with no new inbound flow before it may count as drained;
+    /// `None`: the agent's `--quiet-period`.
+    pub quiet_period: Option<Duration>,
+    /// Where `quiet_period` was set, for `why` ("annotation conndrain.io/quiet-period").
+    pub quiet_period_from: String,
+    /// Its own listening ports whose inbound connections never hold it
+    /// (neither counted as active nor restarting the quiet period).
+    pub ignore_ports: Vec<u16>,
+    /// Settings refused for a bad value, each saying what is used instead.
+    pub problems: Vec<String>,
 }
 
 struct Inner {
@@ -112,8 +136,8 @@ struct Inner {
     /// scans the table (see `flowindex.rs`).
     index: FlowIndex,
     events_received: u64,
-    /// Pods we know of but do not track, with the reason.
-    skipped: BTreeMap<String, String>,
+    /// Pods we know of but do not track.
+    skipped: BTreeMap<String, SkippedPod>,
     steering: crate::steering::Steering,
     metrics: std::sync::Arc<Metrics>,
     /// Where the state is saved (`--bpffs` only), and whether it changed since.
@@ -126,6 +150,14 @@ struct Inner {
     /// termination is declared again, which adopts the saved drain (so
     /// Kubernetes mode follows it again and reports its outcome).
     restored_drains: BTreeSet<String>,
+}
+
+/// A pod known but not tracked: why, and its IPs if they are its own (an
+/// opted-out pod's preStop wait is answered `skipped` at once; a
+/// hostNetwork pod has the node's IPs, which name no pod).
+struct SkippedPod {
+    reason: String,
+    ips: Vec<IpAddr>,
 }
 
 struct Persist {
@@ -169,6 +201,8 @@ struct SavedPod {
     registered_ns: u64,
     #[serde(default)]
     probes: Vec<u16>,
+    #[serde(default)]
+    settings: PodSettings,
     termination: Option<SavedTermination>,
 }
 
@@ -245,14 +279,17 @@ fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn duration_ns(what: &'static str, secs: Option<f64>, default: Duration) -> Result<u64, PodError> {
+/// A duration given in seconds by a caller: positive and finite, or refused.
+pub fn positive_secs(what: &'static str, secs: Option<f64>) -> Result<Option<Duration>, PodError> {
     match secs {
-        None => Ok(u64::try_from(default.as_nanos()).unwrap_or(u64::MAX)),
-        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => {
-            Ok(u64::try_from(Duration::from_secs_f64(s).as_nanos()).unwrap_or(u64::MAX))
-        }
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Some(Duration::from_secs_f64(s))),
         Some(value) => Err(PodError::BadDuration { what, value }),
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -288,12 +325,36 @@ impl Node {
     }
 
     /// Records a pod that is known but not tracked, shown by `conndrain pods`.
-    pub async fn set_skipped(&self, name: &str, reason: Option<&str>) {
+    /// `ips`: its own IPs, so its preStop wait is answered `skipped` (none
+    /// for a hostNetwork pod, whose IPs are the node's).
+    pub async fn set_skipped(&self, name: &str, reason: Option<&str>, ips: &[IpAddr]) {
         let mut inner = self.inner.lock().await;
         match reason {
-            Some(r) => inner.skipped.insert(name.to_owned(), r.to_owned()),
+            Some(r) => inner.skipped.insert(name.to_owned(), SkippedPod { reason: r.to_owned(), ips: ips.to_vec() }),
             None => inner.skipped.remove(name),
         };
+    }
+
+    /// Applies a tracked pod's settings anew if they changed (Kubernetes
+    /// mode: its annotations were edited). A drain under way keeps its quiet
+    /// period; the ignored ports apply at once.
+    pub async fn set_settings(&self, name: &str, settings: &PodSettings) -> Result<(), PodError> {
+        let mut inner = self.inner.lock().await;
+        let pod = inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        if pod.settings == *settings {
+            return Ok(());
+        }
+        let (slot, probes) = (pod.slot, pod.probes.clone());
+        inner.datapath.set_ports(slot, &probes, &settings.ignore_ports)?;
+        if let Some(pod) = inner.pods.get_mut(name) {
+            pod.settings = settings.clone();
+        }
+        tracing::info!(pod = name, ?settings, "pod settings changed");
+        inner.touch();
+        inner.save();
+        drop(inner);
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// The registered pod that owns `ip`, if any: how the node API knows its caller.
@@ -303,7 +364,8 @@ impl Node {
             v4 @ IpAddr::V4(_) => v4,
         };
         let inner = self.inner.lock().await;
-        inner.pods.iter().find(|(_, p)| p.ips.contains(&ip)).map(|(n, _)| n.clone())
+        let tracked = inner.pods.iter().find(|(_, p)| p.ips.contains(&ip)).map(|(n, _)| n);
+        tracked.or_else(|| inner.skipped.iter().find(|(_, p)| p.ips.contains(&ip)).map(|(n, _)| n)).cloned()
     }
 
     pub async fn names(&self) -> Vec<String> {
@@ -366,7 +428,8 @@ impl Node {
             let (had, has): (BTreeSet<&IpAddr>, BTreeSet<&IpAddr>) = (pod.ips.iter().collect(), ips.iter().collect());
             if had == has {
                 tracing::info!(pod = name, "pod declared again after a restart: keeping its saved state");
-                return Ok(());
+                drop(inner);
+                return self.set_settings(name, &spec.settings).await;
             }
             tracing::info!(pod = name, "a new pod under the name of a restored one: the restored one is removed");
             inner.remove(name)?;
@@ -384,8 +447,9 @@ impl Node {
             .ok_or(PodError::Full(datapath::MAX_POD_SLOTS))?;
         let mut ips = ips.to_vec();
         ips.dedup();
-        let registered = inner.datapath.register_pod(slot, &ips, &spec.probe_ports).await?;
-        tracing::info!(pod = name, ?ips, slot, probes = ?spec.probe_ports, "pod added");
+        let registered =
+            inner.datapath.register_pod(slot, &ips, &spec.probe_ports, &spec.settings.ignore_ports).await?;
+        tracing::info!(pod = name, ?ips, slot, probes = ?spec.probe_ports, settings = ?spec.settings, "pod added");
         if let Some(why) = &registered.unseen {
             tracing::warn!(pod = name, reason = %why, "pod skipped: conndrain cannot see its traffic");
         }
@@ -404,6 +468,7 @@ impl Node {
                 hold_until_ns: 0,
                 registered_ns: if spec.preexisting { 0 } else { now_ns() },
                 probes: spec.probe_ports.clone(),
+                settings: spec.settings.clone(),
                 unseen: registered.unseen,
             },
         );
@@ -412,11 +477,18 @@ impl Node {
         Ok(())
     }
 
+    /// Starts a pod's drain. Its quiet period is the request's, else the
+    /// pod's own setting, else the agent's default.
     pub async fn terminate(&self, name: &str, req: &crate::api::Terminate) -> Result<(), PodError> {
-        let deadline = duration_ns("deadline", req.deadline_secs, self.settings.default_deadline)?;
-        let quiet = duration_ns("quiet period", req.quiet_period_secs, self.settings.default_quiet_period)?;
+        let deadline = nanos(positive_secs("deadline", req.deadline_secs)?.unwrap_or(self.settings.default_deadline));
+        let asked = positive_secs("quiet period", req.quiet_period_secs)?;
         let mut inner = self.inner.lock().await;
-        let slot = inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?.slot;
+        let (slot, own) = inner
+            .pods
+            .get(name)
+            .map(|p| (p.slot, p.settings.quiet_period))
+            .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+        let quiet = nanos(asked.or(own).unwrap_or(self.settings.default_quiet_period));
         if inner.restored_drains.remove(name) {
             tracing::info!(pod = name, "termination declared again after a restart: the saved drain goes on");
             return Ok(());
@@ -600,7 +672,9 @@ impl Node {
             .collect();
         let sockets_since = inner.datapath.sockets_since_ns;
         for name in names {
-            let Some(slot) = inner.pods.get(&name).filter(|p| p.unseen.is_none()).map(|p| p.slot) else {
+            let Some((slot, ignore)) =
+                inner.pods.get(&name).filter(|p| p.unseen.is_none()).map(|p| (p.slot, p.settings.ignore_ports.clone()))
+            else {
                 continue;
             };
             let Ok(counters) = inner.datapath.counters(slot) else {
@@ -608,8 +682,9 @@ impl Node {
             };
             let Inner { index, datapath, .. } = &mut *inner;
             // Sockets first: one whose event was lost is indexed by it, and counted below.
-            let sockets = index.sockets(datapath, slot, now, t);
-            let (counts, flow_next, _) = index.classify_pod(datapath, slot, now, t, false);
+            let c = Counting { timeouts: t, ignore_ports: &ignore };
+            let sockets = index.sockets(datapath, slot, now, c);
+            let (counts, flow_next, _) = index.classify_pod(datapath, slot, now, c, false);
             let Some(pod) = inner.pods.get_mut(&name) else {
                 continue;
             };
@@ -665,44 +740,46 @@ impl Node {
         let mut inner = self.inner.lock().await;
         let now = now_ns();
         let names: Vec<String> = inner.pods.keys().cloned().collect();
-        let mut out: Vec<PodView> = names.iter().filter_map(|n| inner.view(n, now, self.settings.timeouts)).collect();
-        out.extend(inner.skipped.iter().map(|(name, reason)| PodView {
-            name: name.clone(),
-            ips: Vec::new(),
-            state: PodState::Skipped,
-            active_flows: 0,
-            idle_flows: 0,
-            outbound_flows: 0,
-            new_flows_since_termination: 0,
-            terminating_for_secs: None,
-            deadline_in_secs: None,
-            quiet_for_secs: None,
-            quiet_period_secs: None,
-            interfaces: Vec::new(),
-            open_sockets: 0,
-            note: Some(reason.clone()),
-        }));
+        let (t, quiet) = (self.settings.timeouts, self.settings.default_quiet_period);
+        let mut out: Vec<PodView> = names.iter().filter_map(|n| inner.view(n, now, t, quiet)).collect();
+        out.extend(inner.skipped.iter().map(|(name, skipped)| skipped_view(name, skipped)));
         out
     }
 
     pub async fn pod(&self, name: &str) -> Result<PodView, PodError> {
         let mut inner = self.inner.lock().await;
-        inner.view(name, now_ns(), self.settings.timeouts).ok_or_else(|| PodError::Unknown(name.to_owned()))
+        let view = inner.view(name, now_ns(), self.settings.timeouts, self.settings.default_quiet_period);
+        view.or_else(|| inner.skipped.get(name).map(|s| skipped_view(name, s)))
+            .ok_or_else(|| PodError::Unknown(name.to_owned()))
     }
 
     pub async fn why(&self, name: &str) -> Result<Why, PodError> {
         let mut inner = self.inner.lock().await;
         let now = now_ns();
         let t = self.settings.timeouts;
-        let pod = inner.view(name, now, t).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
-        let (slot, probes, unknown) = inner
+        let Some(pod) = inner.view(name, now, t, self.settings.default_quiet_period) else {
+            let skipped = inner.skipped.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+            return Ok(Why {
+                pod: skipped_view(name, skipped),
+                holding: Vec::new(),
+                not_holding: Vec::new(),
+                idle_timeout_secs: secs(t.idle_ns),
+                sockets: SocketsWhy::default(),
+                probe_ports: Vec::new(),
+            });
+        };
+        let (slot, probes, ignore, unknown) = inner
             .pods
             .get(name)
-            .map(|p| (p.slot, p.probes.clone(), p.sockets_unknown(inner.datapath.sockets_since_ns)))
+            .map(|p| {
+                let unknown = p.sockets_unknown(inner.datapath.sockets_since_ns);
+                (p.slot, p.probes.clone(), p.settings.ignore_ports.clone(), unknown)
+            })
             .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
         let Inner { index, datapath, .. } = &mut *inner;
-        let sockets = index.sockets(datapath, slot, now, t);
-        let (_, _, flows) = index.classify_pod(datapath, slot, now, t, true);
+        let c = Counting { timeouts: t, ignore_ports: &ignore };
+        let sockets = index.sockets(datapath, slot, now, c);
+        let (_, _, flows) = index.classify_pod(datapath, slot, now, c, true);
         let flows: Vec<FlowView> = flows.iter().map(|(k, v, c)| flow_view(name, k, v, *c, now)).collect();
         let (holding, not_holding) = flows.into_iter().partition(|f| f.active);
         Ok(Why {
@@ -732,7 +809,8 @@ impl Node {
             .filter(|(_, v)| slot.is_none_or(|s| s == v.pod_slot))
             .filter_map(|(k, v)| {
                 let name = inner.by_slot.get(&v.pod_slot)?;
-                let (class, _) = drain::classify(k.proto, &v, now, t);
+                let ignore = inner.pods.get(name).map_or(&[][..], |p| &p.settings.ignore_ports);
+                let (class, _) = drain::classify_for(&k, &v, now, Counting { timeouts: t, ignore_ports: ignore });
                 let open = k.proto == PROTO_TCP && !matches!(v.state, tcp_state::CLOSED);
                 (class != FlowClass::Inactive || open).then(|| {
                     let mut view = flow_view(name, &k, &v, class, now);
@@ -795,7 +873,20 @@ impl Node {
         let start = now_ns();
         let mut rx = {
             let inner = self.inner.lock().await;
-            inner.pods.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?.state.subscribe()
+            match inner.pods.get(name) {
+                Some(p) => p.state.subscribe(),
+                // Known but not tracked (opted out, hostNetwork): the caller falls back at once.
+                None if inner.skipped.contains_key(name) => {
+                    return Ok(WaitOutcome {
+                        pod: name.to_owned(),
+                        state: PodState::Skipped,
+                        active_flows: 0,
+                        waited_secs: 0.0,
+                        timed_out: false,
+                    });
+                }
+                None => return Err(PodError::Unknown(name.to_owned())),
+            }
         };
         // Skipped (its traffic cannot be seen) answers at once: the caller falls back.
         let waited = async {
@@ -955,10 +1046,10 @@ impl Inner {
             };
             self.by_slot.insert(p.slot, p.name.clone());
             self.index.add_slot(p.slot);
-            if !p.probes.is_empty()
-                && let Err(e) = self.datapath.set_probes(p.slot, &p.probes)
+            if (!p.probes.is_empty() || !p.settings.ignore_ports.is_empty())
+                && let Err(e) = self.datapath.set_ports(p.slot, &p.probes, &p.settings.ignore_ports)
             {
-                tracing::warn!(pod = %p.name, error = %e, "restoring the pod's probe ports");
+                tracing::warn!(pod = %p.name, error = %e, "restoring the pod's probe and ignored ports");
             }
             self.restored.insert(p.name.clone());
             if termination.is_some() {
@@ -986,6 +1077,7 @@ impl Inner {
                     hold_until_ns,
                     registered_ns: p.registered_ns,
                     probes: p.probes,
+                    settings: p.settings,
                     unseen: None,
                 },
             );
@@ -1051,6 +1143,7 @@ impl Inner {
                     ips: pod.ips.clone(),
                     registered_ns: pod.registered_ns,
                     probes: pod.probes.clone(),
+                    settings: pod.settings.clone(),
                     termination: pod.termination.as_ref().map(|t| SavedTermination {
                         started_ns: t.started_ns,
                         deadline_ns: t.deadline_ns,
@@ -1085,11 +1178,12 @@ impl Inner {
         }
     }
 
-    fn view(&mut self, name: &str, now: u64, t: Timeouts) -> Option<PodView> {
-        let slot = self.pods.get(name)?.slot;
+    fn view(&mut self, name: &str, now: u64, t: Timeouts, default_quiet: Duration) -> Option<PodView> {
+        let (slot, ignore) = self.pods.get(name).map(|p| (p.slot, p.settings.ignore_ports.clone()))?;
         let counters = self.datapath.counters(slot).unwrap_or_default();
         let open_sockets = self.datapath.pod_sockets(slot).map(|s| s.open).unwrap_or(0);
-        let (counts, _, _) = self.index.classify_pod(&self.datapath, slot, now, t, false);
+        let c = Counting { timeouts: t, ignore_ports: &ignore };
+        let (counts, _, _) = self.index.classify_pod(&self.datapath, slot, now, c, false);
         self.metrics.flows_evicted.inc_by(std::mem::take(&mut self.index.evicted));
         let pod = self.pods.get(name)?;
         let interfaces = pod
@@ -1121,7 +1215,49 @@ impl Inner {
             interfaces,
             note: pod.unseen.clone(),
             open_sockets,
+            ignored_flows: counts.ignored,
+            settings: settings_view(&pod.settings, term, default_quiet),
         })
+    }
+}
+
+/// The settings a pod's drain uses, and where its quiet period comes from.
+fn settings_view(settings: &PodSettings, term: Option<&Termination>, default_quiet: Duration) -> SettingsView {
+    let own = settings.quiet_period.map(nanos);
+    let default = nanos(default_quiet);
+    let (quiet, from) = match (term.map(|t| t.quiet_period_ns), own) {
+        (Some(q), Some(o)) if q == o => (q, settings.quiet_period_from.clone()),
+        (Some(q), None) if q == default => (q, "default".to_owned()),
+        (Some(q), _) => (q, "pod terminate --quiet-period".to_owned()),
+        (None, Some(o)) => (o, settings.quiet_period_from.clone()),
+        (None, None) => (default, "default".to_owned()),
+    };
+    SettingsView {
+        quiet_period_secs: secs(quiet),
+        quiet_period_from: from,
+        ignore_ports: settings.ignore_ports.clone(),
+        problems: settings.problems.clone(),
+    }
+}
+
+fn skipped_view(name: &str, skipped: &SkippedPod) -> PodView {
+    PodView {
+        name: name.to_owned(),
+        ips: skipped.ips.clone(),
+        state: PodState::Skipped,
+        active_flows: 0,
+        idle_flows: 0,
+        outbound_flows: 0,
+        new_flows_since_termination: 0,
+        terminating_for_secs: None,
+        deadline_in_secs: None,
+        quiet_for_secs: None,
+        quiet_period_secs: None,
+        interfaces: Vec::new(),
+        open_sockets: 0,
+        note: Some(skipped.reason.clone()),
+        ignored_flows: 0,
+        settings: SettingsView::default(),
     }
 }
 
@@ -1169,6 +1305,7 @@ fn flow_view(pod: &str, k: &FlowKey, v: &FlowValue, class: FlowClass, now: u64) 
         idle_secs: secs(now.saturating_sub(v.last_seen_ns)),
         idle: class == FlowClass::Idle,
         active: class == FlowClass::Active,
+        ignored: class == FlowClass::Ignored,
         bytes_in: v.bytes_in,
         bytes_out: v.bytes_out,
         pinned: None,

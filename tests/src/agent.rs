@@ -345,6 +345,9 @@ pub struct PodStatus {
     pub open_sockets: u64,
     #[serde(default)]
     pub note: Option<String>,
+    /// Live inbound flows to the pod's ignored ports (its settings).
+    #[serde(default)]
+    pub ignored_flows: u64,
 }
 
 /// One element of `conndrain flows -o json`.

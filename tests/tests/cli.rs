@@ -350,6 +350,50 @@ fn wait_timeout_exits_3() -> Result<()> {
     no_panic(&out, "wait --timeout")
 }
 
+/// `pod add --quiet-period/--ignore-port` (standalone mode's per-pod
+/// settings): bad values are refused with one line naming them; good ones
+/// show in `pods -o json` and `why`, and `pod terminate --quiet-period`
+/// overrides the pod's own.
+#[test]
+fn pod_settings_flags_are_checked_and_shown() -> Result<()> {
+    let (topo, _agent, cli) = agent()?;
+    let ip = topo.pod("web").ipv4().to_string();
+    let out = cli.run(&["pod", "add", "web", "--ip", &ip, "--quiet-period", "0"])?;
+    expect_error(&out, "pod add --quiet-period 0")?;
+    ensure!(out.stderr.contains("quiet period 0"), "names the value: {:?}", out.stderr);
+    let out = cli.run(&["pod", "add", "web", "--ip", &ip, "--ignore-port", "0"])?;
+    expect_error(&out, "pod add --ignore-port 0")?;
+    ensure!(out.stderr.contains("port 0"), "names the value: {:?}", out.stderr);
+    ensure!(!cli.pods()?.iter().any(|p| p.name == "web"), "nothing was registered");
+
+    cli.ok(&[
+        "pod",
+        "add",
+        "web",
+        "--ip",
+        &ip,
+        "--quiet-period",
+        "5",
+        "--ignore-port",
+        "9090",
+        "--ignore-port",
+        "9100",
+    ])?;
+    let pods = cli.pods_json()?;
+    let settings = &pods[0]["settings"];
+    ensure!(settings["quiet_period_secs"] == 5.0, "{pods}");
+    ensure!(settings["quiet_period_from"] == "pod add --quiet-period", "{pods}");
+    ensure!(settings["ignore_ports"] == serde_json::json!([9090, 9100]), "{pods}");
+    let why = cli.ok(&["why", "web"])?;
+    ensure!(why.contains("quiet period 5.0s (pod add --quiet-period); ignored ports: 9090, 9100"), "why: {why}");
+    cli.terminate("web", 2.0, 30.0)?;
+    let p = cli.pod("web")?;
+    ensure!(p.quiet_period_secs == Some(2.0), "the terminate request wins: {p:?}");
+    let why = cli.ok(&["why", "web"])?;
+    ensure!(why.contains("quiet period 2.0s (pod terminate --quiet-period)"), "why: {why}");
+    Ok(())
+}
+
 /// `conndrain install DIR` (what the example's init container runs, instead of
 /// a `cp` the image does not have): a working copy, mode 0755; a file for DIR
 /// is one clear line.

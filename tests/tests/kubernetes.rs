@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
-    Agent, Cli, NODE_V4, Netns, Running, TIMEOUT, TcpConn, TcpServer, Topology, conndrain_bin,
+    Agent, Cli, NODE_V4, Netns, PodStatus, Running, TIMEOUT, TcpConn, TcpServer, Topology, conndrain_bin,
     fakeapi::{AgentApi, FakeApiServer},
     require_root, wait_until,
 };
@@ -47,11 +47,12 @@ fn cluster(topo: &Topology, extra: &[&str]) -> Result<Cluster> {
         NODE,
         "--host-ip",
         &node_ip,
-        "--quiet-period",
-        "1",
         "--min-write-interval",
         "0.2",
     ];
+    if !extra.contains(&"--quiet-period") {
+        args.extend(["--quiet-period", "1"]);
+    }
     args.extend_from_slice(extra);
     let agent = Agent::start_with(topo.node(), &args)?;
     let cli = agent.cli();
@@ -280,5 +281,224 @@ fn expired_watch_relists_and_loses_nothing() -> Result<()> {
             pods.iter().any(|p| p.name == format!("{NS}/api")) && !pods.iter().any(|p| p.name == web_name())
         },
     )?;
+    no_forbidden_calls(c.api())
+}
+
+/// Creates the pod with these annotations and waits until the agent knows
+/// it (tracked, or skipped when it opts out).
+fn add_annotated_pod(c: &Cluster, topo: &Topology, name: &str, annotations: &[(&str, &str)]) -> Result<PodStatus> {
+    let p = topo.pod(name);
+    let mut pod = pod_object(name, NODE, &[p.ipv4().to_string(), p.ipv6().to_string()], false)?;
+    pod.metadata.annotations = Some(annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+    c.api().create_pod(pod);
+    c.cli.wait_pod(&format!("{NS}/{name}"), "the pod to be known", |p| p.state == "serving" || p.state == "skipped")
+}
+
+/// `settings` of the pod in `conndrain pods -o json`.
+fn settings(c: &Cluster, name: &str) -> Result<serde_json::Value> {
+    let pods = c.cli.pods_json()?;
+    let pod = pods.as_array().into_iter().flatten().find(|p| p["name"] == format!("{NS}/{name}"));
+    pod.map(|p| p["settings"].clone()).with_context(|| format!("pods -o json lists {name}: {pods}"))
+}
+
+/// The agent's default is 10 s; one pod asks for 0.5 s, another for 25 s.
+/// Deleted together with no connection, they drain in the order of their
+/// quiet periods: the short one while the others still wait, the default
+/// one while the long one still waits.
+#[test]
+fn quiet_period_annotation_shortens_or_lengthens_the_drain() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("short").pod("plain").pod("long").build()?;
+    let c = cluster(&topo, &["--quiet-period", "10"])?;
+    add_annotated_pod(&c, &topo, "short", &[("conndrain.io/quiet-period", "500ms")])?;
+    add_annotated_pod(&c, &topo, "plain", &[])?;
+    add_annotated_pod(&c, &topo, "long", &[("conndrain.io/quiet-period", "25s")])?;
+    let shown = |name| -> Result<(f64, String)> {
+        let s = settings(&c, name)?;
+        Ok((s["quiet_period_secs"].as_f64().unwrap_or(-1.0), s["quiet_period_from"].as_str().unwrap_or("").to_owned()))
+    };
+    ensure!(shown("short")? == (0.5, "annotation conndrain.io/quiet-period".into()), "{:?}", shown("short"));
+    ensure!(shown("plain")? == (10.0, "default".into()), "{:?}", shown("plain"));
+    ensure!(shown("long")? == (25.0, "annotation conndrain.io/quiet-period".into()), "{:?}", shown("long"));
+
+    for name in ["short", "plain", "long"] {
+        c.api().mark_pod_deleted(NS, name, 60);
+    }
+    wait_condition(c.api(), "short", "True", "NoConnections")?;
+    for name in ["plain", "long"] {
+        let p = c.cli.pod(&format!("{NS}/{name}"))?;
+        ensure!(p.state == "draining", "{name} still waits out its longer quiet period: {p:?}");
+    }
+    c.cli.wait_state(&format!("{NS}/plain"), "drained")?;
+    let long = c.cli.pod(&format!("{NS}/long"))?;
+    ensure!(long.state == "draining" && long.quiet_period_secs == Some(25.0), "long still waits: {long:?}");
+    let why = c.cli.ok(&["why", &format!("{NS}/long")])?;
+    ensure!(why.contains("quiet period 25s (annotation conndrain.io/quiet-period)"), "why shows it: {why}");
+    no_forbidden_calls(c.api())
+}
+
+/// A metrics port named in `conndrain.io/ignore-ports` holds nothing: a
+/// scrape in flight on it and new scrapes every 200 ms during the drain
+/// (each would restart a 1 s quiet period) do not keep the pod, while a
+/// connection to its service port does until it closes.
+#[test]
+fn connections_to_an_ignored_port_do_not_hold_the_pod() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let c = cluster(&topo, &[])?;
+    add_annotated_pod(&c, &topo, "web", &[("conndrain.io/ignore-ports", "9090")])?;
+    let web = topo.pod("web");
+    let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
+    let metrics = TcpServer::start(web.ns(), web.addr_v4(9090))?;
+    let mut scrape = TcpConn::connect(topo.client(), metrics.addr())?;
+    scrape.send("GET /sleep/30")?; // in flight: would hold the pod on any other port
+    let conn = TcpConn::connect(topo.client(), server.addr())?;
+    let p = c.cli.wait_pod(&web_name(), "the service connection", |p| p.active_flows == 1)?;
+    ensure!(p.ignored_flows == 1, "the scrape is counted apart: {p:?}");
+
+    c.api().mark_pod_deleted(NS, "web", 60);
+    wait_condition(c.api(), "web", "False", "Draining")?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        let scraper = s.spawn(|| -> Result<u64> {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut again = TcpConn::connect(topo.client(), metrics.addr())?;
+                again.request("GET /metrics")?;
+                again.close()?;
+                n += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(n)
+        });
+        let held = c.cli.wait_pod(&web_name(), "scrapes during the drain", |_| metrics.accepted() >= 4);
+        let p = c.cli.pod(&web_name())?;
+        let why = c.cli.ok(&["why", &web_name()])?;
+        let closed = conn.close();
+        let drained = wait_condition(c.api(), "web", "True", "NoConnections");
+        let scrapes_open = metrics.open();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let scrapes = scraper.join().map_err(|_| anyhow::anyhow!("the scraper panicked"))??;
+        held?;
+        closed?;
+        ensure!(p.state == "draining" && p.active_flows == 1, "the service connection holds it: {p:?}");
+        ensure!(p.new_flows_since_termination == 0, "scrapes are no new flows for the quiet period: {p:?}");
+        ensure!(why.contains("ignored ports: 9090"), "why shows the setting: {why}");
+        drained.with_context(|| format!("drained while scraped ({scrapes} scrapes)"))?;
+        ensure!(scrapes_open >= 1, "drained with the scrape in flight still open");
+        Ok(())
+    })?;
+    drop(scrape);
+    no_forbidden_calls(c.api())
+}
+
+/// `conndrain.io/skip: "true"`: the pod is not tracked; its preStop wait
+/// is answered `skipped` at once (the hook falls back to sleeping) and no
+/// condition or event is written for it, while a tracked pod deleted with
+/// it drains and is reported.
+#[test]
+fn an_opted_out_pod_is_skipped_and_gets_no_condition() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("optout").pod("web").build()?;
+    let c = cluster(&topo, &[])?;
+    let p = add_annotated_pod(&c, &topo, "optout", &[("conndrain.io/skip", "true")])?;
+    ensure!(p.state == "skipped", "{p:?}");
+    ensure!(p.note.as_deref().is_some_and(|n| n.contains("conndrain.io/skip")), "it says why: {p:?}");
+    add_pod(&c, &topo, "web")?;
+    let why = c.cli.ok(&["why", &format!("{NS}/optout")])?;
+    ensure!(why.contains("not tracked") && why.contains("conndrain.io/skip"), "why: {why}");
+
+    c.api().mark_pod_deleted(NS, "optout", 60);
+    c.api().mark_pod_deleted(NS, "web", 60);
+    let out = pre_stop(topo.pod("optout").ns())?.wait_exit(TIMEOUT)?;
+    ensure!(out.code == 0 && out.stderr.contains("skipped"), "the hook falls back at once: {out:?}");
+    let local = c.cli.run(&["wait", &format!("{NS}/optout")])?;
+    ensure!(local.code == 4, "conndrain wait says skipped (exit 4): {local:?}");
+    // Once the tracked pod is reported, the agent has been through the deletions.
+    wait_condition(c.api(), "web", "True", "NoConnections")?;
+    ensure!(condition(c.api(), "optout").is_none(), "no condition for the opted-out pod");
+    ensure!(event_reasons(c.api(), "optout").is_empty(), "no event: {:?}", event_reasons(c.api(), "optout"));
+    no_forbidden_calls(c.api())
+}
+
+/// Bad values: each is a Warning event naming the annotation, the value
+/// and what to write, and the default is used: the quiet period is the
+/// agent's, and port 9090 is not ignored, so its connection holds the pod.
+#[test]
+fn bad_annotation_values_are_reported_and_the_defaults_used() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let c = cluster(&topo, &[])?;
+    let bad = [("conndrain.io/quiet-period", "45s"), ("conndrain.io/ignore-ports", "9090,70000")];
+    add_annotated_pod(&c, &topo, "web", &bad)?;
+    let warnings = wait_until(
+        "two InvalidAnnotation events",
+        TIMEOUT,
+        || {
+            Ok(c.api()
+                .events()
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("InvalidAnnotation") && e.type_.as_deref() == Some("Warning"))
+                .filter_map(|e| e.note)
+                .collect::<Vec<_>>())
+        },
+        |notes| notes.len() >= 2,
+    )?;
+    let note = |key: &str| warnings.iter().find(|n| n.starts_with(key)).cloned().unwrap_or_default();
+    let quiet = note("conndrain.io/quiet-period");
+    ensure!(quiet.contains("\"45s\"") && quiet.contains("terminationGracePeriodSeconds: 30"), "{warnings:?}");
+    ensure!(quiet.contains("such as \"5s\"") && quiet.contains("default quiet period (1s)"), "{quiet}");
+    let ports = note("conndrain.io/ignore-ports");
+    ensure!(ports.contains("\"9090,70000\"") && ports.contains("70000 out of range"), "{warnings:?}");
+    ensure!(ports.contains("such as \"9090,9100\"") && ports.contains("no port is ignored"), "{ports}");
+    let s = settings(&c, "web")?;
+    ensure!(s["quiet_period_secs"] == 1.0 && s["quiet_period_from"] == "default", "the default is used: {s}");
+    ensure!(s["ignore_ports"].as_array().is_some_and(Vec::is_empty), "no port is ignored: {s}");
+    ensure!(s["problems"].as_array().is_some_and(|p| p.len() == 2), "the problems are shown: {s}");
+    let why = c.cli.ok(&["why", &web_name()])?;
+    ensure!(why.contains("refused: conndrain.io/quiet-period"), "why: {why}");
+
+    let web = topo.pod("web");
+    let metrics = TcpServer::start(web.ns(), web.addr_v4(9090))?;
+    let conn = TcpConn::connect(topo.client(), metrics.addr())?;
+    c.cli.wait_pod(&web_name(), "the 9090 connection counted", |p| p.active_flows == 1)?;
+    c.api().mark_pod_deleted(NS, "web", 60);
+    wait_condition(c.api(), "web", "False", "Draining")?;
+    let p = c.cli.pod(&web_name())?;
+    ensure!(p.state == "draining" && p.quiet_period_secs == Some(1.0), "held by the 9090 connection: {p:?}");
+    conn.close()?;
+    wait_condition(c.api(), "web", "True", "NoConnections")?;
+    no_forbidden_calls(c.api())
+}
+
+/// Annotations edited on a running pod apply: new ignored ports at once; an
+/// opt-out unregisters it; opting back in tracks it again as a pod that ran
+/// untracked (its earlier connections are unknown), so its drain cannot be
+/// confirmed and runs to its deadline, and `why` says so.
+#[test]
+fn annotations_edited_on_a_running_pod_apply() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("web").build()?;
+    let c = cluster(&topo, &["--deadline-margin", "1"])?;
+    add_annotated_pod(&c, &topo, "web", &[])?;
+    let annotate = |pairs: &[(&str, &str)]| {
+        let annotations = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        c.api().update_pod(NS, "web", |p| p.metadata.annotations = Some(annotations));
+    };
+    annotate(&[("conndrain.io/ignore-ports", "9090")]);
+    wait_until(
+        "the new ignored port",
+        TIMEOUT,
+        || settings(&c, "web"),
+        |s| s["ignore_ports"] == serde_json::json!([9090]),
+    )?;
+    annotate(&[("conndrain.io/skip", "true")]);
+    c.cli.wait_state(&web_name(), "skipped")?;
+    annotate(&[]);
+    c.cli.wait_state(&web_name(), "serving")?;
+    c.api().mark_pod_deleted(NS, "web", 4);
+    wait_condition(c.api(), "web", "True", "DeadlineReached")?;
+    let why = c.cli.ok(&["why", &web_name()])?;
+    ensure!(why.contains("already running when conndrain first saw it"), "why: {why}");
     no_forbidden_calls(c.api())
 }

@@ -41,6 +41,12 @@ pub struct AddPod {
     /// processes to them do not restart the quiet period).
     #[serde(default)]
     pub probe_ports: Vec<u16>,
+    /// The pod's own quiet period (`pod add --quiet-period`); none: the agent's.
+    #[serde(default)]
+    pub quiet_period_secs: Option<f64>,
+    /// Its listening ports whose inbound connections never hold it (`pod add --ignore-port`).
+    #[serde(default)]
+    pub ignore_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -69,6 +75,29 @@ pub struct PodView {
     /// Why a pod is `skipped`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Live inbound flows to its ignored ports (they hold nothing).
+    #[serde(default)]
+    pub ignored_flows: u64,
+    /// Its own drain settings, as the agent applies them.
+    #[serde(default)]
+    pub settings: SettingsView,
+}
+
+/// A pod's drain settings (Kubernetes: its `conndrain.io/` annotations;
+/// standalone: `pod add` flags), as the agent applies them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SettingsView {
+    /// The quiet period its drain uses (or will use).
+    pub quiet_period_secs: f64,
+    /// Where it comes from: "default" (the agent's `--quiet-period`),
+    /// "annotation conndrain.io/quiet-period", "pod add --quiet-period" or
+    /// "pod terminate --quiet-period".
+    pub quiet_period_from: String,
+    /// Its listening ports whose inbound connections never hold it.
+    pub ignore_ports: Vec<u16>,
+    /// Settings refused for a bad value, each saying what is used instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,6 +112,9 @@ pub struct FlowView {
     pub idle_secs: f64,
     pub idle: bool,
     pub active: bool,
+    /// Inbound to one of the pod's ignored ports: does not hold it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignored: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Set when the flow is pinned to this pod (its backend is terminating).

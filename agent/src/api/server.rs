@@ -72,7 +72,9 @@ impl IntoResponse for ApiError {
         let code = match &self.0 {
             PodError::Unknown(_) | PodError::Removed(_) => StatusCode::NOT_FOUND,
             PodError::Exists(_) | PodError::IpTaken { .. } | PodError::AlreadyTerminating(_) => StatusCode::CONFLICT,
-            PodError::NoIps(_) | PodError::BadName(_) | PodError::BadDuration { .. } => StatusCode::BAD_REQUEST,
+            PodError::NoIps(_) | PodError::BadName(_) | PodError::BadDuration { .. } | PodError::BadPort(_) => {
+                StatusCode::BAD_REQUEST
+            }
             PodError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
             PodError::Datapath(crate::error::Error::NoRoute { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             PodError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -96,7 +98,20 @@ async fn pod(State(node): State<Arc<Node>>, UrlPath(name): UrlPath<String>) -> A
 }
 
 async fn add_pod(State(node): State<Arc<Node>>, Json(req): Json<AddPod>) -> ApiResult<super::PodView> {
-    let spec = crate::node::PodSpec { probe_ports: req.probe_ports, preexisting: false };
+    let quiet_period = crate::node::positive_secs("quiet period", req.quiet_period_secs)?;
+    if req.ignore_ports.contains(&0) {
+        return Err(PodError::BadPort(0).into());
+    }
+    let mut ignore_ports = req.ignore_ports;
+    ignore_ports.sort_unstable();
+    ignore_ports.dedup();
+    let settings = crate::node::PodSettings {
+        quiet_period,
+        quiet_period_from: "pod add --quiet-period".to_owned(),
+        ignore_ports,
+        problems: Vec::new(),
+    };
+    let spec = crate::node::PodSpec { probe_ports: req.probe_ports, preexisting: false, settings };
     node.add_pod(&req.name, &req.ips, &spec).await?;
     Ok(Json(node.pod(&req.name).await?))
 }

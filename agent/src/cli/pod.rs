@@ -19,6 +19,14 @@ pub enum PodCommand {
         /// from the node's own processes to it do not restart the quiet period.
         #[arg(long = "probe-port")]
         probe_ports: Vec<u16>,
+        /// Seconds without a new inbound flow before this pod counts as
+        /// drained (Kubernetes: annotation conndrain.io/quiet-period). Default: the agent's --quiet-period.
+        #[arg(long)]
+        quiet_period: Option<f64>,
+        /// A port of the pod whose inbound connections never hold it (a
+        /// metrics port; Kubernetes: annotation conndrain.io/ignore-ports); repeat for several.
+        #[arg(long = "ignore-port")]
+        ignore_ports: Vec<u16>,
     },
     /// Start draining a pod.
     Terminate {
@@ -36,8 +44,9 @@ pub enum PodCommand {
 
 pub async fn run(client: &Client, cmd: PodCommand) -> anyhow::Result<()> {
     match cmd {
-        PodCommand::Add { name, ips, probe_ports } => {
-            let pod: PodView = client.post("/v1/pods", &AddPod { name, ips, probe_ports }).await?;
+        PodCommand::Add { name, ips, probe_ports, quiet_period, ignore_ports } => {
+            let req = AddPod { name, ips, probe_ports, quiet_period_secs: quiet_period, ignore_ports };
+            let pod: PodView = client.post("/v1/pods", &req).await?;
             println!("pod {} added ({}) on {}", pod.name, join(&pod.ips), pod.interfaces.join(", "));
             if let Some(note) = &pod.note {
                 eprintln!("conndrain: pod {} is skipped: {note}", pod.name);

@@ -75,10 +75,12 @@ fn changes(pods: &[PodView]) -> Vec<String> {
                 interfaces,
                 open_sockets,
                 note,
+                ignored_flows,
+                settings,
             } = p;
             format!(
                 "{name} {ips:?} {state:?} {active_flows} {idle_flows} {outbound_flows} {new_flows_since_termination} \
-                 {quiet_period_secs:?} {interfaces:?} {open_sockets} {note:?}"
+                 {quiet_period_secs:?} {interfaces:?} {open_sockets} {note:?} {ignored_flows} {settings:?}"
             )
         })
         .collect()

@@ -70,7 +70,10 @@ fn report(o: &WaitOutcome) -> i32 {
             0
         }
         (false, PodState::Skipped) => {
-            eprintln!("conndrain: {} is skipped: conndrain cannot see its traffic (conndrain why {})", o.pod, o.pod);
+            eprintln!(
+                "conndrain: {} is skipped: conndrain does not track its traffic (conndrain why {})",
+                o.pod, o.pod
+            );
             EXIT_SKIPPED
         }
         (false, _) => {
@@ -88,7 +91,7 @@ async fn pre_stop(args: &Args) -> i32 {
     };
     let result = result.and_then(|o| {
         if o.state == PodState::Skipped {
-            Err(format!("the agent cannot see {}'s traffic (skipped)", o.pod))
+            Err(format!("the agent does not track {}'s traffic (skipped)", o.pod))
         } else {
             Ok(o)
         }

@@ -2,7 +2,7 @@
 
 use super::{Format, human_secs, print_data, seg};
 use crate::{
-    api::{Why, client::Client},
+    api::{PodView, Why, client::Client},
     drain::PodState,
 };
 
@@ -69,6 +69,9 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             f.bytes_out
         );
     }
+    if p.state != PodState::Skipped {
+        print_settings(p);
+    }
     let s = &w.sockets;
     if p.state != PodState::Skipped {
         println!(
@@ -93,7 +96,9 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
     if !w.not_holding.is_empty() {
         println!("Not holding it:");
         for f in &w.not_holding {
-            let why = if f.idle {
+            let why = if f.ignored {
+                "to an ignored port of the pod (its settings)".to_owned()
+            } else if f.idle {
                 format!("idle keep-alive, quiet for {} (> {}s)", human_secs(f.idle_secs), w.idle_timeout_secs)
             } else {
                 "outbound: the pod is the client".to_owned()
@@ -102,4 +107,24 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The pod's own drain settings, where they come from, and any refused.
+fn print_settings(p: &PodView) {
+    let s = &p.settings;
+    let ignored = if s.ignore_ports.is_empty() {
+        "none".to_owned()
+    } else {
+        let ports: Vec<String> = s.ignore_ports.iter().map(u16::to_string).collect();
+        format!("{} (inbound connections to them hold nothing; {} open now)", ports.join(", "), p.ignored_flows)
+    };
+    println!(
+        "Settings: quiet period {} ({}); ignored ports: {}.",
+        human_secs(s.quiet_period_secs),
+        s.quiet_period_from,
+        ignored
+    );
+    for problem in &s.problems {
+        println!("  refused: {problem}");
+    }
 }

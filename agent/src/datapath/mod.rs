@@ -21,7 +21,7 @@ use aya::{
 };
 use conndrain_common::{
     Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue,
-    WireKey, maps, stats,
+    WireKey, maps, port_flags, stats,
 };
 
 pub use attach::{AttachMode, remove_clsact_filters};
@@ -288,7 +288,13 @@ impl Datapath {
     /// Registers a pod's IPs under `slot` and attaches to the interfaces that
     /// route to them. Returns the interface indexes, to hand back to
     /// `unregister_pod`. On error nothing stays registered.
-    pub async fn register_pod(&mut self, slot: u32, ips: &[IpAddr], probes: &[u16]) -> Result<Registered, Error> {
+    pub async fn register_pod(
+        &mut self,
+        slot: u32,
+        ips: &[IpAddr],
+        probes: &[u16],
+        ignored: &[u16],
+    ) -> Result<Registered, Error> {
         let mut ifindexes = Vec::new();
         let mut unseen = None;
         for ip in ips {
@@ -309,7 +315,7 @@ impl Datapath {
             .map_err(|source| Error::map(maps::POD_COUNTERS, source))?;
         self.set_pod_flags(slot, 0)?;
         sockets::reset_slot(&mut self.ebpf, slot)?;
-        self.set_probes(slot, probes)?;
+        self.set_ports(slot, probes, ignored)?;
         let mut attached = Vec::new();
         for &ifindex in &ifindexes {
             if let Err(e) = self.attach(ifindex) {
@@ -343,17 +349,27 @@ impl Datapath {
         Ok(route::attach_points(oif, &links))
     }
 
-    /// The kubelet's probe ports of a pod (replacing any it had).
-    pub fn set_probes(&mut self, slot: u32, ports: &[u16]) -> Result<(), Error> {
+    /// A pod's ports whose new inbound connections do not restart the quiet
+    /// period (replacing any it had): the kubelet's probe ports, and the
+    /// ports its settings ignore. An ignored port the map has no room for is
+    /// left out with a log line: its new connections then restart the quiet
+    /// period, which delays a drain and never hastens one.
+    pub fn set_ports(&mut self, slot: u32, probes: &[u16], ignored: &[u16]) -> Result<(), Error> {
         let mut m: HashMap<_, ProbeKey, u8> = HashMap::try_from(map_mut(&mut self.ebpf, maps::PROBES)?)
             .map_err(|source| Error::map(maps::PROBES, source))?;
         let old: Vec<ProbeKey> = m.keys().filter_map(Result::ok).filter(|k| k.pod_slot == slot).collect();
         for k in old {
             let _ = m.remove(&k);
         }
-        for &port in ports {
-            m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, 1, 0)
+        for &port in probes {
+            let flags = port_flags::PROBE | if ignored.contains(&port) { port_flags::IGNORED } else { 0 };
+            m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, flags, 0)
                 .map_err(|source| Error::map(maps::PROBES, source))?;
+        }
+        for &port in ignored.iter().filter(|p| !probes.contains(p)) {
+            if let Err(e) = m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, port_flags::IGNORED, 0) {
+                tracing::warn!(slot, port, error = %e, "no room for an ignored port: its new connections restart the quiet period");
+            }
         }
         Ok(())
     }
@@ -380,7 +396,7 @@ impl Datapath {
         }
         // After the IPs: the programs no longer create flows for it.
         self.forget_pod_flows(slot, known);
-        if let Err(e) = sockets::reset_slot(&mut self.ebpf, slot).and_then(|()| self.set_probes(slot, &[])) {
+        if let Err(e) = sockets::reset_slot(&mut self.ebpf, slot).and_then(|()| self.set_ports(slot, &[], &[])) {
             tracing::warn!(slot, error = %e, "forgetting a removed pod's sockets and probes");
         }
         for &i in ifindexes {

@@ -1,6 +1,7 @@
 //! Kubernetes mode: the cluster's view of this node's pods fills the node
 //! model (`watch`), and drain outcomes go back to the API (`report`).
 
+pub mod annotations;
 mod report;
 mod watch;
 

@@ -39,6 +39,17 @@ impl Reporter {
         Self { client, node, recorder, min_write_interval: settings.min_write_interval }
     }
 
+    /// Reports a refused value of one of the pod's `conndrain.io/`
+    /// annotations: a Warning event whose note names the annotation, the
+    /// value, what to write instead, and what the agent uses meanwhile.
+    pub fn bad_annotation(&self, pod: &Pod, note: String) {
+        let this = self.clone();
+        let reference = pod.object_ref(&());
+        tokio::spawn(async move {
+            this.publish(EventType::Warning, "InvalidAnnotation", "Configure", &reference, note).await;
+        });
+    }
+
     /// Follows one terminating pod until its drain ends and is reported.
     pub fn start(&self, pod: Arc<Pod>, name: String) {
         let this = self.clone();
@@ -154,10 +165,22 @@ impl Reporter {
         }
     }
 
+    /// Publishes a drain's event.
+    async fn event(&self, reference: &k8s_openapi::api::core::v1::ObjectReference, reason: &str, note: String) {
+        self.publish(EventType::Normal, reason, "Drain", reference, note).await;
+    }
+
     /// Publishes an event; retried a few times, then given up with a log
     /// line (events are informative; the condition is what matters).
-    async fn event(&self, reference: &k8s_openapi::api::core::v1::ObjectReference, reason: &str, note: String) {
-        let ev = Event { type_: EventType::Normal, reason: reason.into(), note: Some(note), action: "Drain".into(), secondary: None };
+    async fn publish(
+        &self,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        note: String,
+    ) {
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         let mut backoff = Duration::from_millis(200);
         for _ in 0..8 {
             match self.recorder.publish(&ev, reference).await {

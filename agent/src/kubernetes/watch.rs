@@ -16,7 +16,7 @@ use kube::{
     runtime::{WatchStreamExt as _, reflector, watcher},
 };
 
-use super::{Settings, report::Reporter};
+use super::{Settings, annotations, report::Reporter};
 use crate::{
     api::Terminate,
     node::{Node, PodSpec},
@@ -95,16 +95,30 @@ fn watch_backoff() -> watcher::ExponentialBackoff {
 /// What the node should know about one pod.
 #[derive(Debug, PartialEq)]
 enum Desired {
-    Track { ips: Vec<IpAddr>, deadline_in: Option<Duration>, spec: PodSpec },
-    Skip(&'static str),
+    Track {
+        ips: Vec<IpAddr>,
+        deadline_in: Option<Duration>,
+        spec: PodSpec,
+    },
+    /// Known, not tracked; `ips` are its own (empty for a hostNetwork pod).
+    Skip {
+        reason: &'static str,
+        ips: Vec<IpAddr>,
+    },
     Ignore,
 }
 
-fn desired(pod: &Pod, margin: Duration) -> Desired {
+/// Why an opted-out pod is skipped.
+const OPTED_OUT: &str = "opted out by its annotation conndrain.io/skip: \"true\"";
+
+/// `default_quiet`: the agent's `--quiet-period`, for the messages about
+/// a refused `conndrain.io/quiet-period`.
+fn desired(pod: &Pod, margin: Duration, default_quiet: Duration) -> Desired {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
-        return Desired::Skip("hostNetwork pod: it shares the node's IPs, so its flows cannot be told apart");
+        let reason = "hostNetwork pod: it shares the node's IPs, so its flows cannot be told apart";
+        return Desired::Skip { reason, ips: Vec::new() };
     }
     if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return Desired::Ignore;
@@ -121,6 +135,10 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
     if ips.is_empty() {
         return Desired::Ignore;
     }
+    let annotated = annotations::read(pod, default_quiet);
+    if annotated.skip {
+        return Desired::Skip { reason: OPTED_OUT, ips };
+    }
     let deadline_in = pod.metadata.deletion_timestamp.as_ref().map(|ts| {
         // deletionTimestamp is when the kubelet kills the pod (deletion time + grace period).
         let kill_in = Duration::try_from(ts.0.duration_since(jiff_now())).ok();
@@ -129,7 +147,11 @@ fn desired(pod: &Pod, margin: Duration) -> Desired {
     Desired::Track {
         ips,
         deadline_in,
-        spec: PodSpec { probe_ports: probe_ports(pod), preexisting: started_before_agent(pod) },
+        spec: PodSpec {
+            probe_ports: probe_ports(pod),
+            preexisting: started_before_agent(pod),
+            settings: annotated.settings,
+        },
     }
 }
 
@@ -149,27 +171,26 @@ pub async fn run(
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
     let (store, writer) = reflector::store();
     let mut stream = watcher(pods, config).backoff(watch_backoff()).reflect(writer).boxed();
-    let mut known: BTreeSet<String> = BTreeSet::new();
-    let mut skipped: BTreeMap<String, &'static str> = BTreeMap::new();
+    let mut seen = Reconciled::default();
     // Registration can fail for a moment (the CNI has not set up the route yet): retry on a timer too.
     let mut resync = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
                 Some(Ok(watcher::Event::InitDone)) => {
-                    reconcile(&store.state(), &node, &settings, &reporter, &mut known, &mut skipped).await;
+                    reconcile(&store.state(), &node, &settings, &reporter, &mut seen).await;
                     if !synced.swap(true, std::sync::atomic::Ordering::SeqCst) {
                         tracing::info!(node = %settings.node_name, pods = store.state().len(), "first pod sync done");
                     }
                 }
                 Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-                Some(Ok(_)) => reconcile(&store.state(), &node, &settings, &reporter, &mut known, &mut skipped).await,
+                Some(Ok(_)) => reconcile(&store.state(), &node, &settings, &reporter, &mut seen).await,
                 Some(Err(e)) => tracing::warn!(error = %e, "pod watch (retrying with backoff)"),
                 None => anyhow::bail!("pod watch ended"),
             },
             _ = resync.tick() => {
                 if synced.load(std::sync::atomic::Ordering::SeqCst) {
-                    reconcile(&store.state(), &node, &settings, &reporter, &mut known, &mut skipped).await;
+                    reconcile(&store.state(), &node, &settings, &reporter, &mut seen).await;
                 }
             }
         }
@@ -222,24 +243,37 @@ pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> a
     }
 }
 
+/// What `reconcile` remembers from one run to the next.
+#[derive(Default)]
+struct Reconciled {
+    /// Pods registered with the node.
+    known: BTreeSet<String>,
+    /// Pods known but not tracked, with the reason.
+    skipped: BTreeMap<String, &'static str>,
+    /// Refused annotation values already reported with an event, per pod.
+    warned: BTreeMap<String, BTreeSet<String>>,
+}
+
 async fn reconcile(
     pods: &[Arc<Pod>],
     node: &Arc<Node>,
     settings: &Settings,
     reporter: &Reporter,
-    known: &mut BTreeSet<String>,
-    skipped: &mut BTreeMap<String, &'static str>,
+    seen: &mut Reconciled,
 ) {
+    let Reconciled { known, skipped, warned } = seen;
+    let default_quiet = node.settings.default_quiet_period;
     let pods: Vec<(String, &Arc<Pod>, Desired)> = pods
         .iter()
         .map(|pod| {
             (
                 format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
                 pod,
-                desired(pod, settings.deadline_margin),
+                desired(pod, settings.deadline_margin, default_quiet),
             )
         })
         .collect();
+    warned.retain(|name, _| pods.iter().any(|(n, _, _)| n == name));
     // Forget the pods that are gone first: after a relist, a new pod may
     // have the IP of one deleted meanwhile, and registering it needs that IP free.
     let tracked: BTreeSet<&String> =
@@ -254,15 +288,29 @@ async fn reconcile(
     for (name, pod, desired) in pods {
         match desired {
             Desired::Ignore => {}
-            Desired::Skip(reason) => {
+            Desired::Skip { reason, ips } => {
                 seen_skipped.insert(name.clone());
                 if skipped.insert(name.clone(), reason).is_none() {
                     tracing::info!(pod = %name, reason, "skipping pod");
-                    node.set_skipped(&name, Some(reason)).await;
+                    node.set_skipped(&name, Some(reason), &ips).await;
                 }
             }
-            Desired::Track { ips, deadline_in, spec } => {
-                if !known.contains(&name) {
+            Desired::Track { ips, deadline_in, mut spec } => {
+                let told = warned.entry(name.clone()).or_default();
+                for problem in &spec.settings.problems {
+                    if told.insert(problem.clone()) {
+                        tracing::warn!(pod = %name, problem, "refused annotation value");
+                        reporter.bad_annotation(pod, problem.clone());
+                    }
+                }
+                if known.contains(&name) {
+                    if let Err(e) = node.set_settings(&name, &spec.settings).await {
+                        tracing::warn!(pod = %name, error = %e, "applying the pod's settings");
+                    }
+                } else {
+                    // A pod that was skipped until now (opted out) has run
+                    // untracked: its connections so far are unknown.
+                    spec.preexisting |= skipped.contains_key(&name);
                     match node.add_pod(&name, &ips, &spec).await {
                         Ok(()) => {
                             known.insert(name.clone());
@@ -287,7 +335,7 @@ async fn reconcile(
     }
     for gone in skipped.keys().filter(|k| !seen_skipped.contains(*k)).cloned().collect::<Vec<_>>() {
         skipped.remove(&gone);
-        node.set_skipped(&gone, None).await;
+        node.set_skipped(&gone, None, &[]).await;
     }
 }
 
@@ -306,7 +354,7 @@ mod tests {
             "spec": {"hostNetwork": true, "containers": []},
             "status": {"podIP": "10.0.0.1"}
         }));
-        assert!(matches!(desired(&p, Duration::ZERO), Desired::Skip(_)));
+        assert!(matches!(desired(&p, Duration::ZERO, Duration::from_secs(3)), Desired::Skip { .. }));
     }
 
     #[test]
@@ -317,7 +365,8 @@ mod tests {
             "spec": {"containers": []},
             "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "phase": "Running"}
         }));
-        let Desired::Track { ips, deadline_in, .. } = desired(&p, Duration::from_secs(5)) else {
+        let Desired::Track { ips, deadline_in, .. } = desired(&p, Duration::from_secs(5), Duration::from_secs(3))
+        else {
             panic!("expected Track");
         };
         assert_eq!(ips.len(), 2);
@@ -337,19 +386,42 @@ mod tests {
             ]},
             "status": {"podIP": "10.0.0.1", "startTime": "2020-01-01T00:00:00Z"}
         }));
-        let Desired::Track { spec, .. } = desired(&p, Duration::ZERO) else { panic!("expected Track") };
+        let Desired::Track { spec, .. } = desired(&p, Duration::ZERO, Duration::from_secs(3)) else {
+            panic!("expected Track")
+        };
         assert_eq!(spec.probe_ports, vec![8080, 9000, 50051]);
         assert!(spec.preexisting, "started long before this agent");
     }
 
     #[test]
+    fn annotations_opt_out_or_set_the_drain() {
+        let with = |annotations: serde_json::Value| {
+            pod(serde_json::json!({
+                "metadata": {"name": "a", "namespace": "n", "annotations": annotations},
+                "spec": {"containers": [{"name": "app", "ports": [{"name": "metrics", "containerPort": 9100}]}]},
+                "status": {"podIP": "10.0.0.1"}
+            }))
+        };
+        let d = |p: &Pod| desired(p, Duration::ZERO, Duration::from_secs(3));
+        let Desired::Skip { reason, ips } = d(&with(serde_json::json!({"conndrain.io/skip": "true"}))) else {
+            panic!("expected Skip")
+        };
+        assert!(reason.contains("conndrain.io/skip"), "{reason}");
+        assert_eq!(ips, vec!["10.0.0.1".parse::<IpAddr>().expect("ip")], "its own IP, for its preStop wait");
+        let p = with(serde_json::json!({"conndrain.io/quiet-period": "5s", "conndrain.io/ignore-ports": "metrics"}));
+        let Desired::Track { spec, .. } = d(&p) else { panic!("expected Track") };
+        assert_eq!(spec.settings.quiet_period, Some(Duration::from_secs(5)));
+        assert_eq!(spec.settings.ignore_ports, vec![9100]);
+    }
+
+    #[test]
     fn pods_without_ip_or_finished_are_ignored() {
         let p = pod(serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": []}, "status": {}}));
-        assert_eq!(desired(&p, Duration::ZERO), Desired::Ignore);
+        assert_eq!(desired(&p, Duration::ZERO, Duration::from_secs(3)), Desired::Ignore);
         let p = pod(serde_json::json!({
             "metadata": {"name": "a"}, "spec": {"containers": []},
             "status": {"podIP": "10.0.0.1", "phase": "Succeeded"}
         }));
-        assert_eq!(desired(&p, Duration::ZERO), Desired::Ignore);
+        assert_eq!(desired(&p, Duration::ZERO, Duration::from_secs(3)), Desired::Ignore);
     }
 }

@@ -34,9 +34,10 @@ pub mod maps {
     pub const SOCKETS: &str = "SOCKETS";
     /// `Array<PodSockets>`: per pod slot, how many of its sockets `SOCKETS` holds.
     pub const POD_SOCKETS: &str = "POD_SOCKETS";
-    /// `HashMap<ProbeKey, u8>`: the ports the kubelet probes, per pod slot:
-    /// new connections from the node's own processes to them do not restart
-    /// the quiet period.
+    /// `HashMap<ProbeKey, u8>`: per pod slot, its ports whose new inbound
+    /// connections do not restart the quiet period, with `port_flags`: the
+    /// ports the kubelet probes (only connections from the node's own
+    /// processes) and the ports its settings ignore (any connection).
     pub const PROBES: &str = "PROBES";
 }
 
@@ -58,6 +59,17 @@ pub const MAX_HELD: u32 = 65_536;
 pub mod pod_flags {
     /// The pod is draining: its flows go to `HELD`, out of the LRU's reach.
     pub const DRAINING: u32 = 1;
+}
+
+/// Values of `PROBES` entries (bits). Agents before these flags wrote 1 for
+/// every entry, which reads as `PROBE`: the layout did not change.
+pub mod port_flags {
+    /// The kubelet probes this port: a new connection to it from a process
+    /// of the node, from a node address, does not restart the quiet period.
+    pub const PROBE: u8 = 1;
+    /// The pod's settings ignore this port (a metrics scrape port): no new
+    /// inbound connection to it restarts the quiet period.
+    pub const IGNORED: u8 = 2;
 }
 
 /// Version of the layout of the maps the agent pins under bpffs (`--bpffs

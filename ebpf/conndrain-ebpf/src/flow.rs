@@ -9,8 +9,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use conndrain_common::{
-    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, ProbeKey, direction, event_kind, flow_flags, pod_flags, stats,
-    tcp_state,
+    FlowEvent, FlowKey, FlowValue, PROTO_TCP, PodIpKey, ProbeKey, direction, event_kind, flow_flags, pod_flags,
+    port_flags, stats, tcp_state,
 };
 
 use crate::{
@@ -34,15 +34,15 @@ pub const EEXIST: i32 = -17;
 const EPHEMERAL_PORTS: u16 = 32768;
 
 // Not inlined: its frame and steering's are separate BPF stack frames, each
-// well under the 512-byte limit.
+// well under the 512-byte limit. Returns whether the packet is a pod's: a
+// value the callers use, so that r0 is always set at its exit (with no
+// return value, LLVM once left a stack pointer in r0 there, which the
+// verifier refuses: "cannot return stack pointer to the caller").
 #[inline(never)]
-pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
-    let (key, slot) = match flow_key(pkt, side) {
-        Some(k) => k,
-        None => {
-            count(stats::NOT_POD);
-            return;
-        }
+#[must_use]
+pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) -> bool {
+    let Some((key, slot)) = flow_key(pkt, side) else {
+        return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let len = u64::from(ctx.len());
@@ -54,7 +54,7 @@ pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
     if draining && let Some(v) = HELD.get_ptr_mut(&key) {
         // SAFETY: as below.
         update(&key, unsafe { &mut *v }, pkt, from_pod, now, len);
-        return;
+        return true;
     }
     if let Some(v) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer is into the map value; concurrent writers can
@@ -65,9 +65,10 @@ pub fn track(ctx: &TcContext, side: Side, pkt: &Packet) {
         } else {
             update(&key, v, pkt, from_pod, now, len);
         }
-        return;
+        return true;
     }
     create(&key, slot, draining, pkt, from_pod, now, len);
+    true
 }
 
 /// Whether the packet was sent by a local socket: `skb->sk` is set for
@@ -368,7 +369,8 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
     }
 }
 
-/// Counts a new inbound flow for the quiet period, unless it is one of the
+/// Counts a new inbound flow for the quiet period, unless it goes to a port
+/// the pod's settings ignore (`port_flags::IGNORED`), or is one of the
 /// kubelet's probes: the kubelet keeps probing a terminating pod, and its
 /// probes must not hold the pod forever. A probe is sent by a process of
 /// the node (not forwarded), from a node address, to one of the pod's probe
@@ -377,9 +379,12 @@ fn add_active(slot: u32, dir: u8, delta: u64) {
 #[inline(always)]
 fn note_new_inbound(key: &FlowKey, slot: u32, pkt: &Packet, now: u64) {
     // SAFETY: read-only lookups of plain bytes.
-    if pkt.local
-        && unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some()
-        && unsafe { PROBES.get(&ProbeKey { pod_slot: slot, port: key.pod_port, _pad: 0 }) }.is_some()
+    let ports = unsafe { PROBES.get(&ProbeKey { pod_slot: slot, port: key.pod_port, _pad: 0 }) }.map_or(0, |p| *p);
+    if ports & port_flags::IGNORED != 0
+        || (ports & port_flags::PROBE != 0
+            && pkt.local
+            // SAFETY: as above.
+            && unsafe { NODE_ADDRS.get(&PodIpKey { addr: key.peer_addr }) }.is_some())
     {
         return;
     }

@@ -35,7 +35,7 @@ pub fn conndrain_ingress(ctx: TcContext) -> i32 {
     let Some(pkt) = parsed(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    flow::track(&ctx, flow::Side::FromPod, &pkt);
+    track(&ctx, flow::Side::FromPod, &pkt);
     if !steer::any_pins() {
         return TC_ACT_UNSPEC;
     }
@@ -48,7 +48,7 @@ pub fn conndrain_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn conndrain_track(ctx: TcContext) -> i32 {
     if let Some(pkt) = parsed(&ctx) {
-        flow::track(&ctx, flow::Side::FromPod, &pkt);
+        track(&ctx, flow::Side::FromPod, &pkt);
     }
     TC_ACT_UNSPEC
 }
@@ -58,9 +58,17 @@ pub fn conndrain_track(ctx: TcContext) -> i32 {
 pub fn conndrain_egress(ctx: TcContext) -> i32 {
     if let Some(mut pkt) = parsed(&ctx) {
         pkt.local = flow::local_origin(&ctx);
-        flow::track(&ctx, flow::Side::ToPod, &pkt);
+        track(&ctx, flow::Side::ToPod, &pkt);
     }
     TC_ACT_UNSPEC
+}
+
+/// Tracks the packet's flow; counts it in `NOT_POD` when it is no pod's.
+#[inline(always)]
+fn track(ctx: &TcContext, side: flow::Side, pkt: &parse::Packet) {
+    if !flow::track(ctx, side, pkt) {
+        maps::count(stats::NOT_POD);
+    }
 }
 
 /// `sock:inet_sock_set_state`: every TCP socket state change on the node,
