@@ -24,6 +24,7 @@
 
 mod agent;
 mod bpffs;
+mod cgroup;
 pub mod cni;
 pub mod fakeapi;
 pub mod kubeproxy;
@@ -47,6 +48,7 @@ pub use agent::{
     Agent, Cli, FlowInfo, Output, PodStatus, Running, conndrain_bin, run_with_timeout,
 };
 pub use bpffs::Bpffs;
+pub use cgroup::Cgroup;
 pub use netns::{Netns, run_in};
 pub use topology::{CLIENT_V4, CLIENT_V6, NODE_V4, NODE_V6, Pod, Topology, TopologyBuilder};
 pub use traffic::{Repeat, TcpConn, TcpServer, UdpClient, UdpServer};

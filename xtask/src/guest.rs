@@ -93,6 +93,8 @@ const MODULES: &[&str] = &[
 /// - `steering`: the agent's fixes in iptables and nftables mode (their
 ///   breaks without it run on the host), and all of the IPVS mode, breaks
 ///   and fixes (only here: the host kernel has no IPVS).
+/// - `prestop`: the preStop intercept's cgroup programs pass 6.1's verifier,
+///   and the kubelet's `httpGet` gets its pod's drain (docs/prestop.md).
 ///
 /// `cargo xtask test-guest -- FILTER` replaces these filters with FILTER.
 pub const PLAN: &[(&str, &[&str])] = &[
@@ -138,6 +140,7 @@ pub const PLAN: &[(&str, &[&str])] = &[
             "ipvs::",
         ],
     ),
+    ("prestop", &["kubelet_http_get_to_a_pod_ip_returns_when_that_pod_drains"]),
 ];
 
 pub fn kernel_image() -> PathBuf {

@@ -30,6 +30,8 @@ use crate::{datapath::AttachMode, datapath::Features, drain::PodState};
 pub const DEFAULT_SOCKET: &str = "/run/conndrain/conndrain.sock";
 /// Port of the node API's `/v1/wait` on the node IP.
 pub const DEFAULT_WAIT_PORT: u16 = 9464;
+/// Loopback port the preStop intercept sends the kubelet's `httpGet` to.
+pub const DEFAULT_INTERCEPT_LISTEN_PORT: u16 = 9466;
 /// Port of `/metrics`, `/healthz` and `/readyz`.
 pub const DEFAULT_METRICS_PORT: u16 = 9465;
 

@@ -11,6 +11,13 @@
 //!   node routes the replies to the real owner's interface. That holds with a
 //!   veth per pod; pods on a shared bridge can poison each other's ARP
 //!   entries, so there it takes the CNI's anti-spoofing (e.g. `macspoofchk`).
+//! - `GET /v1/wait` on the preStop intercept's loopback listener: the
+//!   kubelet's `lifecycle.preStop.httpGet` to `podIP:<intercept port>`, sent
+//!   here by the cgroup programs (`datapath/intercept.rs`). The pod is the one
+//!   whose IP the kubelet dialled, as the programs recorded it for this
+//!   connection; a connection they did not rewrite (a node process dialling
+//!   loopback itself) gets 403. Only processes of the node's network
+//!   namespace are rewritten, so nothing in a pod reaches this listener.
 //! - `GET /metrics`, `/healthz`, `/readyz` on a second listener
 //!   (`--metrics-bind-address`). `/metrics` answers the callers that
 //!   `--metrics-allow` lists, whoever they are: a Prometheus pod on this node
@@ -19,7 +26,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -37,7 +44,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tower_http::limit::RequestBodyLimitLayer;
 
 use super::{WaitOutcome, access::MetricsAllow, error};
-use crate::{drain::PodState, metrics::PreStopOutcome, node::Node};
+use crate::{datapath::intercept::Intercept, drain::PodState, metrics::PreStopOutcome, node::Node};
 
 pub struct NodeApi {
     pub node: Arc<Node>,
@@ -102,6 +109,14 @@ pub fn wait_router(api: Arc<NodeApi>) -> Router {
     super::refuse_unknown(router, "this port serves GET /v1/wait, for a pod's preStop `conndrain wait`")
 }
 
+/// The preStop intercept's listener: `GET /v1/wait` only, as the kubelet's
+/// `httpGet` sends it.
+pub fn intercept_router(api: Arc<NodeApi>) -> Router {
+    let router =
+        Router::new().route("/v1/wait", get(intercepted_wait)).layer(RequestBodyLimitLayer::new(1024)).with_state(api);
+    super::refuse_unknown(router, "this port serves GET /v1/wait, for the kubelet's preStop httpGet to a pod IP")
+}
+
 pub fn metrics_router(api: Arc<NodeApi>) -> Router {
     let router = Router::new()
         .route("/metrics", get(metrics))
@@ -114,8 +129,42 @@ pub fn metrics_router(api: Arc<NodeApi>) -> Router {
 
 /// Serves a node API router; handlers learn the caller from the TCP
 /// connection's source address, never from anything the request says.
-pub async fn serve(listener: TcpListener, router: Router) -> anyhow::Result<()> {
+pub async fn serve<L>(listener: L, router: Router) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: Clone + Send + Sync + 'static,
+{
     super::serve(listener, router, MAX_CONNECTIONS).await
+}
+
+/// A connection accepted by the intercept's listener: its client end, and
+/// the pod IP the kubelet dialled if the programs rewrote this connection.
+#[derive(Clone, Debug)]
+pub struct Dialled {
+    pub peer: SocketAddr,
+    pub pod_ip: Option<IpAddr>,
+}
+
+/// The intercept's loopback listener: each accepted connection carries the
+/// pod IP it dialled (looked up once, at accept, so keep-alive requests on
+/// it keep their pod).
+pub struct InterceptListener {
+    pub listener: TcpListener,
+    pub intercept: Arc<Intercept>,
+}
+
+impl axum::serve::Listener for InterceptListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = Dialled;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, peer) = axum::serve::Listener::accept(&mut self.listener).await;
+        (io, Dialled { peer, pod_ip: self.intercept.take_dialled(peer) })
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(Dialled { peer: self.listener.local_addr()?, pod_ip: None })
+    }
 }
 
 /// Counts one `/v1/wait` in `conndrain_prestop_waits_total` when it ends:
@@ -138,22 +187,47 @@ async fn wait(
     RawQuery(query): RawQuery,
 ) -> Response {
     let mut count = WaitCount { api: &api, outcome: PreStopOutcome::Cancelled };
-    let (outcome, response) = answer_wait(&api, peer, query).await;
+    // A v4 caller of a dual-stack listener shows as ::ffff:a.b.c.d; name it as itself.
+    let (outcome, response) = answer_wait(&api, peer.ip().to_canonical(), query, "exec").await;
     count.outcome = outcome;
     response
 }
 
-async fn answer_wait(api: &NodeApi, peer: SocketAddr, query: Option<String>) -> (PreStopOutcome, Response) {
+/// The kubelet's `httpGet`, intercepted: the pod is the one it dialled.
+async fn intercepted_wait(
+    State(api): State<Arc<NodeApi>>,
+    ConnectInfo(dialled): ConnectInfo<Dialled>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let mut count = WaitCount { api: &api, outcome: PreStopOutcome::Cancelled };
+    let Dialled { peer, pod_ip } = dialled;
+    let (outcome, response) = if let Some(ip) = pod_ip {
+        answer_wait(&api, ip, query, "httpGet").await
+    } else {
+        tracing::info!(%peer, "refused an intercept connection that no pod IP was dialled for");
+        let msg = "this listener answers only the kubelet's preStop httpGet to a pod IP, redirected here by conndrain";
+        (PreStopOutcome::Refused, error(StatusCode::FORBIDDEN, msg))
+    };
+    count.outcome = outcome;
+    response
+}
+
+/// `/v1/wait` for the pod with address `ip`, the one the caller may wait
+/// for: no parameters, the per-pod and node bounds, then the wait (`hook`:
+/// how the call came, for the log).
+async fn answer_wait(
+    api: &NodeApi,
+    ip: IpAddr,
+    query: Option<String>,
+    hook: &'static str,
+) -> (PreStopOutcome, Response) {
     if query.is_some_and(|q| !q.is_empty()) {
-        let msg =
-            "/v1/wait takes no parameters: the caller is identified by its source IP and can only wait for itself";
+        let msg = "/v1/wait takes no parameters: the caller is identified by its address and can only wait for itself";
         return (PreStopOutcome::Refused, error(StatusCode::BAD_REQUEST, msg));
     }
-    // A v4 caller of a dual-stack listener shows as ::ffff:a.b.c.d; name it as itself.
-    let caller = peer.ip().to_canonical();
-    let Some(pod) = api.node.pod_for_ip(caller).await else {
-        tracing::info!(%caller, "refused /v1/wait from an address that is no pod on this node");
-        return (PreStopOutcome::Refused, error(StatusCode::FORBIDDEN, format!("{caller} is not a pod on this node")));
+    let Some(pod) = api.node.pod_for_ip(ip).await else {
+        tracing::info!(%ip, hook, "refused /v1/wait for an address that is no pod on this node");
+        return (PreStopOutcome::Refused, error(StatusCode::FORBIDDEN, format!("{ip} is not a pod on this node")));
     };
     let Some(_mine) = PodWaiter::enter(&api.per_pod, api.per_pod_limit, &pod) else {
         let msg = format!("pod {pod} already has {} waits open; retry shortly", api.per_pod_limit);
@@ -162,7 +236,7 @@ async fn answer_wait(api: &NodeApi, peer: SocketAddr, query: Option<String>) -> 
     let Ok(_permit) = api.waiters.try_acquire() else {
         return (PreStopOutcome::Busy, error(StatusCode::TOO_MANY_REQUESTS, "too many pods waiting; retry shortly"));
     };
-    tracing::info!(%pod, "preStop wait");
+    tracing::info!(%pod, hook, "preStop wait");
     // No timeout of our own: the pod's deadline ends every drain, and the
     // kubelet ends the hook at the grace period anyway.
     match api.node.wait(&pod, None).await {

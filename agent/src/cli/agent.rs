@@ -15,7 +15,11 @@ use crate::{
         node::{self as node_api, NodeApi},
         server,
     },
-    datapath::{AttachMode, Datapath, Features, LoadOptions, features::Wanted},
+    datapath::{
+        AttachMode, Datapath, Features, LoadOptions,
+        features::Wanted,
+        intercept::{self, Intercept, InterceptOptions},
+    },
     drain::Timeouts,
     node::{Node, Settings},
 };
@@ -72,6 +76,18 @@ pub struct Args {
     /// Port of the preStop API (`/v1/wait`).
     #[arg(long, env = "CONNDRAIN_WAIT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
     pub wait_port: u16,
+    /// The preStop intercept: the kubelet's `preStop.httpGet` to a registered pod's
+    /// IP on this port is answered by the agent, like `/v1/wait` for that pod
+    /// (docs/prestop.md). 0: off.
+    #[arg(long, env = "CONNDRAIN_INTERCEPT_PORT", default_value_t = crate::api::DEFAULT_WAIT_PORT)]
+    pub intercept_port: u16,
+    /// The loopback port (127.0.0.1 and `::1`) the intercepted connections are sent to.
+    #[arg(long, env = "CONNDRAIN_INTERCEPT_LISTEN_PORT", default_value_t = crate::api::DEFAULT_INTERCEPT_LISTEN_PORT)]
+    pub intercept_listen_port: u16,
+    /// The cgroup (v2 directory) whose processes' connects are intercepted, the kubelet's
+    /// or an ancestor of it; default: the cgroup2 root, from /proc/mounts.
+    #[arg(long)]
+    pub intercept_cgroup: Option<std::path::PathBuf>,
     /// Port of /metrics, /healthz and /readyz, unless --metrics-bind-address names one.
     #[arg(long, env = "CONNDRAIN_METRICS_PORT", default_value_t = crate::api::DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
@@ -179,7 +195,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         detach_on_exit: args.detach_on_exit,
         attach: args.attach.mode(),
     });
-    let (datapath, mut events) = match loaded {
+    let (mut datapath, mut events) = match loaded {
         Ok(v) => v,
         Err(e) => {
             let _ = std::fs::remove_file(socket);
@@ -187,20 +203,10 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         }
     };
     let mode = if args.standalone { "standalone" } else { "kubernetes" };
-    tracing::info!(
-        kernel = %datapath.features.release,
-        btf = datapath.features.btf,
-        tcx = datapath.features.tcx,
-        steering = datapath.features.steering,
-        attach = ?datapath.mode,
-        max_flows = args.max_flows,
-        socket = %socket.display(),
-        mode,
-        "agent started"
-    );
-    if let Some(line) = datapath.features.steering_off() {
-        tracing::warn!("{line}");
-    }
+    log_start(&args, &datapath, socket, mode);
+    let intercept = start_intercept(&args, &mut datapath).await.inspect_err(|_| {
+        let _ = std::fs::remove_file(socket);
+    })?;
     let node = Arc::new(Node::new(
         datapath,
         Settings {
@@ -242,6 +248,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let result = tokio::select! {
         r = server::serve(listener, node.clone()) => r.context("local API"),
         r = node_api::serve(wait_listener, node_api::wait_router(node_api.clone())) => r.context("preStop API"),
+        r = serve_intercept(intercept, node_api.clone()) => r.context("preStop intercept"),
         r = node_api::serve(metrics_listener, node_api::metrics_router(node_api.clone())) => r.context("metrics API"),
         r = events_task => r.context("reading datapath events"),
         r = kube_task => r.context("Kubernetes"),
@@ -253,6 +260,25 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     shut_down(&node, args.bpffs.is_some()).await;
     result
+}
+
+/// The start, in one line, and what the kernel leaves out.
+fn log_start(args: &Args, datapath: &Datapath, socket: &Path, mode: &str) {
+    tracing::info!(
+        kernel = %datapath.features.release,
+        btf = datapath.features.btf,
+        tcx = datapath.features.tcx,
+        steering = datapath.features.steering,
+        prestop_intercept = datapath.features.prestop_intercept,
+        attach = ?datapath.mode,
+        max_flows = args.max_flows,
+        socket = %socket.display(),
+        mode,
+        "agent started"
+    );
+    if let Some(line) = datapath.features.steering_off() {
+        tracing::warn!("{line}");
+    }
 }
 
 /// The node API's listeners: `/v1/wait` on `--host-ip` (else every address),
@@ -269,6 +295,78 @@ async fn node_api_listeners(args: &Args) -> anyhow::Result<(TcpListener, TcpList
     let metrics = listen(metrics_addr, "metrics (--metrics-bind-address, --metrics-port)").await?;
     tracing::info!(%metrics_addr, allow = %args.metrics_allow, "serving /metrics");
     Ok((wait, metrics))
+}
+
+/// Serves the intercept's listeners for as long as it is attached (forever
+/// when it is off).
+async fn serve_intercept(
+    intercept: Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>,
+    api: Arc<NodeApi>,
+) -> anyhow::Result<()> {
+    let Some((listeners, _attached)) = intercept else { return std::future::pending().await };
+    let serving = listeners.into_iter().map(|l| node_api::serve(l, node_api::intercept_router(api.clone())));
+    futures::future::try_join_all(serving).await.map(drop)
+}
+
+/// Starts the preStop intercept unless it is off (`--intercept-port 0`) or
+/// the kernel or node cannot have it (then one line, and the agent runs on:
+/// the exec hook still works). Its listeners taken, a port in use is an error.
+async fn start_intercept(
+    args: &Args,
+    datapath: &mut Datapath,
+) -> anyhow::Result<Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>> {
+    if args.intercept_port == 0 {
+        return Ok(None);
+    }
+    if let Some(line) = datapath.features.intercept_off() {
+        tracing::warn!("{line}");
+        return Ok(None);
+    }
+    let port = args.intercept_listen_port;
+    let what = || {
+        format!("cannot listen on 127.0.0.1:{port} for the preStop intercept; choose another --intercept-listen-port")
+    };
+    let v4 = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).await.with_context(what)?;
+    let mut listeners = vec![v4];
+    match TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)).await {
+        Ok(v6) => listeners.push(v6),
+        Err(e) => {
+            tracing::warn!(error = %e, port, "no ::1 listener for the preStop intercept: IPv6 pod IPs are not intercepted");
+        }
+    }
+    let cgroup = match (&args.intercept_cgroup, intercept::cgroup2_root()) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some((root, true))) => root,
+        (None, Some((dir, false))) => {
+            tracing::warn!(
+                cgroup = %dir.display(),
+                "the only cgroup2 mount is not the node's root cgroup (a cgroup namespace?): only processes \
+                 under it are intercepted; mount the node's /sys/fs/cgroup (see deploy/daemonset.yaml) or set \
+                 --intercept-cgroup"
+            );
+            dir
+        }
+        (None, None) => {
+            tracing::warn!("preStop intercept disabled: no cgroup2 mount in /proc/mounts; set --intercept-cgroup");
+            return Ok(None);
+        }
+    };
+    let opts = InterceptOptions { pod_port: args.intercept_port, listen_port: port, cgroup };
+    match datapath.intercept(&opts) {
+        Ok(i) => {
+            tracing::info!(cgroup = %i.cgroup.display(), pod_port = opts.pod_port, listen_port = port, "preStop intercept attached");
+            let i = Arc::new(i);
+            let listeners = listeners
+                .into_iter()
+                .map(|listener| node_api::InterceptListener { listener, intercept: i.clone() })
+                .collect();
+            Ok(Some((listeners, i)))
+        }
+        Err(e) => {
+            tracing::warn!("preStop intercept disabled: {e}");
+            Ok(None)
+        }
+    }
 }
 
 /// The node name, in Kubernetes mode (`None`: standalone).

@@ -22,10 +22,16 @@
 //!   (`tests/tests/environment.rs` checks the object), so they load the same
 //!   without the kernel's BTF;
 //! - tcx: without it (or with `--attach clsact`) the programs go on clsact.
+//! - the preStop intercept ([`INTERCEPT_FLOOR`], Linux 5.14): `SO_NETNS_COOKIE`
+//!   (read, not guessed), `bpf_get_netns_cookie` in `cgroup/connect*` and
+//!   `bpf_get_socket_cookie` in `sockops` (probed, else by version). Without
+//!   it the agent logs one line and runs on: the exec hook `conndrain wait`
+//!   still works, the kubelet's `httpGet` reaches the pod itself.
 //!
-//! Not checked: cgroups. The agent attaches TC programs only, no cgroup
-//! programs, and reads no cgroup file; that its BPF memory is charged to its
-//! memory cgroup (Linux 5.11+) needs no access.
+//! cgroups: only the intercept uses one (its `--intercept-cgroup`, cgroup2);
+//! if it cannot be opened or attached to, the intercept is off with one line.
+//! That the agent's BPF memory is charged to its memory cgroup (Linux 5.11+)
+//! needs no access.
 
 use std::{
     net::{IpAddr, UdpSocket},
@@ -59,6 +65,11 @@ pub const TRACKING_FLOOR: (u8, u8) = (5, 8);
 pub const STEERING_FLOOR: (u8, u8) = (5, 10);
 /// tcx came in 6.6 (commit e420bed02507); clsact is used before.
 pub const TCX_FLOOR: (u8, u8) = (6, 6);
+/// The preStop intercept's floor, the newest of what it needs: the agent
+/// reads its network namespace's cookie with `SO_NETNS_COOKIE` (5.14), which
+/// `cgroup/connect*` programs compare with `bpf_get_netns_cookie` (5.7), and
+/// cgroup programs attach as links (5.7).
+pub const INTERCEPT_FLOOR: (u8, u8) = (5, 14);
 
 /// statfs magic of bpffs (linux/magic.h `BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
@@ -78,6 +89,9 @@ pub struct Features {
     /// version): pinned flows are steered. Without it, tracking only.
     #[serde(default = "yes")]
     pub steering: bool,
+    /// The kernel has what the preStop intercept needs (see [`INTERCEPT_FLOOR`]).
+    #[serde(default)]
+    pub prestop_intercept: bool,
     pub cap_bpf: bool,
     pub cap_net_admin: bool,
     pub cap_perfmon: bool,
@@ -107,14 +121,20 @@ impl Features {
         // A probe that could not tell (no privilege, another error) is `None`:
         // then the version decides.
         let ring_buffer = is_map_supported(MapType::RingBuf).ok();
-        let redirect_neigh =
-            is_helper_supported(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_neigh).ok();
+        let redirect_neigh = is_helper_supported(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_neigh).ok();
+        let cookies = [
+            (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie),
+            (ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie),
+        ]
+        .map(|(program, helper)| is_helper_supported(program, helper).ok());
+        let cookies = if cookies.contains(&Some(false)) { Some(false) } else { cookies[0].and(cookies[1]) };
         Self {
             release,
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             tcx: tcx_supported(),
             ring_buffer: supported(version, TRACKING_FLOOR, ring_buffer),
             steering: supported(version, STEERING_FLOOR, redirect_neigh),
+            prestop_intercept: supported(version, INTERCEPT_FLOOR, cookies) && super::intercept::netns_cookie().is_ok(),
             cap_bpf: has(CAP_BPF) || has(CAP_SYS_ADMIN),
             cap_net_admin: has(CAP_NET_ADMIN),
             cap_perfmon: has(CAP_PERFMON) || has(CAP_SYS_ADMIN),
@@ -165,6 +185,20 @@ impl Features {
             missing.push(too_old(&self.release));
         }
         missing
+    }
+
+    /// Why the preStop intercept is off, in one line; `None` when the kernel has it.
+    #[must_use]
+    pub fn intercept_off(&self) -> Option<String> {
+        let (major, minor) = INTERCEPT_FLOOR;
+        (!self.prestop_intercept).then(|| {
+            format!(
+                "preStop intercept disabled: kernel {} lacks SO_NETNS_COOKIE or the socket and netns cookie \
+                 helpers of cgroup programs (Linux {major}.{minor}+); the kubelet's preStop httpGet reaches the \
+                 pod itself, use the exec hook `conndrain wait` there",
+                self.release
+            )
+        })
     }
 
     /// Why steering is off, in one line; `None` when it is on.
@@ -253,9 +287,7 @@ fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .unwrap_or(0)
 }
@@ -333,23 +365,26 @@ mod tests {
 
     #[test]
     fn the_version_decides_where_no_probe_answered() {
-        for (version, tracking, steering, tcx) in [
-            ((4, 19), false, false, false),
-            ((5, 4), false, false, false),
-            ((5, 7), false, false, false),
-            ((5, 8), true, false, false),
-            ((5, 9), true, false, false),
-            ((5, 10), true, true, false),
-            ((5, 15), true, true, false),
-            ((6, 1), true, true, false),
-            ((6, 5), true, true, false),
-            ((6, 6), true, true, true),
-            ((6, 18), true, true, true),
+        for (version, tracking, steering, tcx, intercept) in [
+            ((4, 19), false, false, false, false),
+            ((5, 4), false, false, false, false),
+            ((5, 7), false, false, false, false),
+            ((5, 8), true, false, false, false),
+            ((5, 9), true, false, false, false),
+            ((5, 10), true, true, false, false),
+            ((5, 13), true, true, false, false),
+            ((5, 14), true, true, false, true),
+            ((5, 15), true, true, false, true),
+            ((6, 1), true, true, false, true),
+            ((6, 5), true, true, false, true),
+            ((6, 6), true, true, true, true),
+            ((6, 18), true, true, true, true),
         ] {
             let v = Some(KernelVersion::new(version.0, version.1, 0));
             assert_eq!(supported(v, TRACKING_FLOOR, None), tracking, "tracking on {version:?}");
             assert_eq!(supported(v, STEERING_FLOOR, None), steering, "steering on {version:?}");
             assert_eq!(supported(v, TCX_FLOOR, None), tcx, "tcx on {version:?}");
+            assert_eq!(supported(v, INTERCEPT_FLOOR, None), intercept, "preStop intercept on {version:?}");
         }
         assert!(!supported(None, TRACKING_FLOOR, None), "an unknown version is not enough");
     }
@@ -371,6 +406,7 @@ mod tests {
             tcx: false,
             ring_buffer,
             steering,
+            prestop_intercept: false,
             cap_bpf: true,
             cap_net_admin: true,
             cap_perfmon: true,
@@ -385,6 +421,8 @@ mod tests {
         let line = tracking_only.steering_off().unwrap();
         assert!(!line.contains('\n') && line.contains("Linux 5.10+"), "{line}");
         assert_eq!(features(true, true).steering_off(), None);
+        let line = tracking_only.intercept_off().unwrap();
+        assert!(!line.contains('\n') && line.contains("Linux 5.14+") && line.contains("conndrain wait"), "{line}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod attach;
 mod events;
 pub mod features;
 mod held;
+pub mod intercept;
 mod pinning;
 mod route;
 mod sockets;
@@ -467,6 +468,12 @@ impl Datapath {
         }
         self.everywhere = true;
         Ok(())
+    }
+
+    /// Starts the preStop intercept (`intercept.rs`). The caller keeps what
+    /// it returns for as long as the intercept is to run.
+    pub fn intercept(&mut self, opts: &intercept::InterceptOptions) -> Result<intercept::Intercept, Error> {
+        intercept::start(&mut self.ebpf, opts)
     }
 
     /// Route lookup: the interface and neighbour for `ip`.

@@ -39,6 +39,16 @@ pub mod maps {
     /// ports the kubelet probes (only connections from the node's own
     /// processes) and the ports its settings ignore (any connection).
     pub const PROBES: &str = "PROBES";
+    /// `Array<InterceptConfig>` with one element: the preStop intercept's
+    /// settings (agent-written; not pinned, the hooks live as long as the agent).
+    pub const INTERCEPT_CONFIG: &str = "INTERCEPT_CONFIG";
+    /// `LruHashMap<u64, InterceptDst>`: by socket cookie, the connects the
+    /// intercept rewrote, until the `sockops` program learns their local port.
+    pub const INTERCEPT_CONNECTS: &str = "INTERCEPT_CONNECTS";
+    /// `LruHashMap<InterceptPeer, InterceptDst>`: the client end (loopback
+    /// address and port) of each rewritten connection, and the pod address it
+    /// dialled. The agent takes the entry when it accepts the connection.
+    pub const INTERCEPT_PEERS: &str = "INTERCEPT_PEERS";
 }
 
 /// Size of the `SOCKETS` map (allocated per entry). When it is full, a pod's
@@ -113,6 +123,12 @@ pub mod programs {
     pub const EGRESS: &str = "conndrain_egress";
     /// Tracepoint `sock:inet_sock_set_state`: the pods' TCP sockets themselves.
     pub const SOCKETS: &str = "conndrain_sockets";
+    /// `cgroup/connect4`: the kubelet's preStop `httpGet` to a pod, sent to the agent instead.
+    pub const INTERCEPT_V4: &str = "conndrain_icpt4";
+    /// `cgroup/connect6`: the same for IPv6.
+    pub const INTERCEPT_V6: &str = "conndrain_icpt6";
+    /// `sockops`: learns the local port of each connection the two above rewrote.
+    pub const INTERCEPT_PORTS: &str = "conndrain_icptp";
 }
 
 /// Number of pod slots; `POD_COUNTERS` has this many entries.
@@ -396,6 +412,41 @@ pub struct ProbeKey {
     pub _pad: u16,
 }
 
+/// The preStop intercept's settings (the `INTERCEPT_CONFIG` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InterceptConfig {
+    /// Cookie of the node's network namespace (`SO_NETNS_COOKIE`): only
+    /// sockets of that namespace are intercepted, never a pod's.
+    pub netns_cookie: u64,
+    /// The port the kubelet dials on a pod IP (host byte order); 0: off.
+    pub pod_port: u16,
+    /// The agent's loopback listener it is sent to instead (host byte order).
+    pub listen_port: u16,
+    pub _pad: u32,
+}
+
+/// The client end of an intercepted connection: its loopback address
+/// (IPv4-mapped for IPv4, as `PodIpKey`) and port (the `INTERCEPT_PEERS` key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct InterceptPeer {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The pod address an intercepted connection dialled (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InterceptDst {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all of these are `repr(C)`, `Copy`, made only of integers and
@@ -411,6 +462,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::SockValue {}
     unsafe impl aya::Pod for super::PodSockets {}
     unsafe impl aya::Pod for super::ProbeKey {}
+    unsafe impl aya::Pod for super::InterceptConfig {}
+    unsafe impl aya::Pod for super::InterceptPeer {}
+    unsafe impl aya::Pod for super::InterceptDst {}
 }
 
 #[cfg(test)]
@@ -430,6 +484,9 @@ mod tests {
         assert_eq!(size_of::<SockValue>(), 56);
         assert_eq!(size_of::<PodSockets>(), 16);
         assert_eq!(size_of::<ProbeKey>(), 8);
+        assert_eq!(size_of::<InterceptConfig>(), 16);
+        assert_eq!(size_of::<InterceptPeer>(), 20);
+        assert_eq!(size_of::<InterceptDst>(), 20);
     }
 
     /// Pinned maps outlive the agent: a layout change must come with a new

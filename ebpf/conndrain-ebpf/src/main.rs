@@ -2,7 +2,8 @@
 //! the interfaces that lead to the pods (a pod's veth, or each port of a
 //! bridge), track every TCP/UDP flow of the registered pods; the sockets
 //! tracepoint keeps the pods' open inbound TCP sockets, the ground truth a
-//! drain is confirmed against.
+//! drain is confirmed against. The cgroup programs intercept the kubelet's
+//! preStop `httpGet` to a pod (`intercept.rs`).
 //!
 //! Tracking never changes a packet and returns `TC_ACT_UNSPEC`: "no verdict,
 //! go on". With tcx that is `TCX_NEXT` and with clsact it continues the filter
@@ -16,6 +17,7 @@
 #![expect(internal_features, reason = "atomic_xadd: see flow::atomic_add")]
 
 mod flow;
+mod intercept;
 mod maps;
 mod parse;
 mod sockets;
@@ -23,8 +25,8 @@ mod steer;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    macros::{classifier, tracepoint},
-    programs::{TcContext, TracePointContext},
+    macros::{cgroup_sock_addr, classifier, sock_ops, tracepoint},
+    programs::{SockAddrContext, SockOpsContext, TcContext, TracePointContext},
 };
 use conndrain_common::stats;
 
@@ -77,6 +79,28 @@ fn track(ctx: &TcContext, side: flow::Side, pkt: &parse::Packet) {
 pub fn conndrain_sockets(ctx: TracePointContext) -> u32 {
     let _ = sockets::on_state(&ctx);
     0
+}
+
+/// `cgroup/connect4`: the kubelet's preStop `httpGet` to a registered pod
+/// goes to the agent instead (`intercept.rs`). Always allows the connect.
+#[cgroup_sock_addr(connect4)]
+pub fn conndrain_icpt4(ctx: SockAddrContext) -> i32 {
+    let _ = intercept::connect4(&ctx);
+    1
+}
+
+/// `cgroup/connect6`: as `conndrain_icpt4`, for IPv6 sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn conndrain_icpt6(ctx: SockAddrContext) -> i32 {
+    let _ = intercept::connect6(&ctx);
+    1
+}
+
+/// `sockops`: the local port of each connection the two above rewrote.
+#[sock_ops]
+pub fn conndrain_icptp(ctx: SockOpsContext) -> u32 {
+    let _ = intercept::on_connect(&ctx);
+    1
 }
 
 #[inline(always)]
