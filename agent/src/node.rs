@@ -568,7 +568,8 @@ impl Node {
         };
         let mut inner = self.inner.lock().await;
         let Inner { steering, datapath, .. } = &mut *inner;
-        steering.apply(datapath, &translations, now_ns()).await;
+        let node_addrs = crate::datapath::local_addrs();
+        steering.apply(datapath, &translations, &node_addrs, now_ns()).await;
         inner.save();
     }
 

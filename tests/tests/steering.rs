@@ -1035,3 +1035,42 @@ fn with_agent_kubernetes_mode_pins_flows_to_a_terminating_remote_endpoint() -> R
     ensure!(steered_packets(&cli)? > 0, "the datapath steered the stream");
     Ok(())
 }
+
+/// A process on node A itself (a hostNetwork pod, the kubelet) reaches the
+/// ClusterIP through OUTPUT: its segments leave without meeting any TC
+/// ingress hook, so the programs could steer only its replies while netfilter
+/// still translated its requests. The agent leaves such a flow unpinned (it
+/// keeps its conntrack entry and its pod, as without the agent) while it
+/// pins a peer's flow to the same pod. Before this rule, the node's flow was
+/// pinned too (its conntrack entry has the same shape).
+#[test]
+fn with_agent_a_flow_from_the_node_itself_is_not_pinned() -> Result<()> {
+    let bed = Bed::new(Backend::Iptables)?;
+    let (_agent, cli) = agent_for(&bed, "a1")?;
+    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
+    // Node A has no route of its own to the Service range (the client has
+    // one through node A); any will do, OUTPUT's DNAT reroutes to the pod.
+    let (client_if, _) = bed.cluster.node_a_ifs();
+    bed.cluster.node_a().ip(&["route", "add", kubeproxy::SERVICE_CIDR_V4, "dev", client_if])?;
+    let from_node = Conversation::landing_on(bed.cluster.node_a(), to, None, "a1")?;
+    let from_peer = Conversation::landing_on(bed.client(), to, None, "a1")?;
+    from_node.expect_steady(3)?;
+    from_peer.expect_steady(3)?;
+    ensure!(
+        from_node.local_addr().ip() == IpAddr::V4(NODE_A_V4),
+        "the node's flow comes from a node address: {}",
+        from_node.local_addr()
+    );
+
+    terminate_and_check_pinned(&cli, "a1", to, from_peer.local_addr())?;
+    let status = cli.status()?;
+    let pins = status["steering"]["pins"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        !pins.iter().any(|p| p["client"] == from_node.local_addr().to_string()),
+        "a flow the node itself opened is not pinned: {status:#}"
+    );
+    bed.sync(&["a2", "b1"])?;
+    from_node.expect_steady(5).context("the node's own flow keeps its pod through its conntrack entry")?;
+    from_peer.expect_steady(5)?;
+    Ok(())
+}

@@ -84,7 +84,8 @@ const MODULES: &[&str] = &[
 ///   steering, and the adoption of clsact filters across a restart (the
 ///   start-up checks' wording does not depend on the kernel: host only).
 /// - `datapath`: the programs pass 6.1's verifier and a few packet paths
-///   (TCP both families, FIN, RST, UDP, mid-stream pickup, IPv4 options).
+///   (TCP both families, FIN, RST, UDP, mid-stream pickup, IPv4 options),
+///   and the steering table (rewrites, checksums, TTL, resets).
 ///   The hostile corpus (thousands of `BPF_PROG_TEST_RUN` calls, far too
 ///   slow under TCG) runs on the host only: it tests the same object's
 ///   parsing, which does not depend on the kernel once the verifier took it.
@@ -116,6 +117,7 @@ pub const PLAN: &[(&str, &[&str])] = &[
             "udp_first_packet_opens_inbound_flow_and_reply_counts",
             "midstream_pickup_guesses_direction_from_ports",
             "ipv4_with_options_is_tracked",
+            "steer::steering_table",
         ],
     ),
     (

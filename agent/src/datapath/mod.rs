@@ -659,7 +659,8 @@ impl Drop for Datapath {
 const BPF_NOEXIST: u64 = 1;
 
 /// The node's own addresses, from `getifaddrs` in this network namespace.
-fn local_addrs() -> Vec<IpAddr> {
+#[must_use]
+pub fn local_addrs() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we free below; we only read sockaddrs it owns.

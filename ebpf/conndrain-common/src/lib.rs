@@ -215,10 +215,12 @@ pub mod stats {
     /// Events the ring buffer had no room for.
     pub const EVENTS_LOST: u32 = 5;
     /// Packets of pinned flows rewritten and redirected to their old backend (or back to the client).
+    /// Not those left to the stack with a TTL (hop limit) of 1.
     pub const STEERED: u32 = 6;
     /// TCP resets sent for pinned flows whose pod is gone.
     pub const RESETS_SENT: u32 = 7;
-    /// Pinned packets that could not be rewritten or redirected (passed on unchanged).
+    /// Pinned packets that could not be redirected (passed on untouched) or
+    /// rewritten (passed on, possibly half rewritten); never also in `STEERED`.
     pub const STEER_FAILED: u32 = 8;
     /// Flows of draining pods the programs put into `HELD` (new ones, and ones
     /// they moved out of `FLOWS`; the agent moves the others).

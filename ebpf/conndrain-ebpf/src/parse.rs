@@ -37,6 +37,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Offset of the TCP/UDP header.
     pub l4_off: usize,
+    /// IPv4 TTL or IPv6 hop limit: steering forwards the packet, so it
+    /// decrements it (and leaves a packet that would expire to the stack).
+    pub ttl: u8,
     /// A TCP segment that carries data (not a bare ACK, SYN or FIN): what
     /// tells a request in flight from an idle connection.
     pub data: bool,
@@ -71,12 +74,12 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
     if usize::from(total_len) < ihl {
         return None;
     }
-    // Only a first fragment carries the ports; later ones are passed untracked.
-    let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-    if frag & 0x1fff != 0 {
+    // Fragment offset (bytes 6-7), TTL, protocol. Only a first fragment
+    // carries the ports; later ones are passed untracked.
+    let [f0, f1, ttl, proto]: [u8; 4] = load(ctx, ETH_HLEN + 6)?;
+    if u16::from_be_bytes([f0, f1]) & 0x1fff != 0 {
         return None;
     }
-    let proto: u8 = load(ctx, ETH_HLEN + 9)?;
     let src: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
     let dst: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
     // The L4 header must lie within the IP packet (Linux trims to total_len and drops the rest).
@@ -93,6 +96,7 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
         dport,
         tcp_flags,
         l4_off: ETH_HLEN + ihl,
+        ttl,
         data: proto == PROTO_TCP && usize::from(total_len) > ihl + l4_len,
         local: false,
     })
@@ -104,7 +108,7 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
     if vtc >> 4 != 6 {
         return None;
     }
-    let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+    let [mut next, hop_limit]: [u8; 2] = load(ctx, ETH_HLEN + 6)?;
     let src: [u8; 16] = load(ctx, ETH_HLEN + 8)?;
     let dst: [u8; 16] = load(ctx, ETH_HLEN + 24)?;
     let mut off = ETH_HLEN + 40;
@@ -142,6 +146,7 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
         dport,
         tcp_flags,
         l4_off: off,
+        ttl: hop_limit,
         data: next == PROTO_TCP && ETH_HLEN + 40 + payload_len > off + l4_len,
         local: false,
     })

@@ -24,7 +24,8 @@ use crate::{
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-// linux/bpf.h: flags of bpf_l{3,4}_csum_replace.
+// linux/bpf.h: flag of bpf_skb_store_bytes, flags of bpf_l{3,4}_csum_replace.
+const BPF_F_RECOMPUTE_CSUM: u64 = 0x01;
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
@@ -77,11 +78,31 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         // Nothing to steer to: let the stack deal with it.
         return None;
     }
+    if pkt.ttl <= 1 {
+        // Forwarding would drop it and answer ICMP time exceeded: leave both
+        // to the stack, untouched (RFC 1812 5.3.1, RFC 8200 3).
+        return None;
+    }
     let pin = &*pin;
+    // The helper only records where to send the packet (it fails only on
+    // bad arguments); the redirect happens when we return its verdict. So it
+    // goes first: when it fails, the packet is still untouched and goes on.
+    let verdict = redirect_neigh(pkt, pin);
+    if verdict != i64::from(TC_ACT_REDIRECT) {
+        count(stats::STEER_FAILED);
+        return None;
+    }
     if rewrite(ctx, pkt, pin).is_none() {
         count(stats::STEER_FAILED);
         return None;
     }
+    count(stats::STEERED);
+    Some(TC_ACT_REDIRECT as i32)
+}
+
+/// Calls `bpf_redirect_neigh` towards the pin's interface and neighbour.
+#[inline(always)]
+fn redirect_neigh(pkt: &Packet, pin: &Pin) -> i64 {
     let mut nh = if pkt.family == FAMILY_V4 {
         bpf_redir_neigh {
             nh_family: AF_INET,
@@ -103,12 +124,11 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
             },
         }
     };
-    count(stats::STEERED);
-    #[expect(clippy::cast_possible_truncation, reason = "helper verdicts fit in i32")]
-    let verdict = unsafe {
+    #[expect(clippy::cast_possible_truncation, reason = "the size of a small struct")]
+    // SAFETY: `nh` is a valid `bpf_redir_neigh` on our stack, its size passed along.
+    unsafe {
         bpf_redirect_neigh(pin.ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
-    } as i32;
-    Some(verdict)
+    }
 }
 
 /// Removes both directions of the pin `pin` found at `key`. Not inlined:
@@ -134,7 +154,42 @@ fn l4_csum_off(pkt: &Packet) -> usize {
     pkt.l4_off + if pkt.proto == PROTO_TCP { 16 } else { 6 }
 }
 
-#[inline(always)]
+/// Rewrites the packet as netfilter's NAT and forwarding would have: the
+/// addresses and ports, the TTL (hop limit) decremented, and every checksum
+/// fixed incrementally, `skb->csum` included (see below).
+///
+/// `skb->csum` (CHECKSUM_COMPLETE: the sum of everything after the L2
+/// header, which a receiving NIC or veth may hand us) must follow each
+/// change, or the receiver sees a "hw csum failure" and re-sums the packet.
+/// No helper does that for a plain `bpf_skb_store_bytes` unless it is given
+/// `BPF_F_RECOMPUTE_CSUM`. How each change nets out:
+/// - IPv4 address: its change, the header checksum's and the L4 checksum's
+///   sum to minus the address change, which is exactly what
+///   `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` applies to `skb->csum`
+///   (the kernel's `inet_proto_csum_replace4`). So the store and
+///   `bpf_l3_csum_replace` leave `skb->csum` alone.
+/// - IPv6 address: there is no header checksum, so the address change and
+///   the L4 checksum's cancel out; but `bpf_l4_csum_replace` with
+///   `BPF_F_PSEUDO_HDR` still applies minus the change to `skb->csum`, as for
+///   IPv4. A 2025 patch ("bpf: Fix L4 csum update on IPv6 in
+///   CHECKSUM_COMPLETE", Linux 6.16) added `BPF_F_IPV6` to skip that;
+///   kernels without it (our floor is 5.10) refuse the flag as unknown, and
+///   which stable releases took it varies. Instead, the address is stored
+///   with `BPF_F_RECOMPUTE_CSUM`, which adds the change back: right on every
+///   kernel, with or without the patch (the flag is never passed, and
+///   without it the helper behaves as before).
+/// - Ports: the port and the L4 checksum cancel out, and neither call
+///   touches `skb->csum` (no `BPF_F_PSEUDO_HDR`); but a UDP checksum of 0
+///   stays 0, so then the port is stored with `BPF_F_RECOMPUTE_CSUM`.
+/// - IPv4 TTL: with the header checksum, cancels out (`bpf_l3_csum_replace`
+///   never touches `skb->csum`). IPv6 hop limit: no checksum, so it is
+///   stored with `BPF_F_RECOMPUTE_CSUM`.
+/// The datapath tests run every rewrite with `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`,
+/// which fails the run when `skb->csum` does not match the packet.
+///
+/// Not inlined: its buffers get a stack frame of their own, beside (not on
+/// top of) `reset`'s.
+#[inline(never)]
 fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
     let csum = l4_csum_off(pkt);
     let l4_flags = if pkt.proto == PROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
@@ -149,6 +204,11 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
             ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 4).ok()?;
             ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | l4_flags | 4).ok()?;
         }
+        // TTL and protocol are one 16-bit word of the header checksum.
+        let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
+        let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
+        ctx.store(ETH_HLEN + 8, &new, 0).ok()?;
+        ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 2).ok()?;
     } else {
         for (off, old, new) in [(ETH_HLEN + 8, pkt.src, pin.new_src), (ETH_HLEN + 24, pkt.dst, pin.new_dst)] {
             if old == new {
@@ -161,18 +221,23 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
             if diff < 0 {
                 return None;
             }
-            ctx.store(off, &new, 0).ok()?;
+            ctx.store(off, &new, BPF_F_RECOMPUTE_CSUM).ok()?;
             #[expect(clippy::cast_sign_loss, reason = "checked non-negative")]
             ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR | l4_flags).ok()?;
         }
+        ctx.store(ETH_HLEN + 7, &(pkt.ttl - 1), BPF_F_RECOMPUTE_CSUM).ok()?;
     }
+    // A UDP datagram without a checksum (0, IPv4) keeps none: the helper
+    // leaves the field alone, so nothing cancels the ports' change in
+    // `skb->csum` and the store has to record it.
+    let port_flags = if pkt.proto != PROTO_TCP && ctx.load::<u16>(csum).ok()? == 0 { BPF_F_RECOMPUTE_CSUM } else { 0 };
     for (off, old, new) in [(pkt.l4_off, pkt.sport, pin.new_sport), (pkt.l4_off + 2, pkt.dport, pin.new_dport)] {
         if old == new {
             continue;
         }
         let old = u16::from_ne_bytes(old.to_be_bytes());
         let new = u16::from_ne_bytes(new.to_be_bytes());
-        ctx.store(off, &new, 0).ok()?;
+        ctx.store(off, &new, port_flags).ok()?;
         ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), l4_flags | 2).ok()?;
     }
     Some(())

@@ -96,6 +96,15 @@ impl Harness {
         Self { ebpf, events }
     }
 
+    /// The loaded object, for maps and programs this harness has no helper for.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// A harness with one pod in `POD_SLOT` owning `ips`.
     pub fn with_pod(ips: &[IpAddr]) -> Self {
         let mut h = Self::new();

@@ -15,6 +15,7 @@ mod harness;
 mod hostile;
 mod packets;
 mod pressure;
+mod steer;
 mod tracking_only;
 
 use std::net::IpAddr;
