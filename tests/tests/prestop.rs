@@ -177,7 +177,7 @@ fn a_direct_connection_to_the_intercept_listener_gets_403() -> Result<()> {
 /// Without `--bpffs` the hook belongs to the agent process, so once the
 /// agent is gone the kubelet's GET reaches the pod's own port (refused when
 /// nothing listens there; here a listener shows it). See the next test for
-/// `--bpffs`, which the DaemonSet sets.
+/// `--bpffs`, which `deploy/daemonset.yaml` sets.
 #[test]
 fn without_bpffs_with_the_agent_gone_the_get_reaches_the_pod_itself() -> Result<()> {
     let Node { topo, mut agent, cgroup } = setup(&["web"], &["web"])?;

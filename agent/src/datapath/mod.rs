@@ -486,7 +486,7 @@ impl Datapath {
             let path = pins.intercept_dir().join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {
-                    tracing::info!(link = %path.display(), "detached the preStop intercept an earlier agent left")
+                    tracing::info!(link = %path.display(), "detached the preStop intercept an earlier agent left");
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "removing an intercept link pin"),
