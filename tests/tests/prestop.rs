@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Result, ensure};
 use conndrain_tests::{
-    Agent, Cgroup, NODE_V4, Netns, Running, TIMEOUT, TcpConn, TcpServer, Topology, require_root, wait_until,
+    Agent, Bpffs, Cgroup, NODE_V4, Netns, Running, TIMEOUT, TcpConn, TcpServer, Topology, require_root, wait_until,
 };
 
 const PORT: u16 = 8080;
@@ -27,6 +27,11 @@ struct Node {
 /// A node with `pods` (only those in `registered` declared to the agent) and
 /// an agent whose intercept is attached to a cgroup of the test's own.
 fn setup(pods: &[&str], registered: &[&str]) -> Result<Node> {
+    setup_with(pods, registered, &[])
+}
+
+/// `setup` with more agent arguments.
+fn setup_with(pods: &[&str], registered: &[&str], extra: &[&str]) -> Result<Node> {
     require_root()?;
     let mut b = Topology::builder();
     for p in pods {
@@ -34,7 +39,18 @@ fn setup(pods: &[&str], registered: &[&str]) -> Result<Node> {
     }
     let topo = b.build()?;
     let cgroup = Cgroup::unique("kubelet")?;
-    let args = [
+    let args = agent_args(&cgroup, extra);
+    let agent = Agent::start(topo.node(), &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    ensure!(agent.log().contains("preStop intercept attached"), "the intercept is on: {}", agent.log());
+    for p in registered {
+        agent.cli().add_pod(topo.pod(p))?;
+    }
+    Ok(Node { topo, agent, cgroup })
+}
+
+/// The agent's arguments: the intercept attached to `cgroup`, and `extra`.
+fn agent_args(cgroup: &Cgroup, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
         "--host-ip".to_owned(),
         NODE_V4.to_string(),
         "--intercept-port".into(),
@@ -44,12 +60,8 @@ fn setup(pods: &[&str], registered: &[&str]) -> Result<Node> {
         "--intercept-cgroup".into(),
         cgroup.path().display().to_string(),
     ];
-    let agent = Agent::start(topo.node(), &args.iter().map(String::as_str).collect::<Vec<_>>())?;
-    ensure!(agent.log().contains("preStop intercept attached"), "the intercept is on: {}", agent.log());
-    for p in registered {
-        agent.cli().add_pod(topo.pod(p))?;
-    }
-    Ok(Node { topo, agent, cgroup })
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
 }
 
 /// `GET /v1/wait` to `to`, as the kubelet's preStop `httpGet` sends it, from
@@ -162,16 +174,92 @@ fn a_direct_connection_to_the_intercept_listener_gets_403() -> Result<()> {
     Ok(())
 }
 
-/// The failure mode docs/prestop.md states: the hook belongs to the agent
-/// process, so once the agent is gone the kubelet's GET reaches the pod's own
-/// port (refused when nothing listens there; here a listener shows it).
+/// Without `--bpffs` the hook belongs to the agent process, so once the
+/// agent is gone the kubelet's GET reaches the pod's own port (refused when
+/// nothing listens there; here a listener shows it). See the next test for
+/// `--bpffs`, which `deploy/daemonset.yaml` sets.
 #[test]
-fn with_the_agent_gone_the_get_reaches_the_pod_itself() -> Result<()> {
+fn without_bpffs_with_the_agent_gone_the_get_reaches_the_pod_itself() -> Result<()> {
     let Node { topo, mut agent, cgroup } = setup(&["web"], &["web"])?;
     let web = topo.pod("web");
     let own = TcpServer::start(web.ns(), web.addr_v4(INTERCEPT_PORT))?;
     agent.stop()?;
     let _hook = get(topo.node(), Some(&cgroup), web.addr_v4(INTERCEPT_PORT))?;
     wait_until("the GET to reach web itself", TIMEOUT, || Ok(own.accepted()), |n| *n == 1)?;
+    Ok(())
+}
+
+/// The highest retransmission count of the node's connections in SYN-SENT to
+/// the intercept's loopback listener (`ss -o`: `timer:(on,1.2sec,2)`), if any.
+fn syn_retransmits(node: &Netns) -> Result<Option<u32>> {
+    let mut cmd = node.command("ss");
+    cmd.args(["-tnoH", "state", "syn-sent", "dport", "=", &format!(":{LISTEN_PORT}")]);
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split("timer:(on,").nth(1)?.split(')').next()?.rsplit(',').next()?.parse::<u32>().ok())
+        .max())
+}
+
+/// With `--bpffs` the hook outlives the agent: after kill -9 the kubelet's
+/// GET is still sent to the loopback port, where nothing listens, and its
+/// SYN is held back (dropped, so the kernel retries it) instead of refused;
+/// a new agent on the same bpffs adopts the links and answers the GET with
+/// the drain's outcome.
+#[test]
+fn with_bpffs_the_get_waits_through_an_agent_restart() -> Result<()> {
+    let bpffs = Bpffs::mount()?;
+    let bpf = bpffs.arg();
+    let Node { topo, mut agent, cgroup } = setup_with(&["web"], &["web"], &["--bpffs", &bpf])?;
+    let cli = agent.cli();
+    let web = topo.pod("web");
+    // The pod's own listener on the intercept port: a GET that is not intercepted reaches it.
+    let own = TcpServer::start(web.ns(), web.addr_v4(INTERCEPT_PORT))?;
+    let server = TcpServer::start(web.ns(), web.addr_v4(PORT))?;
+    let mut conn = TcpConn::connect(topo.client(), server.addr())?;
+    cli.wait_pod("web", "1 active flow", |p| p.active_flows == 1)?;
+    cli.terminate("web", 0.5, 120.0)?;
+    let links = std::fs::read_dir(bpffs.layout_dir().join("intercept"))?.count();
+    ensure!(links == 4, "the four intercept links are pinned: {links}");
+
+    agent.kill9()?;
+    let mut hook = get(topo.node(), Some(&cgroup), web.addr_v4(INTERCEPT_PORT))?;
+    // Its SYN was sent and dropped at least once, and it is retried: the
+    // connect waits (a refusal would have ended it at the first SYN).
+    wait_until("the GET's SYN to be retried", TIMEOUT, || syn_retransmits(topo.node()), |n| n.is_some_and(|n| n >= 1))?;
+    ensure!(hook.is_running(), "the GET waits while no agent runs: {}", hook.stdout_so_far());
+    ensure!(own.accepted() == 0, "the GET did not reach the pod's own port");
+
+    let args = agent_args(&cgroup, &["--bpffs", &bpf]);
+    agent.restart(topo.node(), &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let log = agent.log();
+    ensure!(
+        log.contains("preStop intercept attached") && log.contains("adopted=true"),
+        "adopted the pinned links:\n{log}"
+    );
+    // The next retransmission connects (the backoff doubles: up to 16 s
+    // after the restart here), and the agent takes the wait.
+    wait_until("the agent to take the held GET", TIMEOUT * 3, || Ok(intercepted_waits(&agent, "web")), |n| *n == 1)?;
+    ensure!(conn.request("GET /still-serving")?.contains("200"), "the pod's connection is open and serving");
+    ensure!(hook.is_running(), "the GET waits for the drain: {}", hook.stdout_so_far());
+    conn.close()?;
+    let out = hook.wait_exit(TIMEOUT)?;
+    ensure!(out.code == 0 && out.stdout.starts_with("HTTP/1.1 200"), "200 from the agent: {out:?}");
+    ensure!(
+        out.stdout.contains(r#""pod":"web""#) && out.stdout.contains(r#""state":"drained""#),
+        "web's drain: {out:?}"
+    );
+    ensure!(own.accepted() == 0, "nothing reached the pod's own port");
+
+    // `conndrain cleanup` removes the pinned intercept with the other pins:
+    // then a GET goes to the pod's own port again.
+    agent.kill9()?;
+    let mut cmd = topo.node().command(&conndrain_tests::conndrain_bin().to_string_lossy());
+    cmd.arg("--socket").arg(agent.socket()).arg("cleanup").args(["--bpffs", &bpf]);
+    let out = conndrain_tests::run_with_timeout(cmd, TIMEOUT)?;
+    ensure!(out.code == 0 && out.stdout.contains("intercept/syn-hold"), "cleanup removes the intercept links: {out:?}");
+    let _after = get(topo.node(), Some(&cgroup), web.addr_v4(INTERCEPT_PORT))?;
+    wait_until("the GET to reach web itself once cleaned up", TIMEOUT, || Ok(own.accepted()), |n| *n == 1)?;
     Ok(())
 }

@@ -311,7 +311,19 @@ async fn serve_intercept(
 /// Starts the preStop intercept unless it is off (`--intercept-port 0`) or
 /// the kernel or node cannot have it (then one line, and the agent runs on:
 /// the exec hook still works). Its listeners taken, a port in use is an error.
+/// Without it, the intercept links an earlier agent pinned are removed.
 async fn start_intercept(
+    args: &Args,
+    datapath: &mut Datapath,
+) -> anyhow::Result<Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>> {
+    let started = try_start_intercept(args, datapath).await;
+    if matches!(started, Ok(None)) {
+        datapath.remove_intercept_pins();
+    }
+    started
+}
+
+async fn try_start_intercept(
     args: &Args,
     datapath: &mut Datapath,
 ) -> anyhow::Result<Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>> {
@@ -354,7 +366,13 @@ async fn start_intercept(
     let opts = InterceptOptions { pod_port: args.intercept_port, listen_port: port, cgroup };
     match datapath.intercept(&opts) {
         Ok(i) => {
-            tracing::info!(cgroup = %i.cgroup.display(), pod_port = opts.pod_port, listen_port = port, "preStop intercept attached");
+            tracing::info!(
+                cgroup = %i.cgroup.display(),
+                pod_port = opts.pod_port,
+                listen_port = port,
+                adopted = i.adopted,
+                "preStop intercept attached"
+            );
             let i = Arc::new(i);
             let listeners = listeners
                 .into_iter()

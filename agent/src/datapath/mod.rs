@@ -473,7 +473,25 @@ impl Datapath {
     /// Starts the preStop intercept (`intercept.rs`). The caller keeps what
     /// it returns for as long as the intercept is to run.
     pub fn intercept(&mut self, opts: &intercept::InterceptOptions) -> Result<intercept::Intercept, Error> {
-        intercept::start(&mut self.ebpf, opts)
+        let pins = self.pins.as_ref().map(pinning::PinDir::intercept_dir);
+        intercept::start(&mut self.ebpf, opts, pins)
+    }
+
+    /// With `--bpffs`, when this agent runs without the intercept: detaches
+    /// the intercept links an earlier agent pinned, so that no connection is
+    /// sent (and held) to a loopback port nobody will listen on.
+    pub fn remove_intercept_pins(&mut self) {
+        let Some(pins) = &self.pins else { return };
+        for name in intercept::LINK_PINS {
+            let path = pins.intercept_dir().join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(link = %path.display(), "detached the preStop intercept an earlier agent left");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "removing an intercept link pin"),
+            }
+        }
     }
 
     /// Route lookup: the interface and neighbour for `ip`.

@@ -3,6 +3,7 @@
 //! ```text
 //! DIR/v<LAYOUT_VERSION>/FLOWS, HELD, POD_IPS, POD_COUNTERS, POD_FLAGS, PINS, CONFIG, STATS   the maps
 //! DIR/v<LAYOUT_VERSION>/links/<ifname>-ingress, <ifname>-egress          the tcx links
+//! DIR/v<LAYOUT_VERSION>/intercept/connect4, connect6, sockops, syn-hold   the preStop intercept's cgroup links
 //! ```
 //!
 //! The links keep the programs attached while no agent runs (kill -9, crash,
@@ -25,8 +26,9 @@ use std::{
 
 use aya::maps::{MapData, MapInfo, MapType};
 use conndrain_common::{
-    Config, FlowKey, FlowValue, LAYOUT_VERSION, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, PINNED_MAPS, Pin,
-    PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, maps, stats,
+    Config, FlowKey, FlowValue, INTERCEPT_ENTRIES, InterceptConfig, InterceptDst, InterceptPeer, LAYOUT_VERSION,
+    MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey,
+    SockValue, WireKey, maps, stats,
 };
 
 use crate::error::Error;
@@ -36,6 +38,7 @@ use crate::error::Error;
 pub struct PinDir {
     dir: PathBuf,
     links: PathBuf,
+    intercept: PathBuf,
     /// Pin directories of other layouts, removed by `remove_other_layouts`.
     others: Vec<PathBuf>,
     /// DIR, open with a shared lock for as long as the agent runs.
@@ -95,7 +98,9 @@ impl PinDir {
         let dir = root.join(current);
         let links = dir.join("links");
         std::fs::create_dir_all(&links).map_err(io("creating", &links))?;
-        Ok(Self { dir, links, others, _lock: lock })
+        let intercept = dir.join("intercept");
+        std::fs::create_dir_all(&intercept).map_err(io("creating", &intercept))?;
+        Ok(Self { dir, links, intercept, others, _lock: lock })
     }
 
     /// Removes the pins of other layouts (see `prepare`): their links go,
@@ -133,6 +138,13 @@ impl PinDir {
     #[must_use]
     pub fn sockets_link_path(&self) -> PathBuf {
         self.dir.join("sockets-link")
+    }
+
+    /// Where the preStop intercept's cgroup links are pinned
+    /// (`intercept::LINK_PINS`; not in `links/`, whose pins are per interface).
+    #[must_use]
+    pub fn intercept_dir(&self) -> &Path {
+        &self.intercept
     }
 
     /// Every link pinned now.
@@ -193,6 +205,7 @@ pub fn remove_all(root: &Path) -> Result<Option<RemovedPins>, Error> {
             removed.maps += pins.iter().filter(|n| PINNED_MAPS.contains(&n.as_str())).count();
             removed.links.extend(pins.into_iter().filter(|n| n == "sockets-link"));
             removed.links.extend(names(&path.join("links")));
+            removed.links.extend(names(&path.join("intercept")).into_iter().map(|n| format!("intercept/{n}")));
             std::fs::remove_dir_all(&path).map_err(io("removing", &path))?;
             removed.layouts.push(path);
         } else if !is_dir && PINNED_MAPS.contains(&name.as_str()) {
@@ -231,6 +244,9 @@ fn expected(name: &str, max_flows: u32) -> Option<Shape> {
         maps::SOCKETS => s("hash", 8, size::<SockValue>(), MAX_SOCKETS),
         maps::POD_SOCKETS => s("array", 4, size::<PodSockets>(), MAX_PODS),
         maps::PROBES => s("hash", size::<ProbeKey>(), 1, MAX_PODS * 4),
+        maps::INTERCEPT_CONFIG => s("array", 4, size::<InterceptConfig>(), 1),
+        maps::INTERCEPT_CONNECTS => s("lru_hash", 8, size::<InterceptDst>(), INTERCEPT_ENTRIES),
+        maps::INTERCEPT_PEERS => s("lru_hash", size::<InterceptPeer>(), size::<InterceptDst>(), INTERCEPT_ENTRIES),
         _ => None,
     }
 }

@@ -40,7 +40,7 @@ pub mod maps {
     /// processes) and the ports its settings ignore (any connection).
     pub const PROBES: &str = "PROBES";
     /// `Array<InterceptConfig>` with one element: the preStop intercept's
-    /// settings (agent-written; not pinned, the hooks live as long as the agent).
+    /// settings (agent-written; pinned with `--bpffs`, like the intercept's links).
     pub const INTERCEPT_CONFIG: &str = "INTERCEPT_CONFIG";
     /// `LruHashMap<u64, InterceptDst>`: by socket cookie, the connects the
     /// intercept rewrote, until the `sockops` program learns their local port.
@@ -97,7 +97,7 @@ pub const LAYOUT_VERSION: u32 = 3;
 /// The maps `--bpffs` pins: everything that holds state the agent or the
 /// programs need after a restart. `EVENTS` is not among them: each agent
 /// reads its own ring buffer, and rebuilds what it missed from `FLOWS`.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 14] = [
     maps::FLOWS,
     maps::HELD,
     maps::POD_IPS,
@@ -109,6 +109,9 @@ pub const PINNED_MAPS: [&str; 11] = [
     maps::SOCKETS,
     maps::POD_SOCKETS,
     maps::PROBES,
+    maps::INTERCEPT_CONFIG,
+    maps::INTERCEPT_CONNECTS,
+    maps::INTERCEPT_PEERS,
 ];
 
 /// Program names in the object.
@@ -129,7 +132,14 @@ pub mod programs {
     pub const INTERCEPT_V6: &str = "conndrain_icpt6";
     /// `sockops`: learns the local port of each connection the two above rewrote.
     pub const INTERCEPT_PORTS: &str = "conndrain_icptp";
+    /// `cgroup_skb/egress`: holds back (drops) the SYN of an intercepted
+    /// connection while no agent listens, so that the kubelet's connect
+    /// retries instead of being refused.
+    pub const INTERCEPT_HOLD: &str = "conndrain_icpth";
 }
+
+/// Size of `INTERCEPT_CONNECTS` and `INTERCEPT_PEERS` (LRU).
+pub const INTERCEPT_ENTRIES: u32 = 4096;
 
 /// Number of pod slots; `POD_COUNTERS` has this many entries.
 pub const MAX_PODS: u32 = 4096;

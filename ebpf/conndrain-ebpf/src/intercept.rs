@@ -16,12 +16,24 @@
 //! `INTERCEPT_PEERS` under the client's (loopback address, port): what the
 //! agent sees as the peer when it accepts, and looks up to learn which pod
 //! the kubelet asked for.
+//!
+//! The `cgroup_skb/egress` program holds an intercepted connection back while
+//! no agent listens (the agent is restarting; with `--bpffs` the programs
+//! above stay attached): it drops the connection's SYN when no socket
+//! listens on its destination (`bpf_sk_lookup_tcp`). `tcp_connect` ignores
+//! any error but `ECONNREFUSED`, so the kernel retransmits the SYN (after 1,
+//! 2, 4 ... s) and `connect()` waits, until an agent listens again, or until
+//! `tcp_syn_retries` is spent (about 127 s): a fail-open sleep instead of a
+//! refusal.
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::{SockAddrContext, SockOpsContext},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use conndrain_common::{InterceptConfig, InterceptDst, InterceptPeer, PROTO_TCP, PodIpKey};
 
@@ -166,4 +178,100 @@ pub fn on_connect(ctx: &SockOpsContext) -> Option<()> {
     };
     let peer = InterceptPeer { addr, port: u16::try_from(ctx_read!((*ops).local_port)).ok()?, _pad: 0 };
     INTERCEPT_PEERS.insert(&peer, &dst, 0).ok()
+}
+
+// linux/if_ether.h, linux/in.h, tcp flags.
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Whether to drop this packet: the SYN of a connection the programs above
+/// rewrote (it has an `INTERCEPT_PEERS` entry) while no socket listens on
+/// the agent's loopback address and port. Every other packet: a protocol and
+/// address comparison, and kept.
+pub fn hold_syn(ctx: &SkBuffContext) -> bool {
+    held(ctx).is_some()
+}
+
+#[inline(always)]
+fn held(ctx: &SkBuffContext) -> Option<()> {
+    let cfg = *INTERCEPT_CONFIG.get(0)?;
+    if cfg.pod_port == 0 {
+        return None;
+    }
+    // `protocol` holds the ethertype in network byte order in its low 16 bits.
+    #[expect(clippy::cast_possible_truncation, reason = "a 16-bit field")]
+    let ethertype = u16::from_be(ctx_read!((*ctx.skb.skb).protocol) as u16);
+    // SAFETY: plain integers; all zeroes is a valid tuple. The packet starts at its network header.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let (peer, l4, size) = if ethertype == ETH_P_IP {
+        let vihl: u8 = ctx.load(0).ok()?;
+        let proto: u8 = ctx.load(9).ok()?;
+        let daddr: [u8; 4] = ctx.load(16).ok()?;
+        if proto != IPPROTO_TCP || daddr != [127, 0, 0, 1] {
+            return None;
+        }
+        let saddr: [u8; 4] = ctx.load(12).ok()?;
+        let l4 = usize::from(vihl & 0x0f) * 4;
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: u32::from_ne_bytes(saddr),
+            daddr: u32::from_ne_bytes(daddr),
+            sport: 0,
+            dport: 0,
+        };
+        (mapped_v4(u32::from_ne_bytes(saddr)), l4, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>())
+    } else if ethertype == ETH_P_IPV6 {
+        let next: u8 = ctx.load(6).ok()?;
+        let daddr: [u8; 16] = ctx.load(24).ok()?;
+        if next != IPPROTO_TCP || daddr != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
+            return None;
+        }
+        let saddr: [u8; 16] = ctx.load(8).ok()?;
+        let words = |a: [u8; 16]| {
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ]
+        };
+        tuple.__bindgen_anon_1.ipv6 =
+            bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 { saddr: words(saddr), daddr: words(daddr), sport: 0, dport: 0 };
+        (saddr, 40, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>())
+    } else {
+        return None;
+    };
+    let ports: [u8; 4] = ctx.load(l4).ok()?;
+    if u16::from_be_bytes([ports[2], ports[3]]) != cfg.listen_port {
+        return None;
+    }
+    let flags: u8 = ctx.load(l4 + 13).ok()?;
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        return None;
+    }
+    // SAFETY: read-only lookup.
+    unsafe {
+        INTERCEPT_PEERS.get(&InterceptPeer { addr: peer, port: u16::from_be_bytes([ports[0], ports[1]]), _pad: 0 })
+    }?;
+    let (sport, dport) = (u16::from_ne_bytes([ports[0], ports[1]]), u16::from_ne_bytes([ports[2], ports[3]]));
+    // Writes to a union's fields (the variant set above).
+    if ethertype == ETH_P_IP {
+        tuple.__bindgen_anon_1.ipv4.sport = sport;
+        tuple.__bindgen_anon_1.ipv4.dport = dport;
+    } else {
+        tuple.__bindgen_anon_1.ipv6.sport = sport;
+        tuple.__bindgen_anon_1.ipv6.dport = dport;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "a tuple is tens of bytes")]
+    let size = size as u32;
+    // SAFETY: the helper reads `size` bytes of the tuple; a socket it returns is released below.
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &raw mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0) };
+    if sk.is_null() {
+        return Some(());
+    }
+    // SAFETY: the reference the lookup took.
+    unsafe { bpf_sk_release(sk.cast()) };
+    None
 }

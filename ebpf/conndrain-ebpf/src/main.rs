@@ -25,8 +25,8 @@ mod steer;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    macros::{cgroup_sock_addr, classifier, sock_ops, tracepoint},
-    programs::{SockAddrContext, SockOpsContext, TcContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, sock_ops, tracepoint},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext, TracePointContext},
 };
 use conndrain_common::stats;
 
@@ -101,6 +101,14 @@ pub fn conndrain_icpt6(ctx: SockAddrContext) -> i32 {
 pub fn conndrain_icptp(ctx: SockOpsContext) -> u32 {
     let _ = intercept::on_connect(&ctx);
     1
+}
+
+/// `cgroup_skb/egress`: drops the SYN of a connection rewritten above while
+/// nothing listens on the agent's loopback port (the agent is restarting), so
+/// the kubelet's connect is retried by the kernel instead of refused.
+#[cgroup_skb(egress)]
+pub fn conndrain_icpth(ctx: SkBuffContext) -> i32 {
+    i32::from(!intercept::hold_syn(&ctx))
 }
 
 #[inline(always)]

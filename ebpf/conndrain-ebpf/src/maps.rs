@@ -13,8 +13,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use conndrain_common::{
-    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, InterceptConfig, InterceptDst, InterceptPeer, MAX_HELD, MAX_PINS,
-    MAX_PODS, MAX_SOCKETS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey, stats,
+    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, INTERCEPT_ENTRIES, InterceptConfig, InterceptDst, InterceptPeer,
+    MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey,
+    stats,
 };
 
 /// linux/bpf.h: entries are allocated on insert, not all at map creation.
@@ -73,11 +74,12 @@ pub static INTERCEPT_CONFIG: Array<InterceptConfig> = Array::with_max_entries(1,
 
 /// Connects the intercept rewrote, by socket cookie, until their local port is known.
 #[map]
-pub static INTERCEPT_CONNECTS: LruHashMap<u64, InterceptDst> = LruHashMap::with_max_entries(4096, 0);
+pub static INTERCEPT_CONNECTS: LruHashMap<u64, InterceptDst> = LruHashMap::with_max_entries(INTERCEPT_ENTRIES, 0);
 
 /// Intercepted connections by their client end, until the agent accepts them.
 #[map]
-pub static INTERCEPT_PEERS: LruHashMap<InterceptPeer, InterceptDst> = LruHashMap::with_max_entries(4096, 0);
+pub static INTERCEPT_PEERS: LruHashMap<InterceptPeer, InterceptDst> =
+    LruHashMap::with_max_entries(INTERCEPT_ENTRIES, 0);
 
 /// 256 KiB: room for about 4000 events between two reads of the agent.
 #[map]
