@@ -290,11 +290,16 @@ fn no_container_is_privileged_or_adds_more_capabilities_than_the_agent_needs() {
                     c.name
                 );
             }
-            if caps.add.is_some_and(|a| !a.is_empty()) {
+            if caps.add.as_ref().is_some_and(|a| !a.is_empty()) {
                 // Whoever adds capabilities drops the rest and cannot gain more.
                 assert!(caps.drop.is_some_and(|d| d.iter().any(|x| x == "ALL")), "{at}: {} must drop ALL", c.name);
                 assert_eq!(sc.allow_privilege_escalation, Some(false), "{at}: {}", c.name);
                 assert_eq!(sc.read_only_root_filesystem, Some(true), "{at}: {}", c.name);
+            }
+            if caps.add.iter().flatten().any(|c| c == "BPF") {
+                // On SELinux nodes container_t may not call bpf(2) or write the pins.
+                let selinux = sc.se_linux_options.as_ref().and_then(|o| o.type_.as_deref());
+                assert_eq!(selinux, Some("spc_t"), "{at}: {} loads programs: seLinuxOptions type spc_t", c.name);
             }
         }
     }
