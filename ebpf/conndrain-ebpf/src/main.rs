@@ -114,11 +114,16 @@ pub fn conndrain_icpth(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn parsed(ctx: &TcContext) -> Option<parse::Packet> {
     maps::count(stats::PACKETS);
-    let pkt = parse::parse(ctx);
-    if pkt.is_none() {
+    // Zeroed, padding included, so that no byte of it is uninitialized stack
+    // on any path (see `parse::parse`).
+    // SAFETY: `Packet` is integers and bools, for which all zeroes is valid.
+    let mut pkt: parse::Packet = unsafe { core::mem::zeroed() };
+    if parse::parse(ctx, &mut pkt) {
+        Some(pkt)
+    } else {
         maps::count(stats::UNPARSED);
+        None
     }
-    pkt
 }
 
 #[cfg(not(test))]

@@ -48,15 +48,32 @@ pub struct Packet {
     pub local: bool,
 }
 
-// Not inlined: the headers it loads get a stack frame of their own, leaving
-// room in the 512-byte budget for tracking and steering after it.
+/// Parses the packet into `out` and says whether it could.
+///
+/// Not inlined: the headers it loads get a stack frame of their own, leaving
+/// room in the 512-byte budget for tracking and steering after it. Hence an
+/// out-parameter and a `bool` in a register rather than an `Option<Packet>`
+/// returned through the caller's stack: the verifier follows the register
+/// into the caller's branch, but not a tag byte written to the stack, and
+/// before Linux 6.3 it refuses the `Some` branch's reads of a packet that the
+/// `None` path never wrote ("invalid read from stack"). The caller zeroes
+/// `out` first for the same reason.
 #[inline(never)]
-pub fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
-    match ethertype {
+pub fn parse(ctx: &TcContext, out: &mut Packet) -> bool {
+    let Some(ethertype) = load::<u16>(ctx, 12) else {
+        return false;
+    };
+    let pkt = match u16::from_be(ethertype) {
         ETH_P_IP => parse_v4(ctx),
         ETH_P_IPV6 => parse_v6(ctx),
         _ => None,
+    };
+    match pkt {
+        Some(pkt) => {
+            *out = pkt;
+            true
+        }
+        None => false,
     }
 }
 
