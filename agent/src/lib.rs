@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod conntrack;
 pub mod datapath;
 pub mod drain;
 pub mod error;

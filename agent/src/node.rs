@@ -58,6 +58,8 @@ pub struct Settings {
     pub default_deadline: Duration,
     pub default_quiet_period: Duration,
     pub mode: &'static str,
+    /// How steering reads conntrack (one filtered dump per terminating backend by default).
+    pub conntrack_dump: crate::conntrack::DumpMode,
 }
 
 struct Pod {
@@ -552,10 +554,13 @@ impl Node {
     /// Learns the translations of terminating backends' flows from conntrack
     /// and pins the new ones.
     pub async fn refresh_pins(&self) {
-        if !self.inner.lock().await.steering.has_backends() {
+        let backends = self.inner.lock().await.steering.backend_ips();
+        if backends.is_empty() {
             return;
         }
-        let translations = match tokio::task::spawn_blocking(crate::steering::dump_translations).await {
+        let mode = self.settings.conntrack_dump;
+        let dump = move || crate::conntrack::dump_translations(&backends, mode);
+        let translations = match tokio::task::spawn_blocking(dump).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading conntrack");
@@ -600,7 +605,7 @@ impl Node {
             drop(inner);
             if !over.is_empty() {
                 let n = over.len();
-                let forgotten = tokio::task::spawn_blocking(move || crate::steering::forget_translations(&over)).await;
+                let forgotten = tokio::task::spawn_blocking(move || crate::conntrack::forget_translations(&over)).await;
                 match forgotten.map_err(anyhow::Error::from).and_then(|r| r) {
                     Ok(deleted) => {
                         tracing::debug!(over = n, deleted, "stale conntrack entries of finished flows deleted")

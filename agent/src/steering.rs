@@ -28,116 +28,8 @@ use std::{
 use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Pin, WireKey, pin_flags};
 use serde::{Deserialize, Serialize};
 
+pub use crate::conntrack::Translation;
 use crate::datapath::{self, Datapath};
-
-/// What conntrack says one flow was translated to.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Translation {
-    pub proto: u8,
-    pub orig_src: SocketAddr,
-    pub orig_dst: SocketAddr,
-    pub reply_src: SocketAddr,
-    pub reply_dst: SocketAddr,
-    /// TCP established, or any UDP entry.
-    pub live: bool,
-}
-
-/// Reads the conntrack table over netlink (both families). Blocking: run it
-/// with `spawn_blocking`. The `conntrack` crate wraps ctnetlink's dump.
-pub fn dump_translations() -> anyhow::Result<Vec<Translation>> {
-    use conntrack::model::{IpProto, TcpState};
-    let ct = conntrack::Conntrack::connect().map_err(|e| anyhow::anyhow!("opening ctnetlink: {e:?}"))?;
-    let flows = ct.dump().map_err(|e| anyhow::anyhow!("dumping conntrack: {e:?}"))?;
-    Ok(flows
-        .into_iter()
-        .filter_map(|f| {
-            let o = f.origin?;
-            let r = f.reply?;
-            let (op, rp) = (o.proto?, r.proto?);
-            let proto = match op.number? {
-                IpProto::Tcp => PROTO_TCP,
-                IpProto::Udp => PROTO_UDP,
-                _ => return None,
-            };
-            // Any UDP entry counts: one that has not seen its reply yet is a
-            // session starting now, and pinning it costs nothing if it never
-            // answers (it goes idle and is released).
-            let live = proto == PROTO_UDP
-                || matches!(f.proto_info.and_then(|p| p.tcp).and_then(|t| t.state), Some(TcpState::Established));
-            Some(Translation {
-                proto,
-                orig_src: SocketAddr::new(o.src?, op.src_port?),
-                orig_dst: SocketAddr::new(o.dst?, op.dst_port?),
-                reply_src: SocketAddr::new(r.src?, rp.src_port?),
-                reply_dst: SocketAddr::new(r.dst?, rp.dst_port?),
-                live,
-            })
-        })
-        .collect())
-}
-
-/// Deletes the conntrack entries of these flows (by their original tuple).
-/// A pinned flow's packets bypass netfilter, so its entry never sees the flow
-/// close: it would stay ESTABLISHED for days, fill the table, and send a new
-/// connection that reuses the tuple to the old backend. Blocking: run it with
-/// `spawn_blocking`. The `conntrack` crate only dumps; the request is built
-/// with netlink-packet-netfilter. Returns how many entries were deleted
-/// (one already gone is no error).
-pub fn forget_translations(flows: &[Translation]) -> anyhow::Result<usize> {
-    use anyhow::Context as _;
-    use netlink_packet_core_09::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
-    use netlink_packet_netfilter::{
-        NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
-        conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
-    };
-    use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
-
-    if flows.is_empty() {
-        return Ok(0);
-    }
-    let mut socket = Socket::new(NETLINK_NETFILTER).context("opening ctnetlink")?;
-    socket.bind_auto().context("binding ctnetlink")?;
-    socket.connect(&NlAddr::new(0, 0)).context("connecting ctnetlink")?;
-    let mut deleted = 0;
-    for (seq, t) in (1u32..).zip(flows) {
-        let family = if t.orig_src.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
-        let proto = if t.proto == PROTO_TCP { Protocol::Tcp } else { Protocol::Udp };
-        let tuple = ConntrackAttribute::CtaTupleOrig(vec![
-            Tuple::Ip(vec![IPTuple::SourceAddress(t.orig_src.ip()), IPTuple::DestinationAddress(t.orig_dst.ip())]),
-            Tuple::Proto(vec![
-                ProtoTuple::Protocol(proto),
-                ProtoTuple::SourcePort(t.orig_src.port()),
-                ProtoTuple::DestinationPort(t.orig_dst.port()),
-            ]),
-        ]);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        header.sequence_number = seq;
-        let body = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), ConntrackMessage::Delete(vec![tuple]));
-        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(body));
-        msg.finalize();
-        let mut buf = vec![0; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        socket.send(&buf, 0).context("sending a conntrack delete")?;
-        let mut reply = Vec::with_capacity(4096);
-        socket.recv(&mut reply, 0).context("reading conntrack's answer")?;
-        let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&reply)
-            .map_err(|e| anyhow::anyhow!("decoding conntrack's answer: {e}"))?;
-        if let NetlinkPayload::Error(e) = reply.payload {
-            match e.code {
-                None => deleted += 1,
-                Some(c) if c.get() == -libc::ENOENT => {}
-                Some(c) => anyhow::bail!(
-                    "deleting the conntrack entry of {} -> {}: {}",
-                    t.orig_src,
-                    t.orig_dst,
-                    std::io::Error::from_raw_os_error(-c.get())
-                ),
-            }
-        }
-    }
-    Ok(deleted)
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PinView {
@@ -241,6 +133,12 @@ impl Steering {
     #[must_use]
     pub fn has_backends(&self) -> bool {
         !self.backends.is_empty()
+    }
+
+    /// The addresses of the terminating backends: what the conntrack dumps ask for.
+    #[must_use]
+    pub fn backend_ips(&self) -> Vec<IpAddr> {
+        self.backends.keys().copied().collect()
     }
 
     pub fn pinned(&self) -> usize {
@@ -367,7 +265,7 @@ impl Steering {
     /// Releases pins whose flow closed, went idle (UDP), passed its deadline,
     /// or whose pod is gone; forgets backends past their deadline. Returns the
     /// flows that are over (closed, without a pod, or released idle), whose
-    /// conntrack entries are stale: for [`forget_translations`].
+    /// conntrack entries are stale: for [`crate::conntrack::forget_translations`].
     #[must_use = "the stale conntrack entries of finished flows are to be forgotten"]
     pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) -> Vec<Translation> {
         let before = self.backends.len();

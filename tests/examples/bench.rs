@@ -10,7 +10,8 @@
 //! 100k and 1M flows), `live` (throughput, latency and the
 //! programs' run time on live traffic through a simulated node), `steered`
 //! (the same for flows pinned by steering, through a Service's cluster IP, IPv4 and
-//! IPv6), `drain` (drain detection latency). All of them by default; `BENCHMARKS.md` at the
+//! IPv6), `steercost` (the steering agent's CPU with 100k conntrack entries
+//! while pods terminate), `drain` (drain detection latency). All of them by default; `BENCHMARKS.md` at the
 //! workspace root is written only for a full run (all sections, not
 //! `--quick`) unless `--out` names a file.
 //!
@@ -36,6 +37,8 @@ mod flowtable;
 mod live;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/steercost.rs"]
+mod steercost;
 #[path = "bench/steered.rs"]
 mod steered;
 #[path = "bench/testrun.rs"]
@@ -49,7 +52,7 @@ use conndrain_tests::{require_root, stop_on_signals};
 
 use report::{Machine, Section};
 
-const SECTIONS: &[&str] = &["testrun", "flowtable", "agentmem", "live", "steered", "drain"];
+const SECTIONS: &[&str] = &["testrun", "flowtable", "agentmem", "live", "steered", "steercost", "drain"];
 
 struct Args {
     quick: bool,
@@ -162,6 +165,15 @@ fn run() -> Result<()> {
         let (perf, stats) = steered::run(&sizes)?;
         emit(perf);
         emit(stats);
+    }
+    if want("steercost") {
+        eprintln!("bench: steering agent's CPU with a large conntrack table");
+        let sizes = if args.quick {
+            steercost::Sizes { entries: 20_000, secs: 3, runs: 1 }
+        } else {
+            steercost::Sizes { entries: 100_000, secs: 10, runs: 2 }
+        };
+        emit(steercost::run(&sizes)?);
     }
     if want("drain") {
         eprintln!("bench: drain detection");

@@ -158,6 +158,12 @@ impl Agent {
             .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
     }
 
+    /// The agent's process id, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Do not print the agent's log on drop (for the demo).
     pub fn quiet_on_drop(&mut self) {
         self.echo_log = false;

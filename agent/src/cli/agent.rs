@@ -58,6 +58,11 @@ pub struct Args {
     /// keep-alive, which does not hold its pod.
     #[arg(long, env = "CONNDRAIN_IDLE_TIMEOUT", default_value_t = 30.0, value_parser = positive_secs)]
     pub idle_timeout: f64,
+    /// How steering reads conntrack while backends terminate: one dump per
+    /// terminating backend, filtered in the kernel (Linux 5.8+), or the whole
+    /// table (the benchmark's baseline). Hidden: not a tuning knob.
+    #[arg(long, hide = true, value_enum, default_value_t = crate::conntrack::DumpMode::Filtered)]
+    pub conntrack_dump: crate::conntrack::DumpMode,
     /// Default drain deadline for `pod terminate`, in seconds.
     #[arg(long, env = "CONNDRAIN_DEADLINE", default_value_t = 30.0, value_parser = positive_secs)]
     pub deadline: f64,
@@ -214,6 +219,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
             default_deadline: Duration::from_secs_f64(args.deadline),
             default_quiet_period: Duration::from_secs_f64(args.quiet_period),
             mode,
+            conntrack_dump: args.conntrack_dump,
         },
     ));
     // Take back what an earlier agent left (--bpffs), before serving anyone.
