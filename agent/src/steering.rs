@@ -25,7 +25,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Pin, WireKey, pin_flags};
+use conndrain_common::{FAMILY_V4, FAMILY_V6, MAX_PINS, PROTO_TCP, PROTO_UDP, Pin, WireKey, pin_flags};
 use serde::{Deserialize, Serialize};
 
 pub use crate::conntrack::Translation;
@@ -90,6 +90,9 @@ pub struct Steering {
     by_rev: HashMap<WireKey, WireKey>,
     /// Counts changes to what `save` returns, so the node saves only then.
     changes: u64,
+    /// Flows that could not be pinned (no route to their peer, a full map):
+    /// learning retries them every round, and says so once, not every second.
+    unpinnable: std::collections::HashSet<WireKey>,
 }
 
 /// Whether a conntrack entry is a flow the programs can steer both ways:
@@ -198,9 +201,17 @@ impl Steering {
             let rev = wire_key(t.proto, t.reply_src, t.reply_dst);
             let (pod, deadline_ns) = (b.pod.clone(), b.deadline_ns);
             if let Err(e) = self.pin(dp, t, fwd, rev, now).await {
-                tracing::warn!(error = %e, flow = ?t, "cannot pin flow");
+                if self.unpinnable.len() >= MAX_PINS as usize {
+                    self.unpinnable.clear();
+                }
+                if self.unpinnable.insert(fwd) {
+                    tracing::warn!(error = %e, flow = ?t, "cannot pin flow (retried every second, logged once)");
+                } else {
+                    tracing::debug!(error = %e, flow = ?t, "cannot pin flow");
+                }
                 continue;
             }
+            self.unpinnable.remove(&fwd);
             let view = PinView::of(t, pod, false);
             tracing::info!(client = %view.client, frontend = %view.frontend, backend = %view.backend, "pinned flow");
             self.changes += 1;
