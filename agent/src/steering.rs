@@ -13,8 +13,12 @@
 //! Learning is repeated every second while a backend terminates, so flows that
 //! still reach it through stale rules elsewhere are pinned too. A pin is
 //! released when its flow closes (FIN both ways or RST), when a UDP flow is
-//! idle for the UDP timeout, at the backend's deadline, or shortly after its
-//! pod is removed (then TCP segments are answered with a RST meanwhile).
+//! idle for the UDP timeout, or shortly after its pod is removed (then TCP
+//! segments are answered with a RST meanwhile). Not at the backend's
+//! deadline: a pinned flow's packets never met kube-proxy's conntrack entry,
+//! whose TCP window is stale by then, so released alive its next segments
+//! (the final FIN too) would be dropped as INVALID. Only if the pod is never
+//! seen gone, a live pin is released `--pin-limit` after the deadline.
 //!
 //! With `--bpffs`, the node saves this state (`save`) on every change and a
 //! restarted agent takes it back (`restore`): the `PINS` entries themselves
@@ -364,12 +368,19 @@ impl Steering {
         Ok(())
     }
 
-    /// Releases pins whose flow closed, went idle (UDP), passed its deadline,
-    /// or whose pod is gone; forgets backends past their deadline. Returns the
-    /// flows that are over (closed, without a pod, or released idle), whose
-    /// conntrack entries are stale: for [`forget_translations`].
+    /// Releases pins whose flow closed, went idle (UDP), or whose pod is gone;
+    /// forgets backends past their deadline (no new flow of theirs is pinned).
+    /// A live flow stays pinned past its backend's deadline, until its pod is
+    /// gone: kube-proxy's conntrack entry saw none of its packets since the
+    /// pin, so its TCP window is stale, and released, the flow's next
+    /// segments (the final FIN or RST too) would be dropped as INVALID and
+    /// the client would hang. Only a pod never seen gone (a missed delete, a
+    /// standalone pod never removed) lets a pin outlive its deadline by more
+    /// than `pin_limit_ns`: then it is released, as before this rule.
+    /// Returns the flows that are over (closed, without a pod, or released
+    /// idle), whose conntrack entries are stale: for [`forget_translations`].
     #[must_use = "the stale conntrack entries of finished flows are to be forgotten"]
-    pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) -> Vec<Translation> {
+    pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64, pin_limit_ns: u64) -> Vec<Translation> {
         let before = self.backends.len();
         self.backends.retain(|_, b| now < b.deadline_ns);
         if self.backends.len() != before {
@@ -403,8 +414,8 @@ impl Steering {
                 Some("closed")
             } else if fwd.proto == PROTO_UDP && now.saturating_sub(last) > udp_timeout_ns {
                 Some("idle")
-            } else if now >= p.deadline_ns {
-                Some("deadline")
+            } else if p.dead_ns.is_none() && now >= p.deadline_ns.saturating_add(pin_limit_ns) {
+                Some("pin limit")
             } else if p.dead_ns.is_some_and(|d| now >= d + DEAD_LINGER_NS) {
                 Some("pod gone")
             } else {
@@ -413,8 +424,8 @@ impl Steering {
             if let Some(why) = why {
                 tracing::info!(client = %p.view.client, backend = %p.view.backend, why, "released pinned flow");
                 // Closed and dead flows were forgotten above; one released
-                // at its deadline may still be alive: its entry keeps sending
-                // it to the old backend, as without us.
+                // at the pin limit may still be alive: its entry keeps sending
+                // it to the old backend, as without us (stale window and all).
                 release.push((*fwd, why == "idle"));
             }
         }
