@@ -988,34 +988,46 @@ fn with_agent_a_new_connection_on_a_dead_pins_tuple_is_placed_by_the_rules() -> 
     Ok(())
 }
 
+/// The Service's IPv4 EndpointSlice: a1 and a2 on node A, b1 on node B,
+/// terminating or not.
+fn web_slice(bed: &Bed, b1_terminating: bool) -> Result<k8s_openapi::api::discovery::v1::EndpointSlice> {
+    let ep = |pod: &str, node: &str, terminating: bool| {
+        serde_json::json!({
+            "addresses": [bed.cluster.pod(pod).ipv4().to_string()],
+            "nodeName": node,
+            "conditions": {"ready": !terminating, "serving": true, "terminating": terminating},
+        })
+    };
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-v4", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [ep("a1", "node-a", false), ep("a2", "node-a", false), ep("b1", "node-b", b1_terminating)],
+        "ports": [{"name": "http", "port": TCP_TARGET, "protocol": "TCP"}],
+    }))?)
+}
+
+/// A fake API server and the agent on node A in Kubernetes mode (node
+/// `node-a`), with `extra` arguments.
+fn kubernetes_agent(bed: &Bed, extra: &[&str]) -> Result<(conndrain_tests::fakeapi::AgentApi, Agent, Cli)> {
+    let k8s = conndrain_tests::fakeapi::AgentApi::start(bed.cluster.node_a())?;
+    let kc = k8s.kubeconfig_arg();
+    let mut args = vec!["--kubeconfig", &kc, "--node-name", "node-a"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start_with(bed.cluster.node_a(), &args)?;
+    let cli = agent.cli();
+    Ok((k8s, agent, cli))
+}
+
 /// Kubernetes mode: node A's agent learns from the EndpointSlice that b1 (on
 /// node B) is terminating, and pins the flows node A's kube-proxy sent to it.
 #[test]
 fn with_agent_kubernetes_mode_pins_flows_to_a_terminating_remote_endpoint() -> Result<()> {
     let bed = Bed::new(Backend::Iptables)?;
-    let k8s = conndrain_tests::fakeapi::AgentApi::start(bed.cluster.node_a())?;
+    let (k8s, _agent, cli) = kubernetes_agent(&bed, &[])?;
     let api = &k8s.api;
-    let kc = k8s.kubeconfig_arg();
-    let agent = Agent::start_with(bed.cluster.node_a(), &["--kubeconfig", &kc, "--node-name", "node-a"])?;
-    let cli = agent.cli();
-
-    let slice = |b1_terminating: bool| -> Result<k8s_openapi::api::discovery::v1::EndpointSlice> {
-        let ep = |pod: &str, node: &str, terminating: bool| {
-            serde_json::json!({
-                "addresses": [bed.cluster.pod(pod).ipv4().to_string()],
-                "nodeName": node,
-                "conditions": {"ready": !terminating, "serving": true, "terminating": terminating},
-            })
-        };
-        Ok(serde_json::from_value(serde_json::json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {"name": "web-v4", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "endpoints": [ep("a1", "node-a", false), ep("a2", "node-a", false), ep("b1", "node-b", b1_terminating)],
-            "ports": [{"name": "http", "port": TCP_TARGET, "protocol": "TCP"}],
-        }))?)
-    };
+    let slice = |b1_terminating: bool| web_slice(&bed, b1_terminating);
     api.create_endpoint_slice(slice(false)?);
 
     let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
@@ -1351,5 +1363,50 @@ fn with_agent_a_pinned_flow_follows_a_source_rule() -> Result<()> {
     conv.expect_steady(20).context("the pinned stream keeps b1 over the source rule's link")?;
     ensure!(steered_packets(&cli)? > 0, "the datapath steered the stream");
     ensure!(out(&link2)? > sent, "the steered packets left over the second link");
+    Ok(())
+}
+
+/// Kubernetes mode, a long drain on another node: the flow to b1 stays
+/// pinned past b1's deadline (`--remote-pin-limit 1`: EndpointSlices carry
+/// no kill time) while b1's endpoint is still there, terminating. Then b1's
+/// address is listed again, not terminating: a terminating pod never turns
+/// back, so that is a new pod with the address, and b1 is gone: the pin
+/// turns dead and the client gets a RST. (The agent before released the pin
+/// at that deadline: with the conntrack entry flushed, the stream then broke
+/// at once on another pod's RST.)
+#[test]
+fn with_agent_kubernetes_mode_a_remote_pin_outlives_its_deadline_until_the_endpoint_is_gone() -> Result<()> {
+    let bed = Bed::new(Backend::Iptables)?;
+    let (k8s, _agent, cli) = kubernetes_agent(&bed, &["--remote-pin-limit", "1"])?;
+    let api = &k8s.api;
+    api.create_endpoint_slice(web_slice(&bed, false)?);
+    let to = bed.frontend(Front::ClusterIp, false, Protocol::Tcp);
+    let conv = Conversation::landing_on(bed.client(), to, None, "b1")?;
+    conv.expect_steady(5)?;
+    let client = conv.local_addr();
+
+    api.update_endpoint_slice("default", "web-v4", |s| *s = web_slice(&bed, true).expect("slice"));
+    wait_until("the agent to pin the flow to b1", TIMEOUT, || cli.status(), |s| pin_of(s, client).is_some())?;
+    bed.sync(&["a1", "a2"])?;
+    bed.node_a().flush_conntrack()?;
+    // Well past b1's deadline (1 s), a sweep each second meanwhile.
+    conv.expect_steady(30).context("the stream keeps b1 past its deadline while its endpoint is there")?;
+    ensure!(pin_of(&cli.status()?, client).is_some(), "still pinned past the deadline: {:#}", cli.status()?);
+
+    // b1 is gone (its node's side stops answering), and its address is
+    // listed again, not terminating.
+    let host_if = bed.cluster.pod("b1").host_if().to_owned();
+    bed.cluster.node_b().ip(&["link", "set", &host_if, "down"])?;
+    api.update_endpoint_slice("default", "web-v4", |s| *s = web_slice(&bed, false).expect("slice"));
+    wait_until(
+        "the pin to turn dead",
+        TIMEOUT,
+        || cli.status(),
+        |s| pin_of(s, client).is_some_and(|p| p["dead"] == true),
+    )?;
+    match conv.wait_break(BREAK_WITHIN) {
+        Some(Reply::Failed(how)) => ensure!(how.contains("reset"), "the client gets a RST, not a timeout: {how}"),
+        other => bail!("the stream must fail fast with a RST, got {other:?}"),
+    }
     Ok(())
 }
