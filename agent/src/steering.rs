@@ -227,28 +227,26 @@ pub fn pinnable(t: &Translation, node_addrs: &[IpAddr]) -> bool {
 /// (kube-proxy's DNAT, and the un-SNAT of a reply, are done) and before
 /// POSTROUTING (its masquerade, and the un-DNAT of a reply, are not), so with
 /// the destination `dst` (the backend, or the client) and the source `src`
-/// (the client, or the backend), coming in where packets from `src` come in
-/// (the interface to it, as symmetric routing and `rp_filter` expect).
-/// Policy rules on the source (source-based tables, as the AWS VPC CNI adds
-/// for pods on secondary ENIs) then choose the same interface as they did.
-/// If that lookup fails (a source the kernel refuses on that interface), the
-/// route by destination only.
-async fn flow_route(dp: &mut Datapath, dst: IpAddr, src: IpAddr) -> Result<(u32, IpAddr), crate::error::Error> {
-    let by_dst = dp.route(dst).await?;
+/// (the client, or the backend), coming in on `iif`, where packets from
+/// `src` come in (the interface to it, as symmetric routing and `rp_filter`
+/// expect). Policy rules on the source (source-based tables, as the AWS VPC
+/// CNI adds for pods on secondary ENIs) then choose the same interface as
+/// they did. If that lookup fails (a source the kernel refuses on that
+/// interface), `by_dst`: the route by destination only.
+async fn flow_route(dp: &mut Datapath, dst: IpAddr, src: IpAddr, by_dst: (u32, IpAddr), iif: u32) -> (u32, IpAddr) {
     if dst.is_ipv4() != src.is_ipv4() {
-        return Ok(by_dst);
+        return by_dst;
     }
-    let (iif, _) = dp.route(src).await?;
     match dp.route_from(dst, src, iif).await {
         Ok(r) => {
             if r != by_dst {
                 tracing::debug!(%dst, %src, iif, oif = r.0, "policy routing sends the pinned flow another way than its destination's route");
             }
-            Ok(r)
+            r
         }
         Err(e) => {
             tracing::debug!(error = %e, %dst, %src, iif, "routing as a forwarded packet failed; by destination only");
-            Ok(by_dst)
+            by_dst
         }
     }
 }
@@ -368,8 +366,10 @@ impl Steering {
         now: u64,
     ) -> Result<(), crate::error::Error> {
         dp.attach_everywhere()?;
-        let (to_backend, backend_nh) = flow_route(dp, t.reply_src.ip(), t.orig_src.ip()).await?;
-        let (to_client, client_nh) = flow_route(dp, t.orig_src.ip(), t.reply_src.ip()).await?;
+        let (backend, client) = (t.reply_src.ip(), t.orig_src.ip());
+        let (by_backend, by_client) = (dp.route(backend).await?, dp.route(client).await?);
+        let (to_backend, backend_nh) = flow_route(dp, backend, client, by_backend, by_client.0).await;
+        let (to_client, client_nh) = flow_route(dp, client, backend, by_client, by_backend.0).await;
         let forward = Pin {
             new_src: datapath::ip_bytes(t.reply_dst.ip()),
             new_dst: datapath::ip_bytes(t.reply_src.ip()),
