@@ -57,6 +57,9 @@ pub struct Settings {
     pub timeouts: Timeouts,
     pub default_deadline: Duration,
     pub default_quiet_period: Duration,
+    /// How long a live pinned flow stays pinned after its pod's deadline
+    /// while the pod is not seen gone (`--pin-limit`).
+    pub pin_limit_ns: u64,
     pub mode: &'static str,
     /// How steering reads conntrack (one filtered dump per terminating backend by default).
     pub conntrack_dump: crate::conntrack::DumpMode,
@@ -594,7 +597,7 @@ impl Node {
                 inner.datapath.refresh_node_addrs();
             }
             let Inner { steering, datapath, .. } = &mut *inner;
-            let over = steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns);
+            let over = steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns, self.settings.pin_limit_ns);
             if round % 5 == 0 {
                 let swept = datapath.sweep_held(now_ns(), self.settings.timeouts.udp_ns);
                 if swept > 0 {

@@ -13,8 +13,12 @@
 //! Learning is repeated every second while a backend terminates, so flows that
 //! still reach it through stale rules elsewhere are pinned too. A pin is
 //! released when its flow closes (FIN both ways or RST), when a UDP flow is
-//! idle for the UDP timeout, at the backend's deadline, or shortly after its
-//! pod is removed (then TCP segments are answered with a RST meanwhile).
+//! idle for the UDP timeout, or shortly after its pod is removed (then TCP
+//! segments are answered with a RST meanwhile). Not at the backend's
+//! deadline: a pinned flow's packets never met kube-proxy's conntrack entry,
+//! whose TCP window is stale by then, so released alive its next segments
+//! (the final FIN too) would be dropped as INVALID. Only if the pod is never
+//! seen gone, a live pin is released `--pin-limit` after the deadline.
 //!
 //! With `--bpffs`, the node saves this state (`save`) on every change and a
 //! restarted agent takes it back (`restore`): the `PINS` entries themselves
@@ -111,6 +115,35 @@ pub fn pinnable(t: &Translation, node_addrs: &[IpAddr]) -> bool {
     t.live
         && canonical(t.orig_dst) != canonical(t.reply_src)
         && !node_addrs.iter().any(|a| canonical(SocketAddr::new(*a, 0)).ip() == client)
+}
+
+/// Where the packets of a flow to `dst` from `src` leave, as netfilter's path
+/// routed them before the pin: a forwarded packet is routed after PREROUTING
+/// (kube-proxy's DNAT, and the un-SNAT of a reply, are done) and before
+/// POSTROUTING (its masquerade, and the un-DNAT of a reply, are not), so with
+/// the destination `dst` (the backend, or the client) and the source `src`
+/// (the client, or the backend), coming in on `iif`, where packets from
+/// `src` come in (the interface to it, as symmetric routing and `rp_filter`
+/// expect). Policy rules on the source (source-based tables, as the AWS VPC
+/// CNI adds for pods on secondary ENIs) then choose the same interface as
+/// they did. If that lookup fails (a source the kernel refuses on that
+/// interface), `by_dst`: the route by destination only.
+async fn flow_route(dp: &mut Datapath, dst: IpAddr, src: IpAddr, by_dst: (u32, IpAddr), iif: u32) -> (u32, IpAddr) {
+    if dst.is_ipv4() != src.is_ipv4() {
+        return by_dst;
+    }
+    match dp.route_from(dst, src, iif).await {
+        Ok(r) => {
+            if r != by_dst {
+                tracing::debug!(%dst, %src, iif, oif = r.0, "policy routing sends the pinned flow another way than its destination's route");
+            }
+            r
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, %dst, %src, iif, "routing as a forwarded packet failed; by destination only");
+            by_dst
+        }
+    }
 }
 
 fn wire_key(proto: u8, src: SocketAddr, dst: SocketAddr) -> WireKey {
@@ -242,8 +275,10 @@ impl Steering {
         now: u64,
     ) -> Result<(), crate::error::Error> {
         dp.attach_everywhere()?;
-        let (to_backend, backend_nh) = dp.route(t.reply_src.ip()).await?;
-        let (to_client, client_nh) = dp.route(t.orig_src.ip()).await?;
+        let (backend, client) = (t.reply_src.ip(), t.orig_src.ip());
+        let (by_backend, by_client) = (dp.route(backend).await?, dp.route(client).await?);
+        let (to_backend, backend_nh) = flow_route(dp, backend, client, by_backend, by_client.0).await;
+        let (to_client, client_nh) = flow_route(dp, client, backend, by_client, by_backend.0).await;
         let forward = Pin {
             new_src: datapath::ip_bytes(t.reply_dst.ip()),
             new_dst: datapath::ip_bytes(t.reply_src.ip()),
@@ -273,12 +308,19 @@ impl Steering {
         Ok(())
     }
 
-    /// Releases pins whose flow closed, went idle (UDP), passed its deadline,
-    /// or whose pod is gone; forgets backends past their deadline. Returns the
-    /// flows that are over (closed, without a pod, or released idle), whose
-    /// conntrack entries are stale: for [`crate::conntrack::forget_translations`].
+    /// Releases pins whose flow closed, went idle (UDP), or whose pod is gone;
+    /// forgets backends past their deadline (no new flow of theirs is pinned).
+    /// A live flow stays pinned past its backend's deadline, until its pod is
+    /// gone: kube-proxy's conntrack entry saw none of its packets since the
+    /// pin, so its TCP window is stale, and released, the flow's next
+    /// segments (the final FIN or RST too) would be dropped as INVALID and
+    /// the client would hang. Only a pod never seen gone (a missed delete, a
+    /// standalone pod never removed) lets a pin outlive its deadline by more
+    /// than `pin_limit_ns`: then it is released, as before this rule.
+    /// Returns the flows that are over (closed, without a pod, or released
+    /// idle), whose conntrack entries are stale: for [`crate::conntrack::forget_translations`].
     #[must_use = "the stale conntrack entries of finished flows are to be forgotten"]
-    pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64) -> Vec<Translation> {
+    pub fn sweep(&mut self, dp: &mut Datapath, now: u64, udp_timeout_ns: u64, pin_limit_ns: u64) -> Vec<Translation> {
         let before = self.backends.len();
         self.backends.retain(|_, b| now < b.deadline_ns);
         if self.backends.len() != before {
@@ -312,8 +354,8 @@ impl Steering {
                 Some("closed")
             } else if fwd.proto == PROTO_UDP && now.saturating_sub(last) > udp_timeout_ns {
                 Some("idle")
-            } else if now >= p.deadline_ns {
-                Some("deadline")
+            } else if p.dead_ns.is_none() && now >= p.deadline_ns.saturating_add(pin_limit_ns) {
+                Some("pin limit")
             } else if p.dead_ns.is_some_and(|d| now >= d + DEAD_LINGER_NS) {
                 Some("pod gone")
             } else {
@@ -322,8 +364,8 @@ impl Steering {
             if let Some(why) = why {
                 tracing::info!(client = %p.view.client, backend = %p.view.backend, why, "released pinned flow");
                 // Closed and dead flows were forgotten above; one released
-                // at its deadline may still be alive: its entry keeps sending
-                // it to the old backend, as without us.
+                // at the pin limit may still be alive: its entry keeps sending
+                // it to the old backend, as without us (stale window and all).
                 release.push((*fwd, why == "idle"));
             }
         }

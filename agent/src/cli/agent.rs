@@ -115,9 +115,16 @@ pub struct Args {
     /// Most waits one pod may have open at once, so one pod cannot take every slot.
     #[arg(long, env = "CONNDRAIN_MAX_WAITERS_PER_POD", default_value_t = crate::api::node::MAX_WAITERS_PER_POD)]
     pub max_waiters_per_pod: usize,
-    /// Longest seconds the flows to a terminating pod on another node stay pinned.
+    /// The deadline, in seconds, of a terminating pod on another node (EndpointSlices carry no
+    /// kill time): its flows are pinned until then, and stay pinned after it until its endpoint
+    /// is gone (at most --pin-limit longer).
     #[arg(long, env = "CONNDRAIN_REMOTE_PIN_LIMIT", default_value_t = 600.0, value_parser = positive_secs)]
     pub remote_pin_limit: f64,
+    /// Longest seconds a pinned flow stays pinned after its pod's deadline while the pod is never
+    /// seen gone. Until the pod is gone a live pinned flow stays pinned: released, it would meet
+    /// kube-proxy's conntrack entry with a stale TCP window and be dropped as INVALID.
+    #[arg(long, env = "CONNDRAIN_PIN_LIMIT", default_value_t = 600.0, value_parser = positive_secs)]
+    pub pin_limit: f64,
     /// Log lines as text, or as JSON objects, one per line (for log collectors).
     #[arg(long, env = "CONNDRAIN_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
@@ -218,6 +225,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
             timeouts: Timeouts { idle_ns: ns(args.idle_timeout), udp_ns: ns(args.udp_timeout) },
             default_deadline: Duration::from_secs_f64(args.deadline),
             default_quiet_period: Duration::from_secs_f64(args.quiet_period),
+            pin_limit_ns: ns(args.pin_limit),
             mode,
             conntrack_dump: args.conntrack_dump,
         },

@@ -499,6 +499,12 @@ impl Datapath {
         self.route.lookup(ip).await
     }
 
+    /// The route to `ip` of a packet from `src` that came in on `iif`, as
+    /// the kernel routes a forwarded packet (policy rules included).
+    pub async fn route_from(&mut self, ip: IpAddr, src: IpAddr, iif: u32) -> Result<(u32, IpAddr), Error> {
+        self.route.lookup_from(ip, Some((src, iif))).await
+    }
+
     pub fn pin_insert(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
         // Before the pin exists, the programs must be looking for pins.
         self.set_no_pins(false)?;

@@ -37,10 +37,26 @@ impl Router {
     /// The outgoing interface for `ip` and the neighbour to reach it there:
     /// the gateway if the route has one, else `ip` itself.
     pub async fn lookup(&mut self, ip: IpAddr) -> Result<(u32, IpAddr), Error> {
+        self.lookup_from(ip, None).await
+    }
+
+    /// Like [`Self::lookup`], for a packet to `ip` from the address `from.0`
+    /// that came in on the interface `from.1`, as a forwarded packet is
+    /// routed (`ip route get IP from SRC iif DEV`): policy rules on the
+    /// source or the input interface apply. The kernel checks the source
+    /// against the interface as for a real packet (`rp_filter`), and refuses
+    /// one of its own addresses as the source of an input route.
+    pub async fn lookup_from(&mut self, ip: IpAddr, from: Option<(IpAddr, u32)>) -> Result<(u32, IpAddr), Error> {
         let mut msg = RouteMessage::default();
+        let full = if ip.is_ipv4() { 32 } else { 128 };
         msg.header.address_family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-        msg.header.destination_prefix_length = if ip.is_ipv4() { 32 } else { 128 };
+        msg.header.destination_prefix_length = full;
         msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(ip)));
+        if let Some((src, iif)) = from {
+            msg.header.source_prefix_length = full;
+            msg.attributes.push(RouteAttribute::Source(RouteAddress::from(src)));
+            msg.attributes.push(RouteAttribute::Iif(iif));
+        }
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
         req.header.flags = NLM_F_REQUEST;
         let mut responses =

@@ -34,8 +34,10 @@ pub struct Settings {
     pub deadline_margin: Duration,
     /// At most one condition update per pod per this interval while draining.
     pub min_write_interval: Duration,
-    /// How long flows to a terminating backend on another node stay pinned
-    /// at most (`EndpointSlices` carry no kill time).
+    /// The deadline of a terminating backend on another node, from when it
+    /// turned terminating (`EndpointSlices` carry no kill time): its new
+    /// flows are pinned until then; pinned flows stay until its endpoint is
+    /// gone (at most `--pin-limit` after this deadline).
     pub remote_pin_limit: Duration,
 }
 

@@ -235,8 +235,15 @@ pub async fn endpoints(client: Client, node: Arc<Node>, settings: Settings) -> a
             tracing::info!(%ip, "remote endpoint terminating: pinning its flows");
             node.pin_remote(*ip, settings.remote_pin_limit).await;
         }
-        for ip in terminating.iter().filter(|ip| !present.contains(ip)) {
-            tracing::info!(%ip, "remote endpoint gone");
+        // Gone: no slice lists it any more (the EndpointSlice controller
+        // removes a pod's endpoint once the pod object is deleted, after
+        // its containers stopped), or it is listed again but no longer
+        // terminating: a terminating pod never turns back, so that is a new
+        // pod with the same IP. Its pins stay until then, past its deadline
+        // (`--pin-limit` at most): see `Steering::sweep`.
+        for ip in terminating.difference(&now_terminating) {
+            let why = if present.contains(ip) { "its IP is listed again, not terminating" } else { "no longer listed" };
+            tracing::info!(%ip, why, "remote endpoint gone");
             node.remote_gone(*ip).await;
         }
         terminating = now_terminating;
