@@ -517,7 +517,7 @@ impl Node {
         let ips = pod.ips.clone();
         inner.hold(name, slot);
         if inner.datapath.features.steering {
-            inner.steering.add_backend(name, &ips, now.saturating_add(deadline));
+            inner.steering.add_backend(name, &ips, now.saturating_add(deadline), now);
         }
         tracing::info!(pod = name, deadline_s = secs(deadline), quiet_s = secs(quiet), "drain started");
         inner.touch();
@@ -526,7 +526,7 @@ impl Node {
         self.wake.notify_one();
         // Pin its established flows before we answer, so a caller may cut the
         // rules right after.
-        self.refresh_pins().await;
+        self.refresh_pins(false).await;
         Ok(())
     }
 
@@ -538,11 +538,12 @@ impl Node {
             if !inner.datapath.features.steering {
                 return;
             }
-            let deadline = now_ns().saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
-            inner.steering.add_backend(&format!("remote {ip}"), &[ip], deadline);
+            let now = now_ns();
+            let deadline = now.saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
+            inner.steering.add_backend(&format!("remote {ip}"), &[ip], deadline, now);
             inner.save();
         }
-        self.refresh_pins().await;
+        self.refresh_pins(false).await;
     }
 
     /// A remote backend's endpoint is gone (its pod was deleted): its pinned
@@ -555,9 +556,11 @@ impl Node {
     }
 
     /// Learns the translations of terminating backends' flows from conntrack
-    /// and pins the new ones.
-    pub async fn refresh_pins(&self) {
-        let backends = self.inner.lock().await.steering.backend_ips();
+    /// and pins the new ones: of the backends that started terminating
+    /// lately, or with `all` (and with `--conntrack-dump full`), of every one.
+    pub async fn refresh_pins(&self, all: bool) {
+        let all = all || self.settings.conntrack_dump == crate::conntrack::DumpMode::Full;
+        let backends = self.inner.lock().await.steering.backends_to_learn(now_ns(), all);
         if backends.is_empty() {
             return;
         }
@@ -584,14 +587,22 @@ impl Node {
     /// Keeps pins current: learns new ones while backends terminate, releases
     /// closed, idle, expired and orphaned ones. Runs until the node is dropped.
     pub async fn run_steering(&self) {
+        let mut last_all = 0u64;
         for round in 0u64.. {
             // Every second, or at once when a new flow reaches a terminating
             // pod (it must be pinned before kube-proxy's cleanup can move it).
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = self.steer_wake.notified() => {}
+            let woken = tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => false,
+                () = self.steer_wake.notified() => true,
+            };
+            // Each second the backends that started terminating lately; all of
+            // them when woken, and every LEARN_SLOW_ROUNDS seconds.
+            let now = now_ns();
+            let all = woken || now.saturating_sub(last_all) >= crate::steering::LEARN_SLOW_ROUNDS * 1_000_000_000;
+            if all {
+                last_all = now;
             }
-            self.refresh_pins().await;
+            self.refresh_pins(all).await;
             let mut inner = self.inner.lock().await;
             if round % 30 == 0 {
                 inner.datapath.refresh_node_addrs();

@@ -64,7 +64,19 @@ impl PinView {
 struct Backend {
     pod: String,
     deadline_ns: u64,
+    /// When this agent started learning its flows (`CLOCK_MONOTONIC` ns).
+    since_ns: u64,
 }
+
+/// For how long after a backend starts terminating its flows are learned
+/// every second. New flows reach it through this node's rules only until
+/// kube-proxy's next sync removes its endpoint (a second or two; longer in
+/// very large clusters), so afterwards a round every [`LEARN_SLOW_ROUNDS`]
+/// seconds is a safety net, not a race: with 100k conntrack entries each
+/// round costs the kernel a walk of the table per backend.
+const LEARN_FAST_NS: u64 = 60_000_000_000;
+/// Once past [`LEARN_FAST_NS`], every this many rounds (seconds).
+pub const LEARN_SLOW_ROUNDS: u64 = 10;
 
 struct Pinned {
     rev: WireKey,
@@ -171,10 +183,15 @@ impl Steering {
         !self.backends.is_empty()
     }
 
-    /// The addresses of the terminating backends: what the conntrack dumps ask for.
+    /// The terminating backends whose flows to learn now: those that started
+    /// terminating less than [`LEARN_FAST_NS`] ago, or with `all`, every one.
     #[must_use]
-    pub fn backend_ips(&self) -> Vec<IpAddr> {
-        self.backends.keys().copied().collect()
+    pub fn backends_to_learn(&self, now: u64, all: bool) -> Vec<IpAddr> {
+        self.backends
+            .iter()
+            .filter(|(_, b)| all || now.saturating_sub(b.since_ns) < LEARN_FAST_NS)
+            .map(|(ip, _)| *ip)
+            .collect()
     }
 
     pub fn pinned(&self) -> usize {
@@ -188,9 +205,10 @@ impl Steering {
     }
 
     /// Starts pinning the flows of `ips` (a terminating pod) until `deadline_ns`.
-    pub fn add_backend(&mut self, pod: &str, ips: &[IpAddr], deadline_ns: u64) {
+    pub fn add_backend(&mut self, pod: &str, ips: &[IpAddr], deadline_ns: u64, now: u64) {
         for ip in ips {
-            self.backends.insert(*ip, Backend { pod: pod.to_owned(), deadline_ns });
+            let since_ns = self.backends.get(ip).map_or(now, |b| b.since_ns);
+            self.backends.insert(*ip, Backend { pod: pod.to_owned(), deadline_ns, since_ns });
         }
         self.changes += 1;
     }
@@ -430,7 +448,8 @@ impl Steering {
     pub async fn restore(saved: SavedSteering, dp: &mut Datapath, now: u64) -> Self {
         let mut s = Self::default();
         for b in saved.backends {
-            s.backends.insert(b.ip, Backend { pod: b.pod, deadline_ns: b.deadline_ns });
+            // Learned every second again for a while: what happened while no agent ran is unknown.
+            s.backends.insert(b.ip, Backend { pod: b.pod, deadline_ns: b.deadline_ns, since_ns: now });
         }
         let mut rewritten = 0;
         for p in saved.pins {
