@@ -13,6 +13,7 @@
 
 mod harness;
 mod hostile;
+mod l3;
 mod packets;
 mod pressure;
 mod steer;
