@@ -32,8 +32,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use conndrain_tests::{Agent, Cli, Netns, TIMEOUT, require_root, unique_tag, wait_until};
 use conndrain_tests::kubeproxy::{self, 
     Backend, CLIENT_V4, CLIENT_V6, Cluster, Conversation, KubeProxy, NODE_A_LINK_V4,
-    NODE_A_LINK_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, PodApp, Protocol, Reply,
-    Service, ServicePort,
+    NODE_A_LINK_V6, NODE_A_TUN_V4, NODE_A_TUN_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, PodApp, Protocol, Reply,
+    Service, ServicePort, TunLink,
 };
 use serde_json::Value;
 
@@ -57,6 +57,9 @@ struct Bed {
     proxies: Vec<KubeProxy>,
     apps: Vec<PodApp>,
     service: Service,
+    /// The L3 link IPv4 pod traffic takes between the nodes, and node A's
+    /// device (see `over_l3_link`); else the veth.
+    l3_link: Option<(TunLink, String)>,
     cluster: Cluster,
 }
 
@@ -108,10 +111,29 @@ impl Bed {
             proxies,
             apps,
             service,
+            l3_link: None,
             cluster,
         };
         bed.sync(&["a1", "a2", "b1"])?;
         Ok(bed)
+    }
+
+    /// The traffic between the nodes' pods takes an L3 link (TUN devices, no
+    /// Ethernet header, like ipip or `WireGuard`) instead of the veth; NodePort
+    /// traffic to node B is masqueraded to node A's addresses on it.
+    fn over_l3_link(mut self) -> Result<Self> {
+        self.l3_link = Some(self.cluster.route_pods_over_l3_link()?);
+        Ok(self)
+    }
+
+    /// The address pod `target` sees the client's flow through `front` come
+    /// from, if known (see `expected_peer`).
+    fn expected_peer(&self, front: Front, target: &str, v6: bool) -> Option<IpAddr> {
+        let node = self.cluster.pod(target).node();
+        if self.l3_link.is_some() && matches!(front, Front::NodePort) && node == Node::B {
+            return Some(if v6 { NODE_A_TUN_V6.into() } else { NODE_A_TUN_V4.into() });
+        }
+        expected_peer(front, node, v6)
     }
 
     /// kube-proxy's sync on every node: the endpoints are now `pods`.
@@ -233,7 +255,12 @@ fn expected_peer(front: Front, pod_node: Node, v6: bool) -> Option<IpAddr> {
 /// removed from the rules, then its conntrack state is cleared: the stream
 /// must break.
 fn tcp_breaks(backend: Backend, front: Front, v6: bool, target: &str, clear: Clear) -> Result<()> {
-    let bed = Bed::new(backend)?;
+    tcp_breaks_on(Bed::new(backend)?, backend, front, v6, target, clear)
+}
+
+/// `tcp_breaks` on `bed`, which it owns (torn down when it returns).
+#[expect(clippy::needless_pass_by_value, reason = "the test owns its bed")]
+fn tcp_breaks_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str, clear: Clear) -> Result<()> {
     let to = bed.frontend(front, v6, Protocol::Tcp);
     let pod = bed.cluster.pod(target);
     let pod_ip = pod.ip_like(to.ip());
@@ -257,7 +284,7 @@ fn tcp_breaks(backend: Backend, front: Front, v6: bool, target: &str, clear: Cle
             bed.proxies[1].conntrack()?
         );
     }
-    if let Some(peer) = expected_peer(front, pod.node(), v6) {
+    if let Some(peer) = bed.expected_peer(front, target, v6) {
         ensure!(
             bed.app(target).peers().iter().any(|p| p.ip() == peer),
             "{target} sees the stream from {peer}: {:?}",
@@ -337,7 +364,12 @@ fn tcp_breaks(backend: Backend, front: Front, v6: bool, target: &str, clear: Cle
 /// from the rules and kube-proxy's UDP conntrack cleanup runs: the session's
 /// answers must come from another pod.
 fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
-    let bed = Bed::new(backend)?;
+    udp_moves_on(Bed::new(backend)?, backend, front, v6, target)
+}
+
+/// `udp_moves` on `bed`, which it owns (torn down when it returns).
+#[expect(clippy::needless_pass_by_value, reason = "the test owns its bed")]
+fn udp_moves_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
     let to = bed.frontend(front, v6, Protocol::Udp);
     let pod = bed.cluster.pod(target);
     let pod_ip = pod.ip_like(to.ip());
@@ -355,7 +387,7 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         reply_part(line).contains(&format!("src={pod_ip} ")),
         "the entry maps the session to {target} ({pod_ip}): {line}"
     );
-    if let Some(peer) = expected_peer(front, pod.node(), v6) {
+    if let Some(peer) = bed.expected_peer(front, target, v6) {
         ensure!(
             bed.app(target).peers().iter().any(|p| p.ip() == peer),
             "{target} sees the session from {peer}: {:?}",
@@ -609,6 +641,20 @@ both_backends! {
         |b| udp_stays(b, Front::NodePort, false, "b1");
     with_agent_pinned_pod_deleted_client_gets_rst =>
         |b| tcp_resets_when_pinned_pod_goes(b);
+
+    // Node A to node B over an L3 link (no Ethernet header: ipip, `WireGuard`).
+    nodeport_remote_tcp_over_l3_link_breaks_on_conntrack_flush =>
+        |b| nodeport_tcp_over_l3_link_breaks(b, false);
+    nodeport_remote_tcp_v6_over_l3_link_breaks_on_conntrack_flush =>
+        |b| nodeport_tcp_over_l3_link_breaks(b, true);
+    nodeport_remote_udp_over_l3_link_moves_after_kube_proxy_cleanup =>
+        |b| nodeport_udp_over_l3_link_moves(b);
+    with_agent_nodeport_remote_tcp_over_l3_link_holds_on_conntrack_flush =>
+        |b| nodeport_tcp_over_l3_link_holds(b, false);
+    with_agent_nodeport_remote_tcp_v6_over_l3_link_holds_on_conntrack_flush =>
+        |b| nodeport_tcp_over_l3_link_holds(b, true);
+    with_agent_nodeport_remote_udp_over_l3_link_stays_after_kube_proxy_cleanup =>
+        |b| nodeport_udp_over_l3_link_stays(b);
 }
 
 /// kube-proxy's IPVS mode: each test first checks that this kernel has IPVS
@@ -799,7 +845,12 @@ fn steered_packets(cli: &Cli) -> Result<u64> {
 /// The twin of `tcp_breaks`: with the agent pinning the stream, removing the
 /// endpoint and clearing its conntrack state does not break it.
 fn tcp_holds(backend: Backend, front: Front, v6: bool, target: &str, clear: Clear) -> Result<()> {
-    let bed = Bed::new(backend)?;
+    tcp_holds_on(Bed::new(backend)?, backend, front, v6, target, clear)
+}
+
+/// `tcp_holds` on `bed`, which it owns (torn down when it returns).
+#[expect(clippy::needless_pass_by_value, reason = "the test owns its bed")]
+fn tcp_holds_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str, clear: Clear) -> Result<()> {
     let (_agent, cli) = agent_for(&bed, target)?;
     let to = bed.frontend(front, v6, Protocol::Tcp);
     let pod_ip = bed.cluster.pod(target).ip_like(to.ip());
@@ -829,12 +880,74 @@ fn tcp_holds(backend: Backend, front: Front, v6: bool, target: &str, clear: Clea
         steered_packets(&cli)? > 0,
         "the datapath steered the stream's packets"
     );
+    if let Some((_, dev)) = &bed.l3_link {
+        l3_programs_on(&bed, dev)?;
+    }
+    Ok(())
+}
+
+/// A NodePort flow from the client to pod b1 over the L3 link: node A sends
+/// the requests through its TUN device, and b1's replies come back through
+/// it, where node A's ingress sees packets without an Ethernet header.
+/// Without the agent, the stream breaks on the conntrack flush as over the veth.
+fn nodeport_tcp_over_l3_link_breaks(backend: Backend, v6: bool) -> Result<()> {
+    let bed = Bed::new(backend)?.over_l3_link()?;
+    tcp_breaks_on(bed, backend, Front::NodePort, v6, "b1", Clear::Flush)
+}
+
+/// The UDP twin: the session moves after kube-proxy's cleanup.
+fn nodeport_udp_over_l3_link_moves(backend: Backend) -> Result<()> {
+    let bed = Bed::new(backend)?.over_l3_link()?;
+    udp_moves_on(bed, backend, Front::NodePort, false, "b1")
+}
+
+/// With the agent, it holds: the requests are steered to the TUN device (an
+/// L3 device as the redirect's target), and the replies arriving on it are
+/// steered back to the client by the L3 variant of the ingress program,
+/// which puts an Ethernet header in front for `bpf_redirect_neigh`. Had they
+/// gone on to node A's stack, which no longer knows the flow, node A would
+/// have answered b1 with a RST (the masquerade address is its own).
+fn nodeport_tcp_over_l3_link_holds(backend: Backend, v6: bool) -> Result<()> {
+    let bed = Bed::new(backend)?.over_l3_link()?;
+    tcp_holds_on(bed, backend, Front::NodePort, v6, "b1", Clear::Flush)
+}
+
+/// With the agent, the UDP session stays: its replies come back over the
+/// L3 link and are steered there as the TCP ones.
+fn nodeport_udp_over_l3_link_stays(backend: Backend) -> Result<()> {
+    let bed = Bed::new(backend)?.over_l3_link()?;
+    udp_stays_on(bed, backend, Front::NodePort, false, "b1")
+}
+
+/// The agent attached the L3 variants on node A's TUN device `dev` (by its
+/// link type): the names of the clsact filters (aya names a filter after its
+/// program) and, from Linux 6.6, of the programs on its tcx hooks.
+fn l3_programs_on(bed: &Bed, dev: &str) -> Result<()> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    use conndrain_common::programs::{EGRESS_L3, INGRESS_L3};
+    for (ty, hook, want) in [(TcAttachType::Ingress, "ingress", INGRESS_L3), (TcAttachType::Egress, "egress", EGRESS_L3)] {
+        let mut names = bed.cluster.node_a().exec("tc", &["filter", "show", "dev", dev, hook])?;
+        if conndrain_tests::kernel_has_tcx() {
+            let iface = dev.to_owned();
+            names += &bed.cluster.node_a().run(move || -> Result<String> {
+                let (_, progs) = SchedClassifier::query_tcx(&iface, ty)?;
+                Ok(progs.iter().filter_map(|p| p.name_as_str().map(str::to_owned)).collect::<Vec<_>>().join(" "))
+            })??;
+        }
+        eprintln!("{dev} {hook}: {names}");
+        ensure!(names.contains(want), "{want} is on {dev}'s {hook} hook: {names}");
+    }
     Ok(())
 }
 
 /// The twin of `udp_moves`: the pinned session keeps talking to its pod.
 fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
-    let bed = Bed::new(backend)?;
+    udp_stays_on(Bed::new(backend)?, backend, front, v6, target)
+}
+
+/// `udp_stays` on `bed`, which it owns (torn down when it returns).
+#[expect(clippy::needless_pass_by_value, reason = "the test owns its bed")]
+fn udp_stays_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
     let (_agent, cli) = agent_for(&bed, target)?;
     let to = bed.frontend(front, v6, Protocol::Udp);
     let pod_ip = bed.cluster.pod(target).ip_like(to.ip());
@@ -870,6 +983,9 @@ fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         steered_packets(&cli)? > 0,
         "the datapath steered the session's packets"
     );
+    if let Some((_, dev)) = &bed.l3_link {
+        l3_programs_on(&bed, dev)?;
+    }
     Ok(())
 }
 

@@ -85,7 +85,8 @@ const MODULES: &[&str] = &[
 ///   start-up checks' wording does not depend on the kernel: host only).
 /// - `datapath`: the programs pass 6.1's verifier and a few packet paths
 ///   (TCP both families, FIN, RST, UDP, mid-stream pickup, IPv4 options),
-///   and the steering table (rewrites, checksums, TTL, resets).
+///   the steering table (rewrites, checksums, TTL, resets, the L3 rows), and
+///   the L3 programs' tracking of packets without an Ethernet header.
 ///   The hostile corpus (thousands of `BPF_PROG_TEST_RUN` calls, far too
 ///   slow under TCG) runs on the host only: it tests the same object's
 ///   parsing, which does not depend on the kernel once the verifier took it.
@@ -118,6 +119,7 @@ pub const PLAN: &[(&str, &[&str])] = &[
             "midstream_pickup_guesses_direction_from_ports",
             "ipv4_with_options_is_tracked",
             "steer::steering_table",
+            "l3::l3_programs_track_bare_ipv4_like_the_ethernet_ones",
         ],
     ),
     (

@@ -22,6 +22,10 @@
 //! atomically (`cls_bpf_change`). It removes any other filter of ours there.
 //! Without `--bpffs` an exiting agent removes its filters, and one that was
 //! killed leaves them for the next agent to adopt.
+//!
+//! L3 devices (ipip, `WireGuard`, GRE: [`is_l3`]) get the `_l3` programs, the
+//! same code built for packets that start at the IP header; they exist only
+//! with steering, so without it such a device is not attached.
 
 use std::path::PathBuf;
 
@@ -88,7 +92,9 @@ pub fn load_programs(ebpf: &mut Ebpf, ingress: &'static str, wanted: Option<Atta
             ],
         });
     }
-    for name in [ingress, programs::EGRESS] {
+    let l3: &[&'static str] =
+        if ingress == programs::INGRESS { &[programs::INGRESS_L3, programs::EGRESS_L3] } else { &[] };
+    for &name in [ingress, programs::EGRESS].iter().chain(l3) {
         program(ebpf, name)?.load().map_err(|source| Error::Program {
             name,
             op: "loading",
@@ -98,14 +104,66 @@ pub fn load_programs(ebpf: &mut Ebpf, ingress: &'static str, wanted: Option<Atta
     Ok(wanted.unwrap_or(if tcx { AttachMode::Tcx } else { AttachMode::Clsact }))
 }
 
+/// Link types (`ARPHRD_*`, `linux/if_arp.h`) whose packets have no link-layer
+/// header at TC: they start at the IP header. `ARPHRD_NONE` is `WireGuard`'s
+/// (and a tun device's in TUN mode).
+const L3_LINK_TYPES: [u16; 7] = [
+    0xFFFE, // ARPHRD_NONE
+    768,    // ARPHRD_TUNNEL (ipip)
+    769,    // ARPHRD_TUNNEL6 (ip6tnl)
+    776,    // ARPHRD_SIT
+    778,    // ARPHRD_IPGRE
+    823,    // ARPHRD_IP6GRE
+    519,    // ARPHRD_RAWIP
+];
+
+/// Whether `iface` is an L3 device (see [`L3_LINK_TYPES`]), by its link type
+/// (`dev->type`, as `SIOCGIFHWADDR` reports it in this network namespace).
+/// Not known: taken as Ethernet, as before link types were read.
+#[must_use]
+pub fn is_l3(iface: &str) -> bool {
+    link_type(iface).is_ok_and(|t| L3_LINK_TYPES.contains(&t))
+}
+
+fn link_type(iface: &str) -> std::io::Result<u16> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new socket nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all zeroes is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, &b) in req.ifr_name.iter_mut().zip(name) {
+        *d = libc::c_char::from_ne_bytes([b]);
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled ifr_hwaddr for this request.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// Attaches the programs to `iface`: `ingress` and `EGRESS`, or their `_l3`
+/// variants on an L3 device (`l3`; the caller attaches those only with steering).
 pub fn attach(
     ebpf: &mut Ebpf,
     ingress: &'static str,
+    l3: bool,
     iface: &str,
     ifindex: u32,
     mode: AttachMode,
     pins: Option<&PinDir>,
 ) -> Result<Links, Error> {
+    let (ingress, egress_name) =
+        if l3 { (programs::INGRESS_L3, programs::EGRESS_L3) } else { (ingress, programs::EGRESS) };
     if mode == AttachMode::Clsact {
         // Adding clsact where it exists fails with EEXIST; that is fine.
         if let Err(e) = tc::qdisc_add_clsact(iface) {
@@ -114,7 +172,7 @@ pub fn attach(
     }
     let ingress_name = ingress;
     let ingress = attach_one(ebpf, ingress_name, iface, ifindex, TcAttachType::Ingress, mode, pins)?;
-    let egress = match attach_one(ebpf, programs::EGRESS, iface, ifindex, TcAttachType::Egress, mode, pins) {
+    let egress = match attach_one(ebpf, egress_name, iface, ifindex, TcAttachType::Egress, mode, pins) {
         Ok(l) => l,
         Err(e) => {
             detach_one(ingress.0);
@@ -124,7 +182,7 @@ pub fn attach(
     if mode == AttachMode::Tcx {
         // Filters an earlier agent left on clsact (it ran with --attach
         // clsact): ours run on tcx now, and two copies would count twice.
-        for (ty, name) in [(TcAttachType::Ingress, ingress_name), (TcAttachType::Egress, programs::EGRESS)] {
+        for (ty, name) in [(TcAttachType::Ingress, ingress_name), (TcAttachType::Egress, egress_name)] {
             if tc::qdisc_detach_program(iface, ty, name).is_ok() {
                 tracing::info!(interface = iface, program = name, "removed the clsact filter an earlier agent left");
             }
@@ -142,7 +200,13 @@ pub fn remove_clsact_filters() -> Vec<String> {
     let mut removed = Vec::new();
     for iface in interface_names() {
         for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let ours = [programs::INGRESS, programs::INGRESS_TRACK, programs::EGRESS];
+            let ours = [
+                programs::INGRESS,
+                programs::INGRESS_TRACK,
+                programs::EGRESS,
+                programs::INGRESS_L3,
+                programs::EGRESS_L3,
+            ];
             // NotFound (no filter of that name, or no clsact qdisc) is the usual answer.
             if ours.iter().filter(|name| tc::qdisc_detach_program(&iface, ty, name).is_ok()).count() > 0 {
                 removed.push(format!("{iface} {}", direction(ty)));

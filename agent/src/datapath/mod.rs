@@ -411,11 +411,18 @@ impl Datapath {
             return Ok(());
         }
         let name = attach::ifname(ifindex)?;
-        let links = attach::attach(&mut self.ebpf, self.ingress, &name, ifindex, self.mode, self.pins.as_ref())?;
+        let l3 = attach::is_l3(&name);
+        if l3 && self.ingress != conndrain_common::programs::INGRESS {
+            // The `_l3` programs steer; without steering there are none, and
+            // the Ethernet ones would read an ethertype where there is none.
+            tracing::warn!(interface = %name, ifindex, "an L3 device, not attached: this kernel cannot steer");
+            return Ok(());
+        }
+        let links = attach::attach(&mut self.ebpf, self.ingress, l3, &name, ifindex, self.mode, self.pins.as_ref())?;
         if links.adopted {
             tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached: took over the links an earlier agent pinned");
         } else {
-            tracing::info!(interface = %name, ifindex, mode = ?self.mode, "attached");
+            tracing::info!(interface = %name, ifindex, mode = ?self.mode, l3, "attached");
         }
         self.interfaces.insert(ifindex, Interface { name, ifindex, pods: 1, links });
         Ok(())

@@ -121,7 +121,12 @@ pub fn attach_points(oif: u32, links: &[LinkFacts]) -> AttachPoints {
         return AttachPoints::Interfaces(vec![oif]);
     };
     match link.kind.as_deref() {
-        Some("veth") => AttachPoints::Interfaces(vec![oif]),
+        // A veth; or an L3 tunnel to a pod on another node (ipip, WireGuard,
+        // a userspace VPN's TUN device): its traffic passes there, as over
+        // a veth to that node. The `_l3` programs go on those (`attach.rs`).
+        Some("veth" | "ipip" | "wireguard" | "tun" | "gre" | "sit" | "ip6tnl" | "ip6gre") => {
+            AttachPoints::Interfaces(vec![oif])
+        }
         Some("bridge") => {
             let ports: Vec<u32> = links
                 .iter()
@@ -206,5 +211,13 @@ mod tests {
         let links = [link(2, "dummy0", Some("dummy"), None), link(3, "mv0", Some("macvlan"), None)];
         assert!(matches!(attach_points(2, &links), AttachPoints::Unseen(r) if r.contains("dummy")));
         assert!(matches!(attach_points(3, &links), AttachPoints::Unseen(r) if r.contains("macvlan")));
+    }
+
+    #[test]
+    fn l3_tunnels_to_other_nodes_are_attached() {
+        for kind in ["ipip", "wireguard", "tun"] {
+            let links = [link(9, "tunnel", Some(kind), None)];
+            assert_eq!(attach_points(9, &links), AttachPoints::Interfaces(vec![9]), "{kind}");
+        }
     }
 }

@@ -124,6 +124,11 @@ pub mod programs {
     pub const INGRESS_TRACK: &str = "conndrain_track";
     /// Sees packets leaving the host through the interface (to the pods behind it).
     pub const EGRESS: &str = "conndrain_egress";
+    /// `INGRESS` for L3 devices (ipip, `WireGuard`, GRE: packets without an
+    /// Ethernet header), attached instead by the device's type. 15 characters.
+    pub const INGRESS_L3: &str = "conndrain_in_l3";
+    /// `EGRESS` for L3 devices.
+    pub const EGRESS_L3: &str = "conndrain_eg_l3";
     /// Tracepoint `sock:inet_sock_set_state`: the pods' TCP sockets themselves.
     pub const SOCKETS: &str = "conndrain_sockets";
     /// `cgroup/connect4`: the kubelet's preStop `httpGet` to a pod, sent to the agent instead.

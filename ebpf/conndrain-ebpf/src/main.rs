@@ -1,6 +1,7 @@
 //! conndrain's programs. The two TC programs, attached on the host side of
 //! the interfaces that lead to the pods (a pod's veth, or each port of a
-//! bridge), track every TCP/UDP flow of the registered pods; the sockets
+//! bridge; with steering, every interface, L3 devices getting the `_l3`
+//! variants built for packets without an Ethernet header), track every TCP/UDP flow of the registered pods; the sockets
 //! tracepoint keeps the pods' open inbound TCP sockets, the ground truth a
 //! drain is confirmed against. The cgroup programs intercept the kubelet's
 //! preStop `httpGet` to a pod (`intercept.rs`).
@@ -34,14 +35,26 @@ use conndrain_common::stats;
 /// or (on uplinks) by clients. Tracked, then steered if their flow is pinned.
 #[classifier]
 pub fn conndrain_ingress(ctx: TcContext) -> i32 {
-    let Some(pkt) = parsed(&ctx) else {
+    ingress::<{ parse::ETH_HLEN }>(&ctx)
+}
+
+/// `conndrain_ingress` for L3 devices (ipip, `WireGuard`: no Ethernet header),
+/// which the agent attaches instead by the device's type.
+#[classifier]
+pub fn conndrain_in_l3(ctx: TcContext) -> i32 {
+    ingress::<0>(&ctx)
+}
+
+#[inline(always)]
+fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
+    let Some(pkt) = parsed::<L2>(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    track(&ctx, flow::Side::FromPod, &pkt);
+    track(ctx, flow::Side::FromPod, &pkt);
     if !steer::any_pins() {
         return TC_ACT_UNSPEC;
     }
-    steer::steer(&ctx, &pkt).unwrap_or(TC_ACT_UNSPEC)
+    steer::steer::<L2>(ctx, &pkt).unwrap_or(TC_ACT_UNSPEC)
 }
 
 /// `conndrain_ingress` without steering: what the agent attaches on kernels
@@ -49,7 +62,7 @@ pub fn conndrain_ingress(ctx: TcContext) -> i32 {
 /// the program that calls it. Tracking only.
 #[classifier]
 pub fn conndrain_track(ctx: TcContext) -> i32 {
-    if let Some(pkt) = parsed(&ctx) {
+    if let Some(pkt) = parsed::<{ parse::ETH_HLEN }>(&ctx) {
         track(&ctx, flow::Side::FromPod, &pkt);
     }
     TC_ACT_UNSPEC
@@ -58,9 +71,20 @@ pub fn conndrain_track(ctx: TcContext) -> i32 {
 /// Packets leaving the host through the interface: sent to a pod behind it.
 #[classifier]
 pub fn conndrain_egress(ctx: TcContext) -> i32 {
-    if let Some(mut pkt) = parsed(&ctx) {
-        pkt.local = flow::local_origin(&ctx);
-        track(&ctx, flow::Side::ToPod, &pkt);
+    egress::<{ parse::ETH_HLEN }>(&ctx)
+}
+
+/// `conndrain_egress` for L3 devices, as `conndrain_in_l3`.
+#[classifier]
+pub fn conndrain_eg_l3(ctx: TcContext) -> i32 {
+    egress::<0>(&ctx)
+}
+
+#[inline(always)]
+fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
+    if let Some(mut pkt) = parsed::<L2>(ctx) {
+        pkt.local = flow::local_origin(ctx);
+        track(ctx, flow::Side::ToPod, &pkt);
     }
     TC_ACT_UNSPEC
 }
@@ -112,13 +136,13 @@ pub fn conndrain_icpth(ctx: SkBuffContext) -> i32 {
 }
 
 #[inline(always)]
-fn parsed(ctx: &TcContext) -> Option<parse::Packet> {
+fn parsed<const L2: usize>(ctx: &TcContext) -> Option<parse::Packet> {
     maps::count(stats::PACKETS);
     // Zeroed, padding included, so that no byte of it is uninitialized stack
     // on any path (see `parse::parse`).
     // SAFETY: `Packet` is integers and bools, for which all zeroes is valid.
     let mut pkt: parse::Packet = unsafe { core::mem::zeroed() };
-    if parse::parse(ctx, &mut pkt) {
+    if parse::parse::<L2>(ctx, &mut pkt) {
         Some(pkt)
     } else {
         maps::count(stats::UNPARSED);

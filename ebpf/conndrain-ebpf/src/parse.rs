@@ -1,6 +1,11 @@
 //! Packet parsing: Ethernet, IPv4/IPv6 (with extension headers), TCP/UDP ports
 //! and flags. Anything we cannot read with confidence yields `None`, and the
 //! caller passes the packet untouched.
+//!
+//! `L2` is the length of the link-layer header in front of the IP header:
+//! `ETH_HLEN` on Ethernet devices, 0 on L3 devices (ipip, `WireGuard`, GRE:
+//! their packets start at the IP header at TC, and the IP version says the
+//! family). Each program is built for one, so no packet pays for the choice.
 
 use core::mem::size_of;
 
@@ -8,8 +13,8 @@ use aya_ebpf::programs::TcContext;
 use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 
 // IPv6 extension headers we walk through to reach TCP/UDP.
 const NEXTHDR_HOP: u8 = 0;
@@ -59,14 +64,27 @@ pub struct Packet {
 /// `None` path never wrote ("invalid read from stack"). The caller zeroes
 /// `out` first for the same reason.
 #[inline(never)]
-pub fn parse(ctx: &TcContext, out: &mut Packet) -> bool {
-    let Some(ethertype) = load::<u16>(ctx, 12) else {
-        return false;
-    };
-    let pkt = match u16::from_be(ethertype) {
-        ETH_P_IP => parse_v4(ctx),
-        ETH_P_IPV6 => parse_v6(ctx),
-        _ => None,
+pub fn parse<const L2: usize>(ctx: &TcContext, out: &mut Packet) -> bool {
+    let pkt = if L2 == 0 {
+        // Two bytes, not one: for `data + 1 <= data_end` LLVM emits
+        // `data < data_end`, from which the verifier grants no bytes.
+        let Some([first, _]) = load::<[u8; 2]>(ctx, 0) else {
+            return false;
+        };
+        match first >> 4 {
+            4 => parse_v4::<L2>(ctx),
+            6 => parse_v6::<L2>(ctx),
+            _ => None,
+        }
+    } else {
+        let Some(ethertype) = load::<u16>(ctx, 12) else {
+            return false;
+        };
+        match u16::from_be(ethertype) {
+            ETH_P_IP => parse_v4::<L2>(ctx),
+            ETH_P_IPV6 => parse_v6::<L2>(ctx),
+            _ => None,
+        }
     };
     match pkt {
         Some(pkt) => {
@@ -78,8 +96,9 @@ pub fn parse(ctx: &TcContext, out: &mut Packet) -> bool {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Option<Packet> {
-    let vihl: u8 = load(ctx, ETH_HLEN)?;
+fn parse_v4<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
+    // Two bytes: see `parse` (at offset 0 on an L3 device).
+    let [vihl, _]: [u8; 2] = load(ctx, L2)?;
     if vihl >> 4 != 4 {
         return None;
     }
@@ -87,23 +106,23 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
     if ihl < 20 {
         return None;
     }
-    let total_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?);
+    let total_len = u16::from_be(load::<u16>(ctx, L2 + 2)?);
     if usize::from(total_len) < ihl {
         return None;
     }
     // Fragment offset (bytes 6-7), TTL, protocol. Only a first fragment
     // carries the ports; later ones are passed untracked.
-    let [f0, f1, ttl, proto]: [u8; 4] = load(ctx, ETH_HLEN + 6)?;
+    let [f0, f1, ttl, proto]: [u8; 4] = load(ctx, L2 + 6)?;
     if u16::from_be_bytes([f0, f1]) & 0x1fff != 0 {
         return None;
     }
-    let src: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
-    let dst: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
+    let src: [u8; 4] = load(ctx, L2 + 12)?;
+    let dst: [u8; 4] = load(ctx, L2 + 16)?;
     // The L4 header must lie within the IP packet (Linux trims to total_len and drops the rest).
-    if ETH_HLEN + ihl + l4_min(proto) > ETH_HLEN + usize::from(total_len) {
+    if L2 + ihl + l4_min(proto) > L2 + usize::from(total_len) {
         return None;
     }
-    let (sport, dport, tcp_flags, l4_len) = parse_l4(ctx, proto, ETH_HLEN + ihl)?;
+    let (sport, dport, tcp_flags, l4_len) = parse_l4(ctx, proto, L2 + ihl)?;
     Some(Packet {
         family: FAMILY_V4,
         proto,
@@ -112,7 +131,7 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
         sport,
         dport,
         tcp_flags,
-        l4_off: ETH_HLEN + ihl,
+        l4_off: L2 + ihl,
         ttl,
         data: proto == PROTO_TCP && usize::from(total_len) > ihl + l4_len,
         local: false,
@@ -120,15 +139,15 @@ fn parse_v4(ctx: &TcContext) -> Option<Packet> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext) -> Option<Packet> {
-    let vtc: u8 = load(ctx, ETH_HLEN)?;
+fn parse_v6<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
+    let [vtc, _]: [u8; 2] = load(ctx, L2)?;
     if vtc >> 4 != 6 {
         return None;
     }
-    let [mut next, hop_limit]: [u8; 2] = load(ctx, ETH_HLEN + 6)?;
-    let src: [u8; 16] = load(ctx, ETH_HLEN + 8)?;
-    let dst: [u8; 16] = load(ctx, ETH_HLEN + 24)?;
-    let mut off = ETH_HLEN + 40;
+    let [mut next, hop_limit]: [u8; 2] = load(ctx, L2 + 6)?;
+    let src: [u8; 16] = load(ctx, L2 + 8)?;
+    let dst: [u8; 16] = load(ctx, L2 + 24)?;
+    let mut off = L2 + 40;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             PROTO_TCP | PROTO_UDP => break,
@@ -149,8 +168,8 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
             _ => return None,
         }
     }
-    let payload_len = usize::from(u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?));
-    if off + l4_min(next) > ETH_HLEN + 40 + payload_len {
+    let payload_len = usize::from(u16::from_be(load::<u16>(ctx, L2 + 4)?));
+    if off + l4_min(next) > L2 + 40 + payload_len {
         return None;
     }
     let (sport, dport, tcp_flags, l4_len) = parse_l4(ctx, next, off)?;
@@ -164,7 +183,7 @@ fn parse_v6(ctx: &TcContext) -> Option<Packet> {
         tcp_flags,
         l4_off: off,
         ttl: hop_limit,
-        data: next == PROTO_TCP && ETH_HLEN + 40 + payload_len > off + l4_len,
+        data: next == PROTO_TCP && L2 + 40 + payload_len > off + l4_len,
         local: false,
     })
 }

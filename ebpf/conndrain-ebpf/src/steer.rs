@@ -9,17 +9,28 @@
 //! never reaches netfilter, so a missing or flushed conntrack entry cannot send
 //! it elsewhere, and an existing one cannot translate it a second time.
 //! Everything else is not touched.
+//!
+//! On an L3 device (`L2` = 0: ipip, `WireGuard`) a packet has no Ethernet
+//! header, and `bpf_redirect_neigh` needs one in front of the IP header (the
+//! kernel's `__bpf_redirect_neigh` drops the packet when the MAC header does
+//! not come before the network header, then pulls 14 bytes). So a packet
+//! steered from such a device first gets one, zeroed but for its ethertype,
+//! as Cilium's `add_l2_hdr` does; the neighbour output writes the real one.
+//! Redirecting to an L3 device needs nothing: its neighbour output adds no
+//! link-layer header. A dead pin's RST is only answered on Ethernet devices.
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
-    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
+    helpers::{
+        bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+    },
     programs::TcContext,
 };
 use conndrain_common::{FAMILY_V4, PROTO_TCP, Pin, WireKey, pin_flags, stats};
 
 use crate::{
     maps::{CONFIG, PINS, count},
-    parse::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const AF_INET: u32 = 2;
@@ -38,8 +49,9 @@ pub fn any_pins() -> bool {
 
 /// `Some(verdict)` when the packet belonged to a pinned flow and was handled;
 /// `None` to let it go on untouched. Not inlined, for a stack frame of its own.
+/// `L2`: the link-layer header's length, as `parse::parse`.
 #[inline(never)]
-pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
+pub fn steer<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
     let key = WireKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -71,7 +83,11 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         }
     }
     if pin.flags & pin_flags::DEAD != 0 {
-        if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_RST | TCP_ACK) == TCP_ACK && reset(ctx, pkt).is_some() {
+        if L2 == ETH_HLEN
+            && pkt.proto == PROTO_TCP
+            && pkt.tcp_flags & (TCP_RST | TCP_ACK) == TCP_ACK
+            && reset(ctx, pkt).is_some()
+        {
             count(stats::RESETS_SENT);
             return Some(TC_ACT_REDIRECT as i32);
         }
@@ -92,7 +108,11 @@ pub fn steer(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         count(stats::STEER_FAILED);
         return None;
     }
-    if rewrite(ctx, pkt, pin).is_none() {
+    if L2 == 0 && push_eth(ctx, pkt).is_none() {
+        count(stats::STEER_FAILED);
+        return None;
+    }
+    if rewrite::<L2>(ctx, pkt, pin).is_none() {
         count(stats::STEER_FAILED);
         return None;
     }
@@ -131,6 +151,25 @@ fn redirect_neigh(pkt: &Packet, pin: &Pin) -> i64 {
     }
 }
 
+/// Puts a zeroed Ethernet header with the packet's ethertype in front of an
+/// L3 device's packet, for `bpf_redirect_neigh` (see the module comment).
+/// `skb->csum` is left alone: at TC ingress it never covers the MAC header
+/// (the redirect adds it, `bpf_push_mac_rcsum`, and pulls it again). If the
+/// rewrite fails after it, the packet goes on with the header in front: the
+/// hook pulls `mac_len` (now 14) after the programs, so the stack gets the
+/// IP packet as before.
+#[inline(always)]
+fn push_eth(ctx: &TcContext, pkt: &Packet) -> Option<()> {
+    #[expect(clippy::cast_possible_truncation, reason = "14")]
+    // SAFETY: the helper on our own skb; packet pointers are reloaded after it.
+    let rc = unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) };
+    if rc != 0 {
+        return None;
+    }
+    let ethertype = if pkt.family == FAMILY_V4 { ETH_P_IP } else { ETH_P_IPV6 };
+    ctx.store(12, &ethertype.to_be_bytes(), 0).ok()
+}
+
 /// Removes both directions of the pin `pin` found at `key`. Not inlined:
 /// the reverse key gets a stack frame of its own (`steer`'s is near the limit).
 #[inline(never)]
@@ -148,10 +187,10 @@ fn unpin(key: &WireKey, pin: &Pin) {
     let _ = PINS.remove(key);
 }
 
-/// Offset of the L4 checksum field.
+/// Offset of the L4 checksum field, the L4 header being at `l4_off`.
 #[inline(always)]
-fn l4_csum_off(pkt: &Packet) -> usize {
-    pkt.l4_off + if pkt.proto == PROTO_TCP { 16 } else { 6 }
+fn l4_csum_off(pkt: &Packet, l4_off: usize) -> usize {
+    l4_off + if pkt.proto == PROTO_TCP { 16 } else { 6 }
 }
 
 /// Rewrites the packet as netfilter's NAT and forwarding would have: the
@@ -187,11 +226,15 @@ fn l4_csum_off(pkt: &Packet) -> usize {
 /// The datapath tests run every rewrite with `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`,
 /// which fails the run when `skb->csum` does not match the packet.
 ///
+/// The frame has an Ethernet header by now (`push_eth` for `L2` = 0), so
+/// only the L4 offset parsed without one moves.
+///
 /// Not inlined: its buffers get a stack frame of their own, beside (not on
 /// top of) `reset`'s.
 #[inline(never)]
-fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
-    let csum = l4_csum_off(pkt);
+fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
+    let l4_off = pkt.l4_off + ETH_HLEN - L2;
+    let csum = l4_csum_off(pkt, l4_off);
     let l4_flags = if pkt.proto == PROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
     if pkt.family == FAMILY_V4 {
         for (off, old, new) in [(ETH_HLEN + 12, &pkt.src, &pin.new_src), (ETH_HLEN + 16, &pkt.dst, &pin.new_dst)] {
@@ -231,7 +274,7 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
     // leaves the field alone, so nothing cancels the ports' change in
     // `skb->csum` and the store has to record it.
     let port_flags = if pkt.proto != PROTO_TCP && ctx.load::<u16>(csum).ok()? == 0 { BPF_F_RECOMPUTE_CSUM } else { 0 };
-    for (off, old, new) in [(pkt.l4_off, pkt.sport, pin.new_sport), (pkt.l4_off + 2, pkt.dport, pin.new_dport)] {
+    for (off, old, new) in [(l4_off, pkt.sport, pin.new_sport), (l4_off + 2, pkt.dport, pin.new_dport)] {
         if old == new {
             continue;
         }

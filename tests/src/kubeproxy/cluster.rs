@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 
+use super::tunnel::TunLink;
 use crate::{
     Netns,
     netns::{addr, up, veth},
@@ -30,6 +31,14 @@ pub const NODE_A_LINK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 
 /// Node B's node IP, on the inter-node link.
 pub const NODE_B_V4: Ipv4Addr = Ipv4Addr::new(172, 19, 0, 2);
 pub const NODE_B_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 2);
+/// Node A's and node B's addresses on the L3 link
+/// ([`Cluster::route_pods_over_l3_link`]), one of its pod CIDR each, as
+/// Calico gives `tunl0`: what the masquerade puts as source on NodePort
+/// traffic node A sends to a pod on node B over that link.
+pub const NODE_A_TUN_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 254);
+pub const NODE_A_TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0xfe);
+pub const NODE_B_TUN_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 254);
+pub const NODE_B_TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 0xfe);
 /// All pod CIDRs (node A has 10.244.1.0/24, node B 10.244.2.0/24).
 pub const CLUSTER_CIDR_V4: &str = "10.244.0.0/16";
 pub const CLUSTER_CIDR_V6: &str = "fd00:244::/48";
@@ -348,6 +357,29 @@ impl Cluster {
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&ClusterPod> {
         self.pods.iter().find(|p| p.ips().contains(&ip))
     }
+    /// Moves the traffic between the two nodes' pod CIDRs onto an L3 link,
+    /// as an overlay CNI routes it over ipip or `WireGuard` (Calico's `tunl0`,
+    /// `wireguard.cali`): TUN devices joined by this process ([`TunLink`]),
+    /// each with addresses of its node's pod CIDRs ([`NODE_A_TUN_V4`] and
+    /// [`NODE_A_TUN_V6`]; node B's), and each node's routes to the other's
+    /// pod CIDRs through it. Returns the link (it lasts as long as this
+    /// value) and node A's device.
+    pub fn route_pods_over_l3_link(&self) -> Result<(TunLink, String)> {
+        let (a_if, b_if) = (format!("{}ta", self.tag), format!("{}tb", self.tag));
+        let link = TunLink::new(&self.node_a, &a_if, &self.node_b, &b_if)?;
+        for (ns, dev, own4, own6, other4, other6) in [
+            (&self.node_a, &a_if, NODE_A_TUN_V4, NODE_A_TUN_V6, "10.244.2.0/24", "fd00:244:2::/64"),
+            (&self.node_b, &b_if, NODE_B_TUN_V4, NODE_B_TUN_V6, "10.244.1.0/24", "fd00:244:1::/64"),
+        ] {
+            addr(ns, dev, own4.into(), 32)?;
+            addr(ns, dev, own6.into(), 128)?;
+            up(ns, dev)?;
+            ns.ip(&["route", "replace", other4, "dev", dev])?;
+            ns.ip(&["-6", "route", "replace", other6, "dev", dev])?;
+        }
+        Ok((link, a_if))
+    }
+
     /// Node A's node IP of the family of `like` (where NodePorts are reached).
     #[must_use]
     pub fn node_a_ip(like: IpAddr) -> IpAddr {

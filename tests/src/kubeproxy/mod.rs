@@ -22,6 +22,8 @@
 //!   `ipvsadm`, VIPs on `kube-ipvs0`, graceful termination; kernels with
 //!   IPVS only); a full-ruleset [`sync`](KubeProxy::sync) that replaces
 //!   the endpoints atomically, and kube-proxy's UDP conntrack cleanup.
+//! - [`TunLink`]: an inter-node link without Ethernet headers (TUN devices,
+//!   `ARPHRD_NONE` like `WireGuard`), for [`Cluster::route_pods_over_l3_link`].
 //! - [`PodApp`]: a TCP and a UDP server in a pod that answer with the pod's name.
 //! - [`Conversation`]: a client that talks to a Service every 100 ms on a
 //!   thread and records which pod answered, to detect a break.
@@ -36,12 +38,13 @@ mod apps;
 mod cluster;
 mod ipvs;
 mod proxy;
+mod tunnel;
 
 pub use apps::{Conversation, PodApp, Reply};
 pub use cluster::{
-    CLIENT_V4, CLIENT_V6, CLUSTER_CIDR_V4, CLUSTER_CIDR_V6, Cluster, ClusterPod, NODE_A_LINK_V4,
-    NODE_A_LINK_V6, NODE_A_V4, NODE_A_V6, NODE_B_V4, NODE_B_V6, Node, SERVICE_CIDR_V4,
-    SERVICE_CIDR_V6,
+    CLIENT_V4, CLIENT_V6, CLUSTER_CIDR_V4, CLUSTER_CIDR_V6, Cluster, ClusterPod, NODE_A_LINK_V4, NODE_A_LINK_V6,
+    NODE_A_TUN_V4, NODE_A_TUN_V6, NODE_A_V4, NODE_A_V6, NODE_B_TUN_V4, NODE_B_TUN_V6, NODE_B_V4, NODE_B_V6, Node, SERVICE_CIDR_V4, SERVICE_CIDR_V6,
 };
 pub use ipvs::{DUMMY as IPVS_DUMMY, RealServer, VirtualServer, ipvs_available, ipvs_or_skip};
 pub use proxy::{Backend, ConntrackEvents, KubeProxy, Protocol, Service, ServicePort};
+pub use tunnel::TunLink;

@@ -82,7 +82,13 @@ impl Harness {
             .map_max_entries(maps::FLOWS, flows)
             .load(&object)
             .expect("loading the eBPF object");
-        for name in [programs::INGRESS, programs::INGRESS_TRACK, programs::EGRESS] {
+        for name in [
+            programs::INGRESS,
+            programs::INGRESS_TRACK,
+            programs::EGRESS,
+            programs::INGRESS_L3,
+            programs::EGRESS_L3,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("no program {name} in the object"))

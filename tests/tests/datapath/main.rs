@@ -13,6 +13,7 @@
 
 mod harness;
 mod hostile;
+mod l3;
 mod packets;
 mod pressure;
 mod steer;
@@ -483,7 +484,7 @@ fn tcp_fin_both_ways_closes_outbound_pod_first() {
 #[test]
 fn data_to_the_pod_awaits_a_reply_until_data_comes_back() {
     let c = conn4();
-    let mut h = established_inbound(&c);
+    let h = established_inbound(&c);
     let key = c.tcp_key();
     let awaiting = |h: &Harness| h.expect_flow(&key).flags & flow_flags::AWAITING_REPLY;
     h.send_to_pod(&c.peer_tcp(PSH | ACK, b"GET /report"));

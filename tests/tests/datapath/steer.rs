@@ -18,6 +18,14 @@
 //! Under `BPF_PROG_TEST_RUN`, `bpf_redirect_neigh` records the target and the
 //! program returns `TC_ACT_REDIRECT`; nothing is sent, and the output is the
 //! rewritten packet (MACs untouched: the neighbour lookup fills them later).
+//!
+//! The rows marked L3 run `conndrain_in_l3`, the program for devices without
+//! an Ethernet header (ipip, `WireGuard`), on the same packets without their
+//! Ethernet header; a steered one must come back with a zeroed Ethernet
+//! header pushed in front (ethertype set), for `bpf_redirect_neigh`. They run
+//! without `CHECKSUM_COMPLETE`: the test run sums from the skb's network
+//! header, which it sets 14 bytes in whatever the program, so its `skb->csum`
+//! would leave out the first 14 bytes of the IP header, unlike an L3 device's.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -218,6 +226,8 @@ struct Row {
     pins_left: usize,
     /// Run with a `CHECKSUM_COMPLETE` skb and check `skb->csum` (where the kernel can).
     skb_csum: bool,
+    /// Run `conndrain_in_l3` (the input has no Ethernet header).
+    l3: bool,
 }
 
 impl Row {
@@ -234,7 +244,19 @@ impl Row {
             resets_sent: 0,
             pins_left: 2,
             skb_csum: true,
+            l3: false,
         }
+    }
+
+    /// `steered`, on an L3 device: the input without its Ethernet header, the
+    /// output with a zeroed one but for the ethertype.
+    fn steered_l3(name: &'static str, flow: &Flow, (input, output): (Vec<u8>, Vec<u8>)) -> Self {
+        Self { skb_csum: false, l3: true, ..Self::steered(name, flow, (bare(input), pushed(output))) }
+    }
+
+    /// `untouched`, on an L3 device.
+    fn untouched_l3(name: &'static str, flow: &Flow, input: Vec<u8>) -> Self {
+        Self { skb_csum: false, l3: true, ..Self::untouched(name, flow, bare(input)) }
     }
 
     /// A packet that must go on untouched, with the pins of `flow` in place.
@@ -250,6 +272,7 @@ impl Row {
             resets_sent: 0,
             pins_left: 2,
             skb_csum: true,
+            l3: false,
         }
     }
 }
@@ -385,8 +408,73 @@ fn rows() -> Vec<Row> {
     let (mut input, mut output) = udp4().forward(64, ODD);
     input[ETH_HLEN + IPV4_HLEN + 6..][..2].fill(0);
     output[ETH_HLEN + IPV4_HLEN + 6..][..2].fill(0);
-    rows.push(Row::steered("v4 udp without checksum stays without", &udp4(), (input, output)));
+    rows.push(Row::steered("v4 udp without checksum stays without", &udp4(), (input.clone(), output.clone())));
+    rows.push(Row::steered_l3("L3: v4 udp without checksum stays without", &udp4(), (input, output)));
+    rows.extend(l3_rows());
     rows
+}
+
+/// Rows of `conndrain_in_l3`: the packets of an ipip or `WireGuard` device.
+fn l3_rows() -> Vec<Row> {
+    let mut rows = vec![
+        Row::steered_l3("L3: v4 tcp: client to backend (DNAT)", &tcp4(), tcp4().forward(64, REQUEST)),
+        Row::steered_l3("L3: v4 tcp nodeport: to backend", &tcp4_nodeport(), tcp4_nodeport().forward(64, REQUEST)),
+        // The reply of a pod on another node, arriving over the tunnel.
+        Row::steered_l3("L3: v4 tcp nodeport: reply", &tcp4_nodeport(), tcp4_nodeport().reply(63, ODD)),
+        Row::steered_l3("L3: v4 udp nodeport: reply", &udp4_nodeport(), udp4_nodeport().reply(64, ODD)),
+        Row::steered_l3(
+            "L3: v4 tcp with IP options: to backend",
+            &tcp4(),
+            tcp4().forward_ext(IpExt { v4_options: true, ..IpExt::default() }, 64, REQUEST),
+        ),
+        Row::steered_l3("L3: v6 tcp nodeport: reply", &tcp6_nodeport(), tcp6_nodeport().reply(64, REQUEST)),
+        Row::steered_l3("L3: v6 udp nodeport: to backend", &udp6_nodeport(), udp6_nodeport().forward(64, ODD)),
+        Row::steered_l3(
+            "L3: v6 tcp after hop-by-hop and destination options: to backend",
+            &tcp6(),
+            tcp6().forward_ext(IpExt { hop_by_hop: true, dest_opts: true, ..IpExt::default() }, 64, ODD),
+        ),
+        Row::untouched_l3("L3: v4 TTL 1: left to the stack", &tcp4(), tcp4().forward(1, REQUEST).0),
+        Row::untouched_l3(
+            "L3: v4 tcp: another client port is not pinned",
+            &tcp4(),
+            frame(PROTO_TCP, "10.0.0.2:40313".parse().unwrap(), tcp4().frontend, 64, REQUEST),
+        ),
+        Row {
+            pins: Vec::new(),
+            pins_left: 0,
+            ..Row::untouched_l3("L3: v6 nothing pinned", &tcp6(), tcp6().forward(64, ODD).0)
+        },
+        Row::untouched_l3("L3: v4 tcp: truncated pinned packet", &tcp4(), {
+            let mut f = tcp4().forward(64, REQUEST).0;
+            f.truncate(ETH_HLEN + IPV4_HLEN + 10);
+            f
+        }),
+    ];
+    // A dead pin answers no RST on an L3 device (there are no MACs to swap):
+    // the segment goes on to the stack untouched.
+    let mut dead = Row::untouched_l3(
+        "L3: v4 tcp: dead pin leaves the segment to the stack",
+        &tcp4(),
+        tcp4().forward(63, REQUEST).0,
+    );
+    dead.pins[0].1.flags |= pin_flags::DEAD;
+    rows.push(dead);
+    let syn = frame_with_flags(PROTO_TCP, tcp4().client, tcp4().frontend, IpExt::default(), 64, SYN, b"");
+    rows.push(Row { pins_left: 0, ..Row::untouched_l3("L3: v4 tcp: SYN on a pinned tuple unpins", &tcp4(), syn) });
+    rows
+}
+
+/// The IP packet of an Ethernet frame: what an L3 device carries.
+fn bare(mut frame: Vec<u8>) -> Vec<u8> {
+    frame.drain(..ETH_HLEN);
+    frame
+}
+
+/// `frame` with zeroed MACs: what `conndrain_in_l3` puts in front of a packet it steers.
+fn pushed(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[..12].fill(0);
+    frame
 }
 
 #[test]
@@ -406,7 +494,8 @@ fn steering_table() {
 }
 
 fn check_row(row: &Row) -> Result<(), String> {
-    let Row { name: _, pins, input, verdict, output, steered, steer_failed, resets_sent, pins_left, skb_csum } = row;
+    let Row { name: _, pins, input, verdict, output, steered, steer_failed, resets_sent, pins_left, skb_csum, l3 } =
+        row;
     let mut h = Harness::new();
     {
         let mut map: HashMap<_, WireKey, Pin> = HashMap::try_from(h.ebpf_mut().map_mut(maps::PINS).unwrap()).unwrap();
@@ -414,7 +503,8 @@ fn check_row(row: &Row) -> Result<(), String> {
             map.insert(k, v, 0).unwrap();
         }
     }
-    let (got_verdict, got) = run_ingress(&h, input, *skb_csum)?;
+    let prog = if *l3 { programs::INGRESS_L3 } else { programs::INGRESS };
+    let (got_verdict, got) = run_ingress(&h, prog, input, *skb_csum)?;
     let want = output.as_deref().unwrap_or(input);
     if got_verdict != *verdict {
         return Err(format!("verdict {got_verdict:#x}, want {verdict:#x}"));
@@ -449,7 +539,7 @@ fn checksum_complete_supported() -> bool {
     *SUPPORTED.get_or_init(|| {
         let h = Harness::new();
         let probe = frame(PROTO_UDP, udp4().client, udp4().frontend, 64, ODD);
-        match test_run_flags(&h, &probe, BPF_F_TEST_SKB_CHECKSUM_COMPLETE) {
+        match test_run_flags(&h, programs::INGRESS, &probe, BPF_F_TEST_SKB_CHECKSUM_COMPLETE) {
             Ok(_) => true,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
             Err(e) => panic!("probing BPF_F_TEST_SKB_CHECKSUM_COMPLETE: {e}"),
@@ -457,11 +547,11 @@ fn checksum_complete_supported() -> bool {
     })
 }
 
-/// Runs `frame` through `conndrain_ingress`: with a `CHECKSUM_COMPLETE` skb if
-/// `skb_csum` and the kernel can, else as a plain test run.
-fn run_ingress(h: &Harness, frame: &[u8], skb_csum: bool) -> Result<(u32, Vec<u8>), String> {
+/// Runs `frame` through `prog` (`conndrain_ingress` or `conndrain_in_l3`): with a
+/// `CHECKSUM_COMPLETE` skb if `skb_csum` and the kernel can, else as a plain test run.
+fn run_ingress(h: &Harness, prog: &str, frame: &[u8], skb_csum: bool) -> Result<(u32, Vec<u8>), String> {
     if skb_csum && checksum_complete_supported() {
-        return test_run_flags(h, frame, BPF_F_TEST_SKB_CHECKSUM_COMPLETE).map_err(|e| {
+        return test_run_flags(h, prog, frame, BPF_F_TEST_SKB_CHECKSUM_COMPLETE).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBADMSG) {
                 "skb->csum left out of step with the packet (EBADMSG under CHECKSUM_COMPLETE)".to_owned()
             } else {
@@ -469,7 +559,7 @@ fn run_ingress(h: &Harness, frame: &[u8], skb_csum: bool) -> Result<(u32, Vec<u8
             }
         });
     }
-    let prog: &SchedClassifier = h.ebpf().program(programs::INGRESS).unwrap().try_into().unwrap();
+    let prog: &SchedClassifier = h.ebpf().program(prog).unwrap().try_into().unwrap();
     let mut out = vec![0u8; frame.len() + 256];
     let res = prog
         .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
@@ -501,8 +591,8 @@ struct TestRunAttr {
     _pad: u32,
 }
 
-fn test_run_flags(h: &Harness, frame: &[u8], flags: u32) -> std::io::Result<(u32, Vec<u8>)> {
-    let prog: &SchedClassifier = h.ebpf().program(programs::INGRESS).unwrap().try_into().unwrap();
+fn test_run_flags(h: &Harness, prog: &str, frame: &[u8], flags: u32) -> std::io::Result<(u32, Vec<u8>)> {
+    let prog: &SchedClassifier = h.ebpf().program(prog).unwrap().try_into().unwrap();
     let fd = prog.fd().unwrap().as_fd().as_raw_fd();
     let mut out = vec![0u8; frame.len() + 256];
     let mut attr = TestRunAttr {

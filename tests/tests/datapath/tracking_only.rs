@@ -13,13 +13,9 @@ use crate::{
     pod_ip,
 };
 
-/// Runs one connection through `conndrain_ingress` and through
-/// `conndrain_track` (both with `conndrain_egress` the other way), and
-/// compares the flow, the pod's counters and the events after every packet.
-fn tracks_like_the_full_program(c: &Conn) {
-    let mut full = Harness::with_pod(&[pod_ip(c)]);
-    let mut track = Harness::with_pod(&[pod_ip(c)]);
-    let frames = [
+/// One whole inbound connection, as (sent by the pod, frame).
+pub(crate) fn a_connection(c: &Conn) -> [(bool, Vec<u8>); 7] {
+    [
         (false, c.peer_tcp(SYN, b"")),
         (true, c.pod_tcp(SYN | ACK, b"")),
         (false, c.peer_tcp(ACK, b"")),
@@ -27,9 +23,27 @@ fn tracks_like_the_full_program(c: &Conn) {
         (true, c.pod_tcp(PSH | ACK, b"HTTP/1.1 200 OK\r\n\r\n")),
         (true, c.pod_tcp(FIN | ACK, b"")),
         (false, c.peer_tcp(FIN | ACK, b"")),
-    ];
+    ]
+}
+
+/// The pod's counters and the events are the same in both harnesses.
+pub(crate) fn assert_same_counters_and_events(a: &mut Harness, b: &mut Harness) {
+    let (x, y) = (a.counters(POD_SLOT), b.counters(POD_SLOT));
+    assert_eq!(
+        (x.active_inbound, x.active_outbound, x.new_inbound_total),
+        (y.active_inbound, y.active_outbound, y.new_inbound_total)
+    );
+    assert_eq!(kinds(&a.events()), kinds(&b.events()));
+}
+
+/// Runs one connection through `conndrain_ingress` and through
+/// `conndrain_track` (both with `conndrain_egress` the other way), and
+/// compares the flow, the pod's counters and the events after every packet.
+fn tracks_like_the_full_program(c: &Conn) {
+    let mut full = Harness::with_pod(&[pod_ip(c)]);
+    let mut track = Harness::with_pod(&[pod_ip(c)]);
     let key = c.tcp_key();
-    for (from_pod, frame) in &frames {
+    for (from_pod, frame) in &a_connection(c) {
         for (h, ingress) in [(&full, programs::INGRESS), (&track, programs::INGRESS_TRACK)] {
             if *from_pod {
                 h.run_checked(ingress, frame);
@@ -42,12 +56,7 @@ fn tracks_like_the_full_program(c: &Conn) {
             (a.state, a.direction, a.flags, a.pod_slot, a.bytes_in, a.bytes_out),
             (b.state, b.direction, b.flags, b.pod_slot, b.bytes_in, b.bytes_out)
         );
-        let (a, b) = (full.counters(POD_SLOT), track.counters(POD_SLOT));
-        assert_eq!(
-            (a.active_inbound, a.active_outbound, a.new_inbound_total),
-            (b.active_inbound, b.active_outbound, b.new_inbound_total)
-        );
-        assert_eq!(kinds(&full.events()), kinds(&track.events()));
+        assert_same_counters_and_events(&mut full, &mut track);
     }
     assert_eq!(track.expect_flow(&key).state, tcp_state::CLOSED);
 }
