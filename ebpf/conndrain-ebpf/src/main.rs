@@ -37,6 +37,13 @@ pub fn conndrain_ingress(ctx: TcContext) -> i32 {
     let Some(pkt) = parsed(&ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if pkt.frag == parse::FRAG_LATER {
+        // No ports, so not tracked; steered if its datagram's first fragment was.
+        if !steer::any_pins() {
+            return TC_ACT_UNSPEC;
+        }
+        return steer::fragment(&ctx, &pkt).unwrap_or(TC_ACT_UNSPEC);
+    }
     track(&ctx, flow::Side::FromPod, &pkt);
     if !steer::any_pins() {
         return TC_ACT_UNSPEC;
@@ -49,7 +56,9 @@ pub fn conndrain_ingress(ctx: TcContext) -> i32 {
 /// the program that calls it. Tracking only.
 #[classifier]
 pub fn conndrain_track(ctx: TcContext) -> i32 {
-    if let Some(pkt) = parsed(&ctx) {
+    if let Some(pkt) = parsed(&ctx)
+        && pkt.frag != parse::FRAG_LATER
+    {
         track(&ctx, flow::Side::FromPod, &pkt);
     }
     TC_ACT_UNSPEC
@@ -58,7 +67,9 @@ pub fn conndrain_track(ctx: TcContext) -> i32 {
 /// Packets leaving the host through the interface: sent to a pod behind it.
 #[classifier]
 pub fn conndrain_egress(ctx: TcContext) -> i32 {
-    if let Some(mut pkt) = parsed(&ctx) {
+    if let Some(mut pkt) = parsed(&ctx)
+        && pkt.frag != parse::FRAG_LATER
+    {
         pkt.local = flow::local_origin(&ctx);
         track(&ctx, flow::Side::ToPod, &pkt);
     }
@@ -119,6 +130,10 @@ fn parsed(ctx: &TcContext) -> Option<parse::Packet> {
     // SAFETY: `Packet` is integers and bools, for which all zeroes is valid.
     let mut pkt: parse::Packet = unsafe { core::mem::zeroed() };
     if parse::parse(ctx, &mut pkt) {
+        if pkt.frag == parse::FRAG_LATER {
+            // Not tracked (no ports): counted as before this kind was parsed.
+            maps::count(stats::UNPARSED);
+        }
         Some(pkt)
     } else {
         maps::count(stats::UNPARSED);
