@@ -333,20 +333,39 @@ fn tcp_breaks(backend: Backend, front: Front, v6: bool, target: &str, clear: Cle
     }
 }
 
+/// Padding of the sessions of the `*_fragmented_*` tests: 3000 bytes more
+/// in every request and answer, over the testbed's 1500-byte MTU on every
+/// link, so each datagram leaves its sender (the client, the pod) in three
+/// IP fragments.
+const FRAGMENTED: usize = 3000;
+
+/// A session id (`Conversation::udp`) for a new session, padded with `pad`
+/// bytes (its datagrams are then that much larger, both ways), and its
+/// short form for messages.
+fn session_id(pad: usize) -> (String, String) {
+    let short = format!("s{}", unique_tag());
+    (format!("{short}{}", "-".repeat(pad)), short)
+}
+
 /// A UDP session to pod `target` through `front`; the endpoint is removed
 /// from the rules and kube-proxy's UDP conntrack cleanup runs: the session's
 /// answers must come from another pod.
 fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
+    udp_moves_padded(backend, front, v6, target, 0)
+}
+
+/// `udp_moves` with every datagram `pad` bytes larger.
+fn udp_moves_padded(backend: Backend, front: Front, v6: bool, target: &str, pad: usize) -> Result<()> {
     let bed = Bed::new(backend)?;
     let to = bed.frontend(front, v6, Protocol::Udp);
     let pod = bed.cluster.pod(target);
     let pod_ip = pod.ip_like(to.ip());
-    let session = format!("s{}", unique_tag());
+    let (session, short) = session_id(pad);
     let conv = Conversation::landing_on(bed.client(), to, Some(&session), target)?;
     conv.expect_steady(5)?;
 
     let ct = bed.show_conntrack(&format!(
-        "{target} serving session {session} {} -> {to}",
+        "{target} serving session {short} {} -> {to}",
         conv.local_addr()
     ))?;
     let line = entry_of(&ct, conv.local_addr(), to)
@@ -399,7 +418,7 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
                 "answers come from a serving pod, got {other}"
             );
             eprintln!(
-                "{backend:?} {front:?} v6={v6}: session {session} moved from {target} to {other}"
+                "{backend:?} {front:?} v6={v6}: session {short} moved from {target} to {other}"
             );
             if let Some(line) = entry_of(&ct, conv.local_addr(), to) {
                 eprintln!("its new conntrack entry: {line}");
@@ -418,7 +437,7 @@ fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
         }
         Some(Reply::Failed(how)) => bail!("the session failed instead of moving: {how}"),
         None => bail!(
-            "session {session} still talks to {target} {BREAK_WITHIN:?} after kube-proxy's \
+            "session {short} still talks to {target} {BREAK_WITHIN:?} after kube-proxy's \
              UDP cleanup: the scenario does not reproduce"
         ),
     }
@@ -587,6 +606,8 @@ both_backends! {
         |b| udp_moves(b, Front::ClusterIp, true, "a1");
     nodeport_remote_udp_session_moves_after_kube_proxy_cleanup =>
         |b| udp_moves(b, Front::NodePort, false, "b1");
+    clusterip_udp_v4_fragmented_session_moves_after_kube_proxy_cleanup =>
+        |b| udp_moves_padded(b, Front::ClusterIp, false, "a1", FRAGMENTED);
     new_flows_land_only_on_remaining_pods =>
         |b| new_flows_avoid_removed(b);
     masquerade_as_kube_proxy_does =>
@@ -607,6 +628,12 @@ both_backends! {
         |b| udp_stays(b, Front::ClusterIp, true, "a1");
     with_agent_nodeport_remote_udp_session_stays_after_kube_proxy_cleanup =>
         |b| udp_stays(b, Front::NodePort, false, "b1");
+    with_agent_clusterip_udp_v4_fragmented_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays_padded(b, Front::ClusterIp, false, "a1", FRAGMENTED);
+    with_agent_clusterip_udp_v6_fragmented_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays_padded(b, Front::ClusterIp, true, "a1", FRAGMENTED);
+    with_agent_nodeport_remote_udp_fragmented_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays_padded(b, Front::NodePort, false, "b1", FRAGMENTED);
     with_agent_pinned_pod_deleted_client_gets_rst =>
         |b| tcp_resets_when_pinned_pod_goes(b);
 }
@@ -834,11 +861,19 @@ fn tcp_holds(backend: Backend, front: Front, v6: bool, target: &str, clear: Clea
 
 /// The twin of `udp_moves`: the pinned session keeps talking to its pod.
 fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
+    udp_stays_padded(backend, front, v6, target, 0)
+}
+
+/// `udp_stays` with every datagram `pad` bytes larger. With `FRAGMENTED`,
+/// every request and answer is three fragments, and every fragment must be
+/// steered: one left to the stack waits in netfilter's reassembly for a
+/// first fragment that was redirected past it, and the datagram is lost.
+fn udp_stays_padded(backend: Backend, front: Front, v6: bool, target: &str, pad: usize) -> Result<()> {
     let bed = Bed::new(backend)?;
     let (_agent, cli) = agent_for(&bed, target)?;
     let to = bed.frontend(front, v6, Protocol::Udp);
     let pod_ip = bed.cluster.pod(target).ip_like(to.ip());
-    let session = format!("s{}", unique_tag());
+    let (session, _) = session_id(pad);
     let conv = Conversation::landing_on(bed.client(), to, Some(&session), target)?;
     conv.expect_steady(5)?;
     terminate_and_check_pinned(&cli, target, to, conv.local_addr())?;
@@ -859,13 +894,26 @@ fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<(
     );
     let ipvs_before = ipvs_packets(&bed, backend, Protocol::Udp, to)?;
     let steered_before = steered_packets(&cli)?;
+    let answered_before = conv.replies().len();
     conv.expect_steady(20)
         .context("with the agent, the UDP session keeps its pod after kube-proxy's cleanup")?;
+    let steered_after = steered_packets(&cli)?;
+    let answered = conv.replies().len() - answered_before;
     ensure_ipvs_saw_none(
         ipvs_before,
         ipvs_packets(&bed, backend, Protocol::Udp, to)?,
-        (steered_before, steered_packets(&cli)?),
+        (steered_before, steered_after),
     )?;
+    if pad >= FRAGMENTED {
+        // Each answered request is three fragments each way, all steered
+        // (the first answer of the window may have been sent before it).
+        let steered = steered_after - steered_before;
+        eprintln!("{answered} answers, {steered} packets steered");
+        ensure!(
+            steered >= 6 * (u64::try_from(answered).unwrap_or(0).saturating_sub(1)),
+            "every fragment of the {answered} requests and answers was steered: {steered} packets"
+        );
+    }
     ensure!(
         steered_packets(&cli)? > 0,
         "the datapath steered the session's packets"
