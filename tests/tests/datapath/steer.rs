@@ -516,8 +516,13 @@ fn fragment_rows() -> Vec<Row> {
 #[test]
 fn steering_table() {
     let mut failures = Vec::new();
-    let rows = rows();
+    let mut rows = rows();
     assert!(rows.len() > 20);
+    // `CONNDRAIN_STEER_ROWS=text`: only the rows whose name contains it (the
+    // whole table takes minutes under the guest stage's TCG).
+    if let Ok(only) = std::env::var("CONNDRAIN_STEER_ROWS") {
+        rows.retain(|r| r.name.contains(&only));
+    }
     for row in &rows {
         if let Err(e) = check_row(row) {
             failures.push(format!("{}: {e}", row.name));
