@@ -376,8 +376,14 @@ fn reset(ctx: &TcContext, pkt: &Packet) -> Option<()> {
         t
     };
     let ip_len;
+    // Whether the headers are plain (no IPv4 options, no IPv6 extension
+    // headers) is read from the packet, not from `pkt.l4_off`: Linux 6.1's
+    // verifier, since `Packet` got its fragment fields, took the IPv4 branch
+    // below for dead and jumped from it straight to the end (`bpftool prog
+    // dump xlated` in the guest stage: no RST for a dead IPv4 pin, while 6.18
+    // sent it), as if `l4_off` could never be 34 there.
     if pkt.family == FAMILY_V4 {
-        if pkt.l4_off != ETH_HLEN + 20 {
+        if ctx.load::<u8>(ETH_HLEN).ok()? != 0x45 {
             return None; // IP options: not worth the verifier's trouble; the client times out as before.
         }
         ip_len = 20;
@@ -403,7 +409,7 @@ fn reset(ctx: &TcContext, pkt: &Packet) -> Option<()> {
         ctx.store(ETH_HLEN, &ip, 0).ok()?;
         store_tcp(ctx, ETH_HLEN + ip_len, tcp, tc)?;
     } else {
-        if pkt.l4_off != ETH_HLEN + 40 {
+        if ctx.load::<u8>(ETH_HLEN + 6).ok()? != PROTO_TCP {
             return None; // extension headers: as above
         }
         ip_len = 40;
