@@ -360,25 +360,44 @@ fn tcp_breaks_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &st
     }
 }
 
+/// Padding of the sessions of the `*_fragmented_*` tests: 3000 bytes more
+/// in every request and answer, over the testbed's 1500-byte MTU on every
+/// link, so each datagram leaves its sender (the client, the pod) in three
+/// IP fragments.
+const FRAGMENTED: usize = 3000;
+
+/// A session id (`Conversation::udp`) for a new session, padded with `pad`
+/// bytes (its datagrams are then that much larger, both ways), and its
+/// short form for messages.
+fn session_id(pad: usize) -> (String, String) {
+    let short = format!("s{}", unique_tag());
+    (format!("{short}{}", "-".repeat(pad)), short)
+}
+
 /// A UDP session to pod `target` through `front`; the endpoint is removed
 /// from the rules and kube-proxy's UDP conntrack cleanup runs: the session's
 /// answers must come from another pod.
 fn udp_moves(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
-    udp_moves_on(Bed::new(backend)?, backend, front, v6, target)
+    udp_moves_padded(backend, front, v6, target, 0)
 }
 
-/// `udp_moves` on `bed`, which it owns (torn down when it returns).
+/// `udp_moves` with every datagram `pad` bytes larger.
+fn udp_moves_padded(backend: Backend, front: Front, v6: bool, target: &str, pad: usize) -> Result<()> {
+    udp_moves_on(Bed::new(backend)?, backend, front, v6, target, pad)
+}
+
+/// `udp_moves_padded` on `bed`, which it owns (torn down when it returns).
 #[expect(clippy::needless_pass_by_value, reason = "the test owns its bed")]
-fn udp_moves_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
+fn udp_moves_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str, pad: usize) -> Result<()> {
     let to = bed.frontend(front, v6, Protocol::Udp);
     let pod = bed.cluster.pod(target);
     let pod_ip = pod.ip_like(to.ip());
-    let session = format!("s{}", unique_tag());
+    let (session, short) = session_id(pad);
     let conv = Conversation::landing_on(bed.client(), to, Some(&session), target)?;
     conv.expect_steady(5)?;
 
     let ct = bed.show_conntrack(&format!(
-        "{target} serving session {session} {} -> {to}",
+        "{target} serving session {short} {} -> {to}",
         conv.local_addr()
     ))?;
     let line = entry_of(&ct, conv.local_addr(), to)
@@ -431,7 +450,7 @@ fn udp_moves_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str
                 "answers come from a serving pod, got {other}"
             );
             eprintln!(
-                "{backend:?} {front:?} v6={v6}: session {session} moved from {target} to {other}"
+                "{backend:?} {front:?} v6={v6}: session {short} moved from {target} to {other}"
             );
             if let Some(line) = entry_of(&ct, conv.local_addr(), to) {
                 eprintln!("its new conntrack entry: {line}");
@@ -450,7 +469,7 @@ fn udp_moves_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str
         }
         Some(Reply::Failed(how)) => bail!("the session failed instead of moving: {how}"),
         None => bail!(
-            "session {session} still talks to {target} {BREAK_WITHIN:?} after kube-proxy's \
+            "session {short} still talks to {target} {BREAK_WITHIN:?} after kube-proxy's \
              UDP cleanup: the scenario does not reproduce"
         ),
     }
@@ -619,6 +638,8 @@ both_backends! {
         |b| udp_moves(b, Front::ClusterIp, true, "a1");
     nodeport_remote_udp_session_moves_after_kube_proxy_cleanup =>
         |b| udp_moves(b, Front::NodePort, false, "b1");
+    clusterip_udp_v4_fragmented_session_moves_after_kube_proxy_cleanup =>
+        |b| udp_moves_padded(b, Front::ClusterIp, false, "a1", FRAGMENTED);
     new_flows_land_only_on_remaining_pods =>
         |b| new_flows_avoid_removed(b);
     masquerade_as_kube_proxy_does =>
@@ -639,6 +660,12 @@ both_backends! {
         |b| udp_stays(b, Front::ClusterIp, true, "a1");
     with_agent_nodeport_remote_udp_session_stays_after_kube_proxy_cleanup =>
         |b| udp_stays(b, Front::NodePort, false, "b1");
+    with_agent_clusterip_udp_v4_fragmented_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays_padded(b, Front::ClusterIp, false, "a1", FRAGMENTED);
+    with_agent_clusterip_udp_v6_fragmented_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays_padded(b, Front::ClusterIp, true, "a1", FRAGMENTED);
+    with_agent_nodeport_remote_udp_fragmented_session_stays_after_kube_proxy_cleanup =>
+        |b| udp_stays_padded(b, Front::NodePort, false, "b1", FRAGMENTED);
     with_agent_pinned_pod_deleted_client_gets_rst =>
         |b| tcp_resets_when_pinned_pod_goes(b);
 
@@ -898,7 +925,7 @@ fn nodeport_tcp_over_l3_link_breaks(backend: Backend, v6: bool) -> Result<()> {
 /// The UDP twin: the session moves after kube-proxy's cleanup.
 fn nodeport_udp_over_l3_link_moves(backend: Backend) -> Result<()> {
     let bed = Bed::new(backend)?.over_l3_link()?;
-    udp_moves_on(bed, backend, Front::NodePort, false, "b1")
+    udp_moves_on(bed, backend, Front::NodePort, false, "b1", 0)
 }
 
 /// With the agent, it holds: the requests are steered to the TUN device (an
@@ -916,7 +943,7 @@ fn nodeport_tcp_over_l3_link_holds(backend: Backend, v6: bool) -> Result<()> {
 /// L3 link and are steered there as the TCP ones.
 fn nodeport_udp_over_l3_link_stays(backend: Backend) -> Result<()> {
     let bed = Bed::new(backend)?.over_l3_link()?;
-    udp_stays_on(bed, backend, Front::NodePort, false, "b1")
+    udp_stays_on(bed, backend, Front::NodePort, false, "b1", 0)
 }
 
 /// The agent attached the L3 variants on node A's TUN device `dev` (by its
@@ -942,16 +969,24 @@ fn l3_programs_on(bed: &Bed, dev: &str) -> Result<()> {
 
 /// The twin of `udp_moves`: the pinned session keeps talking to its pod.
 fn udp_stays(backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
-    udp_stays_on(Bed::new(backend)?, backend, front, v6, target)
+    udp_stays_padded(backend, front, v6, target, 0)
 }
 
-/// `udp_stays` on `bed`, which it owns (torn down when it returns).
+/// `udp_stays` with every datagram `pad` bytes larger. With `FRAGMENTED`,
+/// every request and answer is three fragments, and every fragment must be
+/// steered: one left to the stack waits in netfilter's reassembly for a
+/// first fragment that was redirected past it, and the datagram is lost.
+fn udp_stays_padded(backend: Backend, front: Front, v6: bool, target: &str, pad: usize) -> Result<()> {
+    udp_stays_on(Bed::new(backend)?, backend, front, v6, target, pad)
+}
+
+/// `udp_stays_padded` on `bed`, which it owns (torn down when it returns).
 #[expect(clippy::needless_pass_by_value, reason = "the test owns its bed")]
-fn udp_stays_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str) -> Result<()> {
+fn udp_stays_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str, pad: usize) -> Result<()> {
     let (_agent, cli) = agent_for(&bed, target)?;
     let to = bed.frontend(front, v6, Protocol::Udp);
     let pod_ip = bed.cluster.pod(target).ip_like(to.ip());
-    let session = format!("s{}", unique_tag());
+    let (session, _) = session_id(pad);
     let conv = Conversation::landing_on(bed.client(), to, Some(&session), target)?;
     conv.expect_steady(5)?;
     terminate_and_check_pinned(&cli, target, to, conv.local_addr())?;
@@ -972,13 +1007,26 @@ fn udp_stays_on(bed: Bed, backend: Backend, front: Front, v6: bool, target: &str
     );
     let ipvs_before = ipvs_packets(&bed, backend, Protocol::Udp, to)?;
     let steered_before = steered_packets(&cli)?;
+    let answered_before = conv.replies().len();
     conv.expect_steady(20)
         .context("with the agent, the UDP session keeps its pod after kube-proxy's cleanup")?;
+    let steered_after = steered_packets(&cli)?;
+    let answered = conv.replies().len() - answered_before;
     ensure_ipvs_saw_none(
         ipvs_before,
         ipvs_packets(&bed, backend, Protocol::Udp, to)?,
-        (steered_before, steered_packets(&cli)?),
+        (steered_before, steered_after),
     )?;
+    if pad >= FRAGMENTED {
+        // Each answered request is three fragments each way, all steered
+        // (the first answer of the window may have been sent before it).
+        let steered = steered_after - steered_before;
+        eprintln!("{answered} answers, {steered} packets steered");
+        ensure!(
+            steered >= 6 * (u64::try_from(answered).unwrap_or(0).saturating_sub(1)),
+            "every fragment of the {answered} requests and answers was steered: {steered} packets"
+        );
+    }
     ensure!(
         steered_packets(&cli)? > 0,
         "the datapath steered the session's packets"

@@ -141,6 +141,7 @@ pub const PLAN: &[(&str, &[&str])] = &[
             "iptables::with_agent_clusterip_udp_v4_session_stays_after_kube_proxy_cleanup",
             "nftables::with_agent_nodeport_remote_tcp_holds_on_conntrack_flush",
             "nftables::with_agent_clusterip_udp_v6_session_stays_after_kube_proxy_cleanup",
+            "iptables::with_agent_clusterip_udp_v4_fragmented_session_stays_after_kube_proxy_cleanup",
             "ipvs::",
         ],
     ),

@@ -28,6 +28,12 @@ pub mod maps {
     pub const PINS: &str = "PINS";
     /// `HashMap<PodIpKey, u8>`: the node's own addresses (not pinned: refilled at start).
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// `LruHashMap<FragKey, FragSteer>`: where the first fragment of a
+    /// datagram of a pinned flow was steered, so that its later fragments
+    /// (which carry no ports) follow it. Not pinned: a datagram's fragments
+    /// arrive within moments, so an agent restart loses at most the datagrams
+    /// in flight.
+    pub const FRAGS: &str = "FRAGS";
     /// `HashMap<u64, SockValue>`: the open inbound TCP sockets of registered
     /// pods, by kernel socket address, kept by the `sock:inet_sock_set_state`
     /// tracepoint whatever path their packets take.
@@ -64,6 +70,10 @@ pub const MAX_PINS: u32 = 65_536;
 /// is full, a draining pod's new flows go to `FLOWS` (counted in
 /// `stats::HOLD_FAILED`).
 pub const MAX_HELD: u32 = 65_536;
+
+/// Size of the `FRAGS` map (LRU): datagrams whose fragments are on their way
+/// through steering at once, as Cilium sizes its fragment map.
+pub const MAX_FRAGS: u32 = 8192;
 
 /// Bits of the `POD_FLAGS` entries.
 pub mod pod_flags {
@@ -392,6 +402,36 @@ pub struct Pin {
     pub _pad: u32,
 }
 
+/// A fragmented datagram: its addresses as they are on the wire (IPv4
+/// as IPv4-mapped IPv6), its IP identification (IPv4: 16 bits; IPv6: the
+/// fragment header's 32) and protocol. What the receiver reassembles by
+/// (RFC 791, RFC 8200 4.5).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// How the first fragment of a datagram was steered (the `FRAGS` value):
+/// its pin's addresses and target. The ports are only in the first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragSteer {
+    pub new_src: [u8; 16],
+    pub new_dst: [u8; 16],
+    pub nexthop: [u8; 16],
+    pub ifindex: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the first fragment.
+    pub first_ns: u64,
+}
+
 /// One open inbound TCP socket of a pod, as the kernel's socket layer
 /// reports it (the `SOCKETS` value).
 #[repr(C)]
@@ -474,6 +514,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::WireKey {}
     unsafe impl aya::Pod for super::Pin {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragSteer {}
     unsafe impl aya::Pod for super::SockValue {}
     unsafe impl aya::Pod for super::PodSockets {}
     unsafe impl aya::Pod for super::ProbeKey {}
@@ -496,6 +538,8 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<WireKey>(), 40);
         assert_eq!(size_of::<Pin>(), 80);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragSteer>(), 64);
         assert_eq!(size_of::<SockValue>(), 56);
         assert_eq!(size_of::<PodSockets>(), 16);
         assert_eq!(size_of::<ProbeKey>(), 8);

@@ -50,6 +50,13 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
     let Some(pkt) = parsed::<L2>(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if pkt.frag == parse::FRAG_LATER {
+        // No ports, so not tracked; steered if its datagram's first fragment was.
+        if !steer::any_pins() {
+            return TC_ACT_UNSPEC;
+        }
+        return steer::fragment::<L2>(ctx, &pkt).unwrap_or(TC_ACT_UNSPEC);
+    }
     track(ctx, flow::Side::FromPod, &pkt);
     if !steer::any_pins() {
         return TC_ACT_UNSPEC;
@@ -62,7 +69,9 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
 /// the program that calls it. Tracking only.
 #[classifier]
 pub fn conndrain_track(ctx: TcContext) -> i32 {
-    if let Some(pkt) = parsed::<{ parse::ETH_HLEN }>(&ctx) {
+    if let Some(pkt) = parsed::<{ parse::ETH_HLEN }>(&ctx)
+        && pkt.frag != parse::FRAG_LATER
+    {
         track(&ctx, flow::Side::FromPod, &pkt);
     }
     TC_ACT_UNSPEC
@@ -82,7 +91,9 @@ pub fn conndrain_eg_l3(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
-    if let Some(mut pkt) = parsed::<L2>(ctx) {
+    if let Some(mut pkt) = parsed::<L2>(ctx)
+        && pkt.frag != parse::FRAG_LATER
+    {
         pkt.local = flow::local_origin(ctx);
         track(ctx, flow::Side::ToPod, &pkt);
     }
@@ -143,6 +154,10 @@ fn parsed<const L2: usize>(ctx: &TcContext) -> Option<parse::Packet> {
     // SAFETY: `Packet` is integers and bools, for which all zeroes is valid.
     let mut pkt: parse::Packet = unsafe { core::mem::zeroed() };
     if parse::parse::<L2>(ctx, &mut pkt) {
+        if pkt.frag == parse::FRAG_LATER {
+            // Not tracked (no ports): counted as before this kind was parsed.
+            maps::count(stats::UNPARSED);
+        }
         Some(pkt)
     } else {
         maps::count(stats::UNPARSED);

@@ -13,9 +13,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use conndrain_common::{
-    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, INTERCEPT_ENTRIES, InterceptConfig, InterceptDst, InterceptPeer,
-    MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue, WireKey,
-    stats,
+    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, FragKey, FragSteer, INTERCEPT_ENTRIES, InterceptConfig,
+    InterceptDst, InterceptPeer, MAX_FRAGS, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, Pin, PodCounters, PodIpKey,
+    PodSockets, ProbeKey, SockValue, WireKey, stats,
 };
 
 /// linux/bpf.h: entries are allocated on insert, not all at map creation.
@@ -50,6 +50,12 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT,
 /// Written by the agent when a backend starts terminating; read and updated here.
 #[map]
 pub static PINS: HashMap<WireKey, Pin> = HashMap::with_max_entries(MAX_PINS, 0);
+
+/// Datagrams of pinned flows whose first fragment was steered, and how:
+/// their later fragments, which carry no ports, follow it (`steer::fragment`).
+/// Written and read only here; not pinned (see `conndrain_common::maps::FRAGS`).
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragSteer> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 
 /// The node's own addresses (agent-written): new connections from them, such
 /// as the kubelet's probes, do not restart a pod's quiet period.

@@ -25,6 +25,21 @@ const NEXTHDR_DEST: u8 = 60;
 /// and real traffic carries one or two.
 const MAX_EXT_HEADERS: usize = 6;
 
+/// `Packet::frag`: not a fragment (or an IPv6 "atomic" one, offset 0 and no
+/// more fragments: the whole datagram).
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram: it has the L4 header, ports and checksum.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment (offset not 0): no L4 header, so no ports. Only its
+/// addresses, `frag_id`, protocol and TTL are filled in; it is not tracked,
+/// only steered the way its first fragment was (`steer::fragment`).
+pub const FRAG_LATER: u8 = 2;
+/// An IPv6 first fragment whose fragment header is followed by more
+/// extension headers: its later fragments name that header, not TCP or UDP,
+/// so they could not be matched to it. Tracked, never steered: the whole
+/// datagram goes to the stack.
+pub const FRAG_FIRST_OPAQUE: u8 = 3;
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -51,6 +66,11 @@ pub struct Packet {
     /// Sent by a process of the node itself (set by the egress program),
     /// not forwarded.
     pub local: bool,
+    /// `FRAG_*`.
+    pub frag: u8,
+    /// The datagram's IP identification, when `frag` is not `FRAG_NONE`
+    /// (IPv4: 16 bits; IPv6: the fragment header's 32), host byte order.
+    pub frag_id: u32,
 }
 
 /// Parses the packet into `out` and says whether it could.
@@ -110,14 +130,19 @@ fn parse_v4<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
     if usize::from(total_len) < ihl {
         return None;
     }
-    // Fragment offset (bytes 6-7), TTL, protocol. Only a first fragment
-    // carries the ports; later ones are passed untracked.
-    let [f0, f1, ttl, proto]: [u8; 4] = load(ctx, L2 + 6)?;
-    if u16::from_be_bytes([f0, f1]) & 0x1fff != 0 {
-        return None;
-    }
+    // Identification (bytes 4-5), flags and fragment offset (6-7), TTL,
+    // protocol. Only a first fragment carries the ports; a later one is
+    // returned as `FRAG_LATER`, with no ports, for steering alone.
+    let [i0, i1, f0, f1, ttl, proto]: [u8; 6] = load(ctx, L2 + 4)?;
     let src: [u8; 4] = load(ctx, L2 + 12)?;
     let dst: [u8; 4] = load(ctx, L2 + 16)?;
+    let frag_word = u16::from_be_bytes([f0, f1]);
+    let frag_id = u32::from(u16::from_be_bytes([i0, i1]));
+    if frag_word & 0x1fff != 0 {
+        return later_fragment(FAMILY_V4, proto, mapped(src), mapped(dst), ttl, frag_id);
+    }
+    // More fragments (MF) at offset 0: the first of several.
+    let frag = if frag_word & 0x2000 != 0 { FRAG_FIRST } else { FRAG_NONE };
     // The L4 header must lie within the IP packet (Linux trims to total_len and drops the rest).
     if L2 + ihl + l4_min(proto) > L2 + usize::from(total_len) {
         return None;
@@ -135,6 +160,32 @@ fn parse_v4<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         ttl,
         data: proto == PROTO_TCP && usize::from(total_len) > ihl + l4_len,
         local: false,
+        frag,
+        frag_id,
+    })
+}
+
+/// A later fragment of a TCP or UDP datagram (`FRAG_LATER`); `None` for
+/// other protocols.
+#[inline(always)]
+fn later_fragment(family: u8, proto: u8, src: [u8; 16], dst: [u8; 16], ttl: u8, frag_id: u32) -> Option<Packet> {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    Some(Packet {
+        family,
+        proto,
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        l4_off: 0,
+        ttl,
+        data: false,
+        local: false,
+        frag: FRAG_LATER,
+        frag_id,
     })
 }
 
@@ -148,6 +199,8 @@ fn parse_v6<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
     let src: [u8; 16] = load(ctx, L2 + 8)?;
     let dst: [u8; 16] = load(ctx, L2 + 24)?;
     let mut off = L2 + 40;
+    let mut frag = FRAG_NONE;
+    let mut frag_id = 0;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             PROTO_TCP | PROTO_UDP => break,
@@ -157,10 +210,16 @@ fn parse_v6<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
                 off += (usize::from(hdr[1]) + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
-                let hdr: [u8; 4] = load(ctx, off)?;
-                let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
-                if frag_off != 0 {
-                    return None;
+                let hdr: [u8; 8] = load(ctx, off)?;
+                let word = u16::from_be_bytes([hdr[2], hdr[3]]);
+                let id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                if word & 0xfff8 != 0 {
+                    return later_fragment(FAMILY_V6, hdr[0], src, dst, hop_limit, id);
+                }
+                // M (more fragments) at offset 0: the first of several.
+                if word & 1 != 0 && frag != FRAG_FIRST_OPAQUE {
+                    frag = if hdr[0] == PROTO_TCP || hdr[0] == PROTO_UDP { FRAG_FIRST } else { FRAG_FIRST_OPAQUE };
+                    frag_id = id;
                 }
                 next = hdr[0];
                 off += 8;
@@ -185,6 +244,8 @@ fn parse_v6<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         ttl: hop_limit,
         data: next == PROTO_TCP && L2 + 40 + payload_len > off + l4_len,
         local: false,
+        frag,
+        frag_id,
     })
 }
 

@@ -26,11 +26,11 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use conndrain_common::{FAMILY_V4, PROTO_TCP, Pin, WireKey, pin_flags, stats};
+use conndrain_common::{FAMILY_V4, FragKey, FragSteer, PROTO_TCP, Pin, WireKey, pin_flags, stats};
 
 use crate::{
-    maps::{CONFIG, PINS, count},
-    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{CONFIG, FRAGS, PINS, count},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_FIRST_OPAQUE, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const AF_INET: u32 = 2;
@@ -52,6 +52,15 @@ pub fn any_pins() -> bool {
 /// `L2`: the link-layer header's length, as `parse::parse`.
 #[inline(never)]
 pub fn steer<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
+    if pkt.frag == FRAG_FIRST_OPAQUE {
+        // Its later fragments could not follow it: the whole datagram goes to the stack.
+        return None;
+    }
+    if pkt.frag == FRAG_FIRST {
+        // Whatever an earlier datagram with this IP id left there: the entry
+        // exists only while the latest first fragment was steered (below).
+        forget_fragments(pkt);
+    }
     let key = WireKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -103,7 +112,7 @@ pub fn steer<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
     // The helper only records where to send the packet (it fails only on
     // bad arguments); the redirect happens when we return its verdict. So it
     // goes first: when it fails, the packet is still untouched and goes on.
-    let verdict = redirect_neigh(pkt, pin);
+    let verdict = redirect_neigh(pkt.family, &pin.nexthop, pin.ifindex);
     if verdict != i64::from(TC_ACT_REDIRECT) {
         count(stats::STEER_FAILED);
         return None;
@@ -116,22 +125,134 @@ pub fn steer<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
         count(stats::STEER_FAILED);
         return None;
     }
+    if pkt.frag == FRAG_FIRST {
+        remember_fragments(pkt, pin);
+    }
     count(stats::STEERED);
     Some(TC_ACT_REDIRECT as i32)
 }
 
-/// Calls `bpf_redirect_neigh` towards the pin's interface and neighbour.
+/// How long after its first fragment a later one still follows it: Linux's
+/// default reassembly timeout (`ipfrag_time`, 30 s); a receiver drops a
+/// datagram whose fragments take longer anyway. It bounds what a stale entry
+/// (an IP id reused by another datagram whose first fragment has not come
+/// yet) can misdirect.
+const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
+
 #[inline(always)]
-fn redirect_neigh(pkt: &Packet, pin: &Pin) -> i64 {
-    let mut nh = if pkt.family == FAMILY_V4 {
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey { src: pkt.src, dst: pkt.dst, id: pkt.frag_id, proto: pkt.proto, family: pkt.family, _pad: [0; 2] }
+}
+
+/// The first fragment of a datagram of a pinned flow was steered: its later
+/// fragments are to follow it (`fragment`). Not inlined, for a stack frame
+/// of its own.
+#[inline(never)]
+fn remember_fragments(pkt: &Packet, pin: &Pin) {
+    let key = frag_key(pkt);
+    let value = FragSteer {
+        new_src: pin.new_src,
+        new_dst: pin.new_dst,
+        nexthop: pin.nexthop,
+        ifindex: pin.ifindex,
+        _pad: 0,
+        first_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // When the LRU map is full it evicts another datagram's entry: that
+    // datagram's later fragments then go to the stack and it is lost, as a
+    // datagram is when a fragment is.
+    let _ = FRAGS.insert(&key, &value, 0);
+}
+
+/// A first fragment that is not steered: none of its datagram's fragments are.
+#[inline(never)]
+fn forget_fragments(pkt: &Packet) {
+    let _ = FRAGS.remove(&frag_key(pkt));
+}
+
+/// A later fragment (no ports, `parse::FRAG_LATER`): steered exactly as its
+/// datagram's first fragment was, if that was steered less than
+/// `FRAG_TIMEOUT_NS` ago; else left untouched, to the stack, as its first
+/// fragment was (`steer` records only the datagrams it steers). So a
+/// datagram's fragments never take both paths, except when a later fragment
+/// overtakes its first: it finds no entry and goes to the stack, and that
+/// datagram is lost.
+///
+/// Only the addresses change (the ports are in the first fragment), so only
+/// the IPv4 header checksum is updated here: the L4 checksum, in the first
+/// fragment, covers the whole datagram, and the first fragment's update
+/// covered the pseudo-header's change. Not inlined, for a stack frame of its own.
+/// `L2`: the link-layer header's length, as `parse::parse` (an L3 device's
+/// fragment gets an Ethernet header pushed, as in `steer`).
+#[inline(never)]
+pub fn fragment<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
+    // SAFETY: a copy of a plain value out of the map.
+    let f = *unsafe { FRAGS.get(&frag_key(pkt)) }?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(f.first_ns) > FRAG_TIMEOUT_NS || pkt.ttl <= 1 {
+        return None;
+    }
+    if redirect_neigh(pkt.family, &f.nexthop, f.ifindex) != i64::from(TC_ACT_REDIRECT) {
+        count(stats::STEER_FAILED);
+        return None;
+    }
+    if L2 == 0 && push_eth(ctx, pkt).is_none() {
+        count(stats::STEER_FAILED);
+        return None;
+    }
+    if rewrite_fragment(ctx, pkt, &f).is_none() {
+        count(stats::STEER_FAILED);
+        return None;
+    }
+    count(stats::STEERED);
+    Some(TC_ACT_REDIRECT as i32)
+}
+
+/// The L3 part of `rewrite`, for a later fragment: addresses and TTL (hop
+/// limit), and for IPv4 the header checksum. The frame has an Ethernet
+/// header by now (`push_eth` on L3 devices). `skb->csum`: as in `rewrite`,
+/// the IPv4 changes cancel out with the header checksum's, and the IPv6 ones
+/// are stored with `BPF_F_RECOMPUTE_CSUM`.
+#[inline(always)]
+fn rewrite_fragment(ctx: &TcContext, pkt: &Packet, f: &FragSteer) -> Option<()> {
+    if pkt.family == FAMILY_V4 {
+        for (off, old, new) in [(ETH_HLEN + 12, &pkt.src, &f.new_src), (ETH_HLEN + 16, &pkt.dst, &f.new_dst)] {
+            let old = u32::from_ne_bytes([old[12], old[13], old[14], old[15]]);
+            let new = u32::from_ne_bytes([new[12], new[13], new[14], new[15]]);
+            if old != new {
+                ctx.store(off, &new, 0).ok()?;
+                ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 4).ok()?;
+            }
+        }
+        let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
+        let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
+        ctx.store(ETH_HLEN + 8, &new, 0).ok()?;
+        ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 2).ok()?;
+    } else {
+        if pkt.src != f.new_src {
+            ctx.store(ETH_HLEN + 8, &f.new_src, BPF_F_RECOMPUTE_CSUM).ok()?;
+        }
+        if pkt.dst != f.new_dst {
+            ctx.store(ETH_HLEN + 24, &f.new_dst, BPF_F_RECOMPUTE_CSUM).ok()?;
+        }
+        ctx.store(ETH_HLEN + 7, &(pkt.ttl - 1), BPF_F_RECOMPUTE_CSUM).ok()?;
+    }
+    Some(())
+}
+
+/// Calls `bpf_redirect_neigh` towards `ifindex` and the neighbour `nexthop`
+/// (IPv4-mapped for IPv4).
+#[inline(always)]
+fn redirect_neigh(family: u8, nexthop: &[u8; 16], ifindex: u32) -> i64 {
+    let mut nh = if family == FAMILY_V4 {
         bpf_redir_neigh {
             nh_family: AF_INET,
             __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
-                ipv4_nh: u32::from_ne_bytes([pin.nexthop[12], pin.nexthop[13], pin.nexthop[14], pin.nexthop[15]]),
+                ipv4_nh: u32::from_ne_bytes([nexthop[12], nexthop[13], nexthop[14], nexthop[15]]),
             },
         }
     } else {
-        let n = pin.nexthop;
+        let n = *nexthop;
         bpf_redir_neigh {
             nh_family: AF_INET6,
             __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
@@ -147,7 +268,7 @@ fn redirect_neigh(pkt: &Packet, pin: &Pin) -> i64 {
     #[expect(clippy::cast_possible_truncation, reason = "the size of a small struct")]
     // SAFETY: `nh` is a valid `bpf_redir_neigh` on our stack, its size passed along.
     unsafe {
-        bpf_redirect_neigh(pin.ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+        bpf_redirect_neigh(ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
     }
 }
 
@@ -305,8 +426,14 @@ fn reset(ctx: &TcContext, pkt: &Packet) -> Option<()> {
         t
     };
     let ip_len;
+    // Whether the headers are plain (no IPv4 options, no IPv6 extension
+    // headers) is read from the packet, not from `pkt.l4_off`: Linux 6.1's
+    // verifier, since `Packet` got its fragment fields, took the IPv4 branch
+    // below for dead and jumped from it straight to the end (`bpftool prog
+    // dump xlated` in the guest stage: no RST for a dead IPv4 pin, while 6.18
+    // sent it), as if `l4_off` could never be 34 there.
     if pkt.family == FAMILY_V4 {
-        if pkt.l4_off != ETH_HLEN + 20 {
+        if ctx.load::<u8>(ETH_HLEN).ok()? != 0x45 {
             return None; // IP options: not worth the verifier's trouble; the client times out as before.
         }
         ip_len = 20;
@@ -332,7 +459,7 @@ fn reset(ctx: &TcContext, pkt: &Packet) -> Option<()> {
         ctx.store(ETH_HLEN, &ip, 0).ok()?;
         store_tcp(ctx, ETH_HLEN + ip_len, tcp, tc)?;
     } else {
-        if pkt.l4_off != ETH_HLEN + 40 {
+        if ctx.load::<u8>(ETH_HLEN + 6).ok()? != PROTO_TCP {
             return None; // extension headers: as above
         }
         ip_len = 40;

@@ -4,7 +4,8 @@
 //! Protocols (one line or datagram each way):
 //! - TCP: the client sends `<seq>\n`, the server answers `<pod>:<seq>\n`;
 //! - UDP: the client sends `<session>:<seq>`, the server answers
-//!   `<pod>:<session>:<seq>`.
+//!   `<pod>:<session>:<seq>`. A long session id makes datagrams larger than
+//!   the MTU both ways, which the sender fragments.
 
 use std::{
     collections::BTreeSet,
@@ -157,7 +158,9 @@ fn udp_loop(
     stop: &AtomicBool,
     peers: &Arc<Mutex<BTreeSet<SocketAddr>>>,
 ) {
-    let mut buf = [0u8; 1500];
+    // Room for the largest datagram: sessions may pad their requests past
+    // the MTU (fragmented datagrams), and the answer echoes the request.
+    let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::SeqCst) {
         if let Ok((n, from)) = socket.recv_from(&mut buf) {
             peers.lock().expect("peers lock").insert(from);
@@ -461,7 +464,7 @@ fn udp_exchange(
     Ok((local, move || -> Reply {
         seq += 1;
         let tail = format!(":{session}:{seq}");
-        let mut buf = [0u8; 1500];
+        let mut buf = vec![0u8; 65_536];
         let mut last = String::from("no answer");
         for _ in 0..3 {
             if let Err(e) = socket.send(format!("{session}:{seq}").as_bytes()) {
