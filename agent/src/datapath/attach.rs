@@ -117,6 +117,14 @@ const L3_LINK_TYPES: [u16; 7] = [
     519,    // ARPHRD_RAWIP
 ];
 
+/// `ioctl`'s request is a `c_ulong` with glibc and a `c_int` with musl (the image's target).
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::unnecessary_cast,
+    reason = "SIOCGIFHWADDR is 0x8927 on every Linux ABI"
+)]
+const SIOCGIFHWADDR: libc::Ioctl = libc::SIOCGIFHWADDR as libc::Ioctl;
 /// Whether `iface` is an L3 device (see [`L3_LINK_TYPES`]), by its link type
 /// (`dev->type`, as `SIOCGIFHWADDR` reports it in this network namespace).
 /// Not known: taken as Ethernet, as before link types were read.
@@ -144,7 +152,7 @@ fn link_type(iface: &str) -> std::io::Result<u16> {
         *d = libc::c_char::from_ne_bytes([b]);
     }
     // SAFETY: SIOCGIFHWADDR fills the ifreq we pass, which outlives the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFHWADDR, &raw mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel filled ifr_hwaddr for this request.
