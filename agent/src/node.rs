@@ -607,12 +607,13 @@ impl Node {
             if round % 30 == 0 {
                 inner.datapath.refresh_node_addrs();
             }
-            let Inner { steering, datapath, .. } = &mut *inner;
+            let Inner { steering, datapath, index, .. } = &mut *inner;
             let over = steering.sweep(datapath, now_ns(), self.settings.timeouts.udp_ns, self.settings.pin_limit_ns);
             if round % 5 == 0 {
                 let swept = datapath.sweep_held(now_ns(), self.settings.timeouts.udp_ns);
-                if swept > 0 {
-                    tracing::debug!(swept, "finished flows of draining pods removed from HELD");
+                if !swept.is_empty() {
+                    index.forget(&swept);
+                    tracing::debug!(swept = swept.len(), "finished flows of draining pods removed from HELD");
                 }
             }
             inner.save();

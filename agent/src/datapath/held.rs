@@ -90,17 +90,18 @@ impl Datapath {
 
     /// Removes from `HELD` what no drain waits for any more: flows of pods
     /// that are not draining (removed while no agent ran), and flows long
-    /// over (closed, half-open, UDP past its timeout). Returns how many went.
-    pub fn sweep_held(&mut self, now_ns: u64, udp_timeout_ns: u64) -> usize {
-        let Ok(table) = self.held() else { return 0 };
+    /// over (closed, half-open, UDP past its timeout). Returns those that
+    /// went, with their pod slots, for the flow index to forget.
+    pub fn sweep_held(&mut self, now_ns: u64, udp_timeout_ns: u64) -> Vec<(u32, FlowKey)> {
+        let Ok(table) = self.held() else { return Vec::new() };
         let entries: Vec<(FlowKey, FlowValue)> = table.iter().filter_map(Result::ok).collect();
-        let over: Vec<FlowKey> = entries
+        let over: Vec<(u32, FlowKey)> = entries
             .into_iter()
             .filter(|(k, v)| !self.pod_draining(v.pod_slot) || finished(k, v, now_ns, udp_timeout_ns))
-            .map(|(k, _)| k)
+            .map(|(k, v)| (v.pod_slot, k))
             .collect();
-        let Ok((_, mut held)) = self.tables() else { return 0 };
-        over.iter().filter(|k| held.remove(k).is_ok()).count()
+        let Ok((_, mut held)) = self.tables() else { return Vec::new() };
+        over.into_iter().filter(|(_, k)| held.remove(k).is_ok()).collect()
     }
 
     /// Entries in `HELD` now.
