@@ -10,10 +10,12 @@
 //! starts (idle flows may send no packet before the flood), sweeps out the
 //! finished ones, and removes the rest with the pod.
 
-use aya::maps::{HashMap, MapData};
 use conndrain_common::{FlowKey, FlowValue, PROTO_TCP, maps, pod_flags, tcp_state};
 
-use super::{BPF_NOEXIST, Datapath, map};
+use super::{
+    Datapath,
+    handles::{Maps, update},
+};
 use crate::error::Error;
 
 /// A closed TCP flow stays this long, so that its last segments (and the
@@ -24,22 +26,13 @@ const CLOSED_LINGER_NS: u64 = 120_000_000_000;
 /// against a draining pod must not fill `HELD` for good).
 const HALF_OPEN_LINGER_NS: u64 = 30_000_000_000;
 
-type FlowTable<'a> = HashMap<&'a mut MapData, FlowKey, FlowValue>;
-
 impl Datapath {
     pub(super) fn set_pod_flags(&mut self, slot: u32, flags: u32) -> Result<(), Error> {
-        let mut a: aya::maps::Array<&mut MapData, u32> =
-            aya::maps::Array::try_from(super::map_mut(&mut self.ebpf, maps::POD_FLAGS)?)
-                .map_err(|source| Error::map(maps::POD_FLAGS, source))?;
-        a.set(slot, flags, 0).map_err(|source| Error::map(maps::POD_FLAGS, source))
+        self.maps.pod_flags.set(slot, flags, update::ANY).map_err(|source| Error::map(maps::POD_FLAGS, source))
     }
 
     fn pod_draining(&self, slot: u32) -> bool {
-        map(&self.ebpf, maps::POD_FLAGS)
-            .ok()
-            .and_then(|m| aya::maps::Array::<&MapData, u32>::try_from(m).ok())
-            .and_then(|a| a.get(&slot, 0).ok())
-            .is_some_and(|f| f & pod_flags::DRAINING != 0)
+        self.maps.pod_flags.get(&slot, 0).is_ok_and(|f| f & pod_flags::DRAINING != 0)
     }
 
     /// The pod drains: from now on the programs keep its flows in `HELD`;
@@ -52,11 +45,11 @@ impl Datapath {
     /// which the flow's next packet repairs.
     pub fn hold_pod(&mut self, slot: u32, known: &[FlowKey]) -> Result<usize, Error> {
         self.set_pod_flags(slot, pod_flags::DRAINING)?;
-        let (mut flows, mut held) = self.tables()?;
+        let Maps { flows, held, .. } = &mut self.maps;
         let mut moved = 0;
         for key in known {
             let Ok(v) = flows.get(key, 0) else { continue };
-            match held.insert(key, v, BPF_NOEXIST) {
+            match held.insert(key, v, update::NOEXIST) {
                 Ok(()) => moved += 1,
                 // Moved by the programs already; anything else: `HELD` is
                 // full, and the flow stays where it is.
@@ -77,7 +70,7 @@ impl Datapath {
         if let Err(e) = self.set_pod_flags(slot, 0) {
             tracing::warn!(slot, error = %e, "clearing a removed pod's flags");
         }
-        let Ok((mut flows, mut held)) = self.tables() else { return };
+        let Maps { flows, held, .. } = &mut self.maps;
         for key in known {
             let _ = flows.remove(key);
         }
@@ -93,40 +86,19 @@ impl Datapath {
     /// over (closed, half-open, UDP past its timeout). Returns those that
     /// went, with their pod slots, for the flow index to forget.
     pub fn sweep_held(&mut self, now_ns: u64, udp_timeout_ns: u64) -> Vec<(u32, FlowKey)> {
-        let Ok(table) = self.held() else { return Vec::new() };
-        let entries: Vec<(FlowKey, FlowValue)> = table.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(FlowKey, FlowValue)> = self.maps.held.iter().filter_map(Result::ok).collect();
         let over: Vec<(u32, FlowKey)> = entries
             .into_iter()
             .filter(|(k, v)| !self.pod_draining(v.pod_slot) || finished(k, v, now_ns, udp_timeout_ns))
             .map(|(k, v)| (v.pod_slot, k))
             .collect();
-        let Ok((_, mut held)) = self.tables() else { return Vec::new() };
-        over.into_iter().filter(|(_, k)| held.remove(k).is_ok()).collect()
+        over.into_iter().filter(|(_, k)| self.maps.held.remove(k).is_ok()).collect()
     }
 
     /// Entries in `HELD` now.
     #[must_use]
     pub fn held_count(&self) -> usize {
-        self.held().map_or(0, |h| h.keys().count())
-    }
-
-    /// Both flow tables, writable. (Two `map_mut` calls would borrow the
-    /// loader twice.)
-    fn tables(&mut self) -> Result<(FlowTable<'_>, FlowTable<'_>), Error> {
-        let (mut flows, mut held) = (None, None);
-        for (name, m) in self.ebpf.maps_mut() {
-            match name {
-                maps::FLOWS => flows = Some(m),
-                maps::HELD => held = Some(m),
-                _ => {}
-            }
-        }
-        let flows = flows.ok_or(Error::MissingMap { name: maps::FLOWS })?;
-        let held = held.ok_or(Error::MissingMap { name: maps::HELD })?;
-        Ok((
-            HashMap::try_from(flows).map_err(|source| Error::map(maps::FLOWS, source))?,
-            HashMap::try_from(held).map_err(|source| Error::map(maps::HELD, source))?,
-        ))
+        self.maps.held.keys().count()
     }
 }
 

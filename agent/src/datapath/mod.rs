@@ -4,6 +4,7 @@
 mod attach;
 mod events;
 pub mod features;
+mod handles;
 mod held;
 pub mod intercept;
 mod pinning;
@@ -18,7 +19,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData},
 };
 use conndrain_common::{
     Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue,
@@ -29,6 +30,8 @@ pub use attach::{AttachMode, remove_clsact_filters};
 pub use events::EventReader;
 pub use features::Features;
 pub use pinning::{RemovedPins, remove_all as remove_pins_under};
+
+use handles::update;
 
 use crate::error::Error;
 
@@ -59,6 +62,8 @@ pub struct Interface {
 
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The shared maps, typed (`maps.rs`).
+    maps: handles::Maps,
     pub features: Features,
     pub mode: AttachMode,
     /// The ingress program loaded: with steering, or tracking only.
@@ -119,33 +124,25 @@ impl Datapath {
                 "maps pinned"
             );
         }
-        let earlier_since = {
-            let config: Array<_, Config> =
-                Array::try_from(map(&ebpf, maps::CONFIG)?).map_err(|source| Error::map(maps::CONFIG, source))?;
-            config.get(&0, 0).map(|c| c.sockets_since_ns).unwrap_or(0)
-        };
-        fill_node_addrs(&mut ebpf)?;
+        let mut shared = handles::Maps::take(&mut ebpf)?;
+        let earlier_since = shared.config().map_or(0, |c| c.sockets_since_ns);
+        fill_node_addrs(&mut shared);
         let ingress = attach::ingress_program(features.steering);
         let mode = attach::load_programs(&mut ebpf, ingress, opts.attach)?;
         let (sockets_link, continuous) = sockets::attach(&mut ebpf, pins.as_ref())?;
         let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
         let sockets_since_ns =
             if continuous && kept && earlier_since != 0 { earlier_since } else { crate::node::now_ns() };
-        {
-            let mut config: Array<_, Config> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)
-                .map_err(|source| Error::map(maps::CONFIG, source))?;
-            config
-                // no_pins 0: pins may be left from an earlier agent; the
-                // steering loop says otherwise once it knows.
-                .set(0, Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0, sockets_since_ns }, 0)
-                .map_err(|source| Error::map(maps::CONFIG, source))?;
-        }
+        // no_pins 0: pins may be left from an earlier agent; the steering
+        // loop says otherwise once it knows.
+        shared.set_config(Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0, sockets_since_ns })?;
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
         let keep_on_exit = pins.is_some() && !opts.detach_on_exit;
         Ok((
             Self {
                 ebpf,
+                maps: shared,
                 features,
                 mode,
                 ingress,
@@ -214,11 +211,9 @@ impl Datapath {
                 Err(e) => tracing::warn!(ifindex, error = %e, "restoring a pod: cannot attach"),
             }
         }
-        if let Ok(mut pod_ips) = self.pod_ips_mut() {
-            for ip in ips {
-                if let Err(e) = pod_ips.insert(ip_key(*ip), slot, 0) {
-                    tracing::warn!(%ip, error = %e, "restoring a pod IP");
-                }
+        for ip in ips {
+            if let Err(e) = self.maps.pod_ips.insert(ip_key(*ip), slot, update::ANY) {
+                tracing::warn!(%ip, error = %e, "restoring a pod IP");
             }
         }
         attached
@@ -227,9 +222,7 @@ impl Datapath {
     /// Removes the pod IPs for which `keep(ip, slot)` is false: IPs an
     /// earlier agent registered and this one does not know.
     pub fn retain_pod_ips(&mut self, keep: impl Fn(IpAddr, u32) -> bool) {
-        let Ok(mut pod_ips) = self.pod_ips_mut() else {
-            return;
-        };
+        let pod_ips = &mut self.maps.pod_ips;
         let stale: Vec<PodIpKey> = pod_ips
             .iter()
             .filter_map(Result::ok)
@@ -252,14 +245,15 @@ impl Datapath {
             // A second walk, only when --max-flows changed. The programs write
             // to the new table already (their links were swapped), so flows
             // they created since win: BPF_NOEXIST.
+            let flows = &mut self.maps.flows;
             let copied = aya::maps::Map::from_map_data(old)
                 .ok()
                 .and_then(|m| HashMap::<_, FlowKey, FlowValue>::try_from(m).ok())
                 .map_or(0, |old| {
-                    let Ok(mut flows) = self.flows_mut() else {
-                        return 0;
-                    };
-                    old.iter().filter_map(Result::ok).filter(|(k, v)| flows.insert(*k, *v, BPF_NOEXIST).is_ok()).count()
+                    old.iter()
+                        .filter_map(Result::ok)
+                        .filter(|(k, v)| flows.insert(*k, *v, update::NOEXIST).is_ok())
+                        .count()
                 });
             tracing::info!(copied, max_flows = self.max_flows, "flows copied into the resized flow table");
         }
@@ -311,11 +305,12 @@ impl Datapath {
             }
         }
         // Zero the counters, sockets and flags: the slot may have belonged to a removed pod.
-        self.pod_counters_mut()?
-            .set(slot, PodCounters::default(), 0)
+        self.maps
+            .pod_counters
+            .set(slot, PodCounters::default(), update::ANY)
             .map_err(|source| Error::map(maps::POD_COUNTERS, source))?;
         self.set_pod_flags(slot, 0)?;
-        sockets::reset_slot(&mut self.ebpf, slot)?;
+        sockets::reset_slot(&mut self.maps, slot)?;
         self.set_ports(slot, probes, ignored)?;
         let mut attached = Vec::new();
         for &ifindex in &ifindexes {
@@ -327,13 +322,12 @@ impl Datapath {
             }
             attached.push(ifindex);
         }
-        let mut pod_ips = self.pod_ips_mut()?;
+        let pod_ips = &mut self.maps.pod_ips;
         for ip in ips {
-            if let Err(source) = pod_ips.insert(ip_key(*ip), slot, 0) {
+            if let Err(source) = pod_ips.insert(ip_key(*ip), slot, update::ANY) {
                 for ip in ips {
                     let _ = pod_ips.remove(&ip_key(*ip));
                 }
-                drop(pod_ips);
                 for i in attached {
                     self.release(i);
                 }
@@ -356,19 +350,18 @@ impl Datapath {
     /// left out with a log line: its new connections then restart the quiet
     /// period, which delays a drain and never hastens one.
     pub fn set_ports(&mut self, slot: u32, probes: &[u16], ignored: &[u16]) -> Result<(), Error> {
-        let mut m: HashMap<_, ProbeKey, u8> = HashMap::try_from(map_mut(&mut self.ebpf, maps::PROBES)?)
-            .map_err(|source| Error::map(maps::PROBES, source))?;
+        let m = &mut self.maps.probes;
         let old: Vec<ProbeKey> = m.keys().filter_map(Result::ok).filter(|k| k.pod_slot == slot).collect();
         for k in old {
             let _ = m.remove(&k);
         }
         for &port in probes {
             let flags = port_flags::PROBE | if ignored.contains(&port) { port_flags::IGNORED } else { 0 };
-            m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, flags, 0)
+            m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, flags, update::ANY)
                 .map_err(|source| Error::map(maps::PROBES, source))?;
         }
         for &port in ignored.iter().filter(|p| !probes.contains(p)) {
-            if let Err(e) = m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, port_flags::IGNORED, 0) {
+            if let Err(e) = m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, port_flags::IGNORED, update::ANY) {
                 tracing::warn!(slot, port, error = %e, "no room for an ignored port: its new connections restart the quiet period");
             }
         }
@@ -377,27 +370,25 @@ impl Datapath {
 
     /// A pod's open inbound TCP sockets, as the sockets tracepoint counts them.
     pub fn pod_sockets(&self, slot: u32) -> Result<PodSockets, Error> {
-        sockets::pod_sockets(&self.ebpf, slot)
+        sockets::pod_sockets(&self.maps, slot)
     }
 
     /// A pod's open inbound TCP sockets themselves (a walk of `SOCKETS`).
     pub fn open_sockets(&self, slot: u32) -> Result<Vec<SockValue>, Error> {
-        sockets::open_sockets(&self.ebpf, slot)
+        sockets::open_sockets(&self.maps, slot)
     }
 
     /// Unregisters a pod and removes its flows (`known`: the keys the agent
     /// indexed; `HELD` is searched whole), so no entry outlives it.
     pub fn unregister_pod(&mut self, slot: u32, ips: &[IpAddr], ifindexes: &[u32], known: &[FlowKey]) {
-        if let Ok(mut pod_ips) = self.pod_ips_mut() {
-            for ip in ips {
-                if let Err(e) = pod_ips.remove(&ip_key(*ip)) {
-                    tracing::warn!(%ip, error = %e, "removing pod IP from the datapath");
-                }
+        for ip in ips {
+            if let Err(e) = self.maps.pod_ips.remove(&ip_key(*ip)) {
+                tracing::warn!(%ip, error = %e, "removing pod IP from the datapath");
             }
         }
         // After the IPs: the programs no longer create flows for it.
         self.forget_pod_flows(slot, known);
-        if let Err(e) = sockets::reset_slot(&mut self.ebpf, slot).and_then(|()| self.set_ports(slot, &[], &[])) {
+        if let Err(e) = sockets::reset_slot(&mut self.maps, slot).and_then(|()| self.set_ports(slot, &[], &[])) {
             tracing::warn!(slot, error = %e, "forgetting a removed pod's sockets and probes");
         }
         for &i in ifindexes {
@@ -515,25 +506,22 @@ impl Datapath {
     pub fn pin_insert(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
         // Before the pin exists, the programs must be looking for pins.
         self.set_no_pins(false)?;
-        self.pins_mut()?.insert(*key, *pin, 0).map_err(|source| Error::map(maps::PINS, source))
+        self.maps.pins.insert(*key, *pin, update::ANY).map_err(|source| Error::map(maps::PINS, source))
     }
 
     /// Rewrites an existing pin only (`BPF_EXIST`): one the programs dropped
     /// meanwhile (its tuple reused by a new connection) stays gone.
     pub fn pin_update(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
-        const BPF_EXIST: u64 = 2;
-        self.pins_mut()?.insert(*key, *pin, BPF_EXIST).map_err(|source| Error::map(maps::PINS, source))
+        self.maps.pins.insert(*key, *pin, update::EXIST).map_err(|source| Error::map(maps::PINS, source))
     }
 
     /// Tells the programs whether they may skip the `PINS` lookup.
     fn set_no_pins(&mut self, none: bool) -> Result<(), Error> {
-        let mut config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, maps::CONFIG)?)
-            .map_err(|source| Error::map(maps::CONFIG, source))?;
-        let mut c = config.get(&0, 0).map_err(|source| Error::map(maps::CONFIG, source))?;
+        let mut c = self.maps.config()?;
         let want = u32::from(none);
         if c.no_pins != want {
             c.no_pins = want;
-            config.set(0, c, 0).map_err(|source| Error::map(maps::CONFIG, source))?;
+            self.maps.set_config(c)?;
         }
         Ok(())
     }
@@ -541,36 +529,25 @@ impl Datapath {
     /// After pins were removed (or at start): lets the programs skip the
     /// `PINS` lookup when none is left.
     pub fn note_pins_gone(&mut self) {
-        let empty = self.pins_mut().is_ok_and(|p| p.keys().next().is_none());
+        let empty = self.maps.pins.keys().next().is_none();
         if empty && let Err(e) = self.set_no_pins(true) {
             tracing::warn!(error = %e, "telling the programs that no flow is pinned");
         }
     }
 
     pub fn pin(&self, key: &WireKey) -> Option<Pin> {
-        let pins: HashMap<&MapData, WireKey, Pin> = HashMap::try_from(map(&self.ebpf, maps::PINS).ok()?).ok()?;
-        pins.get(key, 0).ok()
+        self.maps.pins.get(key, 0).ok()
     }
 
     /// Every entry of `PINS` (at most `MAX_PINS`): only at start, to find
     /// entries the saved state does not know.
     #[must_use]
     pub fn all_pins(&self) -> Vec<(WireKey, Pin)> {
-        map(&self.ebpf, maps::PINS)
-            .ok()
-            .and_then(|m| HashMap::<&MapData, WireKey, Pin>::try_from(m).ok())
-            .map(|pins| pins.iter().filter_map(Result::ok).collect())
-            .unwrap_or_default()
+        self.maps.pins.iter().filter_map(Result::ok).collect()
     }
 
     pub fn pin_remove(&mut self, key: &WireKey) {
-        if let Ok(mut pins) = self.pins_mut() {
-            let _ = pins.remove(key);
-        }
-    }
-
-    fn pins_mut(&mut self) -> Result<HashMap<&mut MapData, WireKey, Pin>, Error> {
-        HashMap::try_from(map_mut(&mut self.ebpf, maps::PINS)?).map_err(|source| Error::map(maps::PINS, source))
+        let _ = self.maps.pins.remove(key);
     }
 
     pub fn interfaces(&self) -> impl Iterator<Item = &Interface> {
@@ -578,9 +555,7 @@ impl Datapath {
     }
 
     pub fn counters(&self, slot: u32) -> Result<PodCounters, Error> {
-        let a: Array<_, PodCounters> = Array::try_from(map(&self.ebpf, maps::POD_COUNTERS)?)
-            .map_err(|source| Error::map(maps::POD_COUNTERS, source))?;
-        a.get(&slot, 0).map_err(|source| Error::map(maps::POD_COUNTERS, source))
+        self.maps.pod_counters.get(&slot, 0).map_err(|source| Error::map(maps::POD_COUNTERS, source))
     }
 
     /// Point lookup of one flow: `HELD`, `FLOWS`, then `HELD` again. Flows
@@ -588,7 +563,8 @@ impl Datapath {
     /// between the first two reads is found by the third, instead of looking
     /// evicted and leaving the index for good.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        for (name, table) in [(maps::HELD, self.held()?), (maps::FLOWS, self.flows()?), (maps::HELD, self.held()?)] {
+        let m = &self.maps;
+        for (name, table) in [(maps::HELD, &m.held), (maps::FLOWS, &m.flows), (maps::HELD, &m.held)] {
             match table.get(key, 0) {
                 Ok(v) => return Ok(Some(v)),
                 Err(aya::maps::MapError::KeyNotFound) => {}
@@ -601,21 +577,20 @@ impl Datapath {
     /// Every flow in both tables. Only for listings and recovery, never on
     /// the drain path.
     pub fn all_flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, Error> {
-        let held: StdHashMap<FlowKey, FlowValue> = self.held()?.iter().filter_map(Result::ok).collect();
+        let held: StdHashMap<FlowKey, FlowValue> = self.maps.held.iter().filter_map(Result::ok).collect();
         let mut out: Vec<(FlowKey, FlowValue)> =
-            self.flows()?.iter().filter_map(Result::ok).filter(|(k, _)| !held.contains_key(k)).collect();
+            self.maps.flows.iter().filter_map(Result::ok).filter(|(k, _)| !held.contains_key(k)).collect();
         out.extend(held);
         Ok(out)
     }
 
     pub fn pod_ip_count(&self) -> usize {
-        self.pod_ips().map(|m| m.keys().count()).unwrap_or(0)
+        self.maps.pod_ips.keys().count()
     }
 
     /// The datapath statistics, summed over CPUs, indexed by `stats::*`.
     pub fn stats(&self) -> Result<[u64; stats::COUNT as usize], Error> {
-        let a: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map(&self.ebpf, maps::STATS)?).map_err(|source| Error::map(maps::STATS, source))?;
+        let a = &self.maps.stats;
         let mut out = [0u64; stats::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
@@ -624,31 +599,6 @@ impl Datapath {
             }
         }
         Ok(out)
-    }
-
-    fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, Error> {
-        HashMap::try_from(map(&self.ebpf, maps::FLOWS)?).map_err(|source| Error::map(maps::FLOWS, source))
-    }
-
-    fn flows_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowValue>, Error> {
-        HashMap::try_from(map_mut(&mut self.ebpf, maps::FLOWS)?).map_err(|source| Error::map(maps::FLOWS, source))
-    }
-
-    fn held(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, Error> {
-        HashMap::try_from(map(&self.ebpf, maps::HELD)?).map_err(|source| Error::map(maps::HELD, source))
-    }
-
-    fn pod_ips(&self) -> Result<HashMap<&MapData, PodIpKey, u32>, Error> {
-        HashMap::try_from(map(&self.ebpf, maps::POD_IPS)?).map_err(|source| Error::map(maps::POD_IPS, source))
-    }
-
-    fn pod_ips_mut(&mut self) -> Result<HashMap<&mut MapData, PodIpKey, u32>, Error> {
-        HashMap::try_from(map_mut(&mut self.ebpf, maps::POD_IPS)?).map_err(|source| Error::map(maps::POD_IPS, source))
-    }
-
-    fn pod_counters_mut(&mut self) -> Result<Array<&mut MapData, PodCounters>, Error> {
-        Array::try_from(map_mut(&mut self.ebpf, maps::POD_COUNTERS)?)
-            .map_err(|source| Error::map(maps::POD_COUNTERS, source))
     }
 }
 
@@ -667,9 +617,6 @@ impl Drop for Datapath {
         }
     }
 }
-
-/// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is not there.
-const BPF_NOEXIST: u64 = 1;
 
 /// The node's own addresses, from `getifaddrs` in this network namespace.
 #[must_use]
@@ -706,23 +653,18 @@ pub fn local_addrs() -> Vec<IpAddr> {
 
 /// Fills `NODE_ADDRS`, so that connections from the node itself (the
 /// kubelet's probes) do not restart a terminating pod's quiet period.
-fn fill_node_addrs(ebpf: &mut Ebpf) -> Result<(), Error> {
-    let mut m: HashMap<&mut MapData, PodIpKey, u8> =
-        HashMap::try_from(map_mut(ebpf, maps::NODE_ADDRS)?).map_err(|source| Error::map(maps::NODE_ADDRS, source))?;
+fn fill_node_addrs(m: &mut handles::Maps) {
     for ip in local_addrs() {
-        if let Err(e) = m.insert(ip_key(ip), 1, 0) {
+        if let Err(e) = m.node_addrs.insert(ip_key(ip), 1, update::ANY) {
             tracing::warn!(%ip, error = %e, "recording a node address");
         }
     }
-    Ok(())
 }
 
 impl Datapath {
     /// Re-reads the node's addresses (they may change while we run).
     pub fn refresh_node_addrs(&mut self) {
-        if let Err(e) = fill_node_addrs(&mut self.ebpf) {
-            tracing::warn!(error = %e, "refreshing node addresses");
-        }
+        fill_node_addrs(&mut self.maps);
     }
 }
 
@@ -751,10 +693,6 @@ pub fn ip_from_bytes(bytes: [u8; 16], family: u8) -> IpAddr {
 }
 
 pub const MAX_POD_SLOTS: u32 = MAX_PODS;
-
-fn map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, Error> {
-    ebpf.map(name).ok_or(Error::MissingMap { name })
-}
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, Error> {
     ebpf.map_mut(name).ok_or(Error::MissingMap { name })

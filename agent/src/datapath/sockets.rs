@@ -15,7 +15,6 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap},
     programs::{
         TracePoint,
         links::{FdLink, PinnedLink},
@@ -23,7 +22,10 @@ use aya::{
 };
 use conndrain_common::{PodSockets, SockValue, maps, programs};
 
-use super::{map, map_mut, pinning::PinDir};
+use super::{
+    handles::{Maps, update},
+    pinning::PinDir,
+};
 use crate::error::Error;
 
 const CATEGORY: &str = "sock";
@@ -98,10 +100,11 @@ pub fn attach(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(SocketsLink, bo
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut TracePoint, Error> {
     let name = programs::SOCKETS;
-    ebpf.program_mut(name)
-        .ok_or(Error::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })
+    ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?.try_into().map_err(|source| Error::Program {
+        name,
+        op: "loading",
+        source: Box::new(source),
+    })
 }
 
 fn attach_link(ebpf: &mut Ebpf) -> Result<aya::programs::trace_point::TracePointLink, Error> {
@@ -125,34 +128,24 @@ pub fn release(link: SocketsLink, keep: bool) {
     }
 }
 
-pub fn pod_sockets(ebpf: &Ebpf, slot: u32) -> Result<PodSockets, Error> {
-    let a: Array<_, PodSockets> =
-        Array::try_from(map(ebpf, maps::POD_SOCKETS)?).map_err(|source| Error::map(maps::POD_SOCKETS, source))?;
-    a.get(&slot, 0).map_err(|source| Error::map(maps::POD_SOCKETS, source))
+pub fn pod_sockets(m: &Maps, slot: u32) -> Result<PodSockets, Error> {
+    m.pod_sockets.get(&slot, 0).map_err(|source| Error::map(maps::POD_SOCKETS, source))
 }
 
 /// The open inbound sockets of one pod: a walk of `SOCKETS`, which holds
 /// only the pods' open inbound connections (read only when a drain is to be
 /// confirmed and the pod's counter is not zero).
-pub fn open_sockets(ebpf: &Ebpf, slot: u32) -> Result<Vec<SockValue>, Error> {
-    let m: HashMap<_, u64, SockValue> =
-        HashMap::try_from(map(ebpf, maps::SOCKETS)?).map_err(|source| Error::map(maps::SOCKETS, source))?;
-    Ok(m.iter().filter_map(Result::ok).map(|(_, v)| v).filter(|v| v.pod_slot == slot).collect())
+pub fn open_sockets(m: &Maps, slot: u32) -> Result<Vec<SockValue>, Error> {
+    Ok(m.sockets.iter().filter_map(Result::ok).map(|(_, v)| v).filter(|v| v.pod_slot == slot).collect())
 }
 
 /// Forgets a slot's sockets (a removed pod's, or a new pod's inherited slot):
 /// entries first, then the counter, so a close racing us cannot count twice.
-pub fn reset_slot(ebpf: &mut Ebpf, slot: u32) -> Result<(), Error> {
-    {
-        let mut m: HashMap<_, u64, SockValue> =
-            HashMap::try_from(map_mut(ebpf, maps::SOCKETS)?).map_err(|source| Error::map(maps::SOCKETS, source))?;
-        let keys: Vec<u64> =
-            m.iter().filter_map(Result::ok).filter(|(_, v)| v.pod_slot == slot).map(|(k, _)| k).collect();
-        for k in keys {
-            let _ = m.remove(&k);
-        }
+pub fn reset_slot(m: &mut Maps, slot: u32) -> Result<(), Error> {
+    let keys: Vec<u64> =
+        m.sockets.iter().filter_map(Result::ok).filter(|(_, v)| v.pod_slot == slot).map(|(k, _)| k).collect();
+    for k in keys {
+        let _ = m.sockets.remove(&k);
     }
-    let mut a: Array<_, PodSockets> =
-        Array::try_from(map_mut(ebpf, maps::POD_SOCKETS)?).map_err(|source| Error::map(maps::POD_SOCKETS, source))?;
-    a.set(slot, PodSockets::default(), 0).map_err(|source| Error::map(maps::POD_SOCKETS, source))
+    m.pod_sockets.set(slot, PodSockets::default(), update::ANY).map_err(|source| Error::map(maps::POD_SOCKETS, source))
 }
