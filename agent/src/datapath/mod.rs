@@ -1,6 +1,7 @@
 //! The kernel side as the agent sees it: loading and attaching the programs,
 //! the maps they share with us, and the events they send.
 
+mod addrs;
 mod attach;
 mod events;
 pub mod features;
@@ -8,6 +9,8 @@ mod handles;
 mod held;
 pub mod intercept;
 mod pinning;
+mod pins;
+mod pods;
 mod route;
 mod sockets;
 
@@ -21,15 +24,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData},
 };
-use conndrain_common::{
-    Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, Pin, PodCounters, PodIpKey, PodSockets, ProbeKey, SockValue,
-    WireKey, maps, port_flags, stats,
-};
+use conndrain_common::{Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, PodCounters, maps, stats};
 
+pub use addrs::{ip_bytes, ip_from_bytes, ip_key, local_addrs};
 pub use attach::{AttachMode, remove_clsact_filters};
 pub use events::EventReader;
 pub use features::Features;
 pub use pinning::{RemovedPins, remove_all as remove_pins_under};
+pub use pods::Registered;
 
 use handles::update;
 
@@ -62,7 +64,7 @@ pub struct Interface {
 
 pub struct Datapath {
     ebpf: Ebpf,
-    /// The shared maps, typed (`maps.rs`).
+    /// The shared maps, typed (`handles.rs`).
     maps: handles::Maps,
     pub features: Features,
     pub mode: AttachMode,
@@ -86,14 +88,6 @@ pub struct Datapath {
     /// Since when (`CLOCK_MONOTONIC` ns) the sockets tracepoint has run
     /// without a gap: sockets opened before it are not known.
     pub sockets_since_ns: u64,
-}
-
-/// What registering a pod found.
-#[derive(Debug)]
-pub struct Registered {
-    pub ifindexes: Vec<u32>,
-    /// Why no attached interface sees this pod's own traffic, if none does.
-    pub unseen: Option<String>,
 }
 
 impl Datapath {
@@ -126,7 +120,7 @@ impl Datapath {
         }
         let mut shared = handles::Maps::take(&mut ebpf)?;
         let earlier_since = shared.config().map_or(0, |c| c.sockets_since_ns);
-        fill_node_addrs(&mut shared);
+        addrs::fill_node_addrs(&mut shared);
         let ingress = attach::ingress_program(features.steering);
         let mode = attach::load_programs(&mut ebpf, ingress, opts.attach)?;
         let (sockets_link, continuous) = sockets::attach(&mut ebpf, pins.as_ref())?;
@@ -186,57 +180,6 @@ impl Datapath {
         self.everywhere
     }
 
-    /// Registers a pod restored from the saved state under its old `slot`:
-    /// like `register_pod`, but keeps its counters (the programs kept them
-    /// while we were away), adopts the links pinned for its interfaces, and
-    /// keeps going without the interfaces it cannot find (the pod's network
-    /// may be gone; its removal will follow).
-    pub async fn restore_pod(&mut self, slot: u32, ips: &[IpAddr]) -> Vec<u32> {
-        let mut ifindexes = Vec::new();
-        for ip in ips {
-            match self.attach_points(*ip).await {
-                Ok(route::AttachPoints::Interfaces(found)) => {
-                    ifindexes.extend(found.into_iter().filter(|i| !ifindexes.contains(i)).collect::<Vec<_>>());
-                }
-                Ok(route::AttachPoints::Unseen(_)) => {}
-                Err(e) => {
-                    tracing::warn!(%ip, error = %e, "restoring a pod: no interface for this IP")
-                }
-            }
-        }
-        let mut attached = Vec::new();
-        for ifindex in ifindexes {
-            match self.attach(ifindex) {
-                Ok(()) => attached.push(ifindex),
-                Err(e) => tracing::warn!(ifindex, error = %e, "restoring a pod: cannot attach"),
-            }
-        }
-        for ip in ips {
-            if let Err(e) = self.maps.pod_ips.insert(ip_key(*ip), slot, update::ANY) {
-                tracing::warn!(%ip, error = %e, "restoring a pod IP");
-            }
-        }
-        attached
-    }
-
-    /// Removes the pod IPs for which `keep(ip, slot)` is false: IPs an
-    /// earlier agent registered and this one does not know.
-    pub fn retain_pod_ips(&mut self, keep: impl Fn(IpAddr, u32) -> bool) {
-        let pod_ips = &mut self.maps.pod_ips;
-        let stale: Vec<PodIpKey> = pod_ips
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, slot)| !keep(ip_from_bytes(k.addr, conndrain_common::FAMILY_V4), *slot))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = pod_ips.remove(k);
-        }
-        if !stale.is_empty() {
-            tracing::info!(count = stale.len(), "removed pod IPs no registered pod has");
-        }
-    }
-
     /// Ends a start with `--bpffs`, once the restored pods and pins are back:
     /// copies the flows of a resized flow table into the new one, and
     /// detaches the links pinned for interfaces nothing needs any more.
@@ -278,122 +221,6 @@ impl Datapath {
             tracing::warn!(dir = %p.dir().display(), error = %e, "removing the pinned maps");
         }
         self.keep_on_exit = false;
-    }
-
-    /// Registers a pod's IPs under `slot` and attaches to the interfaces that
-    /// route to them. Returns the interface indexes, to hand back to
-    /// `unregister_pod`. On error nothing stays registered.
-    pub async fn register_pod(
-        &mut self,
-        slot: u32,
-        ips: &[IpAddr],
-        probes: &[u16],
-        ignored: &[u16],
-    ) -> Result<Registered, Error> {
-        let mut ifindexes = Vec::new();
-        let mut unseen = None;
-        for ip in ips {
-            match self.attach_points(*ip).await? {
-                route::AttachPoints::Interfaces(found) => {
-                    for i in found {
-                        if !ifindexes.contains(&i) {
-                            ifindexes.push(i);
-                        }
-                    }
-                }
-                route::AttachPoints::Unseen(why) => unseen = Some(why),
-            }
-        }
-        // Zero the counters, sockets and flags: the slot may have belonged to a removed pod.
-        self.maps
-            .pod_counters
-            .set(slot, PodCounters::default(), update::ANY)
-            .map_err(|source| Error::map(maps::POD_COUNTERS, source))?;
-        self.set_pod_flags(slot, 0)?;
-        sockets::reset_slot(&mut self.maps, slot)?;
-        self.set_ports(slot, probes, ignored)?;
-        let mut attached = Vec::new();
-        for &ifindex in &ifindexes {
-            if let Err(e) = self.attach(ifindex) {
-                for i in attached {
-                    self.release(i);
-                }
-                return Err(e);
-            }
-            attached.push(ifindex);
-        }
-        let pod_ips = &mut self.maps.pod_ips;
-        for ip in ips {
-            if let Err(source) = pod_ips.insert(ip_key(*ip), slot, update::ANY) {
-                for ip in ips {
-                    let _ = pod_ips.remove(&ip_key(*ip));
-                }
-                for i in attached {
-                    self.release(i);
-                }
-                return Err(Error::map(maps::POD_IPS, source));
-            }
-        }
-        Ok(Registered { ifindexes, unseen })
-    }
-
-    /// Where to attach for `ip` (see `route::attach_points`).
-    async fn attach_points(&mut self, ip: IpAddr) -> Result<route::AttachPoints, Error> {
-        let oif = self.route.oif(ip).await?;
-        let links = self.route.links().await?;
-        Ok(route::attach_points(oif, &links))
-    }
-
-    /// A pod's ports whose new inbound connections do not restart the quiet
-    /// period (replacing any it had): the kubelet's probe ports, and the
-    /// ports its settings ignore. An ignored port the map has no room for is
-    /// left out with a log line: its new connections then restart the quiet
-    /// period, which delays a drain and never hastens one.
-    pub fn set_ports(&mut self, slot: u32, probes: &[u16], ignored: &[u16]) -> Result<(), Error> {
-        let m = &mut self.maps.probes;
-        let old: Vec<ProbeKey> = m.keys().filter_map(Result::ok).filter(|k| k.pod_slot == slot).collect();
-        for k in old {
-            let _ = m.remove(&k);
-        }
-        for &port in probes {
-            let flags = port_flags::PROBE | if ignored.contains(&port) { port_flags::IGNORED } else { 0 };
-            m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, flags, update::ANY)
-                .map_err(|source| Error::map(maps::PROBES, source))?;
-        }
-        for &port in ignored.iter().filter(|p| !probes.contains(p)) {
-            if let Err(e) = m.insert(ProbeKey { pod_slot: slot, port, _pad: 0 }, port_flags::IGNORED, update::ANY) {
-                tracing::warn!(slot, port, error = %e, "no room for an ignored port: its new connections restart the quiet period");
-            }
-        }
-        Ok(())
-    }
-
-    /// A pod's open inbound TCP sockets, as the sockets tracepoint counts them.
-    pub fn pod_sockets(&self, slot: u32) -> Result<PodSockets, Error> {
-        sockets::pod_sockets(&self.maps, slot)
-    }
-
-    /// A pod's open inbound TCP sockets themselves (a walk of `SOCKETS`).
-    pub fn open_sockets(&self, slot: u32) -> Result<Vec<SockValue>, Error> {
-        sockets::open_sockets(&self.maps, slot)
-    }
-
-    /// Unregisters a pod and removes its flows (`known`: the keys the agent
-    /// indexed; `HELD` is searched whole), so no entry outlives it.
-    pub fn unregister_pod(&mut self, slot: u32, ips: &[IpAddr], ifindexes: &[u32], known: &[FlowKey]) {
-        for ip in ips {
-            if let Err(e) = self.maps.pod_ips.remove(&ip_key(*ip)) {
-                tracing::warn!(%ip, error = %e, "removing pod IP from the datapath");
-            }
-        }
-        // After the IPs: the programs no longer create flows for it.
-        self.forget_pod_flows(slot, known);
-        if let Err(e) = sockets::reset_slot(&mut self.maps, slot).and_then(|()| self.set_ports(slot, &[], &[])) {
-            tracing::warn!(slot, error = %e, "forgetting a removed pod's sockets and probes");
-        }
-        for &i in ifindexes {
-            self.release(i);
-        }
     }
 
     fn attach(&mut self, ifindex: u32) -> Result<(), Error> {
@@ -503,53 +330,6 @@ impl Datapath {
         self.route.lookup_from(ip, Some((src, iif))).await
     }
 
-    pub fn pin_insert(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
-        // Before the pin exists, the programs must be looking for pins.
-        self.set_no_pins(false)?;
-        self.maps.pins.insert(*key, *pin, update::ANY).map_err(|source| Error::map(maps::PINS, source))
-    }
-
-    /// Rewrites an existing pin only (`BPF_EXIST`): one the programs dropped
-    /// meanwhile (its tuple reused by a new connection) stays gone.
-    pub fn pin_update(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
-        self.maps.pins.insert(*key, *pin, update::EXIST).map_err(|source| Error::map(maps::PINS, source))
-    }
-
-    /// Tells the programs whether they may skip the `PINS` lookup.
-    fn set_no_pins(&mut self, none: bool) -> Result<(), Error> {
-        let mut c = self.maps.config()?;
-        let want = u32::from(none);
-        if c.no_pins != want {
-            c.no_pins = want;
-            self.maps.set_config(c)?;
-        }
-        Ok(())
-    }
-
-    /// After pins were removed (or at start): lets the programs skip the
-    /// `PINS` lookup when none is left.
-    pub fn note_pins_gone(&mut self) {
-        let empty = self.maps.pins.keys().next().is_none();
-        if empty && let Err(e) = self.set_no_pins(true) {
-            tracing::warn!(error = %e, "telling the programs that no flow is pinned");
-        }
-    }
-
-    pub fn pin(&self, key: &WireKey) -> Option<Pin> {
-        self.maps.pins.get(key, 0).ok()
-    }
-
-    /// Every entry of `PINS` (at most `MAX_PINS`): only at start, to find
-    /// entries the saved state does not know.
-    #[must_use]
-    pub fn all_pins(&self) -> Vec<(WireKey, Pin)> {
-        self.maps.pins.iter().filter_map(Result::ok).collect()
-    }
-
-    pub fn pin_remove(&mut self, key: &WireKey) {
-        let _ = self.maps.pins.remove(key);
-    }
-
     pub fn interfaces(&self) -> impl Iterator<Item = &Interface> {
         self.interfaces.values()
     }
@@ -615,80 +395,6 @@ impl Drop for Datapath {
                 attach::detach(iface.links);
             }
         }
-    }
-}
-
-/// The node's own addresses, from `getifaddrs` in this network namespace.
-#[must_use]
-pub fn local_addrs() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below; we only read sockaddrs it owns.
-    unsafe {
-        if libc::getifaddrs(&raw mut list) != 0 {
-            return out;
-        }
-        let mut p = list;
-        while !p.is_null() {
-            let a = (*p).ifa_addr;
-            if !a.is_null() {
-                match i32::from((*a).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*a.cast::<libc::sockaddr_in>();
-                        out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*a.cast::<libc::sockaddr_in6>();
-                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-            p = (*p).ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    out
-}
-
-/// Fills `NODE_ADDRS`, so that connections from the node itself (the
-/// kubelet's probes) do not restart a terminating pod's quiet period.
-fn fill_node_addrs(m: &mut handles::Maps) {
-    for ip in local_addrs() {
-        if let Err(e) = m.node_addrs.insert(ip_key(ip), 1, update::ANY) {
-            tracing::warn!(%ip, error = %e, "recording a node address");
-        }
-    }
-}
-
-impl Datapath {
-    /// Re-reads the node's addresses (they may change while we run).
-    pub fn refresh_node_addrs(&mut self) {
-        fill_node_addrs(&mut self.maps);
-    }
-}
-
-/// The map key of a pod IP: IPv4 as IPv4-mapped IPv6, as the programs see it.
-#[must_use]
-pub fn ip_key(ip: IpAddr) -> PodIpKey {
-    PodIpKey { addr: ip_bytes(ip) }
-}
-
-#[must_use]
-pub fn ip_bytes(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-/// Back from the map's 16 bytes to an address of the flow's family.
-#[must_use]
-pub fn ip_from_bytes(bytes: [u8; 16], family: u8) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(bytes);
-    match (family, v6.to_ipv4_mapped()) {
-        (conndrain_common::FAMILY_V4, Some(v4)) => IpAddr::V4(v4),
-        _ => IpAddr::V6(v6),
     }
 }
 
