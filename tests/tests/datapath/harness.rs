@@ -2,8 +2,11 @@
 //! fresh `Ebpf` (fresh maps) per test, packets run through the real programs
 //! with `BPF_PROG_TEST_RUN`, and typed reads of every map.
 //!
-//! Every run checks the two promises the programs make for every packet: they
-//! return `TC_ACT_UNSPEC` and they hand the packet back byte for byte unchanged.
+//! `run_checked` checks the two promises the programs make for every packet
+//! of a flow that is not pinned (tracking): they return `TC_ACT_UNSPEC` and
+//! hand the packet back byte for byte unchanged. A pinned flow's packets are
+//! rewritten and redirected (steering); `steer.rs` runs those with `try_run`
+//! and checks the verdict and the rewritten bytes instead.
 
 use std::{borrow::Cow, mem::size_of, net::IpAddr};
 
@@ -17,7 +20,8 @@ use conndrain_common::{
 };
 
 /// `TC_ACT_UNSPEC` (-1, as the kernel reports it: u32): the only verdict the
-/// programs may ever return ("go on": the next program, or the normal path).
+/// programs may return for a flow that is not pinned ("go on": the next
+/// program, or the normal path).
 pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 /// The slot the tests register their pod in. Deliberately not 0, so a program
@@ -194,7 +198,7 @@ impl Harness {
         };
         assert_eq!(
             res.return_value, TC_ACT_UNSPEC,
-            "{prog} must always return TC_ACT_UNSPEC"
+            "{prog} must return TC_ACT_UNSPEC for a flow that is not pinned"
         );
         let n = usize::try_from(res.data_size_out).unwrap();
         assert_eq!(n, frame.len(), "{prog} changed the packet length");
