@@ -70,28 +70,7 @@ impl Agent {
         let socket = dir.path().join("conndrain.sock");
         let log = dir.path().join("agent.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = node.command(&bin.to_string_lossy());
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("agent")
-            .args(args);
-        cmd.env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        // If the test process dies without running drops, take the agent along.
-        // (`ip netns exec` execs the agent, so the pid is the agent's.)
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let shown = show(&cmd);
-        let child = cmd.spawn().with_context(|| format!("starting `{shown}`"))?;
+        let (child, shown) = spawn(node, &bin, &socket, args, out)?;
         // Errors below carry the log themselves.
         let mut agent = Self {
             child: Some(child),
@@ -232,23 +211,8 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
-        let mut cmd = node.command(&bin.to_string_lossy());
-        cmd.arg("--socket").arg(&self.socket).arg("agent").args(args);
-        cmd.env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let shown = show(&cmd);
-        self.child = Some(cmd.spawn().with_context(|| format!("starting `{shown}`"))?);
+        let (child, shown) = spawn(node, &bin, &self.socket, args, out)?;
+        self.child = Some(child);
         let cli = self.cli();
         let start = Instant::now();
         loop {
@@ -275,6 +239,28 @@ impl Agent {
 }
 
 /// SIGTERM, up to 5 s for a clean exit, then SIGKILL.
+/// `conndrain --socket SOCKET agent ARGS` in `node`, its output to `out`;
+/// with the command line, for messages.
+fn spawn(node: &Netns, bin: &Path, socket: &Path, args: &[&str], out: File) -> Result<(Child, String)> {
+    let mut cmd = node.command(&bin.to_string_lossy());
+    cmd.arg("--socket").arg(socket).arg("agent").args(args);
+    cmd.env("RUST_BACKTRACE", "1").stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    // If the test process dies without running drops, take the agent along.
+    // (`ip netns exec` execs the agent, so the pid is the agent's.)
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let shown = show(&cmd);
+    let child = cmd.spawn().with_context(|| format!("starting `{shown}`"))?;
+    Ok((child, shown))
+}
+
 fn terminate(child: &mut Child) -> Result<ExitStatus> {
     if let Some(status) = child.try_wait()? {
         return Ok(status);
