@@ -27,6 +27,8 @@
 //! # Ok(()) }
 //! ```
 
+mod agent;
+mod fixtures;
 mod http;
 mod patch;
 mod select;
@@ -44,13 +46,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 pub use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery, events::v1 as events};
 use serde_json::Value;
 use store::State;
+pub use agent::AgentApi;
+pub use fixtures::{agent_rbac, rule, rules_from, running_pod};
 pub use store::{FakeResource, Resource};
 
 /// The bearer token clients must send.
@@ -118,70 +121,6 @@ impl Shared {
 
     fn notify(&self) {
         self.tick.send_modify(|t| *t = t.wrapping_add(1));
-    }
-}
-
-/// A rule as in a (Cluster)Role: `rule(&[""], &["pods"], &["get", "list"])`.
-#[must_use]
-pub fn rule(api_groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
-    let v = |s: &[&str]| s.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
-    PolicyRule {
-        api_groups: Some(v(api_groups)),
-        resources: Some(v(resources)),
-        verbs: v(verbs),
-        ..PolicyRule::default()
-    }
-}
-
-/// Rules from (API group, resource[/subresource], verbs) triples, the shape
-/// of the agent's `conndrain::kubernetes::API_CALLS`:
-/// `server.set_rbac(rules_from(API_CALLS))`.
-#[must_use]
-pub fn rules_from(calls: &[(&str, &str, &[&str])]) -> Vec<PolicyRule> {
-    calls.iter().map(|(group, resource, verbs)| rule(&[group], &[resource], verbs)).collect()
-}
-
-/// The rules of the agent's `ClusterRole`: pods get/list/watch, pods/status
-/// patch, services and endpointslices list/watch, events create/patch.
-#[must_use]
-pub fn agent_rbac() -> Vec<PolicyRule> {
-    vec![
-        rule(&[""], &["pods"], &["get", "list", "watch"]),
-        rule(&[""], &["pods/status"], &["patch"]),
-        rule(&[""], &["services"], &["list", "watch"]),
-        rule(&["discovery.k8s.io"], &["endpointslices"], &["list", "watch"]),
-        rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
-    ]
-}
-
-/// A pod as it looks once the kubelet runs it: in namespace `default`,
-/// bound to `node`, phase Running, Ready, with `ips` (the first is `podIP`).
-#[must_use]
-pub fn running_pod(name: &str, node: &str, ips: &[std::net::IpAddr], host_network: bool) -> core::Pod {
-    let pod_ips: Vec<core::PodIP> = ips.iter().map(|ip| core::PodIP { ip: ip.to_string() }).collect();
-    core::Pod {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: Some("default".to_string()),
-            ..Default::default()
-        },
-        spec: Some(core::PodSpec {
-            node_name: Some(node.to_string()),
-            host_network: Some(host_network),
-            containers: vec![core::Container { name: "app".into(), image: Some("app".into()), ..Default::default() }],
-            ..Default::default()
-        }),
-        status: Some(core::PodStatus {
-            phase: Some("Running".into()),
-            pod_ip: ips.first().map(ToString::to_string),
-            pod_ips: Some(pod_ips),
-            conditions: Some(vec![core::PodCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
     }
 }
 
@@ -638,117 +577,5 @@ fn twins(stream: tokio::net::TcpStream) -> std::io::Result<(tokio::net::TcpStrea
     Ok((tokio::net::TcpStream::from_std(stream)?, twin))
 }
 
-/// A fake API server for an agent running in `node`'s network namespace: bound
-/// on that namespace's loopback (the agent reaches it at 127.0.0.1), allowing
-/// exactly the agent's RBAC (`conndrain::kubernetes::API_CALLS`), with a
-/// kubeconfig for it in a temporary directory.
-pub struct AgentApi {
-    pub api: FakeApiServer,
-    pub kubeconfig: std::path::PathBuf,
-    _dir: crate::TempDir,
-}
-
-impl AgentApi {
-    pub fn start(node: &crate::Netns) -> anyhow::Result<Self> {
-        let listener = crate::run_in(node, || TcpListener::bind("127.0.0.1:0"))??;
-        let api = FakeApiServer::start(listener);
-        api.set_rbac(rules_from(conndrain::kubernetes::API_CALLS));
-        let dir = crate::TempDir::new()?;
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig, "127.0.0.1")?;
-        Ok(Self { api, kubeconfig, _dir: dir })
-    }
-
-    /// The `--kubeconfig` argument.
-    #[must_use]
-    pub fn kubeconfig_arg(&self) -> String {
-        self.kubeconfig.to_string_lossy().into_owned()
-    }
-
-    /// Serves again after [`FakeApiServer::stop`], on the same address in
-    /// `node` (the namespace given to [`start`](Self::start)): the second
-    /// half of an apiserver restart.
-    pub fn resume(&self, node: &crate::Netns) -> anyhow::Result<()> {
-        let addr = self.api.addr();
-        let listener = crate::run_in(node, || TcpListener::bind(addr))?
-            .with_context(|| format!("binding the fake API server to {addr} again in {}", node.name()))?;
-        self.api.resume(listener);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use std::io::{ErrorKind, Read as _, Write as _};
-
-    use k8s_openapi::api::core::v1::Pod;
-    use kube::{Api, ResourceExt, api::ListParams};
-
-    use super::*;
-
-    fn pod(name: &str) -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"containers": []},
-        }))
-        .expect("pod")
-    }
-
-    fn until(what: &str, mut f: impl FnMut() -> bool) {
-        let end = std::time::Instant::now() + Duration::from_secs(20);
-        while !f() {
-            assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// A raw watch: its first bytes read, so the server has taken it.
-    fn raw_watch(addr: SocketAddr) -> std::net::TcpStream {
-        let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-        write!(s, "GET /api/v1/pods?watch=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
-            .expect("request");
-        let mut buf = [0u8; 512];
-        assert!(s.read(&mut buf).expect("first bytes") > 0);
-        s
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_restart_resets_connections_and_keeps_the_store() {
-        let server = FakeApiServer::start(TcpListener::bind("127.0.0.1:0").expect("bind"));
-        let addr = server.addr();
-        server.create_pod(pod("before"));
-        let mut watch = raw_watch(addr);
-        until("the watch to open", || server.open_watches() == 1);
-
-        server.stop();
-        assert!(!server.is_serving());
-        let mut rest = Vec::new();
-        let err = watch.read_to_end(&mut rest).expect_err("a reset, not a clean end");
-        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
-        // A child that another test forks at this instant holds a copy of the
-        // listener's descriptor until its exec closes it (CLOEXEC), and the
-        // socket listens as long as any copy is open: wait for refused
-        // rather than expect it on the first try. A listener that stays
-        // open still fails here.
-        until(
-            "connections to be refused",
-            || matches!(std::net::TcpStream::connect(addr), Err(e) if e.kind() == ErrorKind::ConnectionRefused),
-        );
-        assert_eq!(server.open_watches(), 0, "the watch is counted out");
-        let rv = server.resource_version();
-        server.create_pod(pod("while-down"));
-
-        server.resume(TcpListener::bind(addr).expect("bind the same address again"));
-        assert!(server.is_serving());
-        let api: Api<Pod> = Api::namespaced(server.client().await, "default");
-        let names: Vec<String> =
-            api.list(&ListParams::default()).await.expect("list").iter().map(ResourceExt::name_any).collect();
-        assert_eq!(names, ["before", "while-down"], "the store is kept");
-        // The history too: a watch resumes from a resourceVersion of before the stop.
-        let wp = kube::api::WatchParams::default().timeout(1);
-        let mut events = Box::pin(api.watch(&wp, &rv.to_string()).await.expect("watch"));
-        let first = futures::StreamExt::next(&mut events).await.expect("an event").expect("no error");
-        assert!(matches!(&first, kube::api::WatchEvent::Added(p) if p.name_any() == "while-down"), "{first:?}");
-    }
-}
+mod tests;
