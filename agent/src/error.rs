@@ -33,7 +33,7 @@ pub enum Error {
     #[error("netlink {op}: {reason}")]
     Netlink { op: &'static str, reason: String },
     #[error(
-        "no route to pod IP {ip} in the agent's network namespace ({reason}): is the pod running on this node with its network set up, and does the agent run in the node's network namespace (hostNetwork)?"
+        "no route to {ip} in the agent's network namespace ({reason}): if it is a pod IP, is the pod running on this node with its network set up, and does the agent run in the node's network namespace (hostNetwork)?"
     )]
     NoRoute { ip: IpAddr, reason: String },
     #[error("interface index {ifindex}: {source}")]
