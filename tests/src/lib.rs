@@ -213,6 +213,16 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// The value at quantile `q` (0..=1) of `samples`, nearest rank; sorts them.
+/// The one quantile of the benches and the rollout example.
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn quantile<T: Copy + PartialOrd>(samples: &mut [T], q: f64) -> T {
+    assert!(!samples.is_empty(), "quantile of no samples");
+    samples.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let rank = (q * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
 /// A directory under the system temp dir, removed with its contents on drop.
 #[derive(Debug)]
 pub struct TempDir {

@@ -4,6 +4,8 @@
 
 use std::{fmt::Write as _, process::Command, time::Duration};
 
+pub use conndrain_tests::quantile;
+
 /// One measurement: printed as it finishes, and a section of `BENCHMARKS.md`.
 pub struct Section {
     pub title: String,
@@ -145,14 +147,6 @@ fn output(cmd: &mut Command) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// The value at quantile `q` (0..=1) of `samples`, nearest rank; sorts them.
-pub fn quantile<T: Copy + PartialOrd>(samples: &mut [T], q: f64) -> T {
-    assert!(!samples.is_empty(), "quantile of no samples");
-    samples.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let rank = (q * samples.len() as f64).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
 }
 
 pub fn median<T: Copy + PartialOrd>(samples: &mut [T]) -> T {
