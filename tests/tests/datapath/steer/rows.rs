@@ -1,236 +1,38 @@
-//! Steering (`ebpf/conndrain-ebpf/src/steer.rs`) as a table, after Katran's
-//! `KatranBaseTestFixtures.h` and Cilium's `bpf/tests`: each row is the pins
-//! the agent wrote, an input frame, the verdict `conndrain_ingress` must
-//! return, and the frame it must hand back.
-//!
-//! Every row also checks, whatever the expected frame says:
-//! - the output's IPv4 header checksum and TCP/UDP checksum, recomputed here
-//!   from scratch (the expected frames come from etherparse, a second,
-//!   independent implementation);
-//! - `skb->csum`: the rows run with `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`
-//!   (Linux 6.11, "bpf: add `CHECKSUM_COMPLETE` to bpf test progs"), under which
-//!   the kernel hands the program a `CHECKSUM_COMPLETE` skb and fails the run
-//!   with EBADMSG when the program left `skb->csum` out of step with the
-//!   packet: what a NIC or veth that sums received packets would see. On older
-//!   kernels the rows run without it, and say so;
-//! - the `STEERED` and `STEER_FAILED` counters, and how many pins are left.
-//!
-//! Under `BPF_PROG_TEST_RUN`, `bpf_redirect_neigh` records the target and the
-//! program returns `TC_ACT_REDIRECT`; nothing is sent, and the output is the
-//! rewritten packet (MACs untouched: the neighbour lookup fills them later).
-//!
-//! The rows marked L3 run `conndrain_in_l3`, the program for devices without
-//! an Ethernet header (ipip, `WireGuard`), on the same packets without their
-//! Ethernet header; a steered one must come back with a zeroed Ethernet
-//! header pushed in front (ethertype set), for `bpf_redirect_neigh`. They run
-//! without `CHECKSUM_COMPLETE`: the test run sums from the skb's network
-//! header, which it sets 14 bytes in whatever the program, so its `skb->csum`
-//! would leave out the first 14 bytes of the IP header, unlike an L3 device's.
+//! The table's rows: flows through the cluster IP and node ports, both
+//! families, fragments, and the L3 rows.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _},
-    sync::OnceLock,
+
+use conndrain_common::{PROTO_TCP, PROTO_UDP, Pin, WireKey, pin_flags};
+
+use super::{
+    TC_ACT_REDIRECT,
+    frames::{Flow, frame, frame_with_flags, reset_of},
+    run::ones_sum,
 };
-
-use aya::{
-    maps::HashMap,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
-};
-use conndrain_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Pin, WireKey, maps, pin_flags, programs, stats};
-use etherparse::{IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TcpHeader, TransportSlice};
-
 use crate::{
-    harness::{Harness, TC_ACT_UNSPEC, mapped},
-    packets::{self, ACK, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, IpExt, PSH, SYN},
+    harness::TC_ACT_UNSPEC,
+    packets::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, IpExt, SYN},
 };
-
-/// `TC_ACT_REDIRECT`: what `bpf_redirect_neigh` returns and the program passes on.
-const TC_ACT_REDIRECT: u32 = 7;
-/// linux/bpf.h, Linux 6.11.
-const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
-const IFINDEX_TO_BACKEND: u32 = 5;
-const IFINDEX_TO_CLIENT: u32 = 3;
-
-/// One flow the kernel translated, as the agent learns it from conntrack:
-/// client → frontend became snat-or-client → backend.
-#[derive(Clone, Copy)]
-struct Flow {
-    proto: u8,
-    client: SocketAddr,
-    frontend: SocketAddr,
-    backend: SocketAddr,
-    /// The masquerade (a `NodePort` to a pod on another node), if any.
-    snat: Option<SocketAddr>,
-}
-
-impl Flow {
-    fn new(proto: u8, client: &str, frontend: &str, backend: &str, snat: Option<&str>) -> Self {
-        Self {
-            proto,
-            client: client.parse().unwrap(),
-            frontend: frontend.parse().unwrap(),
-            backend: backend.parse().unwrap(),
-            snat: snat.map(|s| s.parse().unwrap()),
-        }
-    }
-
-    /// The client's side as the backend sees it.
-    fn translated_client(&self) -> SocketAddr {
-        self.snat.unwrap_or(self.client)
-    }
-
-    /// The two `PINS` entries the agent writes for this flow.
-    fn pins(&self) -> Vec<(WireKey, Pin)> {
-        let Self { proto, client, frontend, backend, snat: _ } = *self;
-        let inner = self.translated_client();
-        vec![
-            (key(proto, client, frontend), pin(inner, backend, IFINDEX_TO_BACKEND, backend.ip())),
-            (key(proto, backend, inner), pin(frontend, client, IFINDEX_TO_CLIENT, client.ip())),
-        ]
-    }
-
-    /// The client's packet as it arrives, and as it must leave (DNAT, plus SNAT).
-    fn forward(&self, ttl: u8, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        self.forward_ext(IpExt::default(), ttl, payload)
-    }
-
-    /// `forward` with IPv4 options or IPv6 extension headers (TCP only).
-    fn forward_ext(&self, ext: IpExt, ttl: u8, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let flags = if payload.is_empty() { ACK } else { ACK | PSH };
-        (
-            frame_with_flags(self.proto, self.client, self.frontend, ext, ttl, flags, payload),
-            frame_with_flags(self.proto, self.translated_client(), self.backend, ext, ttl - 1, flags, payload),
-        )
-    }
-
-    /// The backend's reply as it arrives, and as it must leave (un-DNAT, un-SNAT).
-    fn reply(&self, ttl: u8, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        (
-            frame(self.proto, self.backend, self.translated_client(), ttl, payload),
-            frame(self.proto, self.frontend, self.client, ttl - 1, payload),
-        )
-    }
-}
-
-fn key(proto: u8, src: SocketAddr, dst: SocketAddr) -> WireKey {
-    WireKey {
-        src: mapped(src.ip()),
-        dst: mapped(dst.ip()),
-        sport: src.port(),
-        dport: dst.port(),
-        proto,
-        family: if src.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
-        _pad: [0; 2],
-    }
-}
-
-fn pin(new_src: SocketAddr, new_dst: SocketAddr, ifindex: u32, nexthop: IpAddr) -> Pin {
-    Pin {
-        new_src: mapped(new_src.ip()),
-        new_dst: mapped(new_dst.ip()),
-        new_sport: new_src.port(),
-        new_dport: new_dst.port(),
-        ifindex,
-        nexthop: mapped(nexthop),
-        ..Pin::default()
-    }
-}
-
-/// A TCP segment (ACK|PSH, or a bare ACK without payload) or a UDP datagram,
-/// with valid checksums, from etherparse (`packets.rs`).
-fn frame(proto: u8, src: SocketAddr, dst: SocketAddr, ttl: u8, payload: &[u8]) -> Vec<u8> {
-    frame_with_flags(proto, src, dst, IpExt::default(), ttl, if payload.is_empty() { ACK } else { ACK | PSH }, payload)
-}
-
-fn frame_with_flags(
-    proto: u8,
-    src: SocketAddr,
-    dst: SocketAddr,
-    ext: IpExt,
-    ttl: u8,
-    flags: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut f = if proto == PROTO_TCP {
-        packets::tcp(src, dst, ext, flags, payload)
-    } else {
-        assert!(!ext.v4_options && !ext.hop_by_hop && !ext.dest_opts, "UDP frames take no IP extras");
-        packets::udp(src, dst, payload)
-    };
-    if src.is_ipv4() {
-        // The header checksum over the whole header, options included.
-        let ihl = usize::from(f[ETH_HLEN] & 0x0f) * 4;
-        let hdr = &mut f[ETH_HLEN..ETH_HLEN + ihl];
-        hdr[8] = ttl;
-        hdr[10..12].fill(0);
-        let sum = !u16::try_from(ones_sum(hdr)).unwrap();
-        hdr[10..12].copy_from_slice(&sum.to_be_bytes());
-    } else {
-        f[ETH_HLEN + 7] = ttl;
-    }
-    f
-}
-
-/// The RST `steer.rs` makes of a client's segment when its pin is dead
-/// (RFC 9293 3.10.7.1: seq = the segment's ACK, no ACK), sent back out
-/// where the segment came in: MACs, addresses and ports swapped, TTL 64.
-fn reset_of(segment: &[u8], from: SocketAddr, to: SocketAddr) -> Vec<u8> {
-    let sliced = SlicedPacket::from_ethernet(segment).unwrap();
-    let Some(TransportSlice::Tcp(tcp)) = sliced.transport else { panic!("not TCP") };
-    let mut rst = TcpHeader::new(from.port(), to.port(), tcp.acknowledgment_number(), 0);
-    rst.rst = true;
-    let mut out = Vec::new();
-    out.extend_from_slice(&segment[6..12]);
-    out.extend_from_slice(&segment[0..6]);
-    out.extend_from_slice(&segment[12..14]);
-    match (from.ip(), to.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut ip = Ipv4Header::new(20, 64, IpNumber::TCP, s.octets(), d.octets()).unwrap();
-            ip.dont_fragment = false;
-            ip.header_checksum = ip.calc_header_checksum();
-            rst.checksum = rst.calc_checksum_ipv4(&ip, &[]).unwrap();
-            out.extend_from_slice(&ip.to_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let ip = Ipv6Header {
-                payload_length: 20,
-                next_header: IpNumber::TCP,
-                hop_limit: 64,
-                source: s.octets(),
-                destination: d.octets(),
-                ..Ipv6Header::default()
-            };
-            rst.checksum = rst.calc_checksum_ipv6(&ip, &[]).unwrap();
-            out.extend_from_slice(&ip.to_bytes());
-        }
-        _ => panic!("mixed families"),
-    }
-    out.extend_from_slice(&rst.to_bytes());
-    out
-}
 
 /// One row of the table.
-struct Row {
-    name: &'static str,
-    pins: Vec<(WireKey, Pin)>,
+pub struct Row {
+    pub name: &'static str,
+    pub pins: Vec<(WireKey, Pin)>,
     /// Frames run first, in the same program state (the earlier fragments
     /// of a datagram); their verdicts are not checked, their counts are.
-    earlier: Vec<Vec<u8>>,
-    input: Vec<u8>,
-    verdict: u32,
+    pub earlier: Vec<Vec<u8>>,
+    pub input: Vec<u8>,
+    pub verdict: u32,
     /// `None`: the input, byte for byte.
-    output: Option<Vec<u8>>,
-    steered: u64,
-    steer_failed: u64,
-    resets_sent: u64,
-    pins_left: usize,
+    pub output: Option<Vec<u8>>,
+    pub steered: u64,
+    pub steer_failed: u64,
+    pub resets_sent: u64,
+    pub pins_left: usize,
     /// Run with a `CHECKSUM_COMPLETE` skb and check `skb->csum` (where the kernel can).
-    skb_csum: bool,
+    pub skb_csum: bool,
     /// Run `conndrain_in_l3` (the input has no Ethernet header).
-    l3: bool,
+    pub l3: bool,
 }
 
 impl Row {
@@ -285,7 +87,7 @@ impl Row {
 fn tcp4() -> Flow {
     Flow::new(PROTO_TCP, "10.0.0.2:40312", "10.96.0.10:80", "10.244.1.2:8080", None)
 }
-fn udp4() -> Flow {
+pub fn udp4() -> Flow {
     Flow::new(PROTO_UDP, "10.0.0.2:34051", "10.96.0.10:53", "10.244.1.2:5353", None)
 }
 /// A `NodePort` to a pod on another node: masqueraded to the inter-node address.
@@ -316,9 +118,9 @@ fn udp6_nodeport() -> Flow {
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
 /// An odd length, so that the checksums' last byte is padded.
-const ODD: &[u8] = b"hello";
+pub const ODD: &[u8] = b"hello";
 
-fn rows() -> Vec<Row> {
+pub fn rows() -> Vec<Row> {
     let mut rows = vec![
         Row::steered("v4 tcp: client to backend (DNAT)", &tcp4(), tcp4().forward(64, REQUEST)),
         Row::steered("v4 tcp: bare ACK to backend", &tcp4(), tcp4().forward(64, b"")),
@@ -467,7 +269,7 @@ fn fragments(frame: &[u8], id: u32) -> Vec<Vec<u8>> {
 }
 
 /// Whether `frame` is an IP fragment (IPv4 MF or offset; an IPv6 fragment header first).
-fn is_fragment(frame: &[u8]) -> bool {
+pub fn is_fragment(frame: &[u8]) -> bool {
     let ip = &frame[ETH_HLEN..];
     if ip[0] >> 4 == 4 { u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 } else { ip[6] == 44 }
 }
@@ -599,228 +401,4 @@ fn bare(mut frame: Vec<u8>) -> Vec<u8> {
 fn pushed(mut frame: Vec<u8>) -> Vec<u8> {
     frame[..12].fill(0);
     frame
-}
-
-#[test]
-fn steering_table() {
-    let mut failures = Vec::new();
-    let mut rows = rows();
-    assert!(rows.len() > 20);
-    // `CONNDRAIN_STEER_ROWS=text`: only the rows whose name contains it (the
-    // whole table takes minutes under the guest stage's TCG).
-    if let Ok(only) = std::env::var("CONNDRAIN_STEER_ROWS") {
-        rows.retain(|r| r.name.contains(&only));
-    }
-    for row in &rows {
-        if let Err(e) = check_row(row) {
-            failures.push(format!("{}: {e}", row.name));
-        }
-    }
-    if !checksum_complete_supported() {
-        eprintln!("note: this kernel has no BPF_F_TEST_SKB_CHECKSUM_COMPLETE (6.11+): skb->csum was not checked");
-    }
-    assert!(failures.is_empty(), "{} of {} rows failed:\n{}", failures.len(), rows.len(), failures.join("\n"));
-}
-
-fn check_row(row: &Row) -> Result<(), String> {
-    let Row {
-        name: _,
-        pins,
-        earlier,
-        input,
-        verdict,
-        output,
-        steered,
-        steer_failed,
-        resets_sent,
-        pins_left,
-        skb_csum,
-        l3,
-    } = row;
-    let mut h = Harness::new();
-    {
-        let mut map: HashMap<_, WireKey, Pin> = HashMap::try_from(h.ebpf_mut().map_mut(maps::PINS).unwrap()).unwrap();
-        for (k, v) in pins {
-            map.insert(k, v, 0).unwrap();
-        }
-    }
-    let prog = if *l3 { programs::INGRESS_L3 } else { programs::INGRESS };
-    for frame in earlier {
-        run_ingress(&h, prog, frame, *skb_csum).map_err(|e| format!("an earlier frame: {e}"))?;
-    }
-    let (got_verdict, got) = run_ingress(&h, prog, input, *skb_csum)?;
-    let want = output.as_deref().unwrap_or(input);
-    if got_verdict != *verdict {
-        return Err(format!("verdict {got_verdict:#x}, want {verdict:#x}"));
-    }
-    if got != want {
-        return Err(format!("output frame\n  got: {got:02x?}\n want: {want:02x?}\n   in: {input:02x?}"));
-    }
-    if output.is_some() {
-        verify_checksums(&got)?;
-    }
-    for (what, index, want) in [
-        ("STEERED", stats::STEERED, *steered),
-        ("STEER_FAILED", stats::STEER_FAILED, *steer_failed),
-        ("RESETS_SENT", stats::RESETS_SENT, *resets_sent),
-    ] {
-        let n = h.stat(index);
-        if n != want {
-            return Err(format!("{what} = {n}, want {want}"));
-        }
-    }
-    let map: HashMap<_, WireKey, Pin> = HashMap::try_from(h.ebpf().map(maps::PINS).unwrap()).unwrap();
-    let left = map.keys().count();
-    if left != *pins_left {
-        return Err(format!("{left} pins left, want {pins_left}"));
-    }
-    Ok(())
-}
-
-/// Whether the kernel takes `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`.
-fn checksum_complete_supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let h = Harness::new();
-        let probe = frame(PROTO_UDP, udp4().client, udp4().frontend, 64, ODD);
-        match test_run_flags(&h, programs::INGRESS, &probe, BPF_F_TEST_SKB_CHECKSUM_COMPLETE) {
-            Ok(_) => true,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
-            Err(e) => panic!("probing BPF_F_TEST_SKB_CHECKSUM_COMPLETE: {e}"),
-        }
-    })
-}
-
-/// Runs `frame` through `prog` (`conndrain_ingress` or `conndrain_in_l3`): with a
-/// `CHECKSUM_COMPLETE` skb if `skb_csum` and the kernel can, else as a plain test run.
-fn run_ingress(h: &Harness, prog: &str, frame: &[u8], skb_csum: bool) -> Result<(u32, Vec<u8>), String> {
-    if skb_csum && checksum_complete_supported() {
-        return test_run_flags(h, prog, frame, BPF_F_TEST_SKB_CHECKSUM_COMPLETE).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EBADMSG) {
-                "skb->csum left out of step with the packet (EBADMSG under CHECKSUM_COMPLETE)".to_owned()
-            } else {
-                format!("BPF_PROG_TEST_RUN: {e}")
-            }
-        });
-    }
-    let prog: &SchedClassifier = h.ebpf().program(prog).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    let res = prog
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-        .map_err(|e| format!("BPF_PROG_TEST_RUN: {e:?}"))?;
-    out.truncate(usize::try_from(res.data_size_out).unwrap());
-    Ok((res.return_value, out))
-}
-
-/// The `test` member of `union bpf_attr` (linux/bpf.h). aya 0.14 sets no
-/// test-run flag but XDP's, so this one call is made by hand.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-fn test_run_flags(h: &Harness, prog: &str, frame: &[u8], flags: u32) -> std::io::Result<(u32, Vec<u8>)> {
-    let prog: &SchedClassifier = h.ebpf().program(prog).unwrap().try_into().unwrap();
-    let fd = prog.fd().unwrap().as_fd().as_raw_fd();
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut attr = TestRunAttr {
-        prog_fd: u32::try_from(fd).unwrap(),
-        data_size_in: u32::try_from(frame.len()).unwrap(),
-        data_size_out: u32::try_from(out.len()).unwrap(),
-        data_in: frame.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        flags,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix whose pointers outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            libc::c_uint::try_from(size_of::<TestRunAttr>()).unwrap(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, out))
-}
-
-/// The 16-bit one's-complement sum of `bytes`, odd lengths padded with a zero.
-fn ones_sum(bytes: &[u8]) -> u32 {
-    let mut sum: u32 = bytes.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum
-}
-
-/// Recomputes the IPv4 header checksum and the TCP/UDP checksum of `frame`
-/// from scratch (pseudo-header included) and checks them against the fields.
-fn verify_checksums(frame: &[u8]) -> Result<(), String> {
-    if is_fragment(frame) {
-        // Only the IPv4 header checksum is in a fragment alone; the rows
-        // compare the L4 checksum (in the first fragment) with etherparse's,
-        // computed over the whole rewritten datagram.
-        let ip = &frame[ETH_HLEN..];
-        if ip[0] >> 4 == 4 && ones_sum(&ip[..IPV4_HLEN]) != 0xffff {
-            return Err(format!("bad IPv4 header checksum in {:02x?}", &ip[..IPV4_HLEN]));
-        }
-        return Ok(());
-    }
-    let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| format!("output does not parse: {e}"))?;
-    let (mut pseudo, l4) = match &sliced.net {
-        Some(NetSlice::Ipv4(v4)) => {
-            let hdr = v4.header().slice();
-            if ones_sum(hdr) != 0xffff {
-                return Err(format!("bad IPv4 header checksum in {hdr:02x?}"));
-            }
-            let payload = v4.payload().payload;
-            let mut p = Vec::new();
-            p.extend_from_slice(&hdr[12..20]);
-            p.extend_from_slice(&[0, v4.header().protocol().0]);
-            p.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
-            (p, payload)
-        }
-        Some(NetSlice::Ipv6(v6)) => {
-            let hdr = v6.header().slice();
-            let payload = v6.payload().payload;
-            let mut p = Vec::new();
-            p.extend_from_slice(&hdr[8..40]);
-            p.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
-            p.extend_from_slice(&[0, 0, 0, v6.payload().ip_number.0]);
-            (p, payload)
-        }
-        _ => return Err("output is not IP".to_owned()),
-    };
-    let is_v4 = matches!(sliced.net, Some(NetSlice::Ipv4(_)));
-    match &sliced.transport {
-        Some(TransportSlice::Udp(u)) if is_v4 && u.checksum() == 0 => return Ok(()), // no checksum
-        Some(TransportSlice::Tcp(_) | TransportSlice::Udp(_)) => {}
-        _ => return Err("output has no TCP/UDP".to_owned()),
-    }
-    pseudo.extend_from_slice(l4);
-    if ones_sum(&pseudo) != 0xffff {
-        return Err(format!("bad L4 checksum in {l4:02x?}"));
-    }
-    Ok(())
 }
