@@ -29,6 +29,8 @@
 
 #[path = "bench/agentmem.rs"]
 mod agentmem;
+#[path = "bench/bpfsys.rs"]
+mod bpfsys;
 #[path = "bench/drain.rs"]
 mod drain;
 #[path = "bench/flowtable.rs"]

@@ -16,8 +16,8 @@ use conndrain_tests::{Agent, Cli, Netns, Pod, TcpConn, TcpServer, Topology, run_
 use serde_json::Value;
 
 use crate::{
+    bpfsys::EmptyClassifier,
     report::{Section, Table, count, median, quantile, ratio, us},
-    testrun::EmptyClassifier,
 };
 
 pub const IPERF_PORT: u16 = 5201;
