@@ -72,6 +72,8 @@ const MODULES: &[&str] = &[
     "ip_set",
     "ip_vs",
     "ip_vs_rr",
+    // /dev/net/tun: the L3 link the steering tests stand in for ipip and WireGuard.
+    "tun",
 ];
 
 /// Which tests run in the guest: a test binary (a `[[test]]` target of
