@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod node;
 pub mod steering;
 pub mod telemetry;
+pub mod views;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.
 /// Empty when the binary was built without the eBPF toolchain (see build.rs).

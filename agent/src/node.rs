@@ -836,7 +836,7 @@ impl Node {
                     let mut view = flow_view(name, &k, &v, class, now);
                     let pod = SocketAddr::new(datapath::ip_from_bytes(k.pod_addr, k.family), k.pod_port);
                     let peer = SocketAddr::new(datapath::ip_from_bytes(k.peer_addr, k.family), k.peer_port);
-                    view.pinned = inner.steering.for_pod_flow(pod, peer, k.proto).cloned();
+                    view.pinned = inner.steering.for_pod_flow(pod, peer, k.proto).map(pin_view);
                     view
                 })
             })
@@ -880,7 +880,7 @@ impl Node {
                 steered_packets: s[stats::STEERED as usize],
                 resets_sent: s[stats::RESETS_SENT as usize],
                 steer_failed: s[stats::STEER_FAILED as usize],
-                pins: inner.steering.views(),
+                pins: pin_views(&inner.steering),
             },
             events_received: inner.events_received,
             idle_timeout_secs: secs(self.settings.timeouts.idle_ns),
@@ -1301,6 +1301,26 @@ fn sockets_why(ev: &SocketEvidence, unknown: Option<String>) -> SocketsWhy {
             })
             .collect(),
     }
+}
+
+/// A pinned flow as the API shows it.
+fn pin_view(p: &crate::steering::PinnedFlow) -> crate::views::PinView {
+    crate::views::PinView {
+        proto: if p.translation().proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
+        client: p.client().to_string(),
+        frontend: p.frontend().to_string(),
+        backend: p.backend().to_string(),
+        backend_peer: p.backend_peer().to_string(),
+        pod: p.pod().to_owned(),
+        dead: p.dead(),
+    }
+}
+
+/// Every pinned flow, by pod and client.
+fn pin_views(steering: &crate::steering::Steering) -> Vec<crate::views::PinView> {
+    let mut v: Vec<_> = steering.pins().map(pin_view).collect();
+    v.sort_by(|a, b| (&a.pod, &a.client).cmp(&(&b.pod, &b.client)));
+    v
 }
 
 fn flow_view(pod: &str, k: &FlowKey, v: &FlowValue, class: FlowClass, now: u64) -> FlowView {

@@ -121,7 +121,7 @@ pub struct FlowView {
     pub bytes_out: u64,
     /// Set when the flow is pinned to this pod (its backend is terminating).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pinned: Option<crate::steering::PinView>,
+    pub pinned: Option<crate::views::PinView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -233,7 +233,7 @@ pub struct SteeringView {
     pub resets_sent: u64,
     /// Pinned packets that could not be steered (passed on unchanged).
     pub steer_failed: u64,
-    pub pins: Vec<crate::steering::PinView>,
+    pub pins: Vec<crate::views::PinView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
