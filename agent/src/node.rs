@@ -16,15 +16,22 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::{
-    api::{
-        FlowView, InterfaceView, MapFill, MapsView, PodView, SettingsView, SocketView, SocketsWhy, StatsView, Status,
-        SteeringView, WaitOutcome, Why,
-    },
     datapath::{self, Datapath},
     drain::{self, Counting, FlowClass, Observation, PodState, Termination, Timeouts},
     flowindex::{FlowIndex, SocketEvidence, SocketHold},
     metrics::{Metrics, OutcomeLabels, PodLabels, advance},
+    views::{
+        FlowView, InterfaceView, MapFill, MapsView, PinView, PodView, SettingsView, SocketView, SocketsWhy, StatsView,
+        Status, SteeringView, WaitOutcome, Why,
+    },
 };
+
+/// How to drain a terminating pod; none: the pod's own setting, else the agent's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TerminateSpec {
+    pub deadline: Option<Duration>,
+    pub quiet_period: Option<Duration>,
+}
 
 /// Errors a caller of the node can fix; the API maps them to 4xx.
 #[derive(Debug, thiserror::Error)]
@@ -270,14 +277,7 @@ pub struct Node {
     pub metrics: std::sync::Arc<Metrics>,
 }
 
-/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
-#[must_use]
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
+pub use crate::clock::now_ns;
 
 #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
 fn secs(ns: u64) -> f64 {
@@ -482,11 +482,11 @@ impl Node {
         Ok(())
     }
 
-    /// Starts a pod's drain. Its quiet period is the request's, else the
+    /// Starts a pod's drain. Its quiet period is the spec's, else the
     /// pod's own setting, else the agent's default.
-    pub async fn terminate(&self, name: &str, req: &crate::api::Terminate) -> Result<(), PodError> {
-        let deadline = nanos(positive_secs("deadline", req.deadline_secs)?.unwrap_or(self.settings.default_deadline));
-        let asked = positive_secs("quiet period", req.quiet_period_secs)?;
+    pub async fn terminate(&self, name: &str, spec: &TerminateSpec) -> Result<(), PodError> {
+        let deadline = nanos(spec.deadline.unwrap_or(self.settings.default_deadline));
+        let asked = spec.quiet_period;
         let mut inner = self.inner.lock().await;
         let (slot, own) = inner
             .pods
@@ -1304,8 +1304,8 @@ fn sockets_why(ev: &SocketEvidence, unknown: Option<String>) -> SocketsWhy {
 }
 
 /// A pinned flow as the API shows it.
-fn pin_view(p: &crate::steering::PinnedFlow) -> crate::views::PinView {
-    crate::views::PinView {
+fn pin_view(p: &crate::steering::PinnedFlow) -> PinView {
+    PinView {
         proto: if p.translation().proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
         client: p.client().to_string(),
         frontend: p.frontend().to_string(),
@@ -1317,7 +1317,7 @@ fn pin_view(p: &crate::steering::PinnedFlow) -> crate::views::PinView {
 }
 
 /// Every pinned flow, by pod and client.
-fn pin_views(steering: &crate::steering::Steering) -> Vec<crate::views::PinView> {
+fn pin_views(steering: &crate::steering::Steering) -> Vec<PinView> {
     let mut v: Vec<_> = steering.pins().map(pin_view).collect();
     v.sort_by(|a, b| (&a.pod, &a.client).cmp(&(&b.pod, &b.client)));
     v

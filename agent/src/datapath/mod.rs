@@ -130,7 +130,7 @@ impl Datapath {
         let (sockets_link, continuous) = sockets::attach(&mut ebpf, pins.as_ref())?;
         let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
         let sockets_since_ns =
-            if continuous && kept && earlier_since != 0 { earlier_since } else { crate::node::now_ns() };
+            if continuous && kept && earlier_since != 0 { earlier_since } else { crate::clock::now_ns() };
         {
             let mut config: Array<_, Config> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)
                 .map_err(|source| Error::map(maps::CONFIG, source))?;
