@@ -253,6 +253,9 @@ impl Node {
         let inner = self.inner.lock().await;
         let dp = &inner.datapath;
         let s = dp.stats()?;
+        // A walk of FLOWS and HELD (with their values) under the lock, on
+        // every status and every metrics scrape; tests/tests/pressure.rs
+        // asserts this walked count, so it stays until a cheap count replaces it.
         let used_flows = dp.all_flows()?.len() as u64;
         let mut interfaces: Vec<InterfaceView> =
             dp.interfaces().map(|i| InterfaceView { name: i.name.clone(), ifindex: i.ifindex, pods: i.pods }).collect();

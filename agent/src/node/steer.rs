@@ -54,9 +54,15 @@ impl Node {
                 return;
             }
         };
+        // getifaddrs is a netlink dump: done before the lock the event path needs.
+        let node_addrs = crate::datapath::local_addrs();
         let mut inner = self.inner.lock().await;
         let Inner { steering, datapath, .. } = &mut *inner;
-        let node_addrs = crate::datapath::local_addrs();
+        // Still under the lock: each new pin's route lookups (netlink) and,
+        // for the first one, attaching everywhere. Looking the routes up
+        // unlocked needs a route handle outside `Datapath` and a re-check of
+        // the backends after relocking. They are done once per new flow, not
+        // per round.
         steering.apply(datapath, &translations, &node_addrs, now_ns()).await;
         inner.save();
     }
@@ -82,6 +88,8 @@ impl Node {
             self.refresh_pins(all).await;
             let mut inner = self.inner.lock().await;
             if round % 30 == 0 {
+                // Under the lock: it reads the addresses (netlink) and writes
+                // them into the programs' map in one `Datapath` call.
                 inner.datapath.refresh_node_addrs();
             }
             let Inner { steering, datapath, index, .. } = &mut *inner;
