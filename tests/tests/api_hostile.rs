@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use conndrain::api::{
-    CLIENT_TIMEOUT, node::MAX_CONNECTIONS as NODE_MAX_CONNECTIONS, server::MAX_CONNECTIONS as LOCAL_MAX_CONNECTIONS,
+    CLIENT_TIMEOUT, prestop::MAX_CONNECTIONS as NODE_MAX_CONNECTIONS, server::MAX_CONNECTIONS as LOCAL_MAX_CONNECTIONS,
 };
 use conndrain_tests::{
     Agent, Cli, NODE_V4, NODE_V6, Netns, Pod, Running, TIMEOUT, Topology, conndrain_bin, require_root, run_in,

@@ -1,11 +1,11 @@
 //! The local API: HTTP/1.1 with JSON over a unix socket, served by the agent
 //! (`server`) and used by the CLI (`client`). The request bodies below and the
 //! views it serves (`crate::views`, re-exported here) are its wire format and
-//! what `-o json` prints. [`serve`] runs it and the node API.
+//! what `-o json` prints. [`serve`] runs it and the node API (`prestop`).
 
 pub mod access;
 pub mod client;
-pub mod node;
+pub mod prestop;
 pub mod server;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
