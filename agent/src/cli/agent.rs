@@ -332,7 +332,7 @@ async fn start_intercept(
 ) -> anyhow::Result<Option<(Vec<prestop::InterceptListener>, Arc<Intercept>)>> {
     let started = try_start_intercept(args, datapath).await;
     if matches!(started, Ok(None)) {
-        datapath.remove_intercept_pins();
+        datapath.remove_kept_intercept();
     }
     started
 }

@@ -114,7 +114,7 @@ impl Node {
             let _ = self.remove_pod(&name).await;
         }
         let mut inner = self.inner.lock().await;
-        inner.datapath.remove_pins();
+        inner.datapath.remove_kept();
         if let Some(p) = inner.persist.take()
             && let Err(e) = std::fs::remove_file(&p.path)
             && e.kind() != std::io::ErrorKind::NotFound
