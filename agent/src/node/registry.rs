@@ -47,6 +47,10 @@ impl Node {
             .ok_or(PodError::Full(datapath::MAX_POD_SLOTS))?;
         let mut ips = ips.to_vec();
         ips.dedup();
+        // Under the lock the event path needs: the route lookups and TC
+        // attachments (netlink) of the pod's IPs. Planning them unlocked
+        // needs a route handle outside `Datapath`, and the slot and IPs
+        // checked again after relocking (a concurrent add of the same IP).
         let registered =
             inner.datapath.register_pod(slot, &ips, &spec.probe_ports, &spec.settings.ignore_ports).await?;
         tracing::info!(pod = name, ?ips, slot, probes = ?spec.probe_ports, settings = ?spec.settings, "pod added");
