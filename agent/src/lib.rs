@@ -1,13 +1,18 @@
 //! conndrain: the agent and CLI as a library, so tests reach the same code.
 //!
+//! Dependencies point one way, each layer using only those before it:
+//! - `clock`: the monotonic clock the programs share (a leaf)
 //! - `datapath`: the eBPF programs, their maps and events, as the agent sees them
-//! - `drain`: the drain rule (pure)
+//! - `drain`: the drain rule (pure); `steering`: pinning flows to terminating backends
+//! - `views`: the serde views the API serves and the CLI prints (uses only
+//!   plain types of `datapath` and `drain`)
 //! - `node`: pod lifecycle on this node, fed by the datapath
-//! - `api`: the local API (server and client)
+//! - `api`: the local API (server and client); `kubernetes`: the pod watch
 //! - `cli`: the command line
 
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod conntrack;
 pub mod datapath;
 pub mod drain;
@@ -18,6 +23,7 @@ pub mod metrics;
 pub mod node;
 pub mod steering;
 pub mod telemetry;
+pub mod views;
 
 /// The compiled eBPF object (`ebpf/conndrain-ebpf`), embedded at build time.
 /// Empty when the binary was built without the eBPF toolchain (see build.rs).

@@ -215,7 +215,7 @@ fn document(machine: &Machine, sections: &[Section], elapsed: f64, args: &Args) 
         doc.push_str(&s.markdown());
         doc.push('\n');
     }
-    // `cargo xtask bench` runs the rolling-update comparison (tests/examples/rollout.rs) first.
+    // `cargo xtask bench` runs the rolling-update comparison (tests/examples/rollout/) first.
     if let Some(table) = std::env::var_os("CONNDRAIN_ROLLOUT_SUMMARY").and_then(|p| std::fs::read_to_string(p).ok()) {
         doc.push_str("## Rolling update: strategies compared\n\n");
         doc.push_str(

@@ -95,8 +95,11 @@ const MODULES: &[&str] = &[
 /// - `e2e` and `drained`: tracking and drain through real sockets (and the
 ///   `sock:inet_sock_set_state` tracepoint) on a bridge and a ptp network.
 /// - `steering`: the agent's fixes in iptables and nftables mode (their
-///   breaks without it run on the host), and all of the IPVS mode, breaks
-///   and fixes (only here: the host kernel has no IPVS).
+///   breaks without it run on the host), NodePort over an L3 link (a TUN
+///   device standing in for ipip/WireGuard: the `_l3` programs push an
+///   Ethernet header before `bpf_redirect_neigh`), a pin that follows a
+///   source-routing rule, and all of the IPVS mode, breaks and fixes (only
+///   here: the host kernel has no IPVS).
 /// - `prestop`: the preStop intercept's cgroup programs pass 6.1's verifier,
 ///   and the kubelet's `httpGet` gets its pod's drain (docs/prestop.md).
 ///
@@ -144,6 +147,8 @@ pub const PLAN: &[(&str, &[&str])] = &[
             "nftables::with_agent_nodeport_remote_tcp_holds_on_conntrack_flush",
             "nftables::with_agent_clusterip_udp_v6_session_stays_after_kube_proxy_cleanup",
             "iptables::with_agent_clusterip_udp_v4_fragmented_session_stays_after_kube_proxy_cleanup",
+            "iptables::with_agent_nodeport_remote_tcp_over_l3_link_holds_on_conntrack_flush",
+            "policy_routing::with_agent_a_pinned_flow_follows_a_source_rule",
             "ipvs::",
         ],
     ),

@@ -126,7 +126,11 @@ async fn terminate(
     UrlPath(name): UrlPath<String>,
     Json(req): Json<Terminate>,
 ) -> ApiResult<super::PodView> {
-    node.terminate(&name, &req).await?;
+    let spec = crate::node::TerminateSpec {
+        deadline: crate::node::positive_secs("deadline", req.deadline_secs)?,
+        quiet_period: crate::node::positive_secs("quiet period", req.quiet_period_secs)?,
+    };
+    node.terminate(&name, &spec).await?;
     Ok(Json(node.pod(&name).await?))
 }
 

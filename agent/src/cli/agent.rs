@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::{
     api::{
         access::{BindAddress, MetricsAllow},
-        node::{self as node_api, NodeApi},
+        prestop::{self, NodeApi},
         server,
     },
     datapath::{
@@ -113,7 +113,7 @@ pub struct Args {
     #[arg(long, env = "CONNDRAIN_MAX_WAITERS", default_value_t = 512)]
     pub max_waiters: usize,
     /// Most waits one pod may have open at once, so one pod cannot take every slot.
-    #[arg(long, env = "CONNDRAIN_MAX_WAITERS_PER_POD", default_value_t = crate::api::node::MAX_WAITERS_PER_POD)]
+    #[arg(long, env = "CONNDRAIN_MAX_WAITERS_PER_POD", default_value_t = crate::api::prestop::MAX_WAITERS_PER_POD)]
     pub max_waiters_per_pod: usize,
     /// The deadline, in seconds, of a terminating pod on another node (EndpointSlices carry no
     /// kill time): its flows are pinned until then, and stay pinned after it until its endpoint
@@ -261,9 +261,9 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         .context("installing the SIGTERM handler")?;
     let result = tokio::select! {
         r = server::serve(listener, node.clone()) => r.context("local API"),
-        r = node_api::serve(wait_listener, node_api::wait_router(node_api.clone())) => r.context("preStop API"),
+        r = prestop::serve(wait_listener, prestop::wait_router(node_api.clone())) => r.context("preStop API"),
         r = serve_intercept(intercept, node_api.clone()) => r.context("preStop intercept"),
-        r = node_api::serve(metrics_listener, node_api::metrics_router(node_api.clone())) => r.context("metrics API"),
+        r = prestop::serve(metrics_listener, prestop::metrics_router(node_api.clone())) => r.context("metrics API"),
         r = events_task => r.context("reading datapath events"),
         r = kube_task => r.context("Kubernetes"),
         () = node.run_evaluator() => Ok(()),
@@ -314,11 +314,11 @@ async fn node_api_listeners(args: &Args) -> anyhow::Result<(TcpListener, TcpList
 /// Serves the intercept's listeners for as long as it is attached (forever
 /// when it is off).
 async fn serve_intercept(
-    intercept: Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>,
+    intercept: Option<(Vec<prestop::InterceptListener>, Arc<Intercept>)>,
     api: Arc<NodeApi>,
 ) -> anyhow::Result<()> {
     let Some((listeners, _attached)) = intercept else { return std::future::pending().await };
-    let serving = listeners.into_iter().map(|l| node_api::serve(l, node_api::intercept_router(api.clone())));
+    let serving = listeners.into_iter().map(|l| prestop::serve(l, prestop::intercept_router(api.clone())));
     futures::future::try_join_all(serving).await.map(drop)
 }
 
@@ -329,10 +329,10 @@ async fn serve_intercept(
 async fn start_intercept(
     args: &Args,
     datapath: &mut Datapath,
-) -> anyhow::Result<Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>> {
+) -> anyhow::Result<Option<(Vec<prestop::InterceptListener>, Arc<Intercept>)>> {
     let started = try_start_intercept(args, datapath).await;
     if matches!(started, Ok(None)) {
-        datapath.remove_intercept_pins();
+        datapath.remove_kept_intercept();
     }
     started
 }
@@ -340,7 +340,7 @@ async fn start_intercept(
 async fn try_start_intercept(
     args: &Args,
     datapath: &mut Datapath,
-) -> anyhow::Result<Option<(Vec<node_api::InterceptListener>, Arc<Intercept>)>> {
+) -> anyhow::Result<Option<(Vec<prestop::InterceptListener>, Arc<Intercept>)>> {
     if args.intercept_port == 0 {
         return Ok(None);
     }
@@ -390,7 +390,7 @@ async fn try_start_intercept(
             let i = Arc::new(i);
             let listeners = listeners
                 .into_iter()
-                .map(|listener| node_api::InterceptListener { listener, intercept: i.clone() })
+                .map(|listener| prestop::InterceptListener { listener, intercept: i.clone() })
                 .collect();
             Ok(Some((listeners, i)))
         }

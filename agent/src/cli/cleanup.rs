@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-use crate::datapath::{remove_clsact_filters, remove_pins_under};
+use crate::datapath::{remove_clsact_filters, remove_kept_under};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -29,7 +29,7 @@ pub async fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
         bail!("an agent is running on this node: it answers on {}; {STOP_IT}", socket.display());
     }
     // Checks the lock a running agent holds on the directory, then removes.
-    let Some(pins) = remove_pins_under(&args.bpffs)? else {
+    let Some(pins) = remove_kept_under(&args.bpffs)? else {
         bail!("an agent is running on this node with --bpffs {}; {STOP_IT}", args.bpffs.display());
     };
     let mut done = Vec::new();

@@ -3,7 +3,7 @@
 //! `features.rs`), clsact otherwise, or as `--attach` says. Either way we add
 //! our programs next to whatever is there and never replace another tool's.
 //!
-//! With `--bpffs`, each tcx link is pinned (`pinning.rs`), so the programs
+//! With `--bpffs`, each tcx link is pinned (`bpffs.rs`), so the programs
 //! stay attached while no agent runs. A starting agent adopts a link pinned
 //! for the interface by swapping its program for the newly loaded one in
 //! place: `bpf_link_update` (aya's `SchedClassifier::attach_to_link`), which
@@ -39,7 +39,7 @@ use aya::{
 };
 use conndrain_common::programs;
 
-use super::pinning::{self, PinDir};
+use super::bpffs::{self, KeptDir};
 use crate::error::Error;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -168,7 +168,7 @@ pub fn attach(
     iface: &str,
     ifindex: u32,
     mode: AttachMode,
-    pins: Option<&PinDir>,
+    pins: Option<&KeptDir>,
 ) -> Result<Links, Error> {
     let (ingress, egress_name) =
         if l3 { (programs::INGRESS_L3, programs::EGRESS_L3) } else { (ingress, programs::EGRESS) };
@@ -256,7 +256,7 @@ fn attach_one(
     ifindex: u32,
     ty: TcAttachType,
     mode: AttachMode,
-    pins: Option<&PinDir>,
+    pins: Option<&KeptDir>,
 ) -> Result<(Held, bool), Error> {
     let attach_err = |source| Error::Attach { iface: iface.to_owned(), source: Box::new(source) };
     let pin = pins.filter(|_| mode == AttachMode::Tcx).map(|p| p.link_path(iface, direction(ty)));
@@ -473,7 +473,7 @@ fn tlv(buf: &[u8], header: usize, read: impl Fn(&[u8]) -> (u32, u16)) -> impl It
 fn pinned_link(path: &std::path::Path, ifindex: u32, ty: TcAttachType) -> Option<SchedClassifierLink> {
     let pinned = PinnedLink::from_pin(path).ok()?;
     let link = SchedClassifierLink::try_from(FdLink::from(pinned)).ok()?;
-    let target = pinning::tcx_link_target(link.fd().ok()?)?;
+    let target = bpffs::tcx_link_target(link.fd().ok()?)?;
     (target == (ifindex, direction(ty))).then_some(link)
 }
 

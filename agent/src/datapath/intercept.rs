@@ -116,7 +116,7 @@ fn open_dir(path: &Path) -> Result<OwnedFd, Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The pins of the intercept's links under `dir` (`PinDir::intercept_dir`).
+/// The pins of the intercept's links under `dir` (`KeptDir::intercept_dir`).
 pub const LINK_PINS: [&str; 4] = ["connect4", "connect6", "sockops", "syn-hold"];
 
 // linux/bpf.h: commands and attach types.

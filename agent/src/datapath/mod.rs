@@ -8,7 +8,7 @@ pub mod features;
 mod handles;
 mod held;
 pub mod intercept;
-mod pinning;
+mod bpffs;
 mod pins;
 mod pods;
 mod route;
@@ -30,7 +30,7 @@ pub use addrs::{ip_bytes, ip_from_bytes, ip_key, local_addrs};
 pub use attach::{AttachMode, remove_clsact_filters};
 pub use events::EventReader;
 pub use features::Features;
-pub use pinning::{RemovedPins, remove_all as remove_pins_under};
+pub use bpffs::{RemovedKept, remove_all as remove_kept_under};
 pub use pods::Registered;
 
 use handles::update;
@@ -44,7 +44,7 @@ pub struct LoadOptions {
     pub max_flows: u32,
     /// A UDP flow idle this long is over.
     pub udp_timeout_ns: u64,
-    /// Where to pin the maps and links (bpffs), if anywhere: see `pinning.rs`.
+    /// Where to pin the maps and links (bpffs), if anywhere: see `bpffs.rs`.
     pub bpffs: Option<PathBuf>,
     /// With `bpffs`: detach and unpin everything when the agent exits, instead
     /// of leaving the programs running for the next agent.
@@ -76,7 +76,7 @@ pub struct Datapath {
     /// Attached to every interface (for steering).
     everywhere: bool,
     /// `--bpffs`: where the maps and links are pinned.
-    pins: Option<pinning::PinDir>,
+    pins: Option<bpffs::KeptDir>,
     /// The pinned maps that came back from an earlier agent (the others are new).
     reused: BTreeSet<&'static str>,
     /// The earlier flow table, when its size changed: copied at `finish_restore`.
@@ -99,8 +99,8 @@ impl Datapath {
         features::raise_memlock();
         let features = Features::detect();
         features.require()?;
-        let pins = opts.bpffs.as_deref().map(pinning::PinDir::prepare).transpose()?;
-        let checked = pins.as_ref().map(|p| pinning::check_maps(p, opts.max_flows)).unwrap_or_default();
+        let pins = opts.bpffs.as_deref().map(bpffs::KeptDir::prepare).transpose()?;
+        let checked = pins.as_ref().map(|p| bpffs::check_maps(p, opts.max_flows)).unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, opts.max_flows);
         let paths: Vec<(&str, PathBuf)> =
@@ -126,7 +126,7 @@ impl Datapath {
         let (sockets_link, continuous) = sockets::attach(&mut ebpf, pins.as_ref())?;
         let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
         let sockets_since_ns =
-            if continuous && kept && earlier_since != 0 { earlier_since } else { crate::node::now_ns() };
+            if continuous && kept && earlier_since != 0 { earlier_since } else { crate::clock::now_ns() };
         // no_pins 0: pins may be left from an earlier agent; the steering
         // loop says otherwise once it knows.
         shared.set_config(Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0, sockets_since_ns })?;
@@ -202,7 +202,7 @@ impl Datapath {
         }
         let Some(pins) = &mut self.pins else { return };
         let in_use: BTreeSet<&PathBuf> = self.interfaces.values().flat_map(|i| i.links.pins()).collect();
-        for path in pins.link_pins() {
+        for path in pins.kept_links() {
             if !in_use.contains(&path) {
                 tracing::info!(link = %path.display(), "detaching a link left for an interface no pod uses any more");
                 if let Err(e) = std::fs::remove_file(&path) {
@@ -214,7 +214,7 @@ impl Datapath {
     }
 
     /// Unpins everything (`--detach-on-exit`): the next agent starts afresh.
-    pub fn remove_pins(&mut self) {
+    pub fn remove_kept(&mut self) {
         if let Some(p) = &self.pins
             && let Err(e) = std::fs::remove_dir_all(p.dir())
         {
@@ -298,14 +298,14 @@ impl Datapath {
     /// Starts the preStop intercept (`intercept.rs`). The caller keeps what
     /// it returns for as long as the intercept is to run.
     pub fn intercept(&mut self, opts: &intercept::InterceptOptions) -> Result<intercept::Intercept, Error> {
-        let pins = self.pins.as_ref().map(pinning::PinDir::intercept_dir);
+        let pins = self.pins.as_ref().map(bpffs::KeptDir::intercept_dir);
         intercept::start(&mut self.ebpf, opts, pins)
     }
 
     /// With `--bpffs`, when this agent runs without the intercept: detaches
     /// the intercept links an earlier agent pinned, so that no connection is
     /// sent (and held) to a loopback port nobody will listen on.
-    pub fn remove_intercept_pins(&mut self) {
+    pub fn remove_kept_intercept(&mut self) {
         let Some(pins) = &self.pins else { return };
         for name in intercept::LINK_PINS {
             let path = pins.intercept_dir().join(name);

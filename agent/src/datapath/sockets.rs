@@ -23,8 +23,8 @@ use aya::{
 use conndrain_common::{PodSockets, SockValue, maps, programs};
 
 use super::{
+    bpffs::KeptDir,
     handles::{Maps, update},
-    pinning::PinDir,
 };
 use crate::error::Error;
 
@@ -72,7 +72,7 @@ fn ensure_tracefs() -> Result<(), Error> {
 /// Loads and attaches the tracepoint; returns the link and whether the
 /// sockets it keeps are continuous with an earlier agent's (its pinned link
 /// was still attached).
-pub fn attach(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(SocketsLink, bool), Error> {
+pub fn attach(ebpf: &mut Ebpf, pins: Option<&KeptDir>) -> Result<(SocketsLink, bool), Error> {
     ensure_tracefs()?;
     let name = programs::SOCKETS;
     program(ebpf)?.load().map_err(|source| Error::Program { name, op: "loading", source: Box::new(source) })?;

@@ -17,10 +17,7 @@ use kube::{
 };
 
 use super::{Settings, annotations, report::Reporter};
-use crate::{
-    api::Terminate,
-    node::{Node, PodSpec},
-};
+use crate::node::{Node, PodSpec, TerminateSpec};
 
 /// When this agent started: a pod whose containers started before it may
 /// have connections its sockets tracepoint never saw.
@@ -331,8 +328,8 @@ async fn reconcile(
                 if let Some(d) = deadline_in
                     && !node.is_terminating(&name).await
                 {
-                    let req = Terminate { deadline_secs: Some(d.as_secs_f64().max(0.1)), quiet_period_secs: None };
-                    match node.terminate(&name, &req).await {
+                    let spec = TerminateSpec { deadline: Some(d.max(Duration::from_millis(100))), quiet_period: None };
+                    match node.terminate(&name, &spec).await {
                         Ok(()) => reporter.start(pod.clone(), name.clone()),
                         Err(e) => tracing::warn!(pod = %name, error = %e, "starting drain"),
                     }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use conndrain::api::{node::MAX_CONNECTIONS as NODE_MAX_CONNECTIONS, server::MAX_CONNECTIONS as LOCAL_MAX_CONNECTIONS};
+use conndrain::api::{prestop::MAX_CONNECTIONS as NODE_MAX_CONNECTIONS, server::MAX_CONNECTIONS as LOCAL_MAX_CONNECTIONS};
 use conndrain_tests::{TIMEOUT, wait_until};
 
 use super::{

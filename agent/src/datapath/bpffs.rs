@@ -35,7 +35,7 @@ use crate::error::Error;
 
 /// The pin directory of this layout version.
 #[derive(Debug)]
-pub struct PinDir {
+pub struct KeptDir {
     dir: PathBuf,
     links: PathBuf,
     intercept: PathBuf,
@@ -49,7 +49,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Er
     move |source| Error::Io { op, path: path.to_path_buf(), source }
 }
 
-impl PinDir {
+impl KeptDir {
     /// Makes `root/v<LAYOUT_VERSION>/links`. The pins of other layouts under
     /// `root` are only noted here, and removed by `remove_other_layouts` once
     /// our programs are attached: until then the old programs keep steering
@@ -149,7 +149,7 @@ impl PinDir {
 
     /// Every link pinned now.
     #[must_use]
-    pub fn link_pins(&self) -> Vec<PathBuf> {
+    pub fn kept_links(&self) -> Vec<PathBuf> {
         std::fs::read_dir(&self.links).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
     }
 }
@@ -169,7 +169,7 @@ fn lock(dir: &Path, op: libc::c_int) -> Result<Option<std::fs::File>, Error> {
 
 /// What `remove_all` found and removed under a pin root.
 #[derive(Debug, Default)]
-pub struct RemovedPins {
+pub struct RemovedKept {
     /// The layout directories (`v3`, ...) removed, with their maps and links.
     pub layouts: Vec<PathBuf>,
     /// The pinned maps removed.
@@ -183,8 +183,8 @@ pub struct RemovedPins {
 /// the programs the links held and frees the maps. `Ok(None)`: an agent is
 /// running with this `--bpffs` (it holds `root`'s lock), and nothing was
 /// touched. A `root` that does not exist has nothing to remove.
-pub fn remove_all(root: &Path) -> Result<Option<RemovedPins>, Error> {
-    let mut removed = RemovedPins::default();
+pub fn remove_all(root: &Path) -> Result<Option<RemovedKept>, Error> {
+    let mut removed = RemovedKept::default();
     if !root.exists() {
         return Ok(Some(removed));
     }
@@ -284,7 +284,7 @@ pub struct Checked {
 /// Checks every pinned map against what this agent needs; removes the pins
 /// it cannot use, each with one log line, so that aya creates them anew
 /// instead of reusing a map it would misread.
-pub fn check_maps(dir: &PinDir, max_flows: u32) -> Checked {
+pub fn check_maps(dir: &KeptDir, max_flows: u32) -> Checked {
     let mut out = Checked::default();
     for name in PINNED_MAPS {
         let path = dir.map_path(name);
