@@ -457,6 +457,18 @@ fn bad_annotation_values_are_reported_and_the_defaults_used() -> Result<()> {
     ensure!(s["problems"].as_array().is_some_and(|p| p.len() == 2), "the problems are shown: {s}");
     let why = c.cli.ok(&["why", &web_name()])?;
     ensure!(why.contains("refused: conndrain.io/quiet-period"), "why: {why}");
+    // One more, added later: its own event, not a repeat of the first two
+    // (kube's Recorder folds an event into the last one with the same
+    // reason, action and object, whatever its note).
+    c.api().update_pod(NS, "web", |p| {
+        p.metadata.annotations.get_or_insert_default().insert("conndrain.io/quiet-perod".into(), "5s".into());
+    });
+    wait_until(
+        "an InvalidAnnotation event for the misspelt key",
+        TIMEOUT,
+        || Ok(c.api().events().into_iter().filter_map(|e| e.note).collect::<Vec<_>>()),
+        |notes| notes.iter().any(|n| n.starts_with("conndrain.io/quiet-perod is not an annotation conndrain reads")),
+    )?;
 
     let web = topo.pod("web");
     let metrics = TcpServer::start(web.ns(), web.addr_v4(9090))?;

@@ -1,4 +1,4 @@
-//! `PINS`: the steered flows, wire tuple to backend (`steering.rs` decides
+//! `PINS`: the steered flows, wire tuple to backend (`steering/` decides
 //! them; the programs follow them).
 
 use conndrain_common::{Pin, WireKey, maps};

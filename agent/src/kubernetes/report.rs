@@ -42,11 +42,19 @@ impl Reporter {
     /// Reports a refused value of one of the pod's `conndrain.io/`
     /// annotations: a Warning event whose note names the annotation, the
     /// value, what to write instead, and what the agent uses meanwhile.
+    ///
+    /// The action names the annotation: kube's `Recorder` takes an event
+    /// with the same type, reason, action and object for a repeat of the
+    /// last one (a series, whatever its note), so with one action for all,
+    /// a second refused annotation of the pod was folded into the first and
+    /// never shown.
     pub fn bad_annotation(&self, pod: &Pod, note: String) {
         let this = self.clone();
         let reference = pod.object_ref(&());
+        let annotation = note.split([':', ' ']).next().unwrap_or_default();
+        let action = format!("Configure {annotation}");
         tokio::spawn(async move {
-            this.publish(EventType::Warning, "InvalidAnnotation", "Configure", &reference, note).await;
+            this.publish(EventType::Warning, "InvalidAnnotation", &action, &reference, note).await;
         });
     }
 
