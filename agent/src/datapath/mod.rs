@@ -3,12 +3,12 @@
 
 mod addrs;
 mod attach;
+mod bpffs;
 mod events;
 pub mod features;
 mod handles;
 mod held;
 pub mod intercept;
-mod bpffs;
 mod pins;
 mod pods;
 mod route;
@@ -28,9 +28,9 @@ use conndrain_common::{Config, FlowKey, FlowValue, MAX_PODS, PINNED_MAPS, PodCou
 
 pub use addrs::{ip_bytes, ip_from_bytes, ip_key, local_addrs};
 pub use attach::{AttachMode, remove_clsact_filters};
+pub use bpffs::{RemovedKept, remove_all as remove_kept_under};
 pub use events::EventReader;
 pub use features::Features;
-pub use bpffs::{RemovedKept, remove_all as remove_kept_under};
 pub use pods::Registered;
 
 use handles::update;
@@ -127,9 +127,17 @@ impl Datapath {
         let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
         let sockets_since_ns =
             if continuous && kept && earlier_since != 0 { earlier_since } else { crate::clock::now_ns() };
-        // no_pins 0: pins may be left from an earlier agent; the steering
-        // loop says otherwise once it knows.
-        shared.set_config(Config { udp_timeout_ns: opts.udp_timeout_ns, no_pins: 0, _pad: 0, sockets_since_ns })?;
+        // Pins left by an earlier agent: no_pins 0 and the pin filter off (look
+        // up every packet) until the steering loop has released them all.
+        // None: the filter starts empty and on, and each pin sets its bit.
+        let none = u32::from(shared.pins.keys().next().is_none());
+        shared.set_config(Config {
+            udp_timeout_ns: opts.udp_timeout_ns,
+            no_pins: none,
+            pin_filter_on: none,
+            sockets_since_ns,
+            ..Config::default()
+        })?;
         let events = EventReader::new(&mut ebpf)?;
         let route = route::Router::new()?;
         let keep_on_exit = pins.is_some() && !opts.detach_on_exit;

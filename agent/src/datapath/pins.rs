@@ -1,15 +1,23 @@
 //! `PINS`: the steered flows, wire tuple to backend (`steering/` decides
 //! them; the programs follow them).
 
-use conndrain_common::{Pin, WireKey, maps};
+use conndrain_common::{Config, Pin, WireKey, maps};
 
 use super::{Datapath, handles::update};
 use crate::error::Error;
 
 impl Datapath {
     pub fn pin_insert(&mut self, key: &WireKey, pin: &Pin) -> Result<(), Error> {
-        // Before the pin exists, the programs must be looking for pins.
-        self.set_no_pins(false)?;
+        // Before the pin exists, the programs must be looking for it.
+        let mut c = self.maps.config()?;
+        let before = c;
+        c.no_pins = 0;
+        if c.pin_filter_on != 0 {
+            c.note_pin(key);
+        }
+        if c != before {
+            self.maps.set_config(c)?;
+        }
         self.maps.pins.insert(*key, *pin, update::ANY).map_err(|source| Error::map(maps::PINS, source))
     }
 
@@ -19,22 +27,21 @@ impl Datapath {
         self.maps.pins.insert(*key, *pin, update::EXIST).map_err(|source| Error::map(maps::PINS, source))
     }
 
-    /// Tells the programs whether they may skip the `PINS` lookup.
-    fn set_no_pins(&mut self, none: bool) -> Result<(), Error> {
-        let mut c = self.maps.config()?;
-        let want = u32::from(none);
-        if c.no_pins != want {
-            c.no_pins = want;
-            self.maps.set_config(c)?;
-        }
-        Ok(())
-    }
-
-    /// After pins were removed (or at start): lets the programs skip the
-    /// `PINS` lookup when none is left.
+    /// After pins were removed (or at start): when none is left, lets the
+    /// programs skip the `PINS` lookup, and starts the filter afresh. Only
+    /// then: a stale bit costs a lookup, a missing one would lose a pinned
+    /// flow, and the filter of an earlier agent's pins is not known (an
+    /// agent starts with it off: look up every packet).
     pub fn note_pins_gone(&mut self) {
-        let empty = self.maps.pins.keys().next().is_none();
-        if empty && let Err(e) = self.set_no_pins(true) {
+        if self.maps.pins.keys().next().is_some() {
+            return;
+        }
+        let set = self.maps.config().and_then(|c| {
+            let fresh =
+                Config { no_pins: 1, pin_filter_on: 1, pin_filter: [0; conndrain_common::PIN_FILTER_WORDS], ..c };
+            if fresh == c { Ok(()) } else { self.maps.set_config(fresh) }
+        });
+        if let Err(e) = set {
             tracing::warn!(error = %e, "telling the programs that no flow is pinned");
         }
     }

@@ -102,7 +102,7 @@ pub mod port_flags {
 /// layout then replaces the pinned maps (and says so in one log line)
 /// instead of misreading them. The sizes alone are checked too, but they do
 /// not catch a reordered field.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The maps `--bpffs` pins: everything that holds state the agent or the
 /// programs need after a restart. `EVENTS` is not among them: each agent
@@ -306,9 +306,14 @@ pub struct PodCounters {
     pub last_new_inbound_ns: u64,
 }
 
+/// Words of `Config::pin_filter`: 16384 bits, so that with a few hundred
+/// flows pinned a packet of another flow rarely finds its bit set.
+pub const PIN_FILTER_WORDS: usize = 256;
+const PIN_FILTER_BITS: u32 = PIN_FILTER_WORDS as u32 * 64;
+
 /// Datapath settings written by the agent.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// A UDP flow idle longer than this is over; its next packet opens a new one.
     pub udp_timeout_ns: u64,
@@ -316,11 +321,76 @@ pub struct Config {
     /// lookup (most of the time no backend is terminating). 0, the value of
     /// fresh maps, means "look".
     pub no_pins: u32,
-    pub _pad: u32,
+    /// 1 while `pin_filter` has the bit of every tuple in `PINS`: a packet
+    /// whose bit is clear is not pinned, and skips the `PINS` lookup (a
+    /// 40-byte hash, as costly as the rest of an unrelated packet's path).
+    /// 0, the value of fresh maps, means "look for every packet". Bits are
+    /// set before their pin is inserted and all cleared only when `PINS` is
+    /// empty, so a clear bit never hides a pin; a set one may be stale.
+    pub pin_filter_on: u32,
     /// `CLOCK_MONOTONIC` ns since when the sockets tracepoint has been
     /// attached without a gap (agent-written; kept across restarts while its
     /// link stays pinned). Sockets opened before it are not in `SOCKETS`.
     pub sockets_since_ns: u64,
+    /// One bit per `pin_filter_bit` of the pinned tuples (a Bloom filter
+    /// with one hash).
+    pub pin_filter: [u64; PIN_FILTER_WORDS],
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { udp_timeout_ns: 0, no_pins: 0, pin_filter_on: 0, sockets_since_ns: 0, pin_filter: [0; PIN_FILTER_WORDS] }
+    }
+}
+
+impl Config {
+    /// Sets the filter bit of a tuple about to be pinned.
+    pub fn note_pin(&mut self, key: &WireKey) {
+        let bit = pin_filter_bit(low_word(&key.src), low_word(&key.dst), key.sport, key.dport);
+        if let Some(w) = self.pin_filter.get_mut((bit >> 6) as usize) {
+            *w |= 1 << (bit & 63);
+        }
+    }
+
+    /// Whether a packet of this tuple may be pinned: what the programs ask
+    /// before they look it up in `PINS`.
+    #[inline(always)]
+    #[must_use]
+    pub fn may_be_pinned(&self, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> bool {
+        if self.no_pins != 0 {
+            return false;
+        }
+        if self.pin_filter_on == 0 {
+            return true;
+        }
+        let bit = pin_filter_bit(low_word(src), low_word(dst), sport, dport);
+        self.pin_filter.get((bit >> 6) as usize).is_none_or(|w| w & (1 << (bit & 63)) != 0)
+    }
+}
+
+/// An address's last four bytes (all of an IPv4-mapped one), as the filter hashes them.
+#[inline(always)]
+fn low_word(a: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+}
+
+/// The `Config::pin_filter` bit of a wire tuple: the programs and the agent
+/// both call this, so they cannot disagree. Each word is folded in with a
+/// multiply (XOR alone lets an address and a port that move together cancel
+/// out), then murmur3's finalizer; masked, not a modulo, so that the
+/// verifier bounds the word index.
+#[inline(always)]
+#[must_use]
+pub fn pin_filter_bit(src_low: u32, dst_low: u32, sport: u16, dport: u16) -> u32 {
+    const K: u32 = 0x9e37_79b1;
+    let mut h = src_low.wrapping_mul(K) ^ dst_low;
+    h = h.wrapping_mul(K) ^ ((u32::from(sport) << 16) | u32::from(dport));
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h & (PIN_FILTER_BITS - 1)
 }
 
 /// Event kinds in `FlowEvent::kind`.
@@ -529,6 +599,43 @@ mod tests {
     use super::*;
     use core::mem::size_of;
 
+    fn wire(i: u32) -> WireKey {
+        let mut k = WireKey { proto: PROTO_TCP, family: FAMILY_V4, ..WireKey::default() };
+        k.src[10..12].copy_from_slice(&[0xff, 0xff]);
+        let [_, _, hi, lo] = i.to_be_bytes();
+        k.src[12..16].copy_from_slice(&[10, 0, hi, lo]);
+        k.dst[10..12].copy_from_slice(&[0xff, 0xff]);
+        k.dst[12..16].copy_from_slice(&[10, 96, 0, 10]);
+        k.sport = 32768 + u16::try_from(i % 28000).unwrap_or(0);
+        k.dport = 80;
+        k
+    }
+
+    fn may(c: &Config, k: &WireKey) -> bool {
+        c.may_be_pinned(&k.src, &k.dst, k.sport, k.dport)
+    }
+
+    /// Fresh maps (all zero) look up every packet; "no pins" none; with the
+    /// filter on, every noted tuple is looked up and few others are.
+    #[test]
+    fn the_pin_filter_never_hides_a_pin_and_lets_most_others_through() {
+        let mut c = Config::default();
+        assert!(may(&c, &wire(1)), "a fresh Config must mean: look");
+        c.no_pins = 1;
+        assert!(!may(&c, &wire(1)));
+        c.no_pins = 0;
+        c.pin_filter_on = 1;
+        assert!(!may(&c, &wire(1)), "an empty filter holds no pin");
+        for i in 0..300 {
+            c.note_pin(&wire(i));
+        }
+        assert!((0..300).all(|i| may(&c, &wire(i))), "a noted tuple must be looked up");
+        let set: u32 = c.pin_filter.iter().map(|w| w.count_ones()).sum();
+        assert!(set > 250, "{set} bits set: the hash spreads badly");
+        let others = (1000..11_000).filter(|&i| may(&c, &wire(i))).count();
+        assert!(others < 500, "{others} of 10000 other tuples pass a filter of 300 pins");
+    }
+
     /// If one of these sizes changes, bump `LAYOUT_VERSION` too.
     #[test]
     fn layouts_have_no_hidden_padding() {
@@ -567,7 +674,7 @@ mod tests {
         let sizing = (MAX_PODS, MAX_PINS, MAX_HELD, MAX_SOCKETS, stats::COUNT, pod_flags::DRAINING);
         assert_eq!(
             (LAYOUT_VERSION, sizes, sizing),
-            (3, [40, 40, 16, 32, 24, 40, 80, 56, 16, 8], (4096, 65_536, 65_536, 262_144, 11, 1)),
+            (4, [40, 40, 16, 32, 2072, 40, 80, 56, 16, 8], (4096, 65_536, 65_536, 262_144, 11, 1)),
             "a pinned layout changed: bump LAYOUT_VERSION, then update this test"
         );
     }

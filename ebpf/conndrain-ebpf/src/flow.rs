@@ -14,7 +14,7 @@ use conndrain_common::{
 };
 
 use crate::{
-    maps::{CONFIG, EVENTS, FLOWS, HELD, NODE_ADDRS, POD_COUNTERS, POD_FLAGS, POD_IPS, PROBES, count},
+    maps::{CONFIG, FLOWS, HELD, NODE_ADDRS, POD_COUNTERS, POD_FLAGS, POD_IPS, PROBES, count, output_event},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -297,7 +297,11 @@ fn new_value(slot: u32, state: u8, dir: u8, flags: u8, pkt: &Packet, from_pod: b
         state,
         direction: dir,
         flags,
-        ..FlowValue::default()
+        // Every field named, not `..Default::default()`: LLVM zeroed the
+        // rest with a call to a byte-by-byte memset.
+        bytes_in: 0,
+        bytes_out: 0,
+        _pad: 0,
     };
     account(&mut v, pkt, from_pod, now, len);
     v
@@ -410,7 +414,7 @@ fn emit(key: &FlowKey, v: &FlowValue, kind: u8, now: u64) {
         state: v.state,
         flags: v.flags,
     };
-    if EVENTS.output::<FlowEvent>(&ev, 0).is_err() {
+    if !output_event(&ev) {
         count(stats::EVENTS_LOST);
     }
 }

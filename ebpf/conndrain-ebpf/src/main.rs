@@ -58,7 +58,7 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
         return steer::fragment::<L2>(ctx, &pkt).unwrap_or(TC_ACT_UNSPEC);
     }
     track(ctx, flow::Side::FromPod, &pkt);
-    if !steer::any_pins() {
+    if !steer::may_be_pinned(&pkt) {
         return TC_ACT_UNSPEC;
     }
     steer::steer::<L2>(ctx, &pkt).unwrap_or(TC_ACT_UNSPEC)
@@ -149,11 +149,10 @@ pub fn conndrain_icpth(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn parsed<const L2: usize>(ctx: &TcContext) -> Option<parse::Packet> {
     maps::count(stats::PACKETS);
-    // Zeroed, padding included, so that no byte of it is uninitialized stack
-    // on any path (see `parse::parse`).
-    // SAFETY: `Packet` is integers and bools, for which all zeroes is valid.
-    let mut pkt: parse::Packet = unsafe { core::mem::zeroed() };
-    if parse::parse::<L2>(ctx, &mut pkt) {
+    let mut pkt = core::mem::MaybeUninit::<parse::Packet>::uninit();
+    if parse::parse::<L2>(ctx, pkt.as_mut_ptr()) {
+        // SAFETY: `parse` wrote all of it when it returns true.
+        let pkt = unsafe { pkt.assume_init() };
         if pkt.frag == parse::FRAG_LATER {
             // Not tracked (no ports): counted as before this kind was parsed.
             maps::count(stats::UNPARSED);

@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use conndrain_common::{
-    Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, FragKey, FragSteer, INTERCEPT_ENTRIES, InterceptConfig,
+    Config, DEFAULT_MAX_FLOWS, FlowEvent, FlowKey, FlowValue, FragKey, FragSteer, INTERCEPT_ENTRIES, InterceptConfig,
     InterceptDst, InterceptPeer, MAX_FRAGS, MAX_HELD, MAX_PINS, MAX_PODS, MAX_SOCKETS, Pin, PodCounters, PodIpKey,
     PodSockets, ProbeKey, SockValue, WireKey, stats,
 };
@@ -87,9 +87,29 @@ pub static INTERCEPT_CONNECTS: LruHashMap<u64, InterceptDst> = LruHashMap::with_
 pub static INTERCEPT_PEERS: LruHashMap<InterceptPeer, InterceptDst> =
     LruHashMap::with_max_entries(INTERCEPT_ENTRIES, 0);
 
-/// 256 KiB: room for about 4000 events between two reads of the agent.
+/// 256 KiB: room for about 3600 events between two reads of the agent.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// linux/bpf.h `bpf_ringbuf_output` flags and `bpf_ringbuf_query` what.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Unread bytes from which an event wakes the agent: about 450 events, an
+/// eighth of the default ring, so a burst is read long before the ring fills.
+const WAKE_AT_BYTES: u64 = 32 * 1024;
+
+/// Writes an event to `EVENTS` without waking the agent, which reads the
+/// ring every few milliseconds anyway (`datapath::events`): a wakeup is an
+/// irq_work, several microseconds in a VM, and by default the kernel sends
+/// one for every event the agent finds when idle, i.e. for each new flow of
+/// a quiet node. Only a backlog past `WAKE_AT_BYTES` wakes it. False when
+/// the ring is full (the event is lost).
+#[inline(always)]
+pub fn output_event(ev: &FlowEvent) -> bool {
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    EVENTS.output::<FlowEvent>(ev, flags).is_ok()
+}
 
 #[inline(always)]
 pub fn count(index: u32) {

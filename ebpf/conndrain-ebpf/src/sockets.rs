@@ -21,7 +21,7 @@ use conndrain_common::{
     tcp_state,
 };
 
-use crate::maps::{EVENTS, POD_FLAGS, POD_IPS, POD_SOCKETS, SOCKETS};
+use crate::maps::{POD_FLAGS, POD_IPS, POD_SOCKETS, SOCKETS, output_event};
 
 const OFF_SKADDR: usize = 8;
 const OFF_NEWSTATE: usize = 20;
@@ -102,7 +102,7 @@ fn closed(ctx: &TracePointContext) -> Option<()> {
     // SAFETY: field projection on a valid map value pointer; wrapping add of -1.
     crate::flow::atomic_add(unsafe { &raw mut (*counters).open }, u64::MAX);
     if POD_FLAGS.get(value.pod_slot).is_some_and(|f| f & pod_flags::DRAINING != 0) {
-        // Wake the agent: this may be the close a drain waits for. Losing
+        // Tell the agent: this may be the close a drain waits for. Losing
         // this event only delays the verdict (the agent also polls).
         let ev = FlowEvent {
             key: value.key,
@@ -114,7 +114,7 @@ fn closed(ctx: &TracePointContext) -> Option<()> {
             state: tcp_state::CLOSED,
             flags: 0,
         };
-        let _ = EVENTS.output::<FlowEvent>(&ev, 0);
+        let _ = output_event(&ev);
     }
     Some(())
 }

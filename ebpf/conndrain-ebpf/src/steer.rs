@@ -30,7 +30,10 @@ use conndrain_common::{FAMILY_V4, FragKey, FragSteer, PROTO_TCP, Pin, WireKey, p
 
 use crate::{
     maps::{CONFIG, FRAGS, PINS, count},
-    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_FIRST_OPAQUE, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_FIRST_OPAQUE, FRAG_NONE, Packet, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN,
+    },
 };
 
 const AF_INET: u32 = 2;
@@ -45,6 +48,18 @@ const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 #[inline(always)]
 pub fn any_pins() -> bool {
     CONFIG.get(0).is_none_or(|c| c.no_pins == 0)
+}
+
+/// Whether this packet's flow may be pinned (`Config::pin_filter`): most
+/// packets are not, and skip the `PINS` lookup. A first fragment asks only
+/// `any_pins`, since `steer` also forgets what an earlier datagram with its
+/// IP id left in `FRAGS`.
+#[inline(always)]
+pub fn may_be_pinned(pkt: &Packet) -> bool {
+    if pkt.frag != FRAG_NONE {
+        return any_pins();
+    }
+    CONFIG.get(0).is_none_or(|c| c.may_be_pinned(&pkt.src, &pkt.dst, pkt.sport, pkt.dport))
 }
 
 /// `Some(verdict)` when the packet belonged to a pinned flow and was handled;

@@ -358,7 +358,13 @@ impl Object {
         Ok(())
     }
 
+    /// As the agent pins a flow: its bit set in the pin filter (on), then the pin.
     fn pin(&mut self, key: WireKey, pin: Pin) -> Result<()> {
+        let mut config: Array<_, Config> = Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("no CONFIG")?)?;
+        let mut c = config.get(&0, 0)?;
+        c.pin_filter_on = 1;
+        c.note_pin(&key);
+        config.set(0, c, 0)?;
         let mut pins: HashMap<_, WireKey, Pin> =
             HashMap::try_from(self.ebpf.map_mut(maps::PINS).context("no PINS")?)?;
         pins.insert(key, pin, 0)?;
