@@ -248,14 +248,18 @@ pub mod stats {
 
 /// A pod address: IPv4 is stored as an IPv4-mapped IPv6 address
 /// (`::ffff:a.b.c.d`) so one key type serves both families.
-#[repr(C)]
+///
+/// The keys here are `align(8)` (their sizes are multiples of 8, so the
+/// bytes are the same): with byte-array fields alone they would be align 1
+/// or 2, and the BPF backend copies such a key one byte at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PodIpKey {
     pub addr: [u8; 16],
 }
 
 /// A flow, seen from the pod: the pod's own address and port first.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub pod_addr: [u8; 16],
@@ -425,7 +429,7 @@ pub struct FlowEvent {
 
 /// A packet's addresses as they are on the wire (unlike `FlowKey`, not
 /// turned to the pod's side): what a pinned flow's packets are matched on.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct WireKey {
     pub src: [u8; 16],
@@ -476,7 +480,7 @@ pub struct Pin {
 /// as IPv4-mapped IPv6), its IP identification (IPv4: 16 bits; IPv6: the
 /// fragment header's 32) and protocol. What the receiver reassembles by
 /// (RFC 791, RFC 8200 4.5).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragKey {
     pub src: [u8; 16],

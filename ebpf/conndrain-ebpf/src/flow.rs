@@ -122,15 +122,38 @@ fn hold(key: &FlowKey, v: &mut FlowValue, pkt: &Packet, from_pod: bool, now: u64
 #[inline(always)]
 fn flow_key(pkt: &Packet, side: Side) -> Option<(FlowKey, u32)> {
     let (pod_addr, peer_addr, pod_port, peer_port) = match side {
-        Side::FromPod => (pkt.src, pkt.dst, pkt.sport, pkt.dport),
-        Side::ToPod => (pkt.dst, pkt.src, pkt.dport, pkt.sport),
+        Side::FromPod => (words(&pkt.src), words(&pkt.dst), pkt.sport, pkt.dport),
+        Side::ToPod => (words(&pkt.dst), words(&pkt.src), pkt.dport, pkt.sport),
     };
     // SAFETY: read-only lookup of a plain integer.
-    let slot = *unsafe { POD_IPS.get(&PodIpKey { addr: pod_addr }) }?;
+    let slot = *unsafe { POD_IPS.get(&PodIpKey { addr: bytes(pod_addr) }) }?;
     Some((
-        FlowKey { pod_addr, peer_addr, pod_port, peer_port, proto: pkt.proto, family: pkt.family, _pad: [0; 2] },
+        FlowKey {
+            pod_addr: bytes(pod_addr),
+            peer_addr: bytes(peer_addr),
+            pod_port,
+            peer_port,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+        },
         slot,
     ))
+}
+
+/// An address of a `Packet` as two words: `Packet` is 8-aligned with its
+/// addresses at offsets 0 and 16, so these are two 8-byte loads, where
+/// moving the `[u8; 16]` itself takes sixteen byte loads and stores.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u64; 2] {
+    // SAFETY: in bounds, aligned (above), and any bits are valid words.
+    unsafe { core::ptr::read(a.as_ptr().cast::<[u64; 2]>()) }
+}
+
+#[inline(always)]
+fn bytes(w: [u64; 2]) -> [u8; 16] {
+    // SAFETY: same size; any bits are valid bytes.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(w) }
 }
 
 /// The agent's default `--udp-timeout`.

@@ -47,7 +47,8 @@ pub fn conndrain_in_l3(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
-    let Some(pkt) = parsed::<L2>(ctx) else {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let Some(pkt) = parsed::<L2>(ctx, &mut slot) else {
         return TC_ACT_UNSPEC;
     };
     if pkt.frag == parse::FRAG_LATER {
@@ -55,13 +56,13 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
         if !steer::any_pins() {
             return TC_ACT_UNSPEC;
         }
-        return steer::fragment::<L2>(ctx, &pkt).unwrap_or(TC_ACT_UNSPEC);
+        return steer::fragment::<L2>(ctx, pkt).unwrap_or(TC_ACT_UNSPEC);
     }
-    track(ctx, flow::Side::FromPod, &pkt);
-    if !steer::may_be_pinned(&pkt) {
+    track(ctx, flow::Side::FromPod, pkt);
+    if !steer::may_be_pinned(pkt) {
         return TC_ACT_UNSPEC;
     }
-    steer::steer::<L2>(ctx, &pkt).unwrap_or(TC_ACT_UNSPEC)
+    steer::steer::<L2>(ctx, pkt).unwrap_or(TC_ACT_UNSPEC)
 }
 
 /// `conndrain_ingress` without steering: what the agent attaches on kernels
@@ -69,10 +70,11 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
 /// the program that calls it. Tracking only.
 #[classifier]
 pub fn conndrain_track(ctx: TcContext) -> i32 {
-    if let Some(pkt) = parsed::<{ parse::ETH_HLEN }>(&ctx)
+    let mut slot = core::mem::MaybeUninit::uninit();
+    if let Some(pkt) = parsed::<{ parse::ETH_HLEN }>(&ctx, &mut slot)
         && pkt.frag != parse::FRAG_LATER
     {
-        track(&ctx, flow::Side::FromPod, &pkt);
+        track(&ctx, flow::Side::FromPod, pkt);
     }
     TC_ACT_UNSPEC
 }
@@ -91,11 +93,12 @@ pub fn conndrain_eg_l3(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
-    if let Some(mut pkt) = parsed::<L2>(ctx)
+    let mut slot = core::mem::MaybeUninit::uninit();
+    if let Some(pkt) = parsed::<L2>(ctx, &mut slot)
         && pkt.frag != parse::FRAG_LATER
     {
         pkt.local = flow::local_origin(ctx);
-        track(ctx, flow::Side::ToPod, &pkt);
+        track(ctx, flow::Side::ToPod, pkt);
     }
     TC_ACT_UNSPEC
 }
@@ -146,13 +149,17 @@ pub fn conndrain_icpth(ctx: SkBuffContext) -> i32 {
     i32::from(!intercept::hold_syn(&ctx))
 }
 
+/// Parses the packet into `slot` and returns it there: a reference, not
+/// an `Option<Packet>`, which LLVM copied twice through the stack.
 #[inline(always)]
-fn parsed<const L2: usize>(ctx: &TcContext) -> Option<parse::Packet> {
+fn parsed<'a, const L2: usize>(
+    ctx: &TcContext,
+    slot: &'a mut core::mem::MaybeUninit<parse::Packet>,
+) -> Option<&'a mut parse::Packet> {
     maps::count(stats::PACKETS);
-    let mut pkt = core::mem::MaybeUninit::<parse::Packet>::uninit();
-    if parse::parse::<L2>(ctx, pkt.as_mut_ptr()) {
+    if parse::parse::<L2>(ctx, slot.as_mut_ptr()) {
         // SAFETY: `parse` wrote all of it when it returns true.
-        let pkt = unsafe { pkt.assume_init() };
+        let pkt = unsafe { slot.assume_init_mut() };
         if pkt.frag == parse::FRAG_LATER {
             // Not tracked (no ports): counted as before this kind was parsed.
             maps::count(stats::UNPARSED);

@@ -48,7 +48,8 @@ pub const TCP_ACK: u8 = 0x10;
 /// `repr(C)` with every byte a field (`_pad` included): a `Packet` is
 /// written whole by `parse` and never zeroed first, so no byte of it may be
 /// padding, which Linux 6.1's verifier would see as uninitialized stack when
-/// the struct is copied.
+/// the struct is copied. 8-aligned (by `l4_off`), with the addresses
+/// first: `flow::words` reads each as two aligned words.
 #[repr(C)]
 pub struct Packet {
     /// IPv4 as IPv4-mapped IPv6, like `PodIpKey`.
