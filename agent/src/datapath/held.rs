@@ -61,6 +61,7 @@ impl Datapath {
             }
             let _ = flows.remove(key);
         }
+        self.held_entries += moved;
         Ok(moved)
     }
 
@@ -76,9 +77,8 @@ impl Datapath {
         }
         let stale: Vec<FlowKey> =
             held.iter().filter_map(Result::ok).filter(|(_, v)| v.pod_slot == slot).map(|(k, _)| k).collect();
-        for key in &stale {
-            let _ = held.remove(key);
-        }
+        let removed = stale.iter().filter(|key| held.remove(key).is_ok()).count();
+        self.held_entries = self.held_entries.saturating_sub(removed);
     }
 
     /// Removes from `HELD` what no drain waits for any more: flows of pods
@@ -87,18 +87,25 @@ impl Datapath {
     /// went, with their pod slots, for the flow index to forget.
     pub fn sweep_held(&mut self, now_ns: u64, udp_timeout_ns: u64) -> Vec<(u32, FlowKey)> {
         let entries: Vec<(FlowKey, FlowValue)> = self.maps.held.iter().filter_map(Result::ok).collect();
+        let seen = entries.len();
         let over: Vec<(u32, FlowKey)> = entries
             .into_iter()
             .filter(|(k, v)| !self.pod_draining(v.pod_slot) || finished(k, v, now_ns, udp_timeout_ns))
             .map(|(k, v)| (v.pod_slot, k))
             .collect();
-        over.into_iter().filter(|(_, k)| self.maps.held.remove(k).is_ok()).collect()
+        let swept: Vec<(u32, FlowKey)> = over.into_iter().filter(|(_, k)| self.maps.held.remove(k).is_ok()).collect();
+        self.held_entries = seen.saturating_sub(swept.len());
+        swept
     }
 
-    /// Entries in `HELD` now.
+    /// Entries in `HELD` as the agent counts them, without a walk: as many as
+    /// its last sweep left (`sweep_held`, every 5 s), plus the flows it moved
+    /// there and less those it removed since. Flows the programs put there
+    /// since the last sweep (new flows of a draining pod, moved at their next
+    /// packet) count from the next sweep.
     #[must_use]
     pub fn held_count(&self) -> usize {
-        self.maps.held.keys().count()
+        self.held_entries
     }
 }
 
