@@ -75,10 +75,11 @@ impl Datapath {
         for key in known {
             let _ = flows.remove(key);
         }
-        let stale: Vec<FlowKey> =
-            held.iter().filter_map(Result::ok).filter(|(_, v)| v.pod_slot == slot).map(|(k, _)| k).collect();
-        let removed = stale.iter().filter(|key| held.remove(key).is_ok()).count();
-        self.held_entries = self.held_entries.saturating_sub(removed);
+        let entries: Vec<(FlowKey, FlowValue)> = held.iter().filter_map(Result::ok).collect();
+        let stale = entries.iter().filter(|(_, v)| v.pod_slot == slot);
+        let removed = stale.filter(|(key, _)| held.remove(key).is_ok()).count();
+        // This walk counted them all: exact again, like after a sweep.
+        self.held_entries = entries.len().saturating_sub(removed);
     }
 
     /// Removes from `HELD` what no drain waits for any more: flows of pods
@@ -99,8 +100,8 @@ impl Datapath {
     }
 
     /// Entries in `HELD` as the agent counts them, without a walk: as many as
-    /// its last sweep left (`sweep_held`, every 5 s), plus the flows it moved
-    /// there and less those it removed since. Flows the programs put there
+    /// its last walk of `HELD` left (`sweep_held` every 5 s, or a pod's
+    /// removal), plus the flows it moved there since. Flows the programs put there
     /// since the last sweep (new flows of a draining pod, moved at their next
     /// packet) count from the next sweep.
     #[must_use]
