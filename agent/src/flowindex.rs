@@ -96,6 +96,15 @@ impl FlowIndex {
         self.by_slot.get(&slot).map(|m| m.keys().copied().collect()).unwrap_or_default()
     }
 
+    /// Flows the index knows of, over all pods: the established TCP and the
+    /// UDP flows the events reported, less those seen closed or gone. A flow
+    /// the LRU evicted (no event says so) stays counted until its pod's flows
+    /// are next counted. O(pods), never a walk of the tables.
+    #[must_use]
+    pub fn tracked(&self) -> usize {
+        self.by_slot.values().map(HashMap::len).sum()
+    }
+
     #[must_use]
     pub fn is_empty(&self, slot: u32) -> bool {
         self.by_slot.get(&slot).is_none_or(HashMap::is_empty)
@@ -345,10 +354,12 @@ mod tests {
         ix.on_event(&event(event_kind::ESTABLISHED, key(1), S));
         ix.on_event(&event(event_kind::ESTABLISHED, key(2), S));
         ix.on_event(&event(event_kind::NEW, key(3), S)); // half-open TCP: not indexed
+        assert_eq!(ix.tracked(), 2);
         let (c, _, _) = ix.classify_pod(&mem, 1, 100 * S, all(), false);
         assert_eq!((c.active, c.idle), (1, 1));
         ix.on_event(&event(event_kind::CLOSED, key(1), S));
         assert_eq!(ix.keys(1), vec![key(2)]);
+        assert_eq!(ix.tracked(), 1);
     }
 
     #[test]

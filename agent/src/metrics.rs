@@ -160,10 +160,15 @@ impl Default for Metrics {
              hung up), refused (no pod of this node, or a bad request), busy (429), error (pod removed)",
             m.pre_stop_waits.clone(),
         );
-        r.register("flow_table_entries", "Entries in the flow table", m.flow_table_used.clone());
+        r.register(
+            "flow_table_entries",
+            "Flows the agent knows of from the datapath's events (established TCP and UDP flows of \
+             registered pods not seen closed or gone), not an exact count of the flow table",
+            m.flow_table_used.clone(),
+        );
         r.register("flow_table_max_entries", "Size of the flow table", m.flow_table_max.clone());
         r.register("flows_evicted", "Live flows lost from the flow table (LRU eviction)", m.flows_evicted.clone());
-        r.register("held_flows", "Flows of draining pods in the held table (never evicted)", m.held_flows.clone());
+        r.register("held_flows", "Flows of draining pods in the held table (never evicted), as of the agent's last sweep (every 5 s) and its own moves since", m.held_flows.clone());
         r.register(
             "hold_failed",
             "Flows of draining pods the held table had no room for (left in the LRU flow table), since the maps \

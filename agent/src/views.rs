@@ -154,8 +154,15 @@ pub struct MapFill {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MapsView {
+    /// `max`: the flow table's size; `used`: the flows the agent knows of
+    /// from the datapath's events (established TCP and UDP flows of the
+    /// registered pods, not yet seen closed or gone), not the table's exact
+    /// fill, which only a walk could tell (`conndrain flows` walks). A flow
+    /// the LRU evicted counts until its pod's flows are next counted.
     pub flows: MapFill,
-    /// Flows of draining pods, kept out of the LRU flow table.
+    /// Flows of draining pods, kept out of the LRU flow table. `used`: as
+    /// many as the agent's last sweep (every 5 s) left, plus the flows it
+    /// moved there since and less those it removed.
     pub held: MapFill,
     pub pods: MapFill,
 }

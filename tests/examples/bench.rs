@@ -7,7 +7,9 @@
 //!
 //! Sections: `testrun` (ns per packet from `BPF_PROG_TEST_RUN`), `flowtable`
 //! (kernel memory per flow, insert rate), `agentmem` (the agent's RSS at
-//! 100k and 1M flows), `live` (throughput, latency and the
+//! 100k and 1M flows), `agentscale` (`status`, `pods` and a metrics scrape
+//! at 1M flows against an empty table, and the agent's CPU and lost events
+//! at 50k new flows/s), `live` (throughput, latency and the
 //! programs' run time on live traffic through a simulated node), `steered`
 //! (the same for flows pinned by steering, through a Service's cluster IP, IPv4 and
 //! IPv6), `steercost` (the steering agent's CPU with 100k conntrack entries
@@ -29,6 +31,8 @@
 
 #[path = "bench/agentmem.rs"]
 mod agentmem;
+#[path = "bench/agentscale.rs"]
+mod agentscale;
 #[path = "bench/bpfsys.rs"]
 mod bpfsys;
 #[path = "bench/drain.rs"]
@@ -54,7 +58,7 @@ use conndrain_tests::{require_root, stop_on_signals};
 
 use report::{Machine, Section};
 
-const SECTIONS: &[&str] = &["testrun", "flowtable", "agentmem", "live", "steered", "steercost", "drain"];
+const SECTIONS: &[&str] = &["testrun", "flowtable", "agentmem", "agentscale", "live", "steered", "steercost", "drain"];
 
 struct Args {
     quick: bool,
@@ -145,6 +149,15 @@ fn run() -> Result<()> {
         eprintln!("bench: agent memory");
         let stages: &[u32] = if args.quick { &[10_000, 50_000] } else { &[100_000, 1_000_000] };
         emit(agentmem::run(stages)?);
+    }
+    if want("agentscale") {
+        eprintln!("bench: the agent at 1M flows");
+        let sizes = if args.quick {
+            agentscale::Sizes { calls: 10, default_secs: 3 }
+        } else {
+            agentscale::Sizes { calls: 20, default_secs: 6 }
+        };
+        emit(agentscale::run(&sizes)?);
     }
     if want("live") {
         eprintln!("bench: live traffic");

@@ -33,9 +33,12 @@ pub async fn run(client: &Client, output: Format) -> anyhow::Result<()> {
     for i in &s.interfaces {
         println!("interface:   {} (ifindex {}), {} pod(s), ingress+egress", i.name, i.ifindex, i.pods);
     }
-    println!("flow table:  {} / {} entries", s.maps.flows.used, s.maps.flows.max);
     println!(
-        "held flows:  {} / {} entries (draining pods' flows, never evicted; {} held so far, {} found no room)",
+        "flow table:  {} entries; {} flows known to the agent (from events, not a count of the table)",
+        s.maps.flows.max, s.maps.flows.used
+    );
+    println!(
+        "held flows:  {} / {} entries at the last sweep (draining pods' flows, never evicted; {} held so far, {} found no room)",
         s.maps.held.used, s.maps.held.max, s.stats.held, s.stats.hold_failed
     );
     println!("pods:        {} / {}", s.maps.pods.used, s.maps.pods.max);

@@ -61,6 +61,7 @@ impl Datapath {
             }
             let _ = flows.remove(key);
         }
+        self.held_entries += moved;
         Ok(moved)
     }
 
@@ -74,11 +75,11 @@ impl Datapath {
         for key in known {
             let _ = flows.remove(key);
         }
-        let stale: Vec<FlowKey> =
-            held.iter().filter_map(Result::ok).filter(|(_, v)| v.pod_slot == slot).map(|(k, _)| k).collect();
-        for key in &stale {
-            let _ = held.remove(key);
-        }
+        let entries: Vec<(FlowKey, FlowValue)> = held.iter().filter_map(Result::ok).collect();
+        let stale = entries.iter().filter(|(_, v)| v.pod_slot == slot);
+        let removed = stale.filter(|(key, _)| held.remove(key).is_ok()).count();
+        // This walk counted them all: exact again, like after a sweep.
+        self.held_entries = entries.len().saturating_sub(removed);
     }
 
     /// Removes from `HELD` what no drain waits for any more: flows of pods
@@ -87,18 +88,25 @@ impl Datapath {
     /// went, with their pod slots, for the flow index to forget.
     pub fn sweep_held(&mut self, now_ns: u64, udp_timeout_ns: u64) -> Vec<(u32, FlowKey)> {
         let entries: Vec<(FlowKey, FlowValue)> = self.maps.held.iter().filter_map(Result::ok).collect();
+        let seen = entries.len();
         let over: Vec<(u32, FlowKey)> = entries
             .into_iter()
             .filter(|(k, v)| !self.pod_draining(v.pod_slot) || finished(k, v, now_ns, udp_timeout_ns))
             .map(|(k, v)| (v.pod_slot, k))
             .collect();
-        over.into_iter().filter(|(_, k)| self.maps.held.remove(k).is_ok()).collect()
+        let swept: Vec<(u32, FlowKey)> = over.into_iter().filter(|(_, k)| self.maps.held.remove(k).is_ok()).collect();
+        self.held_entries = seen.saturating_sub(swept.len());
+        swept
     }
 
-    /// Entries in `HELD` now.
+    /// Entries in `HELD` as the agent counts them, without a walk: as many as
+    /// its last walk of `HELD` left (`sweep_held` every 5 s, or a pod's
+    /// removal), plus the flows it moved there since. Flows the programs put there
+    /// since the last sweep (new flows of a draining pod, moved at their next
+    /// packet) count from the next sweep.
     #[must_use]
     pub fn held_count(&self) -> usize {
-        self.maps.held.keys().count()
+        self.held_entries
     }
 }
 

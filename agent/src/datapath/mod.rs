@@ -88,6 +88,8 @@ pub struct Datapath {
     /// Since when (`CLOCK_MONOTONIC` ns) the sockets tracepoint has run
     /// without a gap: sockets opened before it are not known.
     pub sockets_since_ns: u64,
+    /// Entries in `HELD` as the agent counts them: see `held_count`.
+    held_entries: usize,
 }
 
 impl Datapath {
@@ -103,6 +105,7 @@ impl Datapath {
         let checked = pins.as_ref().map(|p| bpffs::check_maps(p, opts.max_flows)).unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, opts.max_flows);
+        loader.map_max_entries(maps::EVENTS, events::ring_bytes(opts.max_flows));
         let paths: Vec<(&str, PathBuf)> =
             pins.iter().flat_map(|p| PINNED_MAPS.iter().map(|name| (*name, p.map_path(name)))).collect();
         for (name, path) in &paths {
@@ -119,6 +122,8 @@ impl Datapath {
             );
         }
         let mut shared = handles::Maps::take(&mut ebpf)?;
+        // Once, at load (a reused `HELD`); bounded by MAX_HELD, not the flow table.
+        let held_entries = shared.held.keys().count();
         let earlier_since = shared.config().map_or(0, |c| c.sockets_since_ns);
         addrs::fill_node_addrs(&mut shared);
         let ingress = attach::ingress_program(features.steering);
@@ -158,6 +163,7 @@ impl Datapath {
                 keep_on_exit,
                 sockets_link: Some(sockets_link),
                 sockets_since_ns,
+                held_entries,
             },
             events,
         ))
@@ -370,10 +376,6 @@ impl Datapath {
             self.maps.flows.iter().filter_map(Result::ok).filter(|(k, _)| !held.contains_key(k)).collect();
         out.extend(held);
         Ok(out)
-    }
-
-    pub fn pod_ip_count(&self) -> usize {
-        self.maps.pod_ips.keys().count()
     }
 
     /// The datapath statistics, summed over CPUs, indexed by `stats::*`.

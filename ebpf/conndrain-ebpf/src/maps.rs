@@ -87,7 +87,8 @@ pub static INTERCEPT_CONNECTS: LruHashMap<u64, InterceptDst> = LruHashMap::with_
 pub static INTERCEPT_PEERS: LruHashMap<InterceptPeer, InterceptDst> =
     LruHashMap::with_max_entries(INTERCEPT_ENTRIES, 0);
 
-/// 256 KiB: room for about 3600 events between two reads of the agent.
+/// 256 KiB here: the agent sizes it from `--max-flows` at load time
+/// (`datapath::events::ring_bytes`; 2 MiB for the default table).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -96,7 +97,7 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 /// Unread bytes from which an event wakes the agent: about 450 events, an
-/// eighth of the default ring, so a burst is read long before the ring fills.
+/// eighth of the smallest ring, so a burst is read long before it fills.
 const WAKE_AT_BYTES: u64 = 32 * 1024;
 
 /// Writes an event to `EVENTS` without waking the agent, which reads the
