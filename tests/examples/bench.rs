@@ -137,6 +137,7 @@ fn run() -> Result<()> {
     let args = parse_args()?;
     if args.check {
         let committed = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md"));
+        let committed = committed.canonicalize().unwrap_or(committed);
         return gate::check(&testrun_sizes(false), &committed);
     }
     let start = Instant::now();

@@ -1,5 +1,5 @@
 //! The benchmark as a regression gate (`cargo xtask bench --check`, issue 16):
-//! the TEST_RUN table of `BENCHMARKS.md` read back, and a fresh run compared
+//! the `TEST_RUN` table of `BENCHMARKS.md` read back, and a fresh run compared
 //! with it. Pure functions, so that `cargo test` checks them on real table
 //! text; the measuring is in `tests/examples/bench/gate.rs`.
 //!
@@ -15,14 +15,14 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-/// The title of the TEST_RUN section, as `tests/examples/bench/testrun.rs` writes it.
+/// The title of the `TEST_RUN` section, as `tests/examples/bench/testrun.rs` writes it.
 pub const TESTRUN_TITLE: &str = "Datapath cost per packet (BPF_PROG_TEST_RUN)";
 
 /// A path that got more than this much slower (as a ratio against the empty
 /// classifier) is a regression.
 pub const THRESHOLD: f64 = 0.25;
 
-/// One row of the TEST_RUN table.
+/// One row of the `TEST_RUN` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     /// The program, without backticks: `conndrain_ingress`.
@@ -39,11 +39,13 @@ pub struct Row {
 
 impl Row {
     /// How the gate names the row: program, path, and "¹" for single runs.
+    #[must_use]
     pub fn label(&self) -> String {
         format!("`{}` {}{}", self.program, self.path, if self.single { " ¹" } else { "" })
     }
 
     /// ns/packet ÷ the empty classifier's.
+    #[must_use]
     pub fn ratio(&self) -> f64 {
         self.ns / self.floor
     }
@@ -53,7 +55,7 @@ impl Row {
     }
 }
 
-/// The rows of the TEST_RUN table in `doc` (a whole `BENCHMARKS.md`, or the
+/// The rows of the `TEST_RUN` table in `doc` (a whole `BENCHMARKS.md`, or the
 /// section alone as the benchmark prints it), without the empty
 /// classifier's own rows (they are the floor of the others).
 pub fn parse(doc: &str) -> Result<Vec<Row>> {
@@ -122,6 +124,7 @@ fn cells(line: &str) -> Vec<String> {
 
 /// For each row, the better (lower ratio) of two measurements; rows in only
 /// one of them are kept.
+#[must_use]
 pub fn best(a: &[Row], b: &[Row]) -> Vec<Row> {
     let mut out: Vec<Row> = a.to_vec();
     for row in b {
@@ -142,15 +145,18 @@ pub struct Compared {
 }
 
 impl Compared {
+    #[must_use]
     pub fn label(&self) -> String {
         self.committed.label()
     }
 
     /// The measured ratio ÷ the committed one − 1: +0.30 is 30 % slower.
+    #[must_use]
     pub fn change(&self) -> f64 {
         self.measured.ratio() / self.committed.ratio() - 1.0
     }
 
+    #[must_use]
     pub fn regressed(&self) -> bool {
         self.change() > THRESHOLD
     }
@@ -168,11 +174,13 @@ pub struct Comparison {
 }
 
 impl Comparison {
+    #[must_use]
     pub fn regressed(&self) -> Vec<&Compared> {
         self.rows.iter().filter(|r| r.regressed()).collect()
     }
 }
 
+#[must_use]
 pub fn compare(committed: &[Row], measured: &[Row]) -> Comparison {
     let now: BTreeMap<_, &Row> = measured.iter().map(|r| (r.key(), r)).collect();
     let mut out = Comparison::default();

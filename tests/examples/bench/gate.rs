@@ -1,4 +1,4 @@
-//! `--check` (`cargo xtask bench --check`): the TEST_RUN section measured
+//! `--check` (`cargo xtask bench --check`): the `TEST_RUN` section measured
 //! again and compared, row by row, with the table committed in
 //! `BENCHMARKS.md` (`conndrain_tests::benchgate` reads and compares them).
 //! Fails when a path got more than 25 % slower against the empty classifier
