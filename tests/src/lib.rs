@@ -23,6 +23,7 @@
 //! ```
 
 mod agent;
+pub mod benchgate;
 mod bpffs;
 mod cgroup;
 pub mod cni;

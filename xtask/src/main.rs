@@ -79,6 +79,11 @@ enum Cmd {
     /// Setup, release build, then measure the datapath's cost and write BENCHMARKS.md
     /// (needs root). Args after `--` go to the benchmark (`-- --help`).
     Bench {
+        /// The regression gate instead: measure the TEST_RUN section and fail when a
+        /// path got more than 25 % slower (against the empty classifier of the same
+        /// run) than in the committed BENCHMARKS.md. Run it after any change under ebpf/.
+        #[arg(long)]
+        check: bool,
         /// Passed to the benchmark, e.g. `--quick` or `--sections testrun,drain`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -185,11 +190,17 @@ fn run(command: Cmd) -> Result<()> {
                 .args(["--package", "conndrain-tests", "--example", "rollout", "--", "--short"]);
             cmd::run(&mut rollout)
         }
-        Cmd::Bench { args } => {
+        Cmd::Bench { check, args } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
             setup::run(&root)?;
             build(&root, true)?;
-            bench::run(&root, cargo(&root, "run", true), cargo(&root, "run", true), &args)
+            bench::run(
+                &root,
+                cargo(&root, "run", true),
+                cargo(&root, "run", true),
+                check,
+                &args,
+            )
         }
         Cmd::Image => {
             setup::run(&root)?;

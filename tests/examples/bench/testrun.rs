@@ -143,6 +143,8 @@ pub fn run(sizes: &Sizes) -> Result<(Section, Results)> {
     let stranger = data(STRANGER_A.parse()?, STRANGER_B.parse()?);
     let stranger6 = data(STRANGER_A_V6.parse()?, STRANGER_B_V6.parse()?);
     // The IPv6 rows come last; "(IPv6)" in the path marks them.
+    // `cargo xtask bench --check` matches rows by program and path text
+    // (tests/src/benchgate.rs): a path whose meaning changes must change its text.
     let cases: Vec<(&str, &str, RawFd, Vec<u8>, u32)> = vec![
         ("empty classifier", "any packet (the floor)", empty.fd(), stranger.clone(), TC_ACT_UNSPEC),
         ("conndrain_ingress", UNRELATED, ingress, stranger.clone(), TC_ACT_UNSPEC),
