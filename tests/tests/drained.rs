@@ -209,7 +209,9 @@ fn a_request_in_flight_longer_than_the_idle_timeout_holds_the_pod() -> Result<()
 fn a_connection_whose_events_were_lost_still_holds_the_pod() -> Result<()> {
     require_root()?;
     let topo = Topology::builder().pod("web").pod("dns").build()?;
-    let agent = Agent::start(topo.node(), &[])?;
+    // A table of 32768 flows gets the smallest ring (256 KiB, about 3600
+    // events; the default table's 2 MiB would hold the whole flood).
+    let agent = Agent::start(topo.node(), &["--max-flows", "32768"])?;
     let (web, dns) = (topo.pod("web"), topo.pod("dns"));
     agent.cli().add_pod(web)?;
     agent.cli().add_pod(dns)?;
