@@ -397,7 +397,10 @@ fn clsact_filters_are_adopted_in_place_across_a_restart() -> Result<()> {
     let topo = Topology::builder().pod("web").build()?;
     let web = topo.pod("web");
     let bpf = bpffs.arg();
-    let args = ["--attach", "clsact", "--bpffs", &bpf];
+    // The connections carry no traffic: under the guest's emulated CPU a
+    // restart (the 6.1 verifier) outlasted the default 30 s idle timeout,
+    // and they were counted idle, not active.
+    let args = ["--attach", "clsact", "--bpffs", &bpf, "--idle-timeout", "600"];
     let mut agent = Agent::start(topo.node(), &args)?;
     let cli = agent.cli();
     cli.add_pod(web)?;
