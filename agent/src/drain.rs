@@ -116,6 +116,15 @@ pub struct FlowCounts {
     pub ignored: u64,
 }
 
+impl std::ops::AddAssign for FlowCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.active += o.active;
+        self.idle += o.idle;
+        self.outbound += o.outbound;
+        self.ignored += o.ignored;
+    }
+}
+
 /// A pod's termination: when it began, its limits, and its outcome once known.
 #[derive(Clone, Debug)]
 pub struct Termination {

@@ -47,11 +47,35 @@ impl Tables for crate::datapath::Datapath {
 #[derive(Default)]
 pub struct FlowIndex {
     by_slot: HashMap<u32, HashMap<FlowKey, u64>>,
+    /// Each pod's latest full count, and when it was made: what a listing
+    /// shows for a pod too large to count afresh (`node/census.rs`).
+    counted: HashMap<u32, Counted>,
     /// Flows found gone or replaced while still indexed (LRU evictions).
     pub evicted: u64,
     /// Flows found in the tables through an open socket, that no event had
     /// brought (the event ring was full).
     pub reconciled: u64,
+}
+
+/// A pod's flows counted at `at_ns`.
+#[derive(Clone, Copy, Debug)]
+pub struct Counted {
+    pub counts: FlowCounts,
+    pub at_ns: u64,
+}
+
+/// What `FlowIndex::classify_range` found.
+#[derive(Debug, Default)]
+pub struct Classified {
+    pub counts: FlowCounts,
+    /// The next time one of these flows changes class on its own.
+    pub next: Option<u64>,
+    /// The flows themselves, when asked for.
+    pub flows: Vec<(FlowKey, FlowValue, FlowClass)>,
+    /// Flows looked up.
+    pub visited: usize,
+    /// Of those, the ones found gone and dropped from the index.
+    pub removed: usize,
 }
 
 /// One open inbound socket that holds its pod, and why.
@@ -84,11 +108,31 @@ pub struct SocketEvidence {
 impl FlowIndex {
     pub fn add_slot(&mut self, slot: u32) {
         self.by_slot.insert(slot, HashMap::new());
+        self.counted.remove(&slot);
     }
 
     /// Forgets a slot; returns the keys it had.
     pub fn remove_slot(&mut self, slot: u32) -> Vec<FlowKey> {
+        self.counted.remove(&slot);
         self.by_slot.remove(&slot).map(|m| m.into_keys().collect()).unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    fn clone_for_test(&self) -> Self {
+        Self { by_slot: self.by_slot.clone(), ..Self::default() }
+    }
+
+    /// Keeps `counts`, a full count of the pod's flows made at `at_ns`.
+    pub fn remember(&mut self, slot: u32, counts: FlowCounts, at_ns: u64) {
+        if self.by_slot.contains_key(&slot) {
+            self.counted.insert(slot, Counted { counts, at_ns });
+        }
+    }
+
+    /// The pod's latest full count, if it was counted since it got its slot.
+    #[must_use]
+    pub fn counted(&self, slot: u32) -> Option<Counted> {
+        self.counted.get(&slot).copied()
     }
 
     #[must_use]
@@ -159,14 +203,39 @@ impl FlowIndex {
         c: Counting<'_>,
         collect: bool,
     ) -> (FlowCounts, Option<u64>, Vec<(FlowKey, FlowValue, FlowClass)>) {
-        let mut counts = FlowCounts::default();
-        let mut next: Option<u64> = None;
-        let mut seen = Vec::new();
+        let part = self.classify_range(tables, slot, 0, usize::MAX, now, c, collect);
+        (part.counts, part.next, part.flows)
+    }
+
+    /// The pod's indexed flows.
+    #[must_use]
+    pub fn len(&self, slot: u32) -> usize {
+        self.by_slot.get(&slot).map_or(0, HashMap::len)
+    }
+
+    /// `classify_pod` of at most `limit` of the pod's flows, from the
+    /// `from`th in the index's order: a census of a large pod in steps, each
+    /// a short hold of the agent's lock (`node/census.rs`). The order holds
+    /// between steps unless flows are added meanwhile; a census is a count
+    /// for display, never a drain verdict, so a flow counted twice or missed
+    /// then is acceptable.
+    pub fn classify_range(
+        &mut self,
+        tables: &impl Tables,
+        slot: u32,
+        from: usize,
+        limit: usize,
+        now: u64,
+        c: Counting<'_>,
+        collect: bool,
+    ) -> Classified {
+        let mut part = Classified::default();
         let Some(flows) = self.by_slot.get_mut(&slot) else {
-            return (counts, None, seen);
+            return part;
         };
         let mut gone = Vec::new();
-        for (key, first_seen) in flows.iter() {
+        for (key, first_seen) in flows.iter().skip(from).take(limit) {
+            part.visited += 1;
             let v = match tables.flow(key) {
                 Ok(Some(v)) if v.first_seen_ns == *first_seen => v,
                 // Replaced: a new incarnation on the same tuple (a reused port,
@@ -190,32 +259,33 @@ impl FlowIndex {
                 Err(e) => {
                     tracing::warn!(error = %e, "flow lookup");
                     // Unknown: count it as holding rather than lose it.
-                    counts.active += 1;
+                    part.counts.active += 1;
                     continue;
                 }
             };
             let (class, changes_at) = drain::classify_for(key, &v, now, c);
             match class {
-                FlowClass::Active => counts.active += 1,
-                FlowClass::Idle => counts.idle += 1,
-                FlowClass::Outbound => counts.outbound += 1,
-                FlowClass::Ignored => counts.ignored += 1,
+                FlowClass::Active => part.counts.active += 1,
+                FlowClass::Idle => part.counts.idle += 1,
+                FlowClass::Outbound => part.counts.outbound += 1,
+                FlowClass::Ignored => part.counts.ignored += 1,
                 FlowClass::Inactive => {
                     gone.push(*key);
                     continue;
                 }
             }
             if let Some(c) = changes_at {
-                next = Some(next.map_or(c, |n: u64| n.min(c)));
+                part.next = Some(part.next.map_or(c, |n: u64| n.min(c)));
             }
             if collect {
-                seen.push((*key, v, class));
+                part.flows.push((*key, v, class));
             }
         }
+        part.removed = gone.len();
         for k in gone {
             flows.remove(&k);
         }
-        (counts, next, seen)
+        part
     }
 
     /// Checks the pod's open inbound sockets against the index. A socket
@@ -488,5 +558,55 @@ mod tests {
         let mut ix = FlowIndex::default();
         ix.add_slot(1);
         assert!(ix.sockets(&mem, 1, 100 * S, all()).incomplete.is_some());
+    }
+
+    /// A census in steps (`node/census.rs`): the steps' counts add up to the
+    /// whole pod's, even when flows found gone leave the index between them
+    /// (the next step starts that many places earlier).
+    #[test]
+    fn counting_in_steps_adds_up_to_counting_at_once() {
+        let mem = Mem::default();
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        for port in 1..=100 {
+            ix.insert(1, key(port), S);
+            // Every third is gone from the tables (evicted); the others
+            // alternate between active and idle.
+            if port % 3 != 0 {
+                let last = if port % 2 == 0 { 99 * S } else { 10 * S };
+                mem.flows.borrow_mut().insert(key(port), tcp(S, last, direction::INBOUND, 0));
+            }
+        }
+        let mut whole = ix.clone_for_test();
+        let (want, _, _) = whole.classify_pod(&mem, 1, 100 * S, all(), false);
+        assert_eq!(want.active + want.idle, 67);
+        let (mut got, mut from, mut steps) = (FlowCounts::default(), 0, 0);
+        loop {
+            let part = ix.classify_range(&mem, 1, from, 7, 100 * S, all(), false);
+            got += part.counts;
+            from += part.visited - part.removed;
+            steps += 1;
+            if part.visited < 7 {
+                break;
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!((ix.len(1), ix.evicted), (67, 33));
+        assert!(steps >= 100 / 7, "{steps} steps");
+    }
+
+    /// A slot's remembered count goes with the slot: a pod that gets it next
+    /// is never shown its predecessor's flows.
+    #[test]
+    fn a_remembered_count_goes_with_its_slot() {
+        let mut ix = FlowIndex::default();
+        ix.add_slot(1);
+        ix.remember(1, FlowCounts { active: 5, ..FlowCounts::default() }, S);
+        assert_eq!(ix.counted(1).map(|c| c.counts.active), Some(5));
+        ix.remember(2, FlowCounts::default(), S); // no such slot: not kept
+        assert!(ix.counted(2).is_none());
+        ix.remove_slot(1);
+        ix.add_slot(1);
+        assert!(ix.counted(1).is_none());
     }
 }

@@ -48,6 +48,11 @@ pub struct PodView {
     /// Live inbound flows to its ignored ports (they hold nothing).
     #[serde(default)]
     pub ignored_flows: u64,
+    /// Set when the flow counts above are not from this moment but from
+    /// the pod's latest full count, this many seconds ago: a listing counts
+    /// only its first few thousand flows afresh (see `node/census.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_secs_ago: Option<f64>,
     /// Its own drain settings, as the agent applies them.
     #[serde(default)]
     pub settings: SettingsView,

@@ -9,14 +9,15 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
     Agent, NODE_V4, Netns, TcpConn, TcpServer, Topology, UdpServer,
+    TIMEOUT,
     metrics::{sample, scrape},
-    require_root, run_in,
+    require_root, run_in, wait_until,
 };
 
 const PORT: u16 = 8080;
@@ -82,9 +83,10 @@ fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
     let echoed = udp_flood(topo.client(), udp.addr(), FLOOD)?;
     ensure!(echoed > MAX_FLOWS * 2, "the flood must really fill the table: {echoed} of {FLOOD} flows echoed");
 
-    // The agent evaluates the drain on its own; `pods` classifies every
-    // pod's flows again (and notices the evicted ones).
-    cli.pods()?;
+    // The agent evaluates the drain on its own; `why` counts one pod's flows
+    // afresh whatever their number (and notices the evicted ones), which a
+    // listing does only for its first few thousand flows (`node/census.rs`).
+    cli.ok(&["why", "dns"])?;
     let pod = cli.pod("web")?;
     ensure!(
         pod.state == "draining" && pod.active_flows == 1,
@@ -103,7 +105,7 @@ fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
         "the flood went through the flow table: {status:#}"
     );
     // `maps.flows.used` is the agent's own count (its flow index), no walk:
-    // once `pods` above has counted every pod's flows (dropping the evicted
+    // once `why` above and the listing have counted every pod's flows (dropping the evicted
     // ones), it must be what a walk of the tables lists, and no more than the
     // flow table holds (and the held connection).
     let walked = cli.flows(None)?.len() as u64;
@@ -132,6 +134,55 @@ fn a_flood_of_new_flows_does_not_release_a_draining_pod_early() -> Result<()> {
         status.pointer("/maps/held/used").and_then(serde_json::Value::as_u64) == Some(0),
         "the removed pod's held flows are gone: {status:#}"
     );
+    drop(udp);
+    Ok(())
+}
+
+/// Datagrams for the census test, from as many sockets: more flows than a
+/// listing counts afresh (4096).
+const LARGE_POD_FLOWS: u32 = 6000;
+
+/// `conndrain pods` (and the metrics scrape) count a pod's flows afresh only
+/// within a budget of lookups, so a listing stays fast at 1M flows; a larger
+/// pod shows its latest full count with its age, and the census recounts it
+/// in the background (`node/census.rs`). Here the census's recount is what
+/// makes the listed count younger than the last fresh count (`why`).
+#[test]
+fn a_listing_shows_a_large_pods_latest_count_which_the_census_renews() -> Result<()> {
+    require_root()?;
+    let topo = Topology::builder().pod("dns").build()?;
+    let agent = Agent::start(topo.node(), &["--max-flows", "16384", "--udp-timeout", "600"])?;
+    let cli = agent.cli();
+    cli.add_pod(topo.pod("dns"))?;
+    let dns = topo.pod("dns");
+    let udp = UdpServer::start(dns.ns(), dns.addr_v4(53))?;
+    udp_flood(topo.client(), udp.addr(), LARGE_POD_FLOWS)?;
+    // Sockets in a row reuse source ports, so there are fewer flows than
+    // datagrams: the flows are those the datapath created, once all indexed.
+    let status = wait_until(
+        "the agent indexed every flow the datapath created",
+        TIMEOUT,
+        || cli.status(),
+        |s| s.pointer("/maps/flows/used").is_some_and(|u| Some(u) == s.pointer("/stats/flows_created")),
+    )?;
+    let flows = status.pointer("/maps/flows/used").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    ensure!(flows > 4096, "the flood must outgrow a listing's budget: {flows} flows");
+
+    // A fresh count, then listings: none counts the pod afresh again.
+    cli.ok(&["why", "dns"])?;
+    let fresh = Instant::now();
+    let listed = cli.pod("dns")?;
+    ensure!(listed.counted_secs_ago.is_some(), "a pod beyond the budget shows its latest count: {listed:?}");
+    ensure!(listed.active_flows == flows, "`why`'s count of every flow: {listed:?}");
+
+    // The census recounts it: the listed count gets younger than `why`'s.
+    let renewed = wait_until(
+        "the census recounted the pod",
+        TIMEOUT,
+        || cli.pod("dns"),
+        |p| p.counted_secs_ago.is_some_and(|ago| ago + 1.0 < fresh.elapsed().as_secs_f64()),
+    )?;
+    ensure!(renewed.active_flows == flows, "the census counted every flow: {renewed:?}");
     drop(udp);
     Ok(())
 }

@@ -268,6 +268,7 @@ pub async fn run(args: Args, socket: &Path) -> anyhow::Result<()> {
         r = kube_task => r.context("Kubernetes"),
         () = node.run_evaluator() => Ok(()),
         () = node.run_steering() => Ok(()),
+        () = node.run_census() => Ok(()),
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted, shutting down"); Ok(()) }
         _ = term.recv() => { tracing::info!("terminated, shutting down"); Ok(()) }
     };

@@ -76,6 +76,7 @@ fn changes(pods: &[PodView]) -> Vec<String> {
                 open_sockets,
                 note,
                 ignored_flows,
+                counted_secs_ago: _,
                 settings,
             } = p;
             format!(
@@ -124,7 +125,12 @@ fn print(pods: &[PodView], output: Output) -> anyhow::Result<String> {
             let interfaces = if p.interfaces.is_empty() { "-".to_owned() } else { p.interfaces.join(",") };
             let _ = write!(out, " {:>7} {:>11} {:<16}", p.open_sockets, opt(p.terminating_for_secs), interfaces);
         }
-        let _ = writeln!(out, "  {}", p.note.as_ref().map_or_else(|| ips.join(","), |n| format!("({n})")));
+        let _ = write!(out, "  {}", p.note.as_ref().map_or_else(|| ips.join(","), |n| format!("({n})")));
+        if let Some(ago) = p.counted_secs_ago {
+            // A large pod in a listing: its latest full count (node/census.rs).
+            let _ = write!(out, " (flows counted {} ago)", human_secs(ago));
+        }
+        out.push('\n');
     }
     Ok(out)
 }

@@ -81,6 +81,7 @@ impl Node {
             let c = Counting { timeouts: t, ignore_ports: &ignore };
             let sockets = index.sockets(datapath, slot, now, c);
             let (counts, flow_next, _) = index.classify_pod(datapath, slot, now, c, false);
+            index.remember(slot, counts, now);
             let Some(pod) = inner.pods.get_mut(&name) else {
                 continue;
             };

@@ -24,6 +24,7 @@ use crate::{
     metrics::Metrics,
 };
 
+mod census;
 mod evaluator;
 mod persist;
 mod registry;

@@ -54,6 +54,7 @@ fn skipped_view(name: &str, skipped: &SkippedPod) -> PodView {
         open_sockets: 0,
         note: Some(skipped.reason.clone()),
         ignored_flows: 0,
+        counted_secs_ago: None,
         settings: SettingsView::default(),
     }
 }
@@ -165,14 +166,18 @@ impl Node {
         let now = now_ns();
         let names: Vec<String> = inner.pods.keys().cloned().collect();
         let (t, quiet) = (self.settings.timeouts, self.settings.default_quiet_period);
-        let mut out: Vec<PodView> = names.iter().filter_map(|n| inner.view(n, now, t, quiet)).collect();
+        let mut budget = super::census::LISTING_LOOKUPS;
+        let mut out: Vec<PodView> = names.iter().filter_map(|n| inner.view(n, now, t, quiet, &mut budget)).collect();
         out.extend(inner.skipped.iter().map(|(name, skipped)| skipped_view(name, skipped)));
         out
     }
 
     pub async fn pod(&self, name: &str) -> Result<PodView, PodError> {
         let mut inner = self.inner.lock().await;
-        let view = inner.view(name, now_ns(), self.settings.timeouts, self.settings.default_quiet_period);
+        // One pod: counted afresh, whatever its size.
+        let mut unlimited = usize::MAX;
+        let view =
+            inner.view(name, now_ns(), self.settings.timeouts, self.settings.default_quiet_period, &mut unlimited);
         view.or_else(|| inner.skipped.get(name).map(|s| skipped_view(name, s)))
             .ok_or_else(|| PodError::Unknown(name.to_owned()))
     }
@@ -181,7 +186,8 @@ impl Node {
         let mut inner = self.inner.lock().await;
         let now = now_ns();
         let t = self.settings.timeouts;
-        let Some(pod) = inner.view(name, now, t, self.settings.default_quiet_period) else {
+        let mut unlimited = usize::MAX;
+        let Some(pod) = inner.view(name, now, t, self.settings.default_quiet_period, &mut unlimited) else {
             let skipped = inner.skipped.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
             return Ok(Why {
                 pod: skipped_view(name, skipped),
@@ -296,12 +302,30 @@ impl Node {
 }
 
 impl Inner {
-    pub(super) fn view(&mut self, name: &str, now: u64, t: Timeouts, default_quiet: Duration) -> Option<PodView> {
+    /// The pod's view. Its flows are counted afresh when they are at most
+    /// `budget` lookups, which are then spent; else its latest full count is
+    /// shown, with its age (`census.rs`).
+    pub(super) fn view(
+        &mut self,
+        name: &str,
+        now: u64,
+        t: Timeouts,
+        default_quiet: Duration,
+        budget: &mut usize,
+    ) -> Option<PodView> {
         let (slot, ignore) = self.pods.get(name).map(|p| (p.slot, p.settings.ignore_ports.clone()))?;
         let counters = self.datapath.counters(slot).unwrap_or_default();
         let open_sockets = self.datapath.pod_sockets(slot).map(|s| s.open).unwrap_or(0);
         let c = Counting { timeouts: t, ignore_ports: &ignore };
-        let (counts, _, _) = self.index.classify_pod(&self.datapath, slot, now, c, false);
+        let (counts, counted_secs_ago) = match self.index.counted(slot) {
+            Some(k) if self.index.len(slot) > *budget => (k.counts, Some(secs(now.saturating_sub(k.at_ns)))),
+            _ => {
+                *budget = budget.saturating_sub(self.index.len(slot));
+                let (counts, _, _) = self.index.classify_pod(&self.datapath, slot, now, c, false);
+                self.index.remember(slot, counts, now);
+                (counts, None)
+            }
+        };
         self.metrics.flows_evicted.inc_by(std::mem::take(&mut self.index.evicted));
         let pod = self.pods.get(name)?;
         let interfaces = pod
@@ -334,6 +358,7 @@ impl Inner {
             note: pod.unseen.clone(),
             open_sockets,
             ignored_flows: counts.ignored,
+            counted_secs_ago,
             settings: settings_view(&pod.settings, term, default_quiet),
         })
     }

@@ -369,7 +369,7 @@ fn l4_csum_off(pkt: &Packet, l4_off: usize) -> usize {
 /// top of) `reset`'s.
 #[inline(never)]
 fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<()> {
-    let l4_off = pkt.l4_off + ETH_HLEN - L2;
+    let l4_off = usize::from(pkt.l4_off) + ETH_HLEN - L2;
     let csum = l4_csum_off(pkt, l4_off);
     let l4_flags = if pkt.proto == PROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
     if pkt.family == FAMILY_V4 {
@@ -429,7 +429,7 @@ fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, pin: &Pin) -> Option<
 /// stack frame of their own.
 #[inline(never)]
 fn reset(ctx: &TcContext, pkt: &Packet) -> Option<()> {
-    let ack: [u8; 4] = ctx.load(pkt.l4_off + 8).ok()?;
+    let ack: [u8; 4] = ctx.load(usize::from(pkt.l4_off) + 8).ok()?;
     let macs: [u8; 12] = ctx.load(0).ok()?;
     let tcp: [u8; 20] = {
         let mut t = [0u8; 20];

@@ -59,6 +59,10 @@ pub struct PodStatus {
     /// Live inbound flows to the pod's ignored ports (its settings).
     #[serde(default)]
     pub ignored_flows: u64,
+    /// Set when a listing showed the pod's latest full count, made this many
+    /// seconds ago, instead of counting its flows afresh.
+    #[serde(default)]
+    pub counted_secs_ago: Option<f64>,
 }
 
 /// One element of `conndrain flows -o json`.

@@ -71,6 +71,20 @@ impl Harness {
 
     /// Like `new`, with a flow table of `flows` entries (as `--max-flows`).
     pub fn with_flow_table(flows: u32) -> Self {
+        Self::loading(
+            flows,
+            &[programs::INGRESS, programs::INGRESS_TRACK, programs::EGRESS, programs::INGRESS_L3, programs::EGRESS_L3],
+        )
+    }
+
+    /// Like `new`, with only `names` loaded: each load is the verifier's
+    /// whole search, seconds on Linux 6.1 under the guest stage's TCG, so a
+    /// test that makes a harness per case loads only the program it runs.
+    pub fn with_programs(names: &[&str]) -> Self {
+        Self::loading(FLOW_TABLE_SIZE, names)
+    }
+
+    fn loading(flows: u32, names: &[&str]) -> Self {
         let object: Cow<'static, [u8]> = match std::env::var_os(OBJECT_OVERRIDE) {
             Some(path) => Cow::Owned(
                 std::fs::read(&path)
@@ -86,13 +100,7 @@ impl Harness {
             .map_max_entries(maps::FLOWS, flows)
             .load(&object)
             .expect("loading the eBPF object");
-        for name in [
-            programs::INGRESS,
-            programs::INGRESS_TRACK,
-            programs::EGRESS,
-            programs::INGRESS_L3,
-            programs::EGRESS_L3,
-        ] {
+        for &name in names {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("no program {name} in the object"))

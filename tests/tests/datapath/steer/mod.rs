@@ -84,14 +84,14 @@ fn check_row(row: &Row) -> Result<(), String> {
         skb_csum,
         l3,
     } = row;
-    let mut h = Harness::new();
+    let prog = if *l3 { programs::INGRESS_L3 } else { programs::INGRESS };
+    let mut h = Harness::with_programs(&[prog]);
     {
         let mut map: HashMap<_, WireKey, Pin> = HashMap::try_from(h.ebpf_mut().map_mut(maps::PINS).unwrap()).unwrap();
         for (k, v) in pins {
             map.insert(k, v, 0).unwrap();
         }
     }
-    let prog = if *l3 { programs::INGRESS_L3 } else { programs::INGRESS };
     for frame in earlier {
         run_ingress(&h, prog, frame, *skb_csum).map_err(|e| format!("an earlier frame: {e}"))?;
     }
