@@ -14,8 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use conndrain_tests::{
-    Agent, NODE_V4, Netns, TcpConn, TcpServer, Topology, UdpServer,
-    TIMEOUT,
+    Agent, NODE_V4, Netns, TIMEOUT, TcpConn, TcpServer, Topology, UdpServer,
     metrics::{sample, scrape},
     require_root, run_in, wait_until,
 };

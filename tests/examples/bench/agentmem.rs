@@ -50,8 +50,9 @@ pub fn run(stages: &[u32]) -> Result<Section> {
         sent = stage;
         settle(pid)?;
         let mem = rss(pid)?;
+        let tracked = indexed_flows(&cli)?;
         let t = Instant::now();
-        let tracked = pod_flows(&cli)?;
+        cli.pods()?;
         let took = t.elapsed();
         let per_flow = mem.saturating_sub(idle) as f64 / tracked.max(1) as f64;
         eprintln!("bench: {stage} flows sent, {tracked} tracked, RSS {}", mib(mem));
@@ -78,17 +79,17 @@ pub fn run(stages: &[u32]) -> Result<Section> {
              namespace sends one UDP datagram per flow to the pod through the node (distinct source \
              and destination ports, {} datagrams/s), so every datagram is a new inbound flow and one \
              event that the agent adds to its flow index. The agent's RSS (`VmRSS`) is read once its \
-             CPU time has stopped growing, before anything queries it. \"Flows the agent tracks\" is the \
-             pod's `active_flows` + `idle_flows` from `conndrain pods -o json`; RSS per flow is per \
-             tracked flow.",
+             CPU time has stopped growing, before anything queries it. \"Flows the agent tracks\" are \
+             those in its flow index (`status`'s `maps.flows.used`; all the pod's); RSS per flow is per \
+             tracked flow. A listing counts a pod this large from its latest full count, not afresh \
+             (see `agentscale`).",
             count(RATE as u64)
         ),
         table,
         notes: vec![format!(
             "At the end the agent knew of {} flows (`status`'s `maps.flows.used`) and {} events had \
-             been lost. `conndrain pods` counts a pod's flows by a point lookup of each indexed flow in \
-             the kernel table, and `conndrain status` reads counts the agent keeps (no walk): at the \
-             last stage these took the times shown and {:.2} s, respectively (see `agentscale`).",
+             been lost. `conndrain pods` and `conndrain status` read counts the agent keeps (no walk): \
+             at the last stage these took the times shown and {:.2} s, respectively (see `agentscale`).",
             count(in_table),
             count(lost),
             status_took.as_secs_f64()
@@ -96,9 +97,10 @@ pub fn run(stages: &[u32]) -> Result<Section> {
     })
 }
 
-fn pod_flows(cli: &Cli) -> Result<u64> {
-    let pod = cli.pod("bench")?;
-    Ok(pod.active_flows + pod.idle_flows)
+/// The flows in the agent's index (one pod registered: all its flows).
+fn indexed_flows(cli: &Cli) -> Result<u64> {
+    let status = cli.status()?;
+    status["maps"]["flows"]["used"].as_u64().with_context(|| format!("no maps.flows.used in {status}"))
 }
 
 /// Sockets in `client` to send new flows from: each sends to 65,535 ports.
