@@ -44,7 +44,7 @@ impl Tables for crate::datapath::Datapath {
 
 /// Live flows per pod slot, with the `first_seen_ns` that identifies their
 /// incarnation.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct FlowIndex {
     by_slot: HashMap<u32, HashMap<FlowKey, u64>>,
     /// Each pod's latest full count, and when it was made: what a listing
@@ -115,11 +115,6 @@ impl FlowIndex {
     pub fn remove_slot(&mut self, slot: u32) -> Vec<FlowKey> {
         self.counted.remove(&slot);
         self.by_slot.remove(&slot).map(|m| m.into_keys().collect()).unwrap_or_default()
-    }
-
-    #[cfg(test)]
-    fn clone_for_test(&self) -> Self {
-        Self { by_slot: self.by_slot.clone(), ..Self::default() }
     }
 
     /// Keeps `counts`, a full count of the pod's flows made at `at_ns`.
@@ -577,7 +572,7 @@ mod tests {
                 mem.flows.borrow_mut().insert(key(port), tcp(S, last, direction::INBOUND, 0));
             }
         }
-        let mut whole = ix.clone_for_test();
+        let mut whole = ix.clone();
         let (want, _, _) = whole.classify_pod(&mem, 1, 100 * S, all(), false);
         assert_eq!(want.active + want.idle, 67);
         let (mut got, mut from, mut steps) = (FlowCounts::default(), 0, 0);

@@ -71,15 +71,15 @@ impl Node {
                     break; // removed meanwhile (its slot may be another pod's now)
                 }
                 let now = now_ns();
-                let super::Inner { index, datapath, metrics, .. } = &mut *inner;
+                let super::Inner { index, datapath, .. } = &mut *inner;
                 let part = index.classify_range(datapath, slot, from, STEP, now, c, false);
-                metrics.flows_evicted.inc_by(std::mem::take(&mut index.evicted));
                 total += part.counts;
                 // The flows found gone left the index: the next step starts
                 // that many places earlier.
                 from += part.visited - part.removed;
+                inner.publish_evictions();
                 if part.visited < STEP {
-                    index.remember(slot, total, now);
+                    inner.index.remember(slot, total, now);
                     break;
                 }
                 drop(inner);

@@ -125,7 +125,7 @@ impl Node {
                 next = Some(next.map_or(t, |n: u64| n.min(t)));
             }
         }
-        self.metrics.flows_evicted.inc_by(std::mem::take(&mut inner.index.evicted));
+        inner.publish_evictions();
         if changed {
             inner.touch();
             inner.save();

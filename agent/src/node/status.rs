@@ -302,6 +302,11 @@ impl Node {
 }
 
 impl Inner {
+    /// Adds the evictions the index found since the last call to the metric.
+    pub(super) fn publish_evictions(&mut self) {
+        self.metrics.flows_evicted.inc_by(std::mem::take(&mut self.index.evicted));
+    }
+
     /// The pod's view. Its flows are counted afresh when they are at most
     /// `budget` lookups, which are then spent; else its latest full count is
     /// shown, with its age (`census.rs`).
@@ -326,7 +331,7 @@ impl Inner {
                 (counts, None)
             }
         };
-        self.metrics.flows_evicted.inc_by(std::mem::take(&mut self.index.evicted));
+        self.publish_evictions();
         let pod = self.pods.get(name)?;
         let interfaces = pod
             .ifindexes

@@ -162,8 +162,8 @@ fn parsed<'a, const L2: usize>(
     // the parser and gave up at a million instructions. Seven volatile word
     // stores: LLVM turns plain ones into a call to a byte-by-byte memset.
     let words = slot.as_mut_ptr().cast::<u64>();
-    for i in 0..7 {
-        // SAFETY: `Packet` is 56 bytes, 8-aligned: seven words.
+    for i in 0..size_of::<parse::Packet>() / 8 {
+        // SAFETY: `Packet` is 8-aligned and a multiple of 8 bytes (`_pad`).
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
     if parse::parse::<L2>(ctx, slot.as_mut_ptr()) {

@@ -45,11 +45,11 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// `repr(C)` with every byte a field (`_pad` included): a `Packet` is
-/// written whole by `parse` and never zeroed first, so no byte of it may be
-/// padding, which Linux 6.1's verifier would see as uninitialized stack when
-/// the struct is copied. 8-aligned, with the addresses first:
-/// `flow::words` reads each as two aligned words.
+/// `repr(C)` with every byte a field (`_pad` included): `parse` writes a
+/// `Packet` whole, so no byte of it is padding, which Linux 6.1's verifier
+/// would see as uninitialized stack when the struct is copied. 8-aligned,
+/// with the addresses first: `flow::words` reads each as two aligned words,
+/// and the caller zeroes its slot as whole words (`parsed` in main.rs).
 #[repr(C, align(8))]
 pub struct Packet {
     /// IPv4 as IPv4-mapped IPv6, like `PodIpKey`.
@@ -96,9 +96,9 @@ pub struct Packet {
 /// into the caller's branch, but not a tag byte written to the stack, and
 /// before Linux 6.3 it refuses the `Some` branch's reads of a packet that the
 /// `None` path never wrote ("invalid read from stack"). `out` is written
-/// whole on `true` (all of it fields, see `Packet`), so the caller need not
-/// zero it first: a 56-byte memset was a third of the cost of an unrelated
-/// packet.
+/// whole on `true` (all of it fields, see `Packet`); the caller still zeroes
+/// it first, for 6.1's verifier (`parsed` in main.rs says why), with word
+/// stores: a 56-byte memset was a third of the cost of an unrelated packet.
 #[inline(never)]
 pub fn parse<const L2: usize>(ctx: &TcContext, out: *mut Packet) -> bool {
     let pkt = if L2 == 0 {
