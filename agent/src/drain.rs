@@ -75,8 +75,11 @@ pub fn classify(proto: u8, v: &FlowValue, now: u64, t: Timeouts) -> (FlowClass, 
     if proto == PROTO_TCP {
         // Data went to the pod last and none came back: a request in
         // flight (a slow handler, a long poll), however long it is quiet.
+        // Its answer sends the agent no event (that would be one per
+        // response), so look again within the idle timeout: an answer at
+        // any time until then is seen before its flow could turn idle.
         if v.flags & flow_flags::AWAITING_REPLY != 0 {
-            return (FlowClass::Active, None);
+            return (FlowClass::Active, Some(now.saturating_add(t.idle_ns)));
         }
         if quiet > t.idle_ns {
             return (FlowClass::Idle, None);
@@ -305,7 +308,13 @@ mod tests {
         assert_eq!(classify(tcp, &flow(tcp_state::CLOSING, ib, 95 * S), now, t).0, FlowClass::Active);
         // A request in flight holds however long the handler takes.
         let waiting = FlowValue { flags: flow_flags::AWAITING_REPLY, ..flow(tcp_state::ESTABLISHED, ib, 10 * S) };
-        assert_eq!(classify(tcp, &waiting, now, t), (FlowClass::Active, None));
+        assert_eq!(classify(tcp, &waiting, now, t), (FlowClass::Active, Some(now + t.idle_ns)));
+        // Answered at any time before that look: still active then, idle only later.
+        let answered = |at| FlowValue { flags: 0, ..flow(tcp_state::ESTABLISHED, ib, at) };
+        for at in [now, now + t.idle_ns] {
+            let (class, next) = classify(tcp, &answered(at), now + t.idle_ns, t);
+            assert_eq!((class, next), (FlowClass::Active, Some(at + t.idle_ns + 1)));
+        }
         assert_eq!(classify(tcp, &flow(tcp_state::SYN_SENT, ib, now), now, t).0, FlowClass::Inactive);
         assert_eq!(classify(tcp, &flow(tcp_state::CLOSED, ib, now), now, t).0, FlowClass::Inactive);
         assert_eq!(classify(tcp, &flow(tcp_state::ESTABLISHED, ob, now), now, t).0, FlowClass::Outbound);

@@ -87,7 +87,8 @@ pub struct HeldBySocket {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SocketHold {
-    /// The packet path never saw this connection (another path, or evicted).
+    /// The packet path never saw this connection (another path, evicted, or
+    /// another network namespace with the pod's address).
     Unseen,
     /// The packet path has it as closed or as the pod's own outbound flow,
     /// but the socket says it is open and was opened by a peer.

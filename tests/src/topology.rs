@@ -5,18 +5,28 @@
 //!  client ns                 node ns                          pod ns
 //!  10.100.0.2  ---veth---  10.100.0.1
 //!  fd00:100::2             fd00:100::1
-//!                          10.200.i.1    ---veth (own)---   10.200.i.2       veth pods, i = 1, 2, ...
+//!                          10.200.i.1    ---veth (own)---   10.200.i.2       veth pods, i = 1..=250
 //!                          fd00:200:i::1                    fd00:200:i::2
-//!                          bridge 10.201.0.1 ---veth------   10.201.0.(j+2)  bridge pods, j = 0, 1, ...
-//!                                 fd00:201::1               fd00:201::(j+2)
+//!                          bridge 10.201.k.1 ---veth------   10.201.k.(j+2)  bridge pods, j = 0, 1, ...
+//!                                 fd00:201:k::1             fd00:201:k::(j+2)
 //! ```
+//!
+//! `i` (per veth pod) and `k` (per bridge) come from counters this process
+//! shares, so topologies built at the same time never share a pod address.
+//! Tests run concurrently on one kernel, whose sockets tracepoint shows every
+//! agent the sockets of every namespace, by address: two simulated nodes
+//! with the same pod address would hold each other's pods, which pods on
+//! different real nodes cannot.
 //!
 //! The node forwards between client and pods; pods route everything via the
 //! node, the client routes the pod ranges via the node. Most CNIs give each
 //! pod its own veth (the agent attaches to that veth); bridge CNIs enslave the
 //! host ends to one bridge (the agent attaches to the bridge).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::atomic::{AtomicU8, Ordering},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -30,8 +40,15 @@ pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
 pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
-const BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
-const BRIDGE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1);
+
+/// The next veth pod's `i` and the next bridge's `k` (see the module docs).
+static VETH_SUBNET: AtomicU8 = AtomicU8::new(0);
+static BRIDGE_SUBNET: AtomicU8 = AtomicU8::new(0);
+
+/// 1..=250, in turn: 250 subnets outlast any set of topologies alive at once.
+fn next_subnet(counter: &AtomicU8) -> u8 {
+    counter.fetch_add(1, Ordering::Relaxed) % 250 + 1
+}
 
 /// One pod: its namespace, addresses, and the node-side interface that leads
 /// to it.
@@ -203,16 +220,18 @@ impl TopologyBuilder {
         up(&topo.client, &client_if)?;
         up(&topo.node, &node_if)?;
         // The client reaches every pod range through the node.
-        for range in ["10.200.0.0/16", "10.201.0.0/24"] {
+        for range in ["10.200.0.0/16", "10.201.0.0/16"] {
             topo.client
                 .ip(&["route", "add", range, "via", &NODE_V4.to_string()])?;
         }
-        for range in ["fd00:200::/32", "fd00:201::/64"] {
+        for range in ["fd00:200::/32", "fd00:201::/32"] {
             topo.client
                 .ip(&["-6", "route", "add", range, "via", &NODE_V6.to_string()])?;
         }
 
         let (mut veth_pods, mut bridge_pods) = (0u8, 0u8);
+        let k = next_subnet(&BRIDGE_SUBNET);
+        let (bridge_v4, bridge_v6) = (Ipv4Addr::new(10, 201, k, 1), Ipv6Addr::new(0xfd00, 0x201, k.into(), 0, 0, 0, 0, 1));
         for (name, on_bridge) in &self.pods {
             if topo.pods.iter().any(|p| &p.name == name) {
                 bail!("two pods named {name:?} in one topology");
@@ -221,7 +240,7 @@ impl TopologyBuilder {
             let pod = if *on_bridge {
                 if topo.bridge.is_none() {
                     let b = format!("{tag}br");
-                    make_bridge(&topo.node, &b)?;
+                    make_bridge(&topo.node, &b, bridge_v4, bridge_v6)?;
                     topo.bridge = Some(b);
                 }
                 let bridge = topo.bridge.clone().expect("just made");
@@ -233,9 +252,9 @@ impl TopologyBuilder {
                     .ip(&["link", "set", &host_if, "master", &bridge])?;
                 up(&topo.node, &host_if)?;
                 let host = j + 2;
-                let ipv4 = Ipv4Addr::new(10, 201, 0, host);
-                let ipv6 = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, host.into());
-                pod_side(&ns, &pod_if, ipv4, ipv6, BRIDGE_V4, BRIDGE_V6)?;
+                let ipv4 = Ipv4Addr::new(10, 201, k, host);
+                let ipv6 = Ipv6Addr::new(0xfd00, 0x201, k.into(), 0, 0, 0, 0, host.into());
+                pod_side(&ns, &pod_if, ipv4, ipv6, bridge_v4, bridge_v6)?;
                 Pod {
                     name: name.clone(),
                     ipv4,
@@ -249,13 +268,14 @@ impl TopologyBuilder {
                 let i = veth_pods;
                 let (host_if, pod_if) = (format!("{tag}h{i}"), format!("{tag}p{i}"));
                 veth(&topo.node, &host_if, &ns, &pod_if)?;
-                let gw4 = Ipv4Addr::new(10, 200, i, 1);
-                let gw6 = Ipv6Addr::new(0xfd00, 0x200, i.into(), 0, 0, 0, 0, 1);
+                let s = next_subnet(&VETH_SUBNET);
+                let gw4 = Ipv4Addr::new(10, 200, s, 1);
+                let gw6 = Ipv6Addr::new(0xfd00, 0x200, s.into(), 0, 0, 0, 0, 1);
                 addr(&topo.node, &host_if, gw4.into(), 24)?;
                 addr(&topo.node, &host_if, gw6.into(), 64)?;
                 up(&topo.node, &host_if)?;
-                let ipv4 = Ipv4Addr::new(10, 200, i, 2);
-                let ipv6 = Ipv6Addr::new(0xfd00, 0x200, i.into(), 0, 0, 0, 0, 2);
+                let ipv4 = Ipv4Addr::new(10, 200, s, 2);
+                let ipv6 = Ipv6Addr::new(0xfd00, 0x200, s.into(), 0, 0, 0, 0, 2);
                 pod_side(&ns, &pod_if, ipv4, ipv6, gw4, gw6)?;
                 Pod {
                     name: name.clone(),
@@ -281,7 +301,7 @@ impl TopologyBuilder {
 }
 
 
-fn make_bridge(node: &Netns, bridge: &str) -> Result<()> {
+fn make_bridge(node: &Netns, bridge: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
     // No multicast snooping: neighbor discovery must reach every port at once.
     node.ip(&[
         "link",
@@ -292,8 +312,8 @@ fn make_bridge(node: &Netns, bridge: &str) -> Result<()> {
         "mcast_snooping",
         "0",
     ])?;
-    addr(node, bridge, BRIDGE_V4.into(), 24)?;
-    addr(node, bridge, BRIDGE_V6.into(), 64)?;
+    addr(node, bridge, v4.into(), 24)?;
+    addr(node, bridge, v6.into(), 64)?;
     up(node, bridge)
 }
 
@@ -325,6 +345,16 @@ fn verify(client: &Netns, pod: &Pod, addr: SocketAddr) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Subnets go round 1..=250, never 0 or 255.
+    #[test]
+    fn subnets_go_round_without_zero() {
+        let c = AtomicU8::new(0);
+        let first: Vec<u8> = (0..250).map(|_| next_subnet(&c)).collect();
+        assert_eq!(first, (1..=250).collect::<Vec<u8>>());
+        // The u8 counter itself wraps at 256, not at 250: still never 0.
+        assert!((0..600).map(|_| next_subnet(&c)).all(|s| (1..=250).contains(&s)));
+    }
+
     /// Builds both kinds of pods; `build` itself checks TCP over v4 and v6
     /// from the client to every pod. Needs root; passes trivially otherwise.
     #[test]
@@ -339,8 +369,10 @@ mod tests {
             .bridge_pod("b2")
             .build()
             .unwrap();
-        assert_eq!(topo.pod("v2").ipv4(), Ipv4Addr::new(10, 200, 2, 2));
-        assert_eq!(topo.pod("b2").ipv4(), Ipv4Addr::new(10, 201, 0, 3));
+        let [v1, v2, b1, b2] = ["v1", "v2", "b1", "b2"].map(|p| topo.pod(p).ipv4().octets());
+        assert!(v1[..2] == [10, 200] && v1[3] == 2 && v2[..2] == [10, 200] && v2[3] == 2, "{v1:?} {v2:?}");
+        assert_ne!(v1[2], v2[2], "each veth pod has its own subnet");
+        assert_eq!((b1[..3] == b2[..3], b1[1], b1[3], b2[3]), (true, 201, 2, 3), "bridge pods share its subnet");
         assert_eq!(topo.pod("b1").node_if(), topo.bridge().unwrap());
         // Outbound too: a pod reaches a server in the client namespace.
         let server = TcpServer::start(topo.client(), SocketAddr::new(CLIENT_V6.into(), 0)).unwrap();

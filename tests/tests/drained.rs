@@ -47,6 +47,18 @@ fn state(agent: &Agent, pod: &str) -> Result<String> {
     Ok(agent.cli().pod(pod)?.state)
 }
 
+/// Waits for `pod` to be drained; if it is not, says why (`conndrain why`)
+/// and which TCP sockets the namespaces `seen` really have.
+fn wait_drained(agent: &Agent, pod: &str, what: &str, seen: &[&Netns]) -> Result<()> {
+    wait_until(what, TIMEOUT, || state(agent, pod), |s| s == "drained").map(drop).with_context(|| {
+        let sockets: Vec<String> = seen
+            .iter()
+            .map(|ns| format!("{}: {}", ns.name(), ns.exec("ss", &["-tanoie"]).unwrap_or_default()))
+            .collect();
+        format!("{}\n{}", agent.cli().ok(&["why", pod]).unwrap_or_default(), sockets.join("\n"))
+    })
+}
+
 /// Two pods on one Linux bridge (the CNI `bridge` plugin, as flannel,
 /// kubenet and k3s wire pods): B's connections to A pass only between the
 /// bridge's ports, never the bridge device itself.
@@ -77,7 +89,7 @@ fn connections_from_a_pod_on_the_same_bridge_hold_the_pod() -> Result<()> {
     for c in from_b {
         c.close()?;
     }
-    wait_until("a drained once b closes", TIMEOUT, || state(&agent, "a"), |s| s == "drained")?;
+    wait_drained(&agent, "a", "a drained once b closes", &[&a.ns, &b.ns])?;
     Ok(())
 }
 
@@ -125,7 +137,7 @@ fn a_pod_reaching_its_neighbour_through_a_cluster_ip_holds_it() -> Result<()> {
     sleep(Duration::from_secs(3))?;
     ensure!(state(&agent, "a")? == "draining", "b's connection through the ClusterIP holds a");
     conn.close()?;
-    wait_until("a drained once b closes", TIMEOUT, || state(&agent, "a"), |s| s == "drained")?;
+    wait_drained(&agent, "a", "a drained once b closes", &[&a.ns, &b.ns])?;
     Ok(())
 }
 
@@ -174,7 +186,7 @@ fn masqueraded_service_traffic_restarts_the_quiet_period() -> Result<()> {
         ensure!(s == "draining", "new masqueraded connections keep arriving, yet the pod is {s} after {i} of them");
         sleep(Duration::from_millis(300))?;
     }
-    wait_until("drained once they stop", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
+    wait_drained(&agent, "web", "drained once they stop", &[web.ns()])?;
     ensure!(agent.cli().pod("web")?.new_flows_since_termination >= 15, "each one counted");
     Ok(())
 }
@@ -198,7 +210,7 @@ fn a_request_in_flight_longer_than_the_idle_timeout_holds_the_pod() -> Result<()
     ensure!(pod.state == "draining" && pod.active_flows == 1, "the request is in flight: {pod:?}");
     ensure!(conn.reply()? == "200 /sleep/8", "the slow answer arrives");
     // Now the last word was the pod's: an idle keep-alive once quiet.
-    wait_until("drained after the answer", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
+    wait_drained(&agent, "web", "drained after the answer", &[web.ns(), topo.client()])?;
     Ok(())
 }
 
@@ -236,7 +248,7 @@ fn a_connection_whose_events_were_lost_still_holds_the_pod() -> Result<()> {
         ensure!(pod.state == "draining", "an open connection, yet {pod:?}");
     }
     conn.close()?;
-    wait_until("drained once it closes", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
+    wait_drained(&agent, "web", "drained once it closes", &[topo.pod("web").ns(), topo.client()])?;
     Ok(())
 }
 
@@ -264,7 +276,7 @@ fn a_quiet_connection_the_flow_table_lost_still_holds_the_pod() -> Result<()> {
     ensure!(pod.state == "draining", "its socket is open and its answer due: {pod:?}\n{why}");
     ensure!(conn.reply()? == "200 /sleep/7", "the answer arrives");
     conn.close()?;
-    wait_until("drained once it closes", TIMEOUT, || state(&agent, "web"), |s| s == "drained")?;
+    wait_drained(&agent, "web", "drained once it closes", &[topo.pod("web").ns(), topo.client()])?;
     Ok(())
 }
 
@@ -306,7 +318,7 @@ fn ptp_pods_drain_after_their_last_connection() -> Result<()> {
     for c in conns {
         c.close()?;
     }
-    wait_until("drained", TIMEOUT, || state(&agent, "p"), |s| s == "drained")?;
+    wait_drained(&agent, "p", "drained", &[&pod.ns, topo.client()])?;
     Ok(())
 }
 

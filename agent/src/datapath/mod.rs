@@ -88,6 +88,10 @@ pub struct Datapath {
     /// Since when (`CLOCK_MONOTONIC` ns) the sockets tracepoint has run
     /// without a gap: sockets opened before it are not known.
     pub sockets_since_ns: u64,
+    /// What made that gap, for `conndrain why`.
+    pub sockets_gap: String,
+    /// The tracepoint's misses counted so far (`check_sockets_misses`).
+    sockets_misses: u64,
     /// Entries in `HELD` as the agent counts them: see `held_count`.
     held_entries: usize,
 }
@@ -132,6 +136,7 @@ impl Datapath {
         let kept = [maps::SOCKETS, maps::POD_SOCKETS, maps::CONFIG].iter().all(|m| checked.reused.contains(m));
         let sockets_since_ns =
             if continuous && kept && earlier_since != 0 { earlier_since } else { crate::clock::now_ns() };
+        let sockets_misses = sockets::misses(&ebpf).unwrap_or(0);
         // Pins left by an earlier agent: no_pins 0 and the pin filter off (look
         // up every packet) until the steering loop has released them all.
         // None: the filter starts empty and on, and each pin sets its bit.
@@ -163,10 +168,44 @@ impl Datapath {
                 keep_on_exit,
                 sockets_link: Some(sockets_link),
                 sockets_since_ns,
+                sockets_gap: "the sockets tracepoint was not attached all along since it was registered (agent \
+                              restarted without its pinned link)"
+                    .to_owned(),
+                sockets_misses,
                 held_entries,
             },
             events,
         ))
+    }
+
+    /// Looks for socket state changes the kernel did not run the sockets
+    /// tracepoint for (`sockets::misses`). Each may be an open `SOCKETS`
+    /// lacks, so the sockets are known again only from now on: pods
+    /// registered before go to their deadline unless their flows hold them
+    /// longer (a missed close merely holds the pod).
+    pub fn check_sockets_misses(&mut self) {
+        let Some(misses) = sockets::misses(&self.ebpf) else { return };
+        if misses <= self.sockets_misses {
+            return;
+        }
+        let new = misses - self.sockets_misses;
+        self.sockets_misses = misses;
+        self.sockets_since_ns = crate::clock::now_ns();
+        self.sockets_gap = format!(
+            "the kernel skipped the sockets tracepoint {new} time(s) since it was registered (a BPF program or \
+             map operation held the CPU): a connection it opened may be unknown"
+        );
+        // Kept for a restarted agent, which reuses CONFIG's `sockets_since_ns`.
+        let saved = self
+            .maps
+            .config()
+            .and_then(|c| self.maps.set_config(Config { sockets_since_ns: self.sockets_since_ns, ..c }));
+        tracing::warn!(
+            misses,
+            saved = saved.is_ok(),
+            "the kernel skipped the sockets tracepoint: pods registered before now cannot be confirmed drained by \
+             their sockets (they go to their deadline)"
+        );
     }
 
     /// Whether the pinned map `name` came back from an earlier agent with its

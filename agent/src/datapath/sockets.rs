@@ -128,6 +128,23 @@ pub fn release(link: SocketsLink, keep: bool) {
     }
 }
 
+/// How many times the kernel skipped the program: `recursion_misses` in its
+/// fdinfo (Linux 5.12+; `None` before, or if unreadable). A classic
+/// tracepoint's programs do not run while the CPU's `bpf_prog_active` is
+/// held (`trace_call_bpf`): by another tracing program, or by a bpf(2) map
+/// operation that a softirq finishing a handshake interrupted. Each miss is
+/// a socket open or close `SOCKETS` may lack. aya does not expose the
+/// counter, so it is read where bpftool reads it.
+pub fn misses(ebpf: &Ebpf) -> Option<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = ebpf.program(programs::SOCKETS)?.fd().ok()?.as_fd().as_raw_fd();
+    parse_misses(&std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?)
+}
+
+fn parse_misses(fdinfo: &str) -> Option<u64> {
+    fdinfo.lines().find_map(|l| l.strip_prefix("recursion_misses:")).and_then(|v| v.trim().parse().ok())
+}
+
 pub fn pod_sockets(m: &Maps, slot: u32) -> Result<PodSockets, Error> {
     m.pod_sockets.get(&slot, 0).map_err(|source| Error::map(maps::POD_SOCKETS, source))
 }
@@ -148,4 +165,18 @@ pub fn reset_slot(m: &mut Maps, slot: u32) -> Result<(), Error> {
         let _ = m.sockets.remove(&k);
     }
     m.pod_sockets.set(slot, PodSockets::default(), update::ANY).map_err(|source| Error::map(maps::POD_SOCKETS, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_misses;
+
+    #[test]
+    fn misses_are_read_from_the_programs_fdinfo() {
+        let info =
+            "pos:\t0\nflags:\t02000002\nprog_type:\t5\nrun_cnt:\t0\nrecursion_misses:\t3\nverified_insns:\t410\n";
+        assert_eq!(parse_misses(info), Some(3));
+        // Before 5.12 the line is missing: unknown, not zero.
+        assert_eq!(parse_misses("prog_type:\t5\nrun_time_ns:\t0\n"), None);
+    }
 }

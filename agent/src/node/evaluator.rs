@@ -66,7 +66,6 @@ impl Node {
             .filter(|(_, p)| p.termination.as_ref().is_some_and(|t| t.outcome.is_none()))
             .map(|(n, _)| n.clone())
             .collect();
-        let sockets_since = inner.datapath.sockets_since_ns;
         for name in names {
             let Some((slot, ignore)) =
                 inner.pods.get(&name).filter(|p| p.unseen.is_none()).map(|p| (p.slot, p.settings.ignore_ports.clone()))
@@ -80,8 +79,11 @@ impl Node {
             // Sockets first: one whose event was lost is indexed by it, and counted below.
             let c = Counting { timeouts: t, ignore_ports: &ignore };
             let sockets = index.sockets(datapath, slot, now, c);
+            // After the read: a socket event the kernel skipped before it shows here.
+            datapath.check_sockets_misses();
             let (counts, flow_next, _) = index.classify_pod(datapath, slot, now, c, false);
             index.remember(slot, counts, now);
+            let unknown = inner.pods.get(&name).and_then(|p| p.sockets_unknown(&inner.datapath));
             let Some(pod) = inner.pods.get_mut(&name) else {
                 continue;
             };
@@ -89,7 +91,6 @@ impl Node {
                 next = Some(next.map_or(pod.hold_until_ns, |n: u64| n.min(pod.hold_until_ns)));
                 continue;
             }
-            let unknown = pod.sockets_unknown(sockets_since);
             let Some(term) = pod.termination.as_mut() else {
                 continue;
             };

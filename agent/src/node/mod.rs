@@ -106,11 +106,11 @@ impl Pod {
     /// Why its sockets cannot confirm a drain, if they cannot: they are
     /// known only if the sockets tracepoint has watched its IPs since
     /// before its first connection.
-    fn sockets_unknown(&self, sockets_since_ns: u64) -> Option<String> {
+    fn sockets_unknown(&self, datapath: &Datapath) -> Option<String> {
         if self.registered_ns == 0 {
             Some("it was already running when conndrain first saw it: connections opened before are not known".into())
-        } else if self.registered_ns < sockets_since_ns {
-            Some("the sockets tracepoint was not attached all along since it was registered (agent restarted without its pinned link)".into())
+        } else if self.registered_ns < datapath.sockets_since_ns {
+            Some(datapath.sockets_gap.clone())
         } else {
             None
         }

@@ -72,7 +72,10 @@ fn sockets_why(ev: &SocketEvidence, unknown: Option<String>) -> SocketsWhy {
                 pod_addr: addr(&h.key, h.key.pod_addr, h.key.pod_port),
                 peer_addr: addr(&h.key, h.key.peer_addr, h.key.peer_port),
                 why: match h.why {
-                    SocketHold::Unseen => "open socket whose packets conndrain never saw (another path, or evicted)",
+                    SocketHold::Unseen => {
+                        "open socket whose packets conndrain never saw (another path, evicted, or a namespace reusing \
+                         the address)"
+                    }
                     SocketHold::Misread => "open socket the packet path has as closed or outbound",
                 }
                 .to_owned(),
@@ -187,6 +190,7 @@ impl Node {
         let now = now_ns();
         let t = self.settings.timeouts;
         let mut unlimited = usize::MAX;
+        inner.datapath.check_sockets_misses();
         let Some(pod) = inner.view(name, now, t, self.settings.default_quiet_period, &mut unlimited) else {
             let skipped = inner.skipped.get(name).ok_or_else(|| PodError::Unknown(name.to_owned()))?;
             return Ok(Why {
@@ -202,7 +206,7 @@ impl Node {
             .pods
             .get(name)
             .map(|p| {
-                let unknown = p.sockets_unknown(inner.datapath.sockets_since_ns);
+                let unknown = p.sockets_unknown(&inner.datapath);
                 (p.slot, p.probes.clone(), p.settings.ignore_ports.clone(), unknown)
             })
             .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
