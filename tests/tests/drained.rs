@@ -332,7 +332,9 @@ fn macvlan_pods_are_skipped_not_counted_as_zero() -> Result<()> {
     let topo = cni_node()?;
     // The parent: an L2 device with no per-pod port (a real node's uplink;
     // here a port-less bridge, as this kernel has no dummy devices).
-    let parent = format!("{}mv", &unique_tag().replace('_', "")[..6]);
+    // The whole tag (at most 11 characters with "mv", under IFNAMSIZ): its
+    // length follows the test process's pid.
+    let parent = format!("{}mv", unique_tag().replace('_', ""));
     topo.node().ip(&["link", "add", &parent, "type", "bridge"])?;
     topo.node().ip(&["link", "set", &parent, "up"])?;
     topo.node().ip(&["addr", "add", "10.213.0.254/24", "dev", &parent])?;
