@@ -53,8 +53,9 @@ pub enum FlowClass {
     Inactive,
 }
 
-/// How one flow counts at `now`, and when that may change on its own (without
-/// a packet): the time it turns idle or times out.
+/// How one flow counts at `now`, and when to look at it again without an
+/// event: the time it turns idle or times out, or, for a request in flight,
+/// within the idle timeout (its answer sends no event).
 #[must_use]
 pub fn classify(proto: u8, v: &FlowValue, now: u64, t: Timeouts) -> (FlowClass, Option<u64>) {
     let quiet = now.saturating_sub(v.last_seen_ns);

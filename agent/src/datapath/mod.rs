@@ -89,11 +89,36 @@ pub struct Datapath {
     /// without a gap: sockets opened before it are not known.
     pub sockets_since_ns: u64,
     /// What made that gap, for `conndrain why`.
-    pub sockets_gap: String,
+    pub sockets_gap: SocketsGap,
     /// The tracepoint's misses counted so far (`check_sockets_misses`).
     sockets_misses: u64,
     /// Entries in `HELD` as the agent counts them: see `held_count`.
     held_entries: usize,
+}
+
+/// What started the sockets tracepoint's watch at `sockets_since_ns`.
+#[derive(Clone, Copy, Debug)]
+pub enum SocketsGap {
+    /// This agent's start, without an earlier agent's pinned link.
+    Start,
+    /// The kernel skipped the program this many times (`check_sockets_misses`).
+    Skipped(u64),
+}
+
+impl std::fmt::Display for SocketsGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Start => f.write_str(
+                "the sockets tracepoint was not attached all along since it was registered (agent restarted without \
+                 its pinned link)",
+            ),
+            Self::Skipped(n) => write!(
+                f,
+                "the kernel skipped the sockets tracepoint {n} time(s) since it was registered (a BPF program or map \
+                 operation held the CPU): a connection it opened may be unknown"
+            ),
+        }
+    }
 }
 
 impl Datapath {
@@ -168,9 +193,7 @@ impl Datapath {
                 keep_on_exit,
                 sockets_link: Some(sockets_link),
                 sockets_since_ns,
-                sockets_gap: "the sockets tracepoint was not attached all along since it was registered (agent \
-                              restarted without its pinned link)"
-                    .to_owned(),
+                sockets_gap: SocketsGap::Start,
                 sockets_misses,
                 held_entries,
             },
@@ -191,10 +214,7 @@ impl Datapath {
         let new = misses - self.sockets_misses;
         self.sockets_misses = misses;
         self.sockets_since_ns = crate::clock::now_ns();
-        self.sockets_gap = format!(
-            "the kernel skipped the sockets tracepoint {new} time(s) since it was registered (a BPF program or \
-             map operation held the CPU): a connection it opened may be unknown"
-        );
+        self.sockets_gap = SocketsGap::Skipped(new);
         // Kept for a restarted agent, which reuses CONFIG's `sockets_since_ns`.
         let saved = self
             .maps

@@ -42,7 +42,8 @@ impl Node {
 
     /// Runs the drain rule for every terminating pod until the node is dropped:
     /// on each wake-up from events, and at the next instant a pod can change
-    /// on its own (end of quiet period, deadline, a flow turning idle).
+    /// on its own (end of quiet period, deadline, a flow turning idle, a
+    /// request in flight answered).
     pub async fn run_evaluator(&self) {
         loop {
             let next = self.evaluate().await;

@@ -110,7 +110,7 @@ impl Pod {
         if self.registered_ns == 0 {
             Some("it was already running when conndrain first saw it: connections opened before are not known".into())
         } else if self.registered_ns < datapath.sockets_since_ns {
-            Some(datapath.sockets_gap.clone())
+            Some(datapath.sockets_gap.to_string())
         } else {
             None
         }
